@@ -1,0 +1,51 @@
+# agentd — the two commands: `make demo` (run it) and `make test` (test it).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROTO_FILES := $(wildcard protos/agentd/v1/*.proto)
+
+.PHONY: demo serve test proto proto-check bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.server: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[server]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.server
+
+## Start a local server on embedded defaults, stream one multi-step run, stop the server.
+demo: $(VENV)/.server
+	$(VENV)/bin/agentd demo
+
+## Serve examples.support:app on 127.0.0.1:50051 until Ctrl-C.
+serve: $(VENV)/.server
+	$(VENV)/bin/agentd serve
+
+## Install the dev dependencies and run the whole suite.
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+## Regenerate generated/ from protos/.
+proto: $(VENV)/.dev
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+
+## Fail when generated/ is stale or buf lint finds problems.
+proto-check: $(VENV)/.dev
+	$(VENV)/bin/buf lint
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_FILES) && \
+	cp generated/agentd/v1/__init__.py $$tmp/agentd/v1/__init__.py && \
+	if diff -r -x __pycache__ $$tmp/agentd generated/agentd >/dev/null; then echo "generated/ is up to date"; rm -rf $$tmp; \
+	else echo "generated/ is stale: run 'make proto' and commit the result"; diff -r -q -x __pycache__ $$tmp/agentd generated/agentd; rm -rf $$tmp; exit 1; fi
+
+## Benchmark: latency, overhead per turn, throughput, RSS (see bench/README.md).
+bench: $(VENV)/.dev
+	$(PY) bench/bench_runs.py
+
+clean:
+	rm -rf $(VENV) .agentd .pytest_cache

@@ -1,0 +1,252 @@
+"""The ``agentd`` command: serve agents, run them from a terminal, inspect sessions and traces."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Sequence
+
+import grpc
+
+DEFAULT_TARGET = os.environ.get("AGENTD_TARGET", "127.0.0.1:50051")
+
+
+def _console():  # rich is the [cli] extra; import it only when rendering
+    try:
+        from rich.console import Console
+    except ImportError:
+        sys.exit("agentd: terminal rendering needs rich: pip install 'agentd[cli]'")
+    return Console(highlight=False, soft_wrap=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import asyncio
+
+        from agentd.server.app import load_app
+        from agentd.server.logs import configure_logging
+        from agentd.server.runtime.errors import AppConfigError
+        from agentd.server.serve import serve
+        from agentd.server.settings import Settings
+    except ImportError as exc:
+        sys.exit(f"agentd serve needs the server extras ({exc.name} is missing): pip install 'agentd[server]'")
+    overrides = {
+        "app": args.app,
+        "host": args.host,
+        "port": args.port,
+        "store": args.store,
+        "sqlite_path": args.sqlite_path,
+        "model_provider": args.model_provider,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = load_app(settings.app)
+        asyncio.run(serve(settings, app))
+    except AppConfigError as exc:
+        print(f"agentd serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rpc_error(exc: grpc.RpcError) -> int:
+    print(f"agentd: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agentd.cli.render import RunRenderer
+    from agentd.client import SyncAgentdClient
+
+    renderer = RunRenderer(_console())
+    with SyncAgentdClient(args.target) as client:
+        stream = client.run(args.agent, args.input, session_id=args.session, max_turns=args.max_turns)
+        try:
+            for event in stream:
+                renderer.event(event)
+        except KeyboardInterrupt:
+            stream.cancel()
+            renderer.line("✘ interrupted: run cancelled")
+            return 130
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    return renderer.exit_code
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from agentd.client import SyncAgentdClient
+
+    with SyncAgentdClient(args.target) as client:
+        try:
+            agents = client.list_agents()
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    table = Table(title="agents")
+    for column in ("agent", "model", "tools", "handoffs", "description"):
+        table.add_column(column, overflow="fold")
+    for agent in agents:
+        table.add_row(agent.name, agent.model, ", ".join(t.name for t in agent.tools),
+                      ", ".join(agent.handoffs), agent.description)
+    _console().print(table)
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from agentd.cli.render import items_table, sessions_table
+    from agentd.client import SyncAgentdClient
+
+    console = _console()
+    with SyncAgentdClient(args.target) as client:
+        try:
+            if args.action == "list":
+                console.print(sessions_table(client.list_sessions(page_size=args.limit).sessions))
+            elif args.action == "show":
+                session = client.get_session(args.session_id)
+                items = client.list_items(args.session_id, page_size=args.limit, newest_first=args.newest_first).items
+                console.print(items_table(session, items))
+            elif args.action == "clear":
+                console.print(f"removed {client.clear_items(args.session_id)} item(s) from sessions/{args.session_id}")
+            elif args.action == "delete":
+                client.delete_session(args.session_id)
+                console.print(f"deleted sessions/{args.session_id}")
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from agentd.cli.render import trace_timeline, traces_table
+    from agentd.client import SyncAgentdClient
+
+    console = _console()
+    with SyncAgentdClient(args.target) as client:
+        try:
+            if args.action == "list":
+                response = client.list_traces(workflow_name=args.workflow, group_id=args.group, page_size=args.limit)
+                console.print(traces_table(response.traces))
+            else:
+                console.print(trace_timeline(client.get_trace(args.trace_id)))
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(target: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        process.terminate()
+        sys.exit(f"agentd demo: the server did not come up on {target} within {timeout_s:.0f}s")
+    finally:
+        channel.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a server on embedded defaults, stream one multi-step run, stop the server."""
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.setdefault("AGENTD_SQLITE_PATH", ".agentd/demo.db")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentd.cli.main", "serve", "--app", args.app, "--port", str(port), "--log-level", "WARNING"],
+        env=env,
+    )
+    try:
+        _wait_ready(target, server)
+        session = args.session or f"demo-{uuid.uuid4().hex[:8]}"
+        console = _console()
+        console.print(f"[bold]agentd demo[/bold] · server {target} · session {session}")
+        console.print(f"[bold]you:[/bold] {args.input}")
+        code = cmd_run(argparse.Namespace(target=target, agent=args.agent, input=args.input, session=session,
+                                          max_turns=0))
+        return code
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentd", description="An agent runtime served over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the agents of an app module")
+    serve.add_argument("--app", help="module:attribute of the App (default: $AGENTD_APP or examples.support:app)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--store", choices=["sqlite", "memory"])
+    serve.add_argument("--sqlite-path")
+    serve.add_argument("--model-provider", choices=["auto", "openai", "scripted"])
+    serve.add_argument("--log-format", choices=["json", "text"])
+    serve.add_argument("--log-level")
+    serve.set_defaults(func=cmd_serve)
+
+    def with_target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--target", default=DEFAULT_TARGET, help="server address (default: $AGENTD_TARGET or %(default)s)")
+        return p
+
+    run = with_target(sub.add_parser("run", help="run an agent and stream what it does"))
+    run.add_argument("agent")
+    run.add_argument("input")
+    run.add_argument("--session", help="session id: continue (or start) that conversation")
+    run.add_argument("--max-turns", type=int, default=0)
+    run.set_defaults(func=cmd_run)
+
+    agents = with_target(sub.add_parser("agents", help="list the server's agents"))
+    agents.set_defaults(func=cmd_agents)
+
+    sessions = sub.add_parser("sessions", help="list, show, clear or delete sessions")
+    sessions_sub = sessions.add_subparsers(dest="action", required=True)
+    listing = with_target(sessions_sub.add_parser("list"))
+    listing.add_argument("--limit", type=int, default=50)
+    for action in ("show", "clear", "delete"):
+        p = with_target(sessions_sub.add_parser(action))
+        p.add_argument("session_id")
+        p.add_argument("--limit", type=int, default=100)
+        p.add_argument("--newest-first", action="store_true")
+    sessions.set_defaults(func=cmd_sessions)
+
+    traces = sub.add_parser("traces", help="list traces or show one as a timeline")
+    traces_sub = traces.add_subparsers(dest="action", required=True)
+    tlist = with_target(traces_sub.add_parser("list"))
+    tlist.add_argument("--workflow", default="")
+    tlist.add_argument("--group", default="")
+    tlist.add_argument("--limit", type=int, default=20)
+    tshow = with_target(traces_sub.add_parser("show"))
+    tshow.add_argument("trace_id")
+    traces.set_defaults(func=cmd_traces)
+
+    demo = sub.add_parser("demo", help="start a local server, stream one multi-step run, stop")
+    demo.add_argument("--app", default="examples.support:app")
+    demo.add_argument("--agent", default="triage")
+    demo.add_argument("--input", default="My espresso machine from order A-1001 arrived damaged. Can I get 49 EUR back?")
+    demo.add_argument("--session")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""agentd's server runtime: define agents and tools in an app module, serve them over gRPC.
+
+    from agentd.server import Agent, App, function_tool
+"""
+
+from agentd.server.app import App
+from agentd.server.models.base import ModelSettings
+from agentd.server.models.script import Script, call, calls, say
+from agentd.server.runtime.agent import Agent
+from agentd.server.runtime.context import RunContext, ToolContext
+from agentd.server.runtime.tools import FunctionTool, function_tool
+
+__all__ = [
+    "Agent",
+    "App",
+    "FunctionTool",
+    "ModelSettings",
+    "RunContext",
+    "Script",
+    "ToolContext",
+    "call",
+    "calls",
+    "function_tool",
+    "say",
+]

@@ -1,0 +1,204 @@
+"""Models served by any OpenAI-compatible Chat Completions endpoint.
+
+Chat Completions (rather than the Responses API) is what OpenAI-compatible servers
+(vLLM, Ollama, LiteLLM, agentd's own scripted test server...) implement, so one model
+class covers them all. Retries, backoff and timeouts are left to the openai client,
+configured once by ``OpenAIProvider``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import openai
+
+from agentd.server.models.base import ModelChunk, ModelRequest, ModelResponse, ModelSettings, ModelToolCall
+from agentd.server.models.chat_format import to_chat_messages
+from agentd.server.runtime.errors import AgentdError, ModelError, ModelUnavailableError
+from agentd.server.runtime.usage import Usage
+
+
+@dataclass(slots=True)
+class _PartialToolCall:
+    """A streamed tool call: id and name arrive first, the arguments in pieces."""
+
+    call_id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+def _tool_choice(choice: str) -> str | dict[str, Any]:
+    if choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _settings_params(settings: ModelSettings, has_tools: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if settings.temperature is not None:
+        params["temperature"] = settings.temperature
+    if settings.top_p is not None:
+        params["top_p"] = settings.top_p
+    if settings.max_tokens is not None:
+        # `max_tokens` is deprecated by OpenAI and refused by its reasoning models.
+        params["max_completion_tokens"] = settings.max_tokens
+    # The API rejects tool options on a request that declares no tools.
+    if has_tools:
+        if settings.tool_choice is not None:
+            params["tool_choice"] = _tool_choice(settings.tool_choice)
+        if settings.parallel_tool_calls is not None:
+            params["parallel_tool_calls"] = settings.parallel_tool_calls
+    return params
+
+
+def build_chat_params(request: ModelRequest) -> dict[str, Any]:
+    """The keyword arguments of ``chat.completions.create`` for one streamed model call."""
+    params: dict[str, Any] = {
+        "model": request.model,
+        "messages": to_chat_messages(request.instructions, request.items),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.tools:
+        params["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": tool.parameters,
+                    "strict": tool.strict,
+                },
+            }
+            for tool in request.tools
+        ]
+    if request.output_schema is not None:
+        schema = request.output_schema
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": schema.name, "schema": schema.schema, "strict": schema.strict},
+        }
+    params.update(_settings_params(request.settings, bool(request.tools)))
+    return params
+
+
+class OpenAIChatModel:
+    """One model name on a shared ``AsyncOpenAI`` client."""
+
+    def __init__(self, client: openai.AsyncOpenAI, name: str) -> None:
+        self._client = client
+        self.name = name
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        try:
+            stream = await self._client.chat.completions.create(**build_chat_params(request))
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from exc
+
+        text: list[str] = []
+        refusal: list[str] = []
+        calls: dict[int, _PartialToolCall] = {}
+        finish_reason = ""
+        usage = Usage(requests=1)
+        # The finally closes the HTTP response whether the stream ends, fails, or the
+        # consumer stops early or is cancelled: an unclosed response pins a connection.
+        try:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens, requests=1)
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.content:
+                        text.append(delta.content)
+                        yield delta.content
+                    if delta.refusal:
+                        refusal.append(delta.refusal)
+                    for piece in delta.tool_calls or ():
+                        partial = calls.setdefault(piece.index, _PartialToolCall())
+                        if piece.id:
+                            partial.call_id = piece.id
+                        if piece.function is not None:
+                            if piece.function.name:
+                                partial.name = piece.function.name
+                            if piece.function.arguments:
+                                partial.arguments.append(piece.function.arguments)
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            await stream.close()
+
+        if refusal and not text:
+            raise ModelError(f"model {self.name!r} refused to answer: {''.join(refusal)}")
+        yield ModelResponse(
+            text="".join(text),
+            tool_calls=tuple(
+                ModelToolCall(
+                    # Some compatible servers omit ids; replaying the conversation needs one.
+                    call_id=partial.call_id or f"call_{uuid.uuid4().hex[:12]}",
+                    name=partial.name,
+                    arguments="".join(partial.arguments),
+                )
+                for _, partial in sorted(calls.items())
+            ),
+            usage=usage,
+            finish_reason=finish_reason,
+        )
+
+    def _translate(self, exc: openai.OpenAIError) -> AgentdError:
+        """Map openai errors to agentd's: transient-after-retries vs. refused requests."""
+        where = f"model endpoint {str(self._client.base_url).rstrip('/')}"
+        retries = f"gave up after {self._client.max_retries} retries"
+        if isinstance(exc, openai.APITimeoutError):
+            return ModelUnavailableError(f"{where} timed out for model {self.name!r}; {retries}")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return ModelUnavailableError(f"{where} is unreachable ({cause}); {retries}")
+        if isinstance(exc, openai.APIStatusError):
+            message = _server_message(exc)
+            if exc.status_code == 429 or exc.status_code >= 500:
+                return ModelUnavailableError(
+                    f"{where} answered HTTP {exc.status_code} for model {self.name!r}: {message}; {retries}"
+                )
+            return ModelError(f"{where} rejected the request for model {self.name!r}: HTTP {exc.status_code}: {message}")
+        return ModelError(f"{where} failed for model {self.name!r}: {exc}")
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    """The server's own error message rather than openai's "Error code: ..." wrapper."""
+    if isinstance(exc.body, dict) and isinstance(exc.body.get("message"), str):
+        return exc.body["message"]
+    return exc.message
+
+
+class OpenAIProvider:
+    """Chat Completions models sharing ONE ``AsyncOpenAI`` client (one connection pool)."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+    ) -> None:
+        # None lets the openai library read OPENAI_API_KEY / OPENAI_BASE_URL itself.
+        try:
+            self._client = openai.AsyncOpenAI(
+                api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+            )
+        except openai.OpenAIError as exc:
+            raise ModelError(f"cannot configure the OpenAI client: {exc}") from exc
+        self._models: dict[str, OpenAIChatModel] = {}
+
+    def get_model(self, name: str) -> OpenAIChatModel:
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = OpenAIChatModel(self._client, name)
+        return model
+
+    async def aclose(self) -> None:
+        await self._client.close()

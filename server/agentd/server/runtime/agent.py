@@ -1,0 +1,120 @@
+"""Agents: instructions, a model, tools, handoffs and an optional structured output."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Union
+
+from pydantic import BaseModel
+
+from agentd.server.models.base import ModelSettings, OutputSchema, ToolSpec
+from agentd.server.runtime.context import RunContext
+from agentd.server.runtime.tools import FunctionTool, strict_json_schema
+
+AGENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+Instructions = Union[str, Callable[[RunContext, "Agent"], Union[str, Awaitable[str]]]]
+
+
+@dataclass(eq=False)
+class Agent:
+    """An LLM agent.
+
+    ``name`` doubles as its resource id (``agents/{name}``). ``instructions`` may be a
+    function of the run context, evaluated at every turn. ``handoffs`` name other agents
+    (or are the agents themselves); each becomes a ``transfer_to_<name>`` tool.
+    ``model=None`` uses the server's default model.
+    """
+
+    name: str
+    instructions: Instructions = ""
+    description: str = ""
+    model: str | None = None
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    tools: list[FunctionTool] = field(default_factory=list)
+    handoffs: list[Union["Agent", str]] = field(default_factory=list)
+    output_type: type[BaseModel] | None = None
+    max_turns: int = 10
+
+    def __post_init__(self) -> None:
+        if not AGENT_NAME_RE.match(self.name):
+            raise ValueError(f"agent name {self.name!r} must match {AGENT_NAME_RE.pattern} (it is a resource id)")
+        if self.max_turns < 1:
+            raise ValueError(f"agent {self.name!r}: max_turns must be >= 1")
+
+    @property
+    def handoff_names(self) -> list[str]:
+        return [h if isinstance(h, str) else h.name for h in self.handoffs]
+
+    async def resolve_instructions(self, ctx: RunContext) -> str:
+        if isinstance(self.instructions, str):
+            return self.instructions
+        value = self.instructions(ctx, self)
+        if inspect.isawaitable(value):
+            value = await value
+        return str(value)
+
+
+def handoff_tool_name(agent_name: str) -> str:
+    return f"transfer_to_{agent_name.replace('-', '_')}"
+
+
+@dataclass(slots=True, frozen=True)
+class CompiledAgent:
+    """An agent with everything a turn needs precomputed, so the loop does no per-turn schema work."""
+
+    agent: Agent
+    model: str
+    tools_by_name: dict[str, FunctionTool]
+    handoffs_by_tool: dict[str, str]  # transfer_to_x -> agent name
+    tool_specs: tuple[ToolSpec, ...]
+    output_schema: OutputSchema | None
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+
+def compile_agent(agent: Agent, agents: dict[str, Agent], default_model: str) -> CompiledAgent:
+    from agentd.server.runtime.errors import AppConfigError
+
+    tools_by_name: dict[str, FunctionTool] = {}
+    for tool in agent.tools:
+        if not isinstance(tool, FunctionTool):
+            raise AppConfigError(f"agent {agent.name!r}: {tool!r} is not a tool; decorate it with @function_tool")
+        if tool.name in tools_by_name:
+            raise AppConfigError(f"agent {agent.name!r} has two tools named {tool.name!r}")
+        tools_by_name[tool.name] = tool
+    handoffs_by_tool: dict[str, str] = {}
+    specs = [ToolSpec(t.name, t.description, t.parameters, t.strict) for t in tools_by_name.values()]
+    for target in agent.handoff_names:
+        if target not in agents:
+            raise AppConfigError(f"agent {agent.name!r} hands off to unknown agent {target!r}")
+        tool_name = handoff_tool_name(target)
+        if tool_name in tools_by_name:
+            raise AppConfigError(f"agent {agent.name!r}: tool {tool_name!r} collides with its handoff to {target!r}")
+        handoffs_by_tool[tool_name] = target
+        description = agents[target].description or f"Hand the conversation to the {target} agent."
+        specs.append(
+            ToolSpec(
+                tool_name,
+                f"Handoff to the {target} agent. {description}",
+                {"type": "object", "properties": {}, "required": [], "additionalProperties": False},
+                True,
+            )
+        )
+    output_schema = None
+    if agent.output_type is not None:
+        schema, strict = strict_json_schema(agent.output_type.model_json_schema())
+        output_schema = OutputSchema(name=agent.output_type.__name__, schema=schema, strict=strict)
+    return CompiledAgent(
+        agent=agent,
+        model=agent.model or default_model,
+        tools_by_name=tools_by_name,
+        handoffs_by_tool=handoffs_by_tool,
+        tool_specs=tuple(specs),
+        output_schema=output_schema,
+    )
+

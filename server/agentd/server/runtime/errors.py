@@ -1,0 +1,37 @@
+"""Exceptions the runtime raises across module boundaries.
+
+Services map them to gRPC statuses; the agent loop maps model and store failures to
+``RunFailed`` events. Messages are written for the person who must fix the cause.
+"""
+
+
+class AgentdError(Exception):
+    """Base of agentd's own errors."""
+
+
+class ModelUnavailableError(AgentdError):
+    """The model endpoint could not be reached, timed out, or kept failing (429/5xx) after retries."""
+
+
+class ModelError(AgentdError):
+    """The model endpoint refused the request (bad key, bad request, unknown model...)."""
+
+
+class SessionNotFoundError(AgentdError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} does not exist")
+        self.session_id = session_id
+
+
+class SessionExistsError(AgentdError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} already exists")
+        self.session_id = session_id
+
+
+class StoreUnavailableError(AgentdError):
+    """The session store's backend failed (disk, database or network); nothing was written."""
+
+
+class AppConfigError(AgentdError):
+    """The app module's agents or tools are inconsistent (raised at load, never mid-run)."""

@@ -1,0 +1,131 @@
+"""Typed run events, as the agent loop emits them.
+
+The loop builds payloads; a ``RunEventSink`` stamps each with the run id, the next
+sequence number and a timestamp. The gRPC edge translates them to ``agentd.v1.RunEvent``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Union
+
+from agentd.server.runtime.items import MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.usage import Usage
+
+
+class RunErrorCode(enum.Enum):
+    MAX_TURNS_EXCEEDED = "max_turns_exceeded"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_ERROR = "model_error"
+    INVALID_OUTPUT = "invalid_output"
+    SESSION_UNAVAILABLE = "session_unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+@dataclass(slots=True, frozen=True)
+class RunStarted:
+    agent: str
+    session_id: str
+    history_items: int
+    request_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class AgentUpdated:
+    agent: str
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    agent: str
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class MessageOutput:
+    agent: str
+    item: MessageItem
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCalled:
+    agent: str
+    item: ToolCallItem
+
+
+@dataclass(slots=True, frozen=True)
+class ToolOutput:
+    agent: str
+    item: ToolResultItem
+    duration_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class Handoff:
+    from_agent: str
+    to_agent: str
+    call_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class UsageUpdated:
+    agent: str
+    model: str
+    turn: Usage
+    run: Usage
+
+
+@dataclass(slots=True, frozen=True)
+class RunCompleted:
+    final_output: Any  # str, or a JSON-able dict for structured output
+    last_agent: str
+    usage: Usage
+    turns: int
+    duration_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class RunFailed:
+    code: RunErrorCode
+    message: str
+    usage: Usage
+    turns: int
+
+
+@dataclass(slots=True, frozen=True)
+class RunCancelled:
+    reason: str
+    usage: Usage
+    turns: int
+
+
+Payload = Union[
+    RunStarted,
+    AgentUpdated,
+    TextDelta,
+    MessageOutput,
+    ToolCalled,
+    ToolOutput,
+    Handoff,
+    UsageUpdated,
+    RunCompleted,
+    RunFailed,
+    RunCancelled,
+]
+
+TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)
+
+
+@dataclass(slots=True, frozen=True)
+class RunEvent:
+    run_id: str
+    sequence: int
+    time_ns: int
+    trace_id: str
+    payload: Payload
+
+    @property
+    def is_terminal(self) -> bool:
+        return isinstance(self.payload, TERMINAL_PAYLOADS)

@@ -1,0 +1,321 @@
+"""The agent loop: model turn → tools / handoff / final output, until the run ends.
+
+One ``AgentRunner`` serves every run of a server. A run reads its session history,
+then loops: call the model (streaming text deltas out as events), run the requested
+tools concurrently, follow a handoff, or finish. Each completed step's items are
+appended to the session in one atomic write, so a session only ever holds whole steps:
+a tool call is stored together with its result, never alone.
+
+Every way a run can end produces exactly one terminal event — ``RunCompleted``,
+``RunFailed`` (max turns, model, store, output or internal errors) or
+``RunCancelled`` (the task was cancelled) — and the run never raises to its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pydantic
+
+from agentd.server.app import App
+from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse
+from agentd.server.runtime.agent import CompiledAgent
+from agentd.server.runtime.context import RunContext, ToolContext
+from agentd.server.runtime.errors import ModelError, ModelUnavailableError, StoreUnavailableError
+from agentd.server.runtime.events import (
+    AgentUpdated,
+    Handoff,
+    MessageOutput,
+    Payload,
+    RunCancelled,
+    RunCompleted,
+    RunErrorCode,
+    RunFailed,
+    RunStarted,
+    TextDelta,
+    ToolCalled,
+    ToolOutput,
+    UsageUpdated,
+)
+from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.usage import Usage
+from agentd.server.sessions.base import SessionStore
+from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
+
+log = logging.getLogger("agentd.run")
+
+
+@dataclass(slots=True, frozen=True)
+class RunInput:
+    run_id: str
+    agent: str
+    input: str
+    session_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    max_turns: int | None = None
+    request_id: str = ""
+    workflow_name: str = "agentd run"
+    group_id: str = ""
+    trace_metadata: dict[str, str] = field(default_factory=dict)
+
+
+class EventSink(Protocol):
+    """Where a run's events go. ``emit`` must not block; ``cancel_reason`` explains a cancellation."""
+
+    trace_id: str
+    cancel_reason: str
+
+    def emit(self, payload: Payload) -> None: ...
+
+
+class _RunFailure(Exception):
+    def __init__(self, code: RunErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AgentRunner:
+    def __init__(
+        self,
+        app: App,
+        models: ModelProvider,
+        sessions: SessionStore,
+        tracer: Tracer,
+        *,
+        tool_timeout_s: float | None = 60.0,
+    ) -> None:
+        self._app = app
+        self._models = models
+        self._sessions = sessions
+        self._tracer = tracer
+        self._tool_timeout_s = tool_timeout_s
+
+    async def run(self, run: RunInput, sink: EventSink) -> None:
+        started = time.perf_counter()
+        agent = self._app.compiled[run.agent]
+        max_turns = run.max_turns or agent.agent.max_turns
+        usage = Usage()
+        turns = 0
+        ctx = RunContext(run.run_id, agent.name, run.session_id, run.context, usage)
+        trace = self._tracer.start_trace(
+            run_id=run.run_id,
+            workflow_name=run.workflow_name,
+            group_id=run.group_id,
+            metadata=run.trace_metadata,
+            agent=agent.name,
+        )
+        sink.trace_id = trace.trace_id
+        run_span = trace.span(SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name)
+        agent_span = None
+        try:
+            history = await self._read_history(run.session_id)
+            sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
+            input_item = MessageItem("user", run.input)
+            items: list[Item] = [*history, input_item]
+            unsaved: list[Item] = [input_item]  # saved with the first completed step
+            agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
+            while True:
+                if turns >= max_turns:
+                    raise _RunFailure(
+                        RunErrorCode.MAX_TURNS_EXCEEDED,
+                        f"agent {agent.name!r} gave no final output within max_turns={max_turns}; "
+                        "raise max_turns on the agent or in the request",
+                    )
+                turns += 1
+                ctx.agent_name = agent.name
+                response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
+                usage.add(response.usage)
+                sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
+                step: list[Item] = []
+                if response.text:
+                    message = MessageItem("assistant", response.text, agent.name)
+                    step.append(message)
+                    sink.emit(MessageOutput(agent.name, message))
+                if not response.tool_calls:
+                    final_output = self._final_output(agent, response.text)
+                    await self._save(run.session_id, unsaved + step)
+                    agent_span.end()
+                    sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns, time.perf_counter() - started))
+                    run_span.end(turns=turns, **_usage_attributes(usage))
+                    trace.end()
+                    return
+                next_agent = await self._tool_step(agent, ctx, response, step, sink, trace, agent_span)
+                items.extend(step)
+                await self._save(run.session_id, unsaved + step)
+                unsaved = []
+                if next_agent is not None:
+                    agent_span.end()
+                    agent = next_agent
+                    sink.emit(AgentUpdated(agent.name))
+                    agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
+        except asyncio.CancelledError:
+            reason = sink.cancel_reason or "cancelled"
+            self._end_spans(trace, run_span, agent_span, f"cancelled: {reason}")
+            sink.emit(RunCancelled(reason, usage.copy(), turns))
+        except _RunFailure as failure:
+            self._end_spans(trace, run_span, agent_span, failure.message)
+            sink.emit(RunFailed(failure.code, failure.message, usage.copy(), turns))
+        except Exception as exc:  # app code (dynamic instructions...) or an agentd bug
+            log.exception("run %s failed unexpectedly", run.run_id)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            self._end_spans(trace, run_span, agent_span, message)
+            sink.emit(RunFailed(RunErrorCode.INTERNAL, message, usage.copy(), turns))
+
+    async def _read_history(self, session_id: str | None) -> list[Item]:
+        if session_id is None:
+            return []
+        try:
+            await self._sessions.ensure_session(session_id)
+            return await self._sessions.read_history(session_id)
+        except StoreUnavailableError as exc:
+            raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
+
+    async def _save(self, session_id: str | None, items: list[Item]) -> None:
+        if session_id is None or not items:
+            return
+        try:
+            await self._sessions.append_items(session_id, items)
+        except StoreUnavailableError as exc:
+            raise _RunFailure(
+                RunErrorCode.SESSION_UNAVAILABLE,
+                f"could not save the run's items to session {session_id!r}; nothing from this step was stored: {exc}",
+            ) from exc
+
+    async def _model_turn(
+        self,
+        agent: CompiledAgent,
+        ctx: RunContext,
+        items: list[Item],
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> ModelResponse:
+        instructions = await agent.agent.resolve_instructions(ctx)
+        request = ModelRequest(
+            model=agent.model,
+            instructions=instructions,
+            items=items,
+            tools=agent.tool_specs,
+            settings=agent.agent.model_settings,
+            output_schema=agent.output_schema,
+        )
+        span = trace.span(SpanKind.GENERATION, agent.model, parent, model=agent.model, agent=agent.name)
+        response: ModelResponse | None = None
+        try:
+            async for chunk in self._models.get_model(agent.model).stream(request):
+                if type(chunk) is str:
+                    sink.emit(TextDelta(agent.name, chunk))
+                else:
+                    response = chunk  # type: ignore[assignment]
+        except ModelUnavailableError as exc:
+            span.end(error=str(exc))
+            raise _RunFailure(RunErrorCode.MODEL_UNAVAILABLE, str(exc)) from exc
+        except ModelError as exc:
+            span.end(error=str(exc))
+            raise _RunFailure(RunErrorCode.MODEL_ERROR, str(exc)) from exc
+        except BaseException as exc:
+            span.end(error=f"{type(exc).__name__}: {exc}")
+            raise
+        if response is None:
+            span.end(error="no response")
+            raise _RunFailure(RunErrorCode.MODEL_ERROR, f"model {agent.model!r} ended its stream without a response")
+        span.end(finish_reason=response.finish_reason, **_usage_attributes(response.usage))
+        return response
+
+    async def _tool_step(
+        self,
+        agent: CompiledAgent,
+        ctx: RunContext,
+        response: ModelResponse,
+        step: list[Item],
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> CompiledAgent | None:
+        """Run one turn's tool calls concurrently; returns the agent to hand off to, if any."""
+        calls = [ToolCallItem(c.call_id, c.name, c.arguments, agent.name) for c in response.tool_calls]
+        for call in calls:
+            step.append(call)
+            sink.emit(ToolCalled(agent.name, call))
+        handoff_call = next((c for c in calls if c.tool_name in agent.handoffs_by_tool), None)
+        results = await asyncio.gather(
+            *(self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent) for call in calls)
+        )
+        step.extend(results)
+        if handoff_call is None:
+            return None
+        target = self._app.compiled[agent.handoffs_by_tool[handoff_call.tool_name]]
+        span = trace.span(SpanKind.HANDOFF, f"{agent.name} -> {target.name}", parent, from_agent=agent.name,
+                          to_agent=target.name)
+        span.end()
+        sink.emit(Handoff(agent.name, target.name, handoff_call.call_id))
+        return target
+
+    async def _run_call(
+        self,
+        agent: CompiledAgent,
+        ctx: RunContext,
+        call: ToolCallItem,
+        is_handoff: bool,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> ToolResultItem:
+        started = time.perf_counter()
+        target = agent.handoffs_by_tool.get(call.tool_name)
+        if target is not None:
+            if is_handoff:
+                output, is_error = f"Transferred to {target}. Continue as {target}.", False
+            else:
+                output, is_error = "Error: only the first handoff of a turn is followed; this one was ignored", True
+        else:
+            tool = agent.tools_by_name.get(call.tool_name)
+            if tool is None:
+                available = ", ".join(agent.tools_by_name) or "none"
+                output = f"Error: there is no tool named {call.tool_name!r}; available tools: {available}"
+                is_error = True
+                trace.span(SpanKind.FUNCTION, call.tool_name, parent, call_id=call.call_id).end(error=output)
+            else:
+                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id)
+                tool_ctx = ToolContext(
+                    ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, call.call_id, tool.name
+                )
+                try:
+                    result = await tool.invoke(tool_ctx, call.arguments, self._tool_timeout_s)
+                except BaseException:
+                    span.end(error="cancelled")
+                    raise
+                output, is_error = result.output, result.is_error
+                span.end(error=output if is_error else "")
+        item = ToolResultItem(call.call_id, call.tool_name, output, is_error, agent.name)
+        sink.emit(ToolOutput(agent.name, item, time.perf_counter() - started))
+        return item
+
+    def _final_output(self, agent: CompiledAgent, text: str) -> Any:
+        output_type = agent.agent.output_type
+        if output_type is None:
+            return text
+        try:
+            return output_type.model_validate_json(text).model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            raise _RunFailure(
+                RunErrorCode.INVALID_OUTPUT,
+                f"agent {agent.name!r}'s final output does not match {output_type.__name__}: "
+                f"{exc.error_count()} error(s), first: {exc.errors()[0]['msg']}",
+            ) from exc
+
+    @staticmethod
+    def _end_spans(trace: TraceHandle, run_span: SpanHandle, agent_span: SpanHandle | None, error: str) -> None:
+        if agent_span is not None:
+            agent_span.end(error=error)
+        run_span.end(error=error)
+        trace.end(error=error)
+
+
+def _usage_attributes(usage: Usage) -> dict[str, int]:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}

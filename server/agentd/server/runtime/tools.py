@@ -1,0 +1,247 @@
+"""Function tools: a Python function, its strict JSON schema, and a safe way to call it.
+
+``@function_tool`` reads the signature (types) and the docstring (descriptions) once,
+at import time. At run time ``FunctionTool.invoke`` never raises for a tool's own
+problems: bad JSON, arguments that fail validation, exceptions and timeouts all become
+an error output the model can read and recover from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, get_type_hints, overload
+
+import docstring_parser
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from agentd.server.runtime.context import RunContext, ToolContext
+
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(slots=True, frozen=True)
+class ToolResult:
+    output: str
+    is_error: bool
+
+
+@dataclass(slots=True, eq=False)
+class FunctionTool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    strict: bool
+    timeout_s: float | None
+    fn: Callable[..., Any]
+    args_model: type[BaseModel]
+    takes_context: bool
+    # Parameters with a default whose type does not admit None: a strict schema makes
+    # them nullable, and a null from the model means "use the default".
+    null_means_default: frozenset[str]
+
+    async def invoke(self, ctx: ToolContext, raw_arguments: str, default_timeout_s: float | None) -> ToolResult:
+        try:
+            arguments = json.loads(raw_arguments) if raw_arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            return _error(f"the arguments for tool {self.name!r} are not valid JSON ({exc.msg} at char {exc.pos}); "
+                          "call it again with a JSON object that matches its schema")
+        if not isinstance(arguments, dict):
+            return _error(f"the arguments for tool {self.name!r} must be a JSON object, got {type(arguments).__name__}")
+        for key in self.null_means_default.intersection(arguments):
+            if arguments[key] is None:
+                del arguments[key]
+        try:
+            parsed = self.args_model.model_validate(arguments)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(arguments)'}: {err['msg']}" for err in exc.errors()
+            )
+            return _error(f"invalid arguments for tool {self.name!r}: {problems}")
+        kwargs = {name: getattr(parsed, name) for name in type(parsed).model_fields}
+        timeout = self.timeout_s if self.timeout_s is not None else default_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self._call(ctx, kwargs)
+        except TimeoutError:
+            return _error(f"tool {self.name!r} timed out after {timeout:g}s")
+        except Exception as exc:  # the tool's own failure is the model's to handle
+            return _error(f"tool {self.name!r} failed: {type(exc).__name__}: {exc}")
+        return ToolResult(output=_render_output(result), is_error=False)
+
+    async def _call(self, ctx: ToolContext, kwargs: dict[str, Any]) -> Any:
+        args = (ctx,) if self.takes_context else ()
+        if inspect.iscoroutinefunction(self.fn):
+            return await self.fn(*args, **kwargs)
+        # Sync tools run on a worker thread so they never block the event loop. A thread
+        # cannot be interrupted: on timeout or cancellation the run moves on and the
+        # thread finishes in the background.
+        return await asyncio.to_thread(functools.partial(self.fn, *args, **kwargs))
+
+
+def _error(message: str) -> ToolResult:
+    return ToolResult(output=f"Error: {message}", is_error=True)
+
+
+def _render_output(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    if isinstance(result, BaseModel):
+        return result.model_dump_json()
+    if result is None:
+        return ""
+    try:
+        return json.dumps(result, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(result)
+
+
+@overload
+def function_tool(fn: Callable[..., Any], /) -> FunctionTool: ...
+
+
+@overload
+def function_tool(
+    *, name: str | None = None, description: str | None = None, timeout_s: float | None = None
+) -> Callable[[Callable[..., Any]], FunctionTool]: ...
+
+
+def function_tool(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout_s: float | None = None,
+) -> FunctionTool | Callable[[Callable[..., Any]], FunctionTool]:
+    """Turn a sync or async function into a tool the model can call.
+
+    The first parameter may be annotated ``RunContext``/``ToolContext`` to receive the
+    run's context; it is not part of the schema. Argument descriptions come from the
+    docstring (Google, Sphinx or NumPy style). ``timeout_s`` overrides the server's
+    default tool timeout.
+    """
+
+    def build(f: Callable[..., Any]) -> FunctionTool:
+        return build_function_tool(f, name=name, description=description, timeout_s=timeout_s)
+
+    return build(fn) if fn is not None else build
+
+
+def build_function_tool(
+    fn: Callable[..., Any], *, name: str | None = None, description: str | None = None, timeout_s: float | None = None
+) -> FunctionTool:
+    tool_name = name or fn.__name__
+    if not TOOL_NAME_RE.match(tool_name):
+        raise ValueError(f"tool name {tool_name!r} must match {TOOL_NAME_RE.pattern}")
+    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    arg_docs = {p.arg_name: (p.description or "") for p in doc.params}
+    hints = get_type_hints(fn, include_extras=True)
+    fields: dict[str, Any] = {}
+    null_means_default: set[str] = set()
+    takes_context = False
+    for index, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
+        annotation = hints.get(pname, Any)
+        if index == 0 and inspect.isclass(annotation) and issubclass(annotation, RunContext):
+            takes_context = True
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"tool {tool_name!r}: *args/**kwargs parameters cannot be described to a model")
+        if param.default is param.empty:
+            fields[pname] = (annotation, Field(description=arg_docs.get(pname) or None))
+        else:
+            fields[pname] = (annotation, Field(default=param.default, description=arg_docs.get(pname) or None))
+            if not _admits_none(annotation):
+                null_means_default.add(pname)
+    args_model = create_model(f"{tool_name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+    schema, strict = strict_json_schema(args_model.model_json_schema())
+    text = description if description is not None else _describe(doc)
+    return FunctionTool(
+        name=tool_name,
+        description=text,
+        parameters=schema,
+        strict=strict,
+        timeout_s=timeout_s,
+        fn=fn,
+        args_model=args_model,
+        takes_context=takes_context,
+        null_means_default=frozenset(null_means_default),
+    )
+
+
+def _describe(doc: docstring_parser.Docstring) -> str:
+    parts = [p for p in (doc.short_description, doc.long_description) if p]
+    return "\n\n".join(parts)
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    try:
+        pydantic.TypeAdapter(annotation).validate_python(None)
+    except pydantic.ValidationError:
+        return False
+    except Exception:
+        return False
+    return True
+
+
+def strict_json_schema(schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Make a pydantic JSON schema follow OpenAI's strict-mode rules.
+
+    Every object lists all its properties as required and forbids extras; a property
+    that was optional becomes nullable instead. Returns the schema and whether it could
+    be made strict (free-form objects such as ``dict[str, Any]`` cannot; the tool is
+    then offered non-strict with the schema as pydantic wrote it).
+    """
+    strict = copy.deepcopy(schema)
+    ok = _strictify(strict)
+    if not ok:
+        return schema, False
+    return strict, True
+
+
+def _strictify(node: Any) -> bool:
+    if isinstance(node, list):
+        return all(_strictify(child) for child in node)
+    if not isinstance(node, dict):
+        return True
+    node.pop("title", None)
+    ok = True
+    if node.get("type") == "object":
+        properties = node.get("properties")
+        if properties is None or node.get("additionalProperties") not in (None, False):
+            return False
+        node["additionalProperties"] = False
+        required = set(node.get("required", ()))
+        for key, prop in properties.items():
+            if key not in required:
+                properties[key] = _nullable(prop)
+        node["required"] = list(properties)
+    node.pop("default", None)
+    for key in ("properties", "$defs"):
+        if key in node:
+            ok = all(_strictify(child) for child in node[key].values()) and ok
+    for key in ("items", "anyOf", "allOf", "prefixItems"):
+        if key in node:
+            ok = _strictify(node[key]) and ok
+    return ok
+
+
+def _nullable(prop: dict[str, Any]) -> dict[str, Any]:
+    options = prop.get("anyOf")
+    if options is not None and any(o.get("type") == "null" for o in options):
+        return prop
+    description = prop.pop("description", None)
+    wrapped: dict[str, Any] = {"anyOf": [prop, {"type": "null"}]}
+    if description:
+        wrapped["description"] = description
+    return wrapped
+
+

@@ -1,0 +1,153 @@
+"""Server assembly and lifecycle: build the parts, serve, shut down gracefully.
+
+``start_server`` is what both ``agentd serve`` and the tests use, so tests exercise
+exactly the server users run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentd.server.app import App
+from agentd.server.models.base import ModelProvider
+from agentd.server.models.openai_chat import OpenAIProvider
+from agentd.server.models.scripted import ScriptedProvider
+from agentd.server.runs import RunManager
+from agentd.server.runtime.errors import AppConfigError
+from agentd.server.runtime.run_loop import AgentRunner
+from agentd.server.services.agent_service import AgentService
+from agentd.server.services.session_service import SessionService
+from agentd.server.services.trace_service import TraceService
+from agentd.server.sessions.base import SessionStore
+from agentd.server.sessions.memory import MemorySessionStore
+from agentd.server.sessions.sqlite import SqliteSessionStore
+from agentd.server.settings import Settings
+from agentd.server.tracing.memory import InMemoryTraceStore
+from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
+from agentd.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+log = logging.getLogger("agentd.server")
+
+SERVICE_NAMES = (
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name,
+)
+
+
+def build_store(settings: Settings) -> SessionStore:
+    if settings.store == "memory":
+        return MemorySessionStore()
+    return SqliteSessionStore(settings.sqlite_path)
+
+
+def build_models(settings: Settings, app: App) -> ModelProvider:
+    provider = settings.model_provider
+    if provider == "auto":
+        provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
+    if provider == "openai":
+        return OpenAIProvider(timeout_s=settings.model_timeout_s, max_retries=settings.model_max_retries)
+    if app.offline_script is None:
+        raise AppConfigError(
+            "no model to call: set OPENAI_API_KEY (and OPENAI_BASE_URL for a compatible server), "
+            "or give the app an offline_script for the built-in scripted model"
+        )
+    return ScriptedProvider(default=app.offline_script)
+
+
+@dataclass(eq=False)
+class RunningServer:
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    runs: RunManager
+    store: SessionStore
+    models: ModelProvider
+    traces: InMemoryTraceStore
+    health: health.aio.HealthServicer
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, let runs finish within the grace period, cancel the rest, close the store."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self.server.stop(grace + 5))
+        await self.runs.drain(grace)
+        await stopping
+        await self.models.aclose()
+        await self.store.close()
+        log.info("server stopped")
+
+
+async def start_server(
+    settings: Settings,
+    app: App,
+    *,
+    models: ModelProvider | None = None,
+    store: SessionStore | None = None,
+) -> RunningServer:
+    if settings.default_model:
+        app = App(app.agents, settings.default_model, app.offline_script)
+    models = models or build_models(settings, app)
+    store = store or build_store(settings)
+    await store.open()
+    traces = InMemoryTraceStore(settings.trace_retention)
+    runner = AgentRunner(app, models, store, traces, tool_timeout_s=settings.tool_timeout_s)
+    runs = RunManager(runner)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentService(app, runs, max_input_chars=settings.max_input_chars), server
+    )
+    session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, runs), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        await store.close()
+        raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use?)")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "agentd listening on %s:%d (store=%s, models=%s, agents=%s)",
+        settings.host, port, settings.store, type(models).__name__, ",".join(sorted(app.compiled)),
+    )
+    return RunningServer(settings, server, port, runs, store, models, traces, health_servicer)
+
+
+async def serve(settings: Settings, app: App) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    if settings.asyncio_debug:
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.01
+    running = await start_server(settings, app)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown requested; draining (grace %.1fs)", settings.shutdown_grace_s)
+    await running.stop()

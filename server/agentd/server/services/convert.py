@@ -1,0 +1,245 @@
+"""Translation between domain types and ``agentd.v1`` messages; the only place both meet."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agentd.server.runtime import events as ev
+from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.usage import Usage
+from agentd.server.services.validation import InvalidArgument
+from agentd.server.sessions.base import SessionRecord, StoredItem
+from agentd.v1 import item_pb2, run_event_pb2, session_service_pb2
+
+_ROLE_TO_PROTO = {"user": item_pb2.ROLE_USER, "assistant": item_pb2.ROLE_ASSISTANT, "system": item_pb2.ROLE_SYSTEM}
+_ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
+
+
+def timestamp_ns(ns: int) -> Timestamp:
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def timestamp_s(seconds: float) -> Timestamp:
+    return timestamp_ns(int(seconds * 1_000_000_000))
+
+
+def duration(seconds: float) -> Duration:
+    whole = int(seconds)
+    return Duration(seconds=whole, nanos=int((seconds - whole) * 1_000_000_000))
+
+
+def struct_from_dict(data: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(data)
+    return message
+
+
+def dict_from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def value_from_python(value: Any) -> struct_pb2.Value:
+    message = struct_pb2.Value()
+    if isinstance(value, str):
+        message.string_value = value
+    else:
+        json_format.ParseDict(value, message)
+    return message
+
+
+# Items
+
+
+def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item:
+    message = item_pb2.Item(agent=item.agent)
+    if stored is not None:
+        message.name = f"sessions/{stored.session_id}/items/{stored.sequence}"
+        message.sequence = stored.sequence
+        message.create_time.CopyFrom(timestamp_s(stored.created_at))
+    if type(item) is MessageItem:
+        message.message.role = _ROLE_TO_PROTO[item.role]
+        message.message.text = item.text
+    elif type(item) is ToolCallItem:
+        call = message.tool_call
+        call.call_id = item.call_id
+        call.tool_name = item.tool_name
+        try:
+            arguments = json.loads(item.arguments) if item.arguments else {}
+        except json.JSONDecodeError:
+            arguments = None
+        if isinstance(arguments, dict):
+            call.arguments.update(arguments)
+        else:
+            call.raw_arguments = item.arguments
+    else:
+        result = message.tool_result
+        result.call_id = item.call_id
+        result.tool_name = item.tool_name
+        result.output = item.output
+        result.is_error = item.is_error
+    return message
+
+
+def item_from_proto(message: item_pb2.Item, field: str) -> Item:
+    kind = message.WhichOneof("content")
+    if kind == "message":
+        role = _ROLE_FROM_PROTO.get(message.message.role)
+        if role is None:
+            raise InvalidArgument(f"{field}.message.role", "must be ROLE_USER, ROLE_ASSISTANT or ROLE_SYSTEM")
+        return MessageItem(role, message.message.text, message.agent)  # type: ignore[arg-type]
+    if kind == "tool_call":
+        call = message.tool_call
+        if not call.call_id or not call.tool_name:
+            raise InvalidArgument(f"{field}.tool_call", "call_id and tool_name are required")
+        arguments = call.raw_arguments or json.dumps(dict_from_struct(call.arguments), separators=(",", ":"))
+        return ToolCallItem(call.call_id, call.tool_name, arguments, message.agent)
+    if kind == "tool_result":
+        result = message.tool_result
+        if not result.call_id:
+            raise InvalidArgument(f"{field}.tool_result.call_id", "is required")
+        return ToolResultItem(result.call_id, result.tool_name, result.output, result.is_error, message.agent)
+    raise InvalidArgument(field, "must set one of message, tool_call or tool_result")
+
+
+def stored_item_to_proto(stored: StoredItem) -> item_pb2.Item:
+    return item_to_proto(stored.item, stored)
+
+
+def session_to_proto(record: SessionRecord) -> session_service_pb2.Session:
+    message = session_service_pb2.Session(
+        name=f"sessions/{record.session_id}",
+        create_time=timestamp_s(record.created_at),
+        update_time=timestamp_s(record.updated_at),
+        metadata=record.metadata,
+        item_count=record.item_count,
+    )
+    message.state.update(record.state)
+    return message
+
+
+# Run events (the hot path: one conversion per event)
+
+
+def usage_to_proto(usage: Usage) -> run_event_pb2.TokenUsage:
+    return run_event_pb2.TokenUsage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        total_tokens=usage.total_tokens,
+        requests=usage.requests,
+    )
+
+
+_ERROR_CODES = {
+    ev.RunErrorCode.MAX_TURNS_EXCEEDED: run_event_pb2.RUN_ERROR_CODE_MAX_TURNS_EXCEEDED,
+    ev.RunErrorCode.MODEL_UNAVAILABLE: run_event_pb2.RUN_ERROR_CODE_MODEL_UNAVAILABLE,
+    ev.RunErrorCode.MODEL_ERROR: run_event_pb2.RUN_ERROR_CODE_MODEL_ERROR,
+    ev.RunErrorCode.INVALID_OUTPUT: run_event_pb2.RUN_ERROR_CODE_INVALID_OUTPUT,
+    ev.RunErrorCode.SESSION_UNAVAILABLE: run_event_pb2.RUN_ERROR_CODE_SESSION_UNAVAILABLE,
+    ev.RunErrorCode.DEADLINE_EXCEEDED: run_event_pb2.RUN_ERROR_CODE_DEADLINE_EXCEEDED,
+    ev.RunErrorCode.INTERNAL: run_event_pb2.RUN_ERROR_CODE_INTERNAL,
+}
+
+
+def _run_started(p: ev.RunStarted, out: run_event_pb2.RunEvent) -> None:
+    m = out.run_started
+    m.agent = p.agent
+    m.session = f"sessions/{p.session_id}" if p.session_id else ""
+    m.history_items = p.history_items
+    m.request_id = p.request_id
+
+
+def _agent_updated(p: ev.AgentUpdated, out: run_event_pb2.RunEvent) -> None:
+    out.agent_updated.agent = p.agent
+
+
+def _text_delta(p: ev.TextDelta, out: run_event_pb2.RunEvent) -> None:
+    m = out.text_delta
+    m.agent = p.agent
+    m.text = p.text
+
+
+def _message_output(p: ev.MessageOutput, out: run_event_pb2.RunEvent) -> None:
+    out.message_output.agent = p.agent
+    out.message_output.item.CopyFrom(item_to_proto(p.item))
+
+
+def _tool_called(p: ev.ToolCalled, out: run_event_pb2.RunEvent) -> None:
+    out.tool_called.agent = p.agent
+    out.tool_called.item.CopyFrom(item_to_proto(p.item))
+
+
+def _tool_output(p: ev.ToolOutput, out: run_event_pb2.RunEvent) -> None:
+    m = out.tool_output
+    m.agent = p.agent
+    m.item.CopyFrom(item_to_proto(p.item))
+    m.duration.CopyFrom(duration(p.duration_s))
+
+
+def _handoff(p: ev.Handoff, out: run_event_pb2.RunEvent) -> None:
+    m = out.handoff
+    m.from_agent = p.from_agent
+    m.to_agent = p.to_agent
+    m.call_id = p.call_id
+
+
+def _usage_updated(p: ev.UsageUpdated, out: run_event_pb2.RunEvent) -> None:
+    m = out.usage_updated
+    m.agent = p.agent
+    m.model = p.model
+    m.turn.CopyFrom(usage_to_proto(p.turn))
+    m.run.CopyFrom(usage_to_proto(p.run))
+
+
+def _run_completed(p: ev.RunCompleted, out: run_event_pb2.RunEvent) -> None:
+    m = out.run_completed
+    m.final_output.CopyFrom(value_from_python(p.final_output))
+    m.last_agent = p.last_agent
+    m.usage.CopyFrom(usage_to_proto(p.usage))
+    m.turns = p.turns
+    m.duration.CopyFrom(duration(p.duration_s))
+
+
+def _run_failed(p: ev.RunFailed, out: run_event_pb2.RunEvent) -> None:
+    m = out.run_failed
+    m.code = _ERROR_CODES[p.code]
+    m.message = p.message
+    m.usage.CopyFrom(usage_to_proto(p.usage))
+    m.turns = p.turns
+
+
+def _run_cancelled(p: ev.RunCancelled, out: run_event_pb2.RunEvent) -> None:
+    m = out.run_cancelled
+    m.reason = p.reason
+    m.usage.CopyFrom(usage_to_proto(p.usage))
+    m.turns = p.turns
+
+
+_PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
+    ev.RunStarted: _run_started,
+    ev.AgentUpdated: _agent_updated,
+    ev.TextDelta: _text_delta,
+    ev.MessageOutput: _message_output,
+    ev.ToolCalled: _tool_called,
+    ev.ToolOutput: _tool_output,
+    ev.Handoff: _handoff,
+    ev.UsageUpdated: _usage_updated,
+    ev.RunCompleted: _run_completed,
+    ev.RunFailed: _run_failed,
+    ev.RunCancelled: _run_cancelled,
+}
+
+
+def run_event_to_proto(event: ev.RunEvent) -> run_event_pb2.RunEvent:
+    out = run_event_pb2.RunEvent(
+        run_id=event.run_id,
+        sequence=event.sequence,
+        create_time=timestamp_ns(event.time_ns),
+        trace_id=event.trace_id,
+    )
+    _PAYLOAD_WRITERS[type(event.payload)](event.payload, out)
+    return out

@@ -1,0 +1,157 @@
+"""SessionService: sessions, their items, state and metadata over gRPC."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from agentd.server.runs import RunManager
+from agentd.server.runtime.errors import SessionNotFoundError
+from agentd.server.services import validation
+from agentd.server.services.convert import (
+    dict_from_struct,
+    item_from_proto,
+    session_to_proto,
+    stored_item_to_proto,
+)
+from agentd.server.services.errors import FailedPrecondition, unary_errors
+from agentd.server.services.validation import InvalidArgument
+from agentd.server.sessions.base import SessionStore
+from agentd.v1 import session_service_pb2 as pb
+from agentd.v1 import session_service_pb2_grpc as pb_grpc
+
+DEFAULT_SESSION_PAGE = 50
+DEFAULT_ITEM_PAGE = 100
+MAX_ITEMS_PER_ADD = 1000
+_REQUEST_ID_NAMESPACE = uuid.UUID("6f1d2c1e-3b0a-4c8e-9a57-2f5f0c1d7a10")
+_UPDATABLE = {"metadata", "state"}
+
+
+class SessionService(pb_grpc.SessionServiceServicer):
+    def __init__(self, store: SessionStore, runs: RunManager) -> None:
+        self._store = store
+        self._runs = runs
+
+    @unary_errors
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
+        if request.session_id:
+            validation.check_session_id("session_id", request.session_id)
+            session_id = request.session_id
+        elif request.request_id:
+            # Derived from the request id: a retried create finds the session it already made.
+            session_id = uuid.uuid5(_REQUEST_ID_NAMESPACE, request.request_id).hex
+            try:
+                return pb.CreateSessionResponse(session=session_to_proto(await self._store.get_session(session_id)))
+            except SessionNotFoundError:
+                pass
+        else:
+            session_id = uuid.uuid4().hex
+        record = await self._store.create_session(
+            session_id,
+            metadata=dict(request.session.metadata),
+            state=dict_from_struct(request.session.state),
+        )
+        return pb.CreateSessionResponse(session=session_to_proto(record))
+
+    @unary_errors
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.GetSessionResponse:
+        session_id = validation.session_id("name", request.name)
+        return pb.GetSessionResponse(session=session_to_proto(await self._store.get_session(session_id)))
+
+    @unary_errors
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
+        size = validation.page_size(request.page_size, DEFAULT_SESSION_PAGE)
+        cursor = validation.decode_page_token("sessions", request.page_token)
+        page = await self._store.list_sessions(size, cursor)
+        response = pb.ListSessionsResponse(sessions=[session_to_proto(s) for s in page.sessions])
+        if page.next_cursor is not None:
+            response.next_page_token = validation.encode_page_token("sessions", page.next_cursor)
+        return response
+
+    @unary_errors
+    async def UpdateSession(self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSessionResponse:
+        session_id = validation.session_id("session.name", request.session.name)
+        paths = set(request.update_mask.paths) or _UPDATABLE
+        unknown = paths - _UPDATABLE
+        if unknown:
+            raise InvalidArgument("update_mask", f"can only name 'metadata' and 'state', got {sorted(unknown)}")
+        record = await self._store.update_session(
+            session_id,
+            metadata=dict(request.session.metadata) if "metadata" in paths else None,
+            state=dict_from_struct(request.session.state) if "state" in paths else None,
+        )
+        return pb.UpdateSessionResponse(session=session_to_proto(record))
+
+    @unary_errors
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
+        session_id = self._idle_session("name", request.name)
+        await self._store.delete_session(session_id)
+        return pb.DeleteSessionResponse()
+
+    @unary_errors
+    async def ListSessionItems(
+        self, request: pb.ListSessionItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionItemsResponse:
+        session_id = validation.session_id("parent", request.parent)
+        size = validation.page_size(request.page_size, DEFAULT_ITEM_PAGE)
+        newest_first = request.order == pb.ITEM_ORDER_NEWEST_FIRST
+        kind = "items-newest" if newest_first else "items-oldest"
+        cursor = validation.decode_page_token(kind, request.page_token)
+        position = _sequence_cursor(cursor)
+        if newest_first:
+            stored = await self._store.list_items(session_id, size + 1, newest_first=True, before_sequence=position)
+        else:
+            stored = await self._store.list_items(session_id, size + 1, after_sequence=position or 0)
+        response = pb.ListSessionItemsResponse(items=[stored_item_to_proto(s) for s in stored[:size]])
+        if len(stored) > size:
+            response.next_page_token = validation.encode_page_token(kind, str(stored[size - 1].sequence))
+        return response
+
+    @unary_errors
+    async def AddSessionItems(
+        self, request: pb.AddSessionItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddSessionItemsResponse:
+        session_id = self._idle_session("parent", request.parent)
+        if not request.items:
+            raise InvalidArgument("items", "must contain at least one item")
+        if len(request.items) > MAX_ITEMS_PER_ADD:
+            raise InvalidArgument("items", f"has {len(request.items)} items; send at most {MAX_ITEMS_PER_ADD} per call")
+        items = [item_from_proto(item, f"items[{i}]") for i, item in enumerate(request.items)]
+        stored = await self._store.append_items(session_id, items, request.request_id or None)
+        return pb.AddSessionItemsResponse(items=[stored_item_to_proto(s) for s in stored])
+
+    @unary_errors
+    async def PopSessionItem(self, request: pb.PopSessionItemRequest, context: grpc.aio.ServicerContext) -> pb.PopSessionItemResponse:
+        session_id = self._idle_session("parent", request.parent)
+        stored = await self._store.pop_item(session_id)
+        response = pb.PopSessionItemResponse()
+        if stored is not None:
+            response.item.CopyFrom(stored_item_to_proto(stored))
+        return response
+
+    @unary_errors
+    async def ClearSessionItems(
+        self, request: pb.ClearSessionItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearSessionItemsResponse:
+        session_id = self._idle_session("parent", request.parent)
+        return pb.ClearSessionItemsResponse(deleted_count=await self._store.clear_items(session_id))
+
+    def _idle_session(self, field: str, name: str) -> str:
+        """The session id, refusing writes while a run owns the session's item list."""
+        session_id = validation.session_id(field, name)
+        run = self._runs.active_run_for_session(session_id)
+        if run is not None:
+            raise FailedPrecondition(
+                f"session {session_id!r} has an active run ({run.run_id}); wait for it to end or cancel it"
+            )
+        return session_id
+
+
+def _sequence_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        return int(cursor)
+    except ValueError:
+        raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged") from None

@@ -1,0 +1,97 @@
+"""TraceService: what runs did, from the in-process trace store."""
+
+from __future__ import annotations
+
+import grpc
+
+from agentd.server.services import validation
+from agentd.server.services.convert import struct_from_dict, timestamp_ns
+from agentd.server.services.errors import NotFound, unary_errors
+from agentd.server.services.validation import InvalidArgument
+from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceRecord
+from agentd.v1 import trace_service_pb2 as pb
+from agentd.v1 import trace_service_pb2_grpc as pb_grpc
+
+DEFAULT_TRACE_PAGE = 50
+
+_KINDS = {
+    SpanKind.RUN: pb.SPAN_KIND_RUN,
+    SpanKind.AGENT: pb.SPAN_KIND_AGENT,
+    SpanKind.GENERATION: pb.SPAN_KIND_GENERATION,
+    SpanKind.FUNCTION: pb.SPAN_KIND_FUNCTION,
+    SpanKind.HANDOFF: pb.SPAN_KIND_HANDOFF,
+}
+
+
+class TraceService(pb_grpc.TraceServiceServicer):
+    def __init__(self, store: InMemoryTraceStore) -> None:
+        self._store = store
+
+    @unary_errors
+    async def ListTraces(self, request: pb.ListTracesRequest, context: grpc.aio.ServicerContext) -> pb.ListTracesResponse:
+        size = validation.page_size(request.page_size, DEFAULT_TRACE_PAGE)
+        cursor = validation.decode_page_token("traces", request.page_token)
+        before = None
+        if cursor is not None:
+            start, _, trace_id = cursor.partition(":")
+            if not start.isdigit() or not trace_id:
+                raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged")
+            before = (int(start), trace_id)
+        traces, more = self._store.list_traces(
+            limit=size, before=before, workflow_name=request.workflow_name, group_id=request.group_id
+        )
+        response = pb.ListTracesResponse(traces=[_trace_to_proto(t) for t in traces])
+        if more and traces:
+            last = traces[-1]
+            response.next_page_token = validation.encode_page_token("traces", f"{last.start_ns}:{last.trace_id}")
+        return response
+
+    @unary_errors
+    async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
+        trace_id = validation.resource_id("name", request.name, "traces", allow_bare=True)
+        trace = self._store.get_trace(trace_id)
+        if trace is None:
+            raise NotFound(f"name: trace {trace_id!r} does not exist (or has aged out of the trace store)")
+        spans = sorted(trace.spans, key=lambda s: s.start_ns)
+        return pb.GetTraceResponse(trace=_trace_to_proto(trace), spans=[_span_to_proto(s) for s in spans])
+
+
+def _status(end_ns: int, error: str) -> int:
+    if not end_ns:
+        return pb.SPAN_STATUS_IN_PROGRESS
+    return pb.SPAN_STATUS_ERROR if error else pb.SPAN_STATUS_OK
+
+
+def _trace_to_proto(trace: TraceRecord) -> pb.Trace:
+    message = pb.Trace(
+        name=f"traces/{trace.trace_id}",
+        trace_id=trace.trace_id,
+        workflow_name=trace.workflow_name,
+        group_id=trace.group_id,
+        metadata=trace.metadata,
+        run_id=trace.run_id,
+        agent=trace.agent,
+        start_time=timestamp_ns(trace.start_ns),
+        status=_status(trace.end_ns, trace.error),
+        span_count=len(trace.spans),
+    )
+    if trace.end_ns:
+        message.end_time.CopyFrom(timestamp_ns(trace.end_ns))
+    return message
+
+
+def _span_to_proto(span: SpanRecord) -> pb.Span:
+    message = pb.Span(
+        span_id=span.span_id,
+        parent_span_id=span.parent_id,
+        name=span.name,
+        kind=_KINDS[span.kind],
+        start_time=timestamp_ns(span.start_ns),
+        status=_status(span.end_ns, span.error),
+        error_message=span.error,
+        attributes=struct_from_dict(span.attributes),
+    )
+    if span.end_ns:
+        message.end_time.CopyFrom(timestamp_ns(span.end_ns))
+    return message

@@ -1,0 +1,114 @@
+"""The one interface every session store implements.
+
+A session is an ordered list of items plus a key/value ``state`` and string
+``metadata``. Items get per-session sequence numbers 1, 2, 3... assigned atomically
+at append; numbers are never reused (a pop or clear does not rewind the counter).
+Every method is a single atomic operation on the backend: on failure nothing was
+written and ``StoreUnavailableError`` (or a not-found/exists error) is raised.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from agentd.server.runtime.items import Item
+
+
+@dataclass(slots=True, frozen=True)
+class StoredItem:
+    session_id: str
+    sequence: int
+    created_at: float  # unix seconds
+    item: Item
+
+
+@dataclass(slots=True, frozen=True)
+class SessionRecord:
+    session_id: str
+    created_at: float
+    updated_at: float
+    metadata: dict[str, str]
+    state: dict[str, Any]
+    item_count: int
+
+
+@dataclass(slots=True, frozen=True)
+class SessionPage:
+    sessions: list[SessionRecord]
+    # Opaque cursor for the next page; None when this was the last page.
+    next_cursor: str | None
+
+
+class SessionStore(abc.ABC):
+    """Backend-neutral session storage. Implementations: memory, SQLite."""
+
+    async def open(self) -> None:
+        """Connect and create the schema; called once at server start."""
+
+    async def close(self) -> None:
+        """Release connections; called once at shutdown."""
+
+    @abc.abstractmethod
+    async def create_session(
+        self, session_id: str, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+    ) -> SessionRecord:
+        """Create a session; ``SessionExistsError`` if the id is taken."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> SessionRecord:
+        """``SessionNotFoundError`` if missing."""
+
+    @abc.abstractmethod
+    async def ensure_session(self, session_id: str) -> SessionRecord:
+        """Get the session, creating it empty when missing (used when a run names a new session)."""
+
+    @abc.abstractmethod
+    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+        """Sessions newest-created first, ``limit`` at a time."""
+
+    @abc.abstractmethod
+    async def update_session(
+        self, session_id: str, *, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+    ) -> SessionRecord:
+        """Replace metadata and/or state (None leaves a field as is)."""
+
+    @abc.abstractmethod
+    async def delete_session(self, session_id: str) -> None:
+        """Delete the session and its items; ``SessionNotFoundError`` if missing."""
+
+    @abc.abstractmethod
+    async def append_items(
+        self, session_id: str, items: Sequence[Item], request_id: str | None = None
+    ) -> list[StoredItem]:
+        """Append all items or none, numbering them after the session's last sequence.
+
+        With a ``request_id`` already used on this session, append nothing and return
+        the items that request stored (a retried write is not duplicated).
+        """
+
+    @abc.abstractmethod
+    async def list_items(
+        self,
+        session_id: str,
+        limit: int,
+        *,
+        newest_first: bool = False,
+        after_sequence: int = 0,
+        before_sequence: int | None = None,
+    ) -> list[StoredItem]:
+        """A page of items: oldest first with sequence > ``after_sequence``, or newest
+        first with sequence < ``before_sequence`` (None: from the newest)."""
+
+    @abc.abstractmethod
+    async def read_history(self, session_id: str) -> list[Item]:
+        """All items oldest first; an empty list for a session that does not exist."""
+
+    @abc.abstractmethod
+    async def pop_item(self, session_id: str) -> StoredItem | None:
+        """Remove and return the newest item; None when there are none."""
+
+    @abc.abstractmethod
+    async def clear_items(self, session_id: str) -> int:
+        """Remove all items (state and metadata stay); returns how many were removed."""

@@ -1,0 +1,206 @@
+"""In-process session store: the reference semantics, for tests and single-run use.
+
+Every method does all its work without awaiting, so on one event loop each call is
+atomic without locks. Values are normalised the way a persistent backend would
+(items through ``to_dict``/``item_from_dict``, metadata and state through JSON), so
+code tested against this store behaves the same on SQLite.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError
+from agentd.server.runtime.items import Item, item_from_dict
+from agentd.server.sessions.base import SessionPage, SessionRecord, SessionStore, StoredItem
+
+__all__ = ["MemorySessionStore", "encode_cursor", "decode_cursor"]
+
+
+def encode_cursor(created_at: float, session_id: str) -> str:
+    """Keyset position after (created_at, id); ``repr`` keeps the float exact."""
+    raw = f"{created_at!r}|{session_id}".encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of ``encode_cursor``; ``ValueError`` for anything it did not produce."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8")
+        created, session_id = raw.split("|", 1)
+        return float(created), session_id
+    except (ValueError, UnicodeError, binascii.Error):
+        raise ValueError(f"invalid session list cursor {cursor!r}") from None
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+
+
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy with the same normalisation (and errors) as a JSON-backed store."""
+    result: dict[str, Any] = json.loads(json.dumps(value, ensure_ascii=False))
+    return result
+
+
+@dataclass(slots=True)
+class _Session:
+    created_at: float
+    updated_at: float
+    metadata: dict[str, str]
+    state: dict[str, Any]
+    last_seq: int = 0
+    items: list[StoredItem] = field(default_factory=list)  # ascending sequence
+    requests: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> seq range
+
+
+class MemorySessionStore(SessionStore):
+    """Sessions in plain dicts; lost when the process exits."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, _Session] = {}
+
+    def _get(self, session_id: str) -> _Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session
+
+    @staticmethod
+    def _record(session_id: str, session: _Session) -> SessionRecord:
+        return SessionRecord(
+            session_id=session_id,
+            created_at=session.created_at,
+            updated_at=session.updated_at,
+            metadata=_json_copy(session.metadata),
+            state=_json_copy(session.state),
+            item_count=len(session.items),
+        )
+
+    def _new(self, session_id: str, metadata: dict[str, str] | None, state: dict[str, Any] | None) -> _Session:
+        now = time.time()
+        session = _Session(
+            created_at=now,
+            updated_at=now,
+            metadata=_json_copy(metadata or {}),
+            state=_json_copy(state or {}),
+        )
+        self._sessions[session_id] = session
+        return session
+
+    async def create_session(
+        self, session_id: str, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+    ) -> SessionRecord:
+        if session_id in self._sessions:
+            raise SessionExistsError(session_id)
+        return self._record(session_id, self._new(session_id, metadata, state))
+
+    async def get_session(self, session_id: str) -> SessionRecord:
+        return self._record(session_id, self._get(session_id))
+
+    async def ensure_session(self, session_id: str) -> SessionRecord:
+        session = self._sessions.get(session_id) or self._new(session_id, None, None)
+        return self._record(session_id, session)
+
+    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+        _check_limit(limit)
+        keys = sorted(((s.created_at, sid) for sid, s in self._sessions.items()), reverse=True)
+        if cursor is not None:
+            after = decode_cursor(cursor)
+            keys = [key for key in keys if key < after]
+        page = keys[:limit]
+        next_cursor = encode_cursor(*page[-1]) if len(keys) > limit else None
+        return SessionPage(
+            sessions=[self._record(sid, self._sessions[sid]) for _, sid in page],
+            next_cursor=next_cursor,
+        )
+
+    async def update_session(
+        self, session_id: str, *, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+    ) -> SessionRecord:
+        session = self._get(session_id)
+        # Copy both before assigning either, so a bad value changes nothing.
+        new_metadata = _json_copy(metadata) if metadata is not None else session.metadata
+        new_state = _json_copy(state) if state is not None else session.state
+        session.metadata, session.state = new_metadata, new_state
+        session.updated_at = time.time()
+        return self._record(session_id, session)
+
+    async def delete_session(self, session_id: str) -> None:
+        self._get(session_id)
+        del self._sessions[session_id]
+
+    async def append_items(
+        self, session_id: str, items: Sequence[Item], request_id: str | None = None
+    ) -> list[StoredItem]:
+        session = self._get(session_id)
+        if not items:
+            return []
+        if request_id is not None and request_id in session.requests:
+            first, last = session.requests[request_id]
+            return self._between(session, first, last)
+        # Normalise everything before touching the session: all or nothing.
+        normalised = [item_from_dict(item.to_dict()) for item in items]
+        now = time.time()
+        first = session.last_seq + 1
+        stored = [
+            StoredItem(session_id=session_id, sequence=first + i, created_at=now, item=item)
+            for i, item in enumerate(normalised)
+        ]
+        session.items.extend(stored)
+        session.last_seq = stored[-1].sequence
+        session.updated_at = now
+        if request_id is not None:
+            session.requests[request_id] = (first, session.last_seq)
+        return list(stored)
+
+    @staticmethod
+    def _between(session: _Session, first: int, last: int) -> list[StoredItem]:
+        lo = bisect.bisect_left(session.items, first, key=lambda s: s.sequence)
+        hi = bisect.bisect_right(session.items, last, key=lambda s: s.sequence)
+        return session.items[lo:hi]
+
+    async def list_items(
+        self,
+        session_id: str,
+        limit: int,
+        *,
+        newest_first: bool = False,
+        after_sequence: int = 0,
+        before_sequence: int | None = None,
+    ) -> list[StoredItem]:
+        _check_limit(limit)
+        items = self._get(session_id).items
+        if newest_first:
+            hi = len(items)
+            if before_sequence is not None:
+                hi = bisect.bisect_left(items, before_sequence, key=lambda s: s.sequence)
+            return items[max(0, hi - limit) : hi][::-1]
+        lo = bisect.bisect_right(items, after_sequence, key=lambda s: s.sequence)
+        return items[lo : lo + limit]
+
+    async def read_history(self, session_id: str) -> list[Item]:
+        session = self._sessions.get(session_id)
+        return [] if session is None else [stored.item for stored in session.items]
+
+    async def pop_item(self, session_id: str) -> StoredItem | None:
+        session = self._get(session_id)
+        if not session.items:
+            return None
+        session.updated_at = time.time()
+        return session.items.pop()
+
+    async def clear_items(self, session_id: str) -> int:
+        session = self._get(session_id)
+        removed = len(session.items)
+        if removed:
+            session.items.clear()
+            session.updated_at = time.time()
+        return removed

@@ -1,0 +1,120 @@
+"""An in-process trace store: records traces and answers TraceService queries.
+
+Bounded: beyond ``max_traces`` the oldest traces are dropped, so a long-lived server's
+memory stays flat.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentd.server.tracing.base import SpanKind
+
+
+def _new_id(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
+
+
+@dataclass(slots=True, eq=False)
+class SpanRecord:
+    trace_id: str
+    span_id: str
+    parent_id: str
+    kind: SpanKind
+    name: str
+    start_ns: int
+    end_ns: int = 0
+    error: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **attributes: Any) -> None:
+        self.attributes.update(attributes)
+
+    def end(self, error: str = "", **attributes: Any) -> None:
+        if self.end_ns:
+            return
+        self.end_ns = time.time_ns()
+        self.error = error
+        if attributes:
+            self.attributes.update(attributes)
+
+
+@dataclass(slots=True, eq=False)
+class TraceRecord:
+    trace_id: str
+    run_id: str
+    workflow_name: str
+    group_id: str
+    metadata: dict[str, str]
+    agent: str
+    start_ns: int
+    end_ns: int = 0
+    error: str = ""
+    spans: list[SpanRecord] = field(default_factory=list)
+
+    def span(self, kind: SpanKind, name: str, parent: SpanRecord | None, **attributes: Any) -> SpanRecord:
+        record = SpanRecord(
+            trace_id=self.trace_id,
+            span_id=_new_id(8),
+            parent_id=parent.span_id if parent is not None else "",
+            kind=kind,
+            name=name,
+            start_ns=time.time_ns(),
+            attributes=attributes,
+        )
+        self.spans.append(record)
+        return record
+
+    def end(self, error: str = "") -> None:
+        if not self.end_ns:
+            self.end_ns = time.time_ns()
+            self.error = error
+
+
+class InMemoryTraceStore:
+    """Implements ``Tracer`` and the queries behind TraceService."""
+
+    def __init__(self, max_traces: int = 10_000) -> None:
+        self._max = max_traces
+        self._traces: OrderedDict[str, TraceRecord] = OrderedDict()
+
+    def start_trace(
+        self, *, run_id: str, workflow_name: str, group_id: str, metadata: dict[str, str], agent: str
+    ) -> TraceRecord:
+        trace = TraceRecord(
+            trace_id=_new_id(16),
+            run_id=run_id,
+            workflow_name=workflow_name,
+            group_id=group_id,
+            metadata=metadata,
+            agent=agent,
+            start_ns=time.time_ns(),
+        )
+        self._traces[trace.trace_id] = trace
+        if len(self._traces) > self._max:
+            self._traces.popitem(last=False)
+        return trace
+
+    def get_trace(self, trace_id: str) -> TraceRecord | None:
+        return self._traces.get(trace_id)
+
+    def list_traces(
+        self, *, limit: int, before: tuple[int, str] | None = None, workflow_name: str = "", group_id: str = ""
+    ) -> tuple[list[TraceRecord], bool]:
+        """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match."""
+        page: list[TraceRecord] = []
+        for trace in reversed(self._traces.values()):
+            if before is not None and (trace.start_ns, trace.trace_id) >= before:
+                continue
+            if workflow_name and trace.workflow_name != workflow_name:
+                continue
+            if group_id and trace.group_id != group_id:
+                continue
+            if len(page) == limit:
+                return page, True
+            page.append(trace)
+        return page, False

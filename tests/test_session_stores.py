@@ -1,0 +1,637 @@
+"""One contract suite for every SessionStore backend.
+
+Each test runs against every entry of ``STORE_FACTORIES``; a new backend (postgres,
+redis...) joins by adding a factory (which may ``pytest.skip`` when its server is not
+configured). Tests at the bottom cover what only the SQLite backend has: a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
+from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
+from agentd.server.sessions.memory import MemorySessionStore
+from agentd.server.sessions.sqlite import SqliteSessionStore
+
+STORE_FACTORIES: dict[str, Callable[[Path], SessionStore]] = {
+    "memory": lambda tmp_path: MemorySessionStore(),
+    "sqlite": lambda tmp_path: SqliteSessionStore(tmp_path / "sessions.db"),
+}
+
+
+@pytest.fixture(params=list(STORE_FACTORIES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
+    backend = STORE_FACTORIES[request.param](tmp_path)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """Deterministic ``time.time``: strictly increasing by 1s per call, or frozen via ``clock(step=0)``."""
+    state = {"now": 1_700_000_000.0, "step": 1.0}
+
+    def fake_time() -> float:
+        state["now"] += state["step"]
+        return state["now"]
+
+    def set_step(step: float) -> None:
+        state["step"] = step
+
+    monkeypatch.setattr(time, "time", fake_time)
+    return set_step
+
+
+def msg(text: str, role: str = "user") -> MessageItem:
+    return MessageItem(role=role, text=text)  # type: ignore[arg-type]
+
+
+def seqs(stored: list[StoredItem]) -> list[int]:
+    return [s.sequence for s in stored]
+
+
+async def append_texts(store: SessionStore, session_id: str, count: int, prefix: str = "m") -> list[StoredItem]:
+    return await store.append_items(session_id, [msg(f"{prefix}{i}") for i in range(count)])
+
+
+# --- sessions --------------------------------------------------------------------------
+
+
+async def test_create_and_get(store: SessionStore) -> None:
+    before = time.time()
+    created = await store.create_session("s1", metadata={"title": "Hi 👋"}, state={"n": 1, "nested": {"a": [1, 2]}})
+    after = time.time()
+    assert created.session_id == "s1"
+    assert created.metadata == {"title": "Hi 👋"}
+    assert created.state == {"n": 1, "nested": {"a": [1, 2]}}
+    assert created.item_count == 0
+    assert before <= created.created_at <= after
+    assert created.updated_at == created.created_at
+    assert await store.get_session("s1") == created
+
+
+async def test_create_defaults_to_empty_metadata_and_state(store: SessionStore) -> None:
+    created = await store.create_session("s1")
+    assert (created.metadata, created.state) == ({}, {})
+
+
+async def test_create_existing_raises(store: SessionStore) -> None:
+    await store.create_session("s1", metadata={"a": "1"})
+    with pytest.raises(SessionExistsError) as info:
+        await store.create_session("s1", metadata={"a": "2"})
+    assert info.value.session_id == "s1"
+    assert (await store.get_session("s1")).metadata == {"a": "1"}
+
+
+async def test_get_missing_raises(store: SessionStore) -> None:
+    with pytest.raises(SessionNotFoundError) as info:
+        await store.get_session("nope")
+    assert info.value.session_id == "nope"
+
+
+async def test_ensure_session_creates_then_returns_existing(store: SessionStore) -> None:
+    first = await store.ensure_session("s1")
+    assert (first.session_id, first.metadata, first.state, first.item_count) == ("s1", {}, {}, 0)
+    await store.append_items("s1", [msg("hello")])
+    again = await store.ensure_session("s1")
+    assert again.created_at == first.created_at
+    assert again.item_count == 1
+
+    await store.create_session("s2", metadata={"k": "v"}, state={"x": 1})
+    existing = await store.ensure_session("s2")
+    assert (existing.metadata, existing.state) == ({"k": "v"}, {"x": 1})
+
+
+async def test_update_session(store: SessionStore, clock: Callable[[float], None]) -> None:
+    created = await store.create_session("s1", metadata={"a": "1"}, state={"s": 1})
+
+    r1 = await store.update_session("s1", metadata={"b": "2"})
+    assert (r1.metadata, r1.state) == ({"b": "2"}, {"s": 1})
+    assert r1.updated_at > created.updated_at
+    assert r1.created_at == created.created_at
+
+    r2 = await store.update_session("s1", state={"t": [1, "two"]})
+    assert (r2.metadata, r2.state) == ({"b": "2"}, {"t": [1, "two"]})
+    assert r2.updated_at > r1.updated_at
+
+    r3 = await store.update_session("s1", metadata={}, state={})
+    assert (r3.metadata, r3.state) == ({}, {})
+
+    r4 = await store.update_session("s1")
+    assert (r4.metadata, r4.state) == ({}, {})
+    assert r4.updated_at > r3.updated_at
+    assert await store.get_session("s1") == r4
+
+
+async def test_returned_and_given_dicts_do_not_alias_the_store(store: SessionStore) -> None:
+    metadata = {"k": "v"}
+    state: dict[str, Any] = {"list": [1], "inner": {"x": 1}}
+    record = await store.create_session("s1", metadata=metadata, state=state)
+
+    metadata["k"] = "changed"
+    state["list"].append(2)
+    state["inner"]["x"] = 99
+    record.metadata["k"] = "changed too"
+    record.state["inner"]["y"] = 2
+
+    fetched = await store.get_session("s1")
+    assert fetched.metadata == {"k": "v"}
+    assert fetched.state == {"list": [1], "inner": {"x": 1}}
+
+    fetched.state["list"].append(3)
+    new_state: dict[str, Any] = {"z": {"deep": True}}
+    updated = await store.update_session("s1", state=new_state)
+    new_state["z"]["deep"] = False
+    updated.state["z"]["deep"] = None
+    assert (await store.get_session("s1")).state == {"z": {"deep": True}}
+
+
+async def test_delete_session_cascades(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await store.create_session("other")
+    await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="req")
+    await store.append_items("other", [msg("keep")])
+
+    await store.delete_session("s1")
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("s1")
+    assert await store.read_history("s1") == []
+    assert await store.read_history("other") == [msg("keep")]
+
+    # A recreated session starts from scratch: sequence 1, no remembered request ids.
+    record = await store.create_session("s1")
+    assert record.item_count == 0
+    assert await store.read_history("s1") == []
+    stored = await store.append_items("s1", [msg("new")], request_id="req")
+    assert seqs(stored) == [1]
+    assert await store.read_history("s1") == [msg("new")]
+
+
+async def test_list_sessions_empty(store: SessionStore) -> None:
+    page = await store.list_sessions(10)
+    assert page.sessions == []
+    assert page.next_cursor is None
+
+
+async def _collect_pages(store: SessionStore, limit: int) -> list[list[SessionRecord]]:
+    pages: list[list[SessionRecord]] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_sessions(limit, cursor)
+        pages.append(page.sessions)
+        if page.next_cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not terminate"
+        cursor = page.next_cursor
+
+
+async def test_list_sessions_pages_newest_first(store: SessionStore, clock: Callable[[float], None]) -> None:
+    ids = [f"s{i}" for i in range(8)]
+    for sid in ["s3", "s0", "s7", "s1", "s5", "s2", "s6", "s4"]:  # creation order != id order
+        await store.create_session(sid)
+    # Updating an old session must not move it: the order is by creation.
+    await store.update_session("s3", metadata={"touched": "yes"})
+
+    pages = await _collect_pages(store, 3)
+    assert [len(p) for p in pages] == [3, 3, 2]
+    listed = [r.session_id for page in pages for r in page]
+    assert listed == ["s4", "s6", "s2", "s5", "s1", "s7", "s0", "s3"]
+    assert sorted(listed) == ids
+    created = [r.created_at for page in pages for r in page]
+    assert created == sorted(created, reverse=True)
+    assert pages[-1][-1].metadata == {"touched": "yes"}
+
+
+async def test_list_sessions_exact_multiple_has_no_empty_last_page(store: SessionStore) -> None:
+    for i in range(6):
+        await store.create_session(f"s{i}")
+    first = await store.list_sessions(3)
+    assert first.next_cursor is not None
+    second = await store.list_sessions(3, first.next_cursor)
+    assert len(second.sessions) == 3
+    assert second.next_cursor is None
+    assert {r.session_id for r in first.sessions + second.sessions} == {f"s{i}" for i in range(6)}
+
+
+async def test_list_sessions_ties_break_by_id_descending(store: SessionStore, clock: Callable[[float], None]) -> None:
+    clock(0)  # every session gets the same created_at
+    for sid in ["b", "d", "a", "e", "c", "ü", "Z"]:
+        await store.create_session(sid)
+    pages = await _collect_pages(store, 3)
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [r.session_id for page in pages for r in page] == ["ü", "e", "d", "c", "b", "a", "Z"]
+
+
+async def test_list_sessions_rejects_bad_cursor_and_limit(store: SessionStore) -> None:
+    await store.create_session("s1")
+    for bad in ["%%%", base64.urlsafe_b64encode(b"no separator").decode(), "bm90|YSBmbG9hdA"]:
+        with pytest.raises(ValueError):
+            await store.list_sessions(10, bad)
+    with pytest.raises(ValueError):
+        await store.list_sessions(0)
+
+
+# --- items -----------------------------------------------------------------------------
+
+
+def varied_items() -> list[Item]:
+    big = "agentd 🙂 漢字テスト ✓ " * 65_000  # ~1.2 MB of text, multi-byte
+    assert len(big.encode("utf-8")) > 1_000_000
+    return [
+        MessageItem(role="system", text="Be terse.", agent="triage"),
+        MessageItem(role="user", text="Hello 👋 — 你好, مرحبا, emoji 🧑‍💻 and a NUL-free \u2028 line sep"),
+        ToolCallItem(call_id="call_1", tool_name="lookup", arguments='{"q": "天気", "n": 3}', agent="triage"),
+        ToolResultItem(call_id="call_1", tool_name="lookup", output="晴れ ☀️", is_error=False, agent="triage"),
+        ToolResultItem(call_id="call_2", tool_name="fail", output="boom", is_error=True),
+        MessageItem(role="assistant", text=big, agent="writer"),
+    ]
+
+
+async def test_append_and_read_history_round_trip(store: SessionStore) -> None:
+    await store.create_session("s1")
+    items = varied_items()
+    before = time.time()
+    stored = await store.append_items("s1", items)
+    after = time.time()
+
+    assert seqs(stored) == [1, 2, 3, 4, 5, 6]
+    assert [s.item for s in stored] == items
+    assert all(s.session_id == "s1" for s in stored)
+    assert all(before <= s.created_at <= after for s in stored)
+
+    assert await store.read_history("s1") == items
+    listed = await store.list_items("s1", 100)
+    assert listed == stored
+    assert (await store.get_session("s1")).item_count == 6
+
+
+async def test_append_bumps_updated_at(store: SessionStore, clock: Callable[[float], None]) -> None:
+    created = await store.create_session("s1")
+    stored = await store.append_items("s1", [msg("a")])
+    record = await store.get_session("s1")
+    assert record.updated_at > created.updated_at
+    assert record.updated_at == stored[0].created_at
+
+
+async def test_empty_append_writes_nothing(store: SessionStore, clock: Callable[[float], None]) -> None:
+    created = await store.create_session("s1")
+    assert await store.append_items("s1", []) == []
+    assert await store.append_items("s1", [], request_id="r") == []
+    assert await store.get_session("s1") == created
+    # The empty request was not recorded, so the id is still usable.
+    assert seqs(await store.append_items("s1", [msg("a")], request_id="r")) == [1]
+
+
+async def test_append_is_all_or_nothing(store: SessionStore) -> None:
+    class Exploding:
+        def to_dict(self) -> dict[str, Any]:
+            raise RuntimeError("cannot serialise")
+
+    class Unknown:
+        def to_dict(self) -> dict[str, Any]:
+            return {"type": "hologram"}
+
+    await store.create_session("s1")
+    with pytest.raises(RuntimeError):
+        await store.append_items("s1", [msg("a"), Exploding()], request_id="r1")  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        await store.append_items("s1", [msg("a"), Unknown()], request_id="r1")  # type: ignore[list-item]
+
+    assert await store.read_history("s1") == []
+    assert (await store.get_session("s1")).item_count == 0
+    # Nothing was consumed: neither sequence numbers nor the request id.
+    assert seqs(await store.append_items("s1", [msg("ok")], request_id="r1")) == [1]
+
+
+async def test_sequences_are_never_reused(store: SessionStore) -> None:
+    await store.create_session("s1")
+    assert seqs(await append_texts(store, "s1", 3)) == [1, 2, 3]
+    popped = await store.pop_item("s1")
+    assert popped is not None and popped.sequence == 3
+    assert seqs(await store.append_items("s1", [msg("x")])) == [4]
+
+    assert await store.clear_items("s1") == 3
+    assert seqs(await store.append_items("s1", [msg("y"), msg("z")])) == [5, 6]
+    assert seqs(await store.list_items("s1", 10)) == [5, 6]
+    assert (await store.get_session("s1")).item_count == 2
+
+
+async def test_sequences_are_per_session(store: SessionStore) -> None:
+    await store.create_session("a")
+    await store.create_session("b")
+    assert seqs(await append_texts(store, "a", 2)) == [1, 2]
+    assert seqs(await append_texts(store, "b", 1)) == [1]
+    assert seqs(await append_texts(store, "a", 1)) == [3]
+
+
+async def test_list_items_oldest_first_paging(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await append_texts(store, "s1", 10)
+    pages: list[list[int]] = []
+    after = 0
+    while page := await store.list_items("s1", 3, after_sequence=after):
+        pages.append(seqs(page))
+        after = page[-1].sequence
+    assert pages == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
+    assert [s.item for s in await store.list_items("s1", 2, after_sequence=4)] == [msg("m4"), msg("m5")]
+    assert await store.list_items("s1", 5, after_sequence=10) == []
+
+
+async def test_list_items_newest_first_paging(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await append_texts(store, "s1", 10)
+    pages: list[list[int]] = []
+    before: int | None = None
+    while page := await store.list_items("s1", 4, newest_first=True, before_sequence=before):
+        pages.append(seqs(page))
+        before = page[-1].sequence
+    assert pages == [[10, 9, 8, 7], [6, 5, 4, 3], [2, 1]]
+    assert seqs(await store.list_items("s1", 100, newest_first=True, before_sequence=3)) == [2, 1]
+    assert await store.list_items("s1", 5, newest_first=True, before_sequence=1) == []
+
+
+async def test_list_items_skips_gaps_and_ignores_other_sessions(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await store.create_session("s2")
+    await append_texts(store, "s1", 3)
+    await append_texts(store, "s2", 5, prefix="other")
+    await store.pop_item("s1")
+    await append_texts(store, "s1", 2, prefix="n")  # sequences 4, 5
+    assert seqs(await store.list_items("s1", 10)) == [1, 2, 4, 5]
+    assert seqs(await store.list_items("s1", 10, after_sequence=2)) == [4, 5]
+    assert seqs(await store.list_items("s1", 2, newest_first=True, before_sequence=5)) == [4, 2]
+    assert [s.item for s in await store.list_items("s1", 10)] == [msg("m0"), msg("m1"), msg("n0"), msg("n1")]
+
+
+async def test_list_items_rejects_bad_limit(store: SessionStore) -> None:
+    await store.create_session("s1")
+    with pytest.raises(ValueError):
+        await store.list_items("s1", 0)
+
+
+async def test_read_history_of_missing_session_is_empty(store: SessionStore) -> None:
+    assert await store.read_history("never-created") == []
+
+
+async def test_pop_item(store: SessionStore, clock: Callable[[float], None]) -> None:
+    created = await store.create_session("s1")
+    assert await store.pop_item("s1") is None
+    assert await store.get_session("s1") == created  # a no-op pop changes nothing
+
+    appended = await store.append_items("s1", [msg("a"), msg("b")])
+    popped = await store.pop_item("s1")
+    assert popped == appended[1]
+    record = await store.get_session("s1")
+    assert record.item_count == 1
+    assert record.updated_at > appended[1].created_at
+    assert await store.read_history("s1") == [msg("a")]
+
+    assert await store.pop_item("s1") == appended[0]
+    assert await store.pop_item("s1") is None
+    assert (await store.get_session("s1")).item_count == 0
+
+
+async def test_clear_items_keeps_metadata_and_state(store: SessionStore, clock: Callable[[float], None]) -> None:
+    await store.create_session("s1", metadata={"m": "1"}, state={"s": 2})
+    assert await store.clear_items("s1") == 0
+    await append_texts(store, "s1", 4)
+    before = await store.get_session("s1")
+
+    assert await store.clear_items("s1") == 4
+    after = await store.get_session("s1")
+    assert (after.metadata, after.state, after.item_count) == ({"m": "1"}, {"s": 2}, 0)
+    assert after.updated_at > before.updated_at
+    assert await store.read_history("s1") == []
+    assert await store.clear_items("s1") == 0
+    assert await store.get_session("s1") == after
+
+
+# --- idempotency and concurrency -------------------------------------------------------
+
+
+async def test_request_id_makes_append_idempotent(store: SessionStore) -> None:
+    await store.create_session("s1")
+    first = await store.append_items("s1", [msg("a"), msg("b")], request_id="req-1")
+    retry = await store.append_items("s1", [msg("a"), msg("b")], request_id="req-1")
+    assert seqs(first) == [1, 2]
+    assert retry == first
+    # The retry is recognised by id alone, even with a different payload.
+    assert await store.append_items("s1", [msg("different")], request_id="req-1") == first
+    assert await store.read_history("s1") == [msg("a"), msg("b")]
+    assert (await store.get_session("s1")).item_count == 2
+
+    assert seqs(await store.append_items("s1", [msg("c")], request_id="req-2")) == [3]
+    assert seqs(await store.append_items("s1", [msg("d")])) == [4]
+    assert seqs(await store.append_items("s1", [msg("d")])) == [5]  # no request id: no dedup
+
+
+async def test_request_ids_are_per_session(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await store.create_session("s2")
+    await append_texts(store, "s2", 2)
+    a = await store.append_items("s1", [msg("for s1")], request_id="shared")
+    b = await store.append_items("s2", [msg("for s2")], request_id="shared")
+    assert (seqs(a), seqs(b)) == ([1], [3])
+    assert await store.read_history("s1") == [msg("for s1")]
+    assert await store.read_history("s2") == [msg("m0"), msg("m1"), msg("for s2")]
+
+
+async def test_request_id_replay_returns_only_surviving_items(store: SessionStore) -> None:
+    await store.create_session("s1")
+    first = await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="req")
+    await store.pop_item("s1")
+    assert await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="req") == first[:2]
+    await store.clear_items("s1")
+    assert await store.append_items("s1", [msg("a")], request_id="req") == []
+    assert await store.read_history("s1") == []
+
+
+async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionStore) -> None:
+    await store.create_session("s1")
+    writers, per_writer = 8, 50
+
+    async def writer(w: int) -> list[int]:
+        got = []
+        for i in range(per_writer):
+            stored = await store.append_items("s1", [msg(f"w{w}-{i}")])
+            got.append(stored[0].sequence)
+            await asyncio.sleep(0)
+        return got
+
+    results = await asyncio.gather(*(writer(w) for w in range(writers)))
+    all_seqs = sorted(itertools.chain.from_iterable(results))
+    assert all_seqs == list(range(1, writers * per_writer + 1))
+    for got in results:
+        assert got == sorted(got)  # each writer's appends land in its own order
+
+    items = await store.list_items("s1", 1000)
+    assert seqs(items) == list(range(1, 401))
+    assert (await store.get_session("s1")).item_count == 400
+    by_writer: dict[str, list[int]] = {}
+    for stored in items:
+        assert isinstance(stored.item, MessageItem)
+        w, i = stored.item.text[1:].split("-")
+        by_writer.setdefault(w, []).append(int(i))
+    assert by_writer == {str(w): list(range(per_writer)) for w in range(writers)}
+
+
+async def test_concurrent_ensure_and_idempotent_appends(store: SessionStore) -> None:
+    records = await asyncio.gather(*(store.ensure_session("s1") for _ in range(10)))
+    assert len({r.created_at for r in records}) == 1
+    results = await asyncio.gather(*(store.append_items("s1", [msg("once")], request_id="r") for _ in range(10)))
+    assert all(seqs(r) == [1] for r in results)
+    assert await store.read_history("s1") == [msg("once")]
+
+
+# --- missing sessions ------------------------------------------------------------------
+
+MISSING_SESSION_CALLS: dict[str, Callable[[SessionStore], Awaitable[object]]] = {
+    "get_session": lambda s: s.get_session("ghost"),
+    "update_session": lambda s: s.update_session("ghost", metadata={"a": "b"}),
+    "update_session_noop": lambda s: s.update_session("ghost"),
+    "delete_session": lambda s: s.delete_session("ghost"),
+    "append_items": lambda s: s.append_items("ghost", [msg("x")]),
+    "append_items_empty": lambda s: s.append_items("ghost", []),
+    "append_items_request_id": lambda s: s.append_items("ghost", [msg("x")], request_id="r"),
+    "list_items": lambda s: s.list_items("ghost", 10),
+    "list_items_newest": lambda s: s.list_items("ghost", 10, newest_first=True),
+    "pop_item": lambda s: s.pop_item("ghost"),
+    "clear_items": lambda s: s.clear_items("ghost"),
+}
+
+
+@pytest.mark.parametrize("call", list(MISSING_SESSION_CALLS))
+async def test_missing_session_raises(store: SessionStore, call: str) -> None:
+    await store.create_session("real")
+    with pytest.raises(SessionNotFoundError) as info:
+        await MISSING_SESSION_CALLS[call](store)
+    assert info.value.session_id == "ghost"
+    # Nothing was created as a side effect.
+    page = await store.list_sessions(10)
+    assert [r.session_id for r in page.sessions] == ["real"]
+
+
+async def test_delete_twice_raises(store: SessionStore) -> None:
+    await store.create_session("s1")
+    await store.delete_session("s1")
+    with pytest.raises(SessionNotFoundError):
+        await store.delete_session("s1")
+
+
+# --- SQLite only -----------------------------------------------------------------------
+
+
+async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "persist.db"
+    first = SqliteSessionStore(path)
+    await first.open()
+    await first.create_session("s1", metadata={"title": "漢字"}, state={"k": [1, 2]})
+    stored = await first.append_items("s1", varied_items()[:3], request_id="req")
+    await first.pop_item("s1")
+    await first.close()
+
+    second = SqliteSessionStore(path)
+    await second.open()
+    try:
+        record = await second.get_session("s1")
+        assert (record.metadata, record.state, record.item_count) == ({"title": "漢字"}, {"k": [1, 2]}, 2)
+        assert await second.read_history("s1") == varied_items()[:2]
+        # The counter and request ids survive too.
+        assert seqs(await second.append_items("s1", [msg("after reopen")])) == [4]
+        assert await second.append_items("s1", [msg("retry")], request_id="req") == stored[:2]
+    finally:
+        await second.close()
+
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert raw.execute("SELECT seq, type FROM items ORDER BY seq").fetchall() == [
+            (1, "message"),
+            (2, "message"),
+            (4, "message"),
+        ]
+    raw.close()
+
+
+async def test_sqlite_two_stores_share_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    a, b = SqliteSessionStore(path), SqliteSessionStore(path)
+    await a.open()
+    await b.open()
+    try:
+        await a.create_session("s1", metadata={"by": "a"})
+        assert (await b.get_session("s1")).metadata == {"by": "a"}
+        assert seqs(await a.append_items("s1", [msg("from a")])) == [1]
+        assert seqs(await b.append_items("s1", [msg("from b")])) == [2]
+        assert await a.read_history("s1") == [msg("from a"), msg("from b")]
+        with pytest.raises(SessionExistsError):
+            await b.create_session("s1")
+        await b.delete_session("s1")
+        with pytest.raises(SessionNotFoundError):
+            await a.get_session("s1")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_sqlite_creates_parent_directories(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "sessions.db"
+    s = SqliteSessionStore(str(path))
+    await s.open()
+    try:
+        await s.create_session("s1")
+    finally:
+        await s.close()
+    assert path.is_file()
+
+
+async def test_sqlite_in_memory(tmp_path: Path) -> None:
+    s = SqliteSessionStore(":memory:")
+    await s.open()
+    try:
+        await s.create_session("s1")
+        assert seqs(await append_texts(s, "s1", 2)) == [1, 2]
+    finally:
+        await s.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
+    unopened = SqliteSessionStore(tmp_path / "x.db")
+    with pytest.raises(StoreUnavailableError):
+        await unopened.get_session("s1")
+
+    a_directory = SqliteSessionStore(tmp_path)
+    with pytest.raises(StoreUnavailableError, match="sqlite store at"):
+        await a_directory.open()
+
+    path = tmp_path / "broken.db"
+    s = SqliteSessionStore(path)
+    await s.open()
+    try:
+        await s.create_session("s1")
+        with sqlite3.connect(path) as raw:
+            raw.execute("DROP TABLE items")
+        raw.close()
+        with pytest.raises(StoreUnavailableError, match=str(path)) as info:
+            await s.append_items("s1", [msg("x")])
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        # The failed append rolled back as a whole: the counter did not move.
+        assert (await s.get_session("s1")).item_count == 0
+    finally:
+        await s.close()
+    with pytest.raises(StoreUnavailableError):
+        await s.get_session("s1")
