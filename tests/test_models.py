@@ -242,6 +242,16 @@ async def test_connection_refused_is_unavailable_quickly() -> None:
     assert base_url in str(info.value)
 
 
+async def test_timeout_is_unavailable(server: ScriptedOpenAIServer) -> None:
+    server.set_script("m", Script.of(say("too late", delay_s=2)))
+    provider = OpenAIProvider(api_key="test", base_url=server.base_url, timeout_s=0.2, max_retries=0)
+    try:
+        with pytest.raises(ModelUnavailableError, match="timed out"):
+            await collect(provider.get_model("m"), ask())
+    finally:
+        await provider.aclose()
+
+
 async def test_authentication_failure_is_a_model_error(
     server: ScriptedOpenAIServer, provider: OpenAIProvider
 ) -> None:
@@ -287,7 +297,7 @@ async def test_cancellation_ends_promptly_and_frees_the_server(
     assert server.active_requests == 0, "the server handler was left sleeping"
 
 
-async def test_consumer_stopping_early_releases_the_stream(
+async def test_consumer_can_stop_early_and_keep_using_the_model(
     server: ScriptedOpenAIServer, provider: OpenAIProvider
 ) -> None:
     server.set_script("m", Script.of(say("one two three four")))

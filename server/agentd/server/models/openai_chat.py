@@ -53,10 +53,10 @@ def _settings_params(settings: ModelSettings, has_tools: bool) -> dict[str, Any]
     return params
 
 
-def build_chat_params(request: ModelRequest) -> dict[str, Any]:
+def _chat_params(model: str, request: ModelRequest) -> dict[str, Any]:
     """The keyword arguments of ``chat.completions.create`` for one streamed model call."""
     params: dict[str, Any] = {
-        "model": request.model,
+        "model": model,
         "messages": to_chat_messages(request.instructions, request.items),
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -93,7 +93,8 @@ class OpenAIChatModel:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
         try:
-            stream = await self._client.chat.completions.create(**build_chat_params(request))
+            # The name this model was resolved by, so requests, errors and cache agree.
+            stream = await self._client.chat.completions.create(**_chat_params(self.name, request))
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
 

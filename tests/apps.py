@@ -1,0 +1,101 @@
+"""The app the integration tests serve: every agent's model name picks its script on the scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pydantic import BaseModel
+
+from agentd.server import Agent, App, RunContext, function_tool
+
+
+class ToolLog:
+    """What the tools saw, for tests to assert on (started/finished/cancelled calls)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.cancelled: list[str] = []
+
+    def clear(self) -> None:
+        self.started.clear()
+        self.finished.clear()
+        self.cancelled.clear()
+
+
+tool_log = ToolLog()
+
+
+@function_tool
+def get_weather(city: str) -> dict:
+    """Current weather for a city.
+
+    Args:
+        city: City name.
+    """
+    return {"city": city, "temperature_c": 21 if city == "Paris" else 12, "sky": "clear"}
+
+
+@function_tool
+async def wait(ctx: RunContext, seconds: float, label: str) -> str:
+    """Wait, then answer (stands in for a slow API).
+
+    Args:
+        seconds: How long to wait.
+        label: Echoed back.
+    """
+    tool_log.started.append(label)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        tool_log.cancelled.append(label)
+        raise
+    tool_log.finished.append(label)
+    return f"{label} done after {seconds}s at {time.monotonic():.3f}"
+
+
+@function_tool
+def explode(reason: str) -> str:
+    """Always fails."""
+    raise RuntimeError(f"boom: {reason}")
+
+
+class WeatherReport(BaseModel):
+    city: str
+    temperature_c: float
+    summary: str
+
+
+specialist = Agent(
+    name="specialist",
+    model="specialist",
+    description="Answers hard weather questions.",
+    instructions="You are the specialist.",
+    tools=[get_weather],
+)
+
+
+def _assistant_instructions(ctx: RunContext, agent: Agent) -> str:
+    user = ctx.context.get("user", "someone")
+    return f"You help {user}. Use tools; hand hard questions to the specialist."
+
+
+assistant = Agent(
+    name="assistant",
+    model="assistant",
+    description="General assistant.",
+    instructions=_assistant_instructions,
+    tools=[get_weather, wait, explode],
+    handoffs=[specialist],
+)
+
+reporter = Agent(
+    name="reporter",
+    model="reporter",
+    instructions="Report the weather as JSON.",
+    tools=[get_weather],
+    output_type=WeatherReport,
+)
+
+app = App(agents=[assistant, reporter])

@@ -1,0 +1,34 @@
+"""Helpers for reading run event streams in tests."""
+
+from __future__ import annotations
+
+from agentd.client import RunStream
+from agentd.v1 import run_event_pb2
+
+TERMINAL = {"run_completed", "run_failed", "run_cancelled"}
+
+
+async def collect(stream: RunStream) -> list[run_event_pb2.RunEvent]:
+    events = [event async for event in stream]
+    assert_well_formed(events)
+    return events
+
+
+def kinds(events: list[run_event_pb2.RunEvent]) -> list[str]:
+    return [e.WhichOneof("payload") for e in events]
+
+
+def of_kind(events: list[run_event_pb2.RunEvent], kind: str) -> list:
+    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
+
+
+def assert_well_formed(events: list[run_event_pb2.RunEvent]) -> None:
+    """One run, sequence 1..N with no gaps, a trace id on every event, exactly one terminal event, last."""
+    assert events, "no events"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert len({e.run_id for e in events}) == 1 and events[0].run_id.startswith("run_")
+    assert all(e.trace_id == events[0].trace_id and len(e.trace_id) == 32 for e in events)
+    assert all(e.HasField("create_time") for e in events)
+    names = kinds(events)
+    assert names[0] == "run_started"
+    assert names[-1] in TERMINAL and sum(n in TERMINAL for n in names) == 1
