@@ -68,11 +68,14 @@ async def test_run_context_reaches_dynamic_instructions(harness):
 
 
 async def test_handoff_continues_with_the_new_agent_and_the_conversation(harness):
-    harness.model.set_script("assistant", Script.of(calls(call("transfer_to_specialist"))))
-    harness.model.set_script("specialist", Script.of(
+    # One script plays the whole conversation: turn indexes count across agents.
+    conversation = Script.of(
+        calls(call("transfer_to_specialist")),
         calls(call("get_weather", city="Oslo")),
         say("Oslo is 12 degrees."),
-    ))
+    )
+    harness.model.set_script("assistant", conversation)
+    harness.model.set_script("specialist", conversation)
     events = await collect(harness.client.run("assistant", "Weather in Oslo? It's complicated."))
     handoff = of_kind(events, "handoff")
     assert [(h.from_agent, h.to_agent) for h in handoff] == [("assistant", "specialist")]
@@ -86,6 +89,8 @@ async def test_handoff_continues_with_the_new_agent_and_the_conversation(harness
     assert specialist_request["messages"][0]["content"] == "You are the specialist."
     assert any(m.get("content") == "Weather in Oslo? It's complicated." for m in specialist_request["messages"])
     assert [t["function"]["name"] for t in specialist_request["tools"]] == ["get_weather"]
+    weather = of_kind(events, "tool_output")[-1]
+    assert weather.agent == "specialist" and json.loads(weather.item.tool_result.output)["city"] == "Oslo"
 
 
 async def test_structured_output_is_validated(harness):

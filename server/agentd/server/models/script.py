@@ -4,6 +4,10 @@ A script is a list of turns. Which turn answers a request is decided from the
 request alone: the number of assistant turns since the last user message. That keeps
 scripted models stateless, so any number of concurrent runs (and a session's second
 run) each walk the script from the start of their own exchange.
+
+The count runs across agents: after a handoff the receiving agent continues at the
+turn the conversation has reached, so one script plays a whole handoff chain (give
+every agent in the chain the same script).
 """
 
 from __future__ import annotations
