@@ -1,0 +1,79 @@
+"""The agentd command as a person uses it, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from agentd.server import Script, call, calls, say
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def agentd(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentd.cli.main", *args, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def test_run_streams_steps_and_a_summary(harness):
+    conversation = Script.of(
+        calls(call("get_weather", city="Paris")),
+        calls(call("transfer_to_specialist")),
+        say("Paris is sunny today."),
+    )
+    harness.model.set_script("assistant", conversation)
+    harness.model.set_script("specialist", conversation)
+    code, out, err = await agentd("run", "assistant", "Weather in Paris?", "--session", "cli-1",
+                                  "--target", harness.target)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("▶ run run_") and "sessions/cli-1" in line for line in lines)
+    assert any('→ get_weather(city="Paris")' in line for line in lines)
+    assert any("← get_weather:" in line and '"temperature_c": 21' in line for line in lines)
+    assert any("⇢ handoff assistant → specialist" in line for line in lines)
+    assert "specialist: Paris is sunny today." in lines
+    assert any(line.startswith("✔ completed by specialist") and "3 turn(s)" in line and "tokens" in line
+               for line in lines)
+
+    code, out, _ = await agentd("sessions", "show", "cli-1", "--target", harness.target)
+    assert code == 0 and "sessions/cli-1 · 6 item(s)" in out and "Paris is sunny today." in out
+    code, out, _ = await agentd("sessions", "list", "--target", harness.target)
+    assert code == 0 and "sessions/cli-1" in out
+    code, out, _ = await agentd("traces", "list", "--target", harness.target)
+    assert code == 0 and "agentd run" in out
+    trace_id = (await harness.client.list_traces()).traces[0].trace_id
+    code, out, _ = await agentd("traces", "show", trace_id, "--target", harness.target)
+    assert code == 0 and "get_weather" in out and "generation" in out
+    code, out, _ = await agentd("sessions", "clear", "cli-1", "--target", harness.target)
+    assert code == 0 and "removed 6 item(s)" in out
+
+
+async def test_run_reports_failures_with_a_nonzero_exit(harness):
+    harness.model.set_script("assistant", Script.of(*[calls(call("get_weather", city="Rome"))] * 3))
+    code, out, _ = await agentd("run", "assistant", "loop", "--max-turns", "1", "--target", harness.target)
+    assert code == 1 and "✘ failed (MAX_TURNS_EXCEEDED)" in out
+    code, _, err = await agentd("run", "ghost", "hi", "--target", harness.target)
+    assert code == 1 and "NOT_FOUND" in err and "ghost" in err
+
+
+async def test_demo_runs_offline_end_to_end(tmp_path):
+    env = {"AGENTD_SQLITE_PATH": str(tmp_path / "demo.db")}
+    env_without_key = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentd.cli.main", "demo", cwd=ROOT, env={**env_without_key, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out_b, err_b = await asyncio.wait_for(process.communicate(), 60)
+    out = out_b.decode()
+    assert process.returncode == 0, err_b.decode()
+    assert "→ lookup_order(order_id=\"A-1001\")" in out
+    assert "⇢ handoff triage → billing" in out
+    assert "← issue_refund: refund of 49.00 EUR" in out
+    assert "✔ completed by billing" in out
+    assert (tmp_path / "demo.db").exists()

@@ -1,0 +1,130 @@
+"""The agent loop in process: built-in scripted model, memory store, recording sink."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from agentd.server import Agent, App, Script, call, calls, function_tool, say
+from agentd.server.models.scripted import ScriptedProvider
+from agentd.server.runtime import events as ev
+from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.runtime.items import MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.run_loop import AgentRunner, RunInput
+from agentd.server.sessions.memory import MemorySessionStore
+from agentd.server.tracing.memory import InMemoryTraceStore
+
+
+@dataclass
+class ListSink:
+    trace_id: str = ""
+    cancel_reason: str = ""
+    payloads: list = field(default_factory=list)
+
+    def emit(self, payload) -> None:
+        self.payloads.append(payload)
+
+    def of(self, kind: type) -> list:
+        return [p for p in self.payloads if isinstance(p, kind)]
+
+
+@function_tool
+def double(n: int) -> int:
+    """Double a number."""
+    return n * 2
+
+
+helper = Agent(name="helper", instructions="helper", tools=[double])
+main = Agent(name="main", instructions=lambda ctx, agent: f"main for {ctx.context.get('who')}", tools=[double],
+             handoffs=[helper])
+app = App(agents=[main])
+
+
+def runner(script: Script, store=None) -> tuple[AgentRunner, MemorySessionStore, InMemoryTraceStore]:
+    store = store or MemorySessionStore()
+    traces = InMemoryTraceStore()
+    return AgentRunner(app, ScriptedProvider(default=script), store, traces, tool_timeout_s=1), store, traces
+
+
+async def test_loop_runs_tools_hands_off_and_completes():
+    script = Script.of(
+        calls(call("double", n=2), call("double", n=5)),
+        calls(call("transfer_to_helper")),
+        say("Twice 2 is 4 and twice 5 is 10."),
+    )
+    loop, store, traces = runner(script)
+    sink = ListSink()
+    await loop.run(RunInput("run_1", "main", "double 2 and 5", session_id="s", context={"who": "me"}), sink)
+    kinds = [type(p).__name__ for p in sink.payloads]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunCompleted"
+    assert [o.item.output for o in sink.of(ev.ToolOutput) if o.item.tool_name == "double"] == ["4", "10"]
+    assert sink.of(ev.Handoff) == [ev.Handoff("main", "helper", sink.of(ev.Handoff)[0].call_id)]
+    done = sink.of(ev.RunCompleted)[0]
+    assert done.last_agent == "helper" and done.turns == 3 and done.usage.requests == 3
+    assert "".join(d.text for d in sink.of(ev.TextDelta)) == done.final_output
+    # The session holds whole steps in order: input, calls with their results, handoff, answer.
+    history = await store.read_history("s")
+    assert [type(i).__name__ for i in history] == [
+        "MessageItem", "ToolCallItem", "ToolCallItem", "ToolResultItem", "ToolResultItem",
+        "ToolCallItem", "ToolResultItem", "MessageItem",
+    ]
+    assert history[0] == MessageItem("user", "double 2 and 5")
+    assert isinstance(history[5], ToolCallItem) and history[5].tool_name == "transfer_to_helper"
+    assert history[-1].agent == "helper"
+    trace = traces.get_trace(sink.trace_id)
+    assert trace is not None and trace.end_ns and not trace.error
+
+
+async def test_loop_reports_store_failures_instead_of_dropping_items():
+    class BrokenStore(MemorySessionStore):
+        async def append_items(self, session_id, items, request_id=None):
+            raise StoreUnavailableError("disk full")
+
+    loop, _, _ = runner(Script.of(say("hello")), store=BrokenStore())
+    sink = ListSink()
+    await loop.run(RunInput("run_2", "main", "hi", session_id="s"), sink)
+    failed = sink.payloads[-1]
+    assert isinstance(failed, ev.RunFailed)
+    assert failed.code is ev.RunErrorCode.SESSION_UNAVAILABLE and "disk full" in failed.message
+    assert not sink.of(ev.RunCompleted)
+
+
+async def test_loop_cancellation_emits_one_cancelled_event():
+    loop, store, _ = runner(Script.of(say("slow", delay_s=10)))
+    sink = ListSink()
+    task = asyncio.create_task(loop.run(RunInput("run_3", "main", "hi", session_id="s"), sink))
+    await asyncio.sleep(0.05)
+    sink.cancel_reason = "test"
+    task.cancel()
+    await asyncio.wait_for(task, 1)  # the loop absorbs the cancellation and ends normally
+    assert isinstance(sink.payloads[-1], ev.RunCancelled) and sink.payloads[-1].reason == "test"
+    assert await store.read_history("s") == []
+
+
+async def test_failing_dynamic_instructions_fail_the_run_as_internal():
+    def broken(ctx, agent):
+        raise LookupError("no tenant")
+
+    bad = Agent(name="bad", instructions=broken)
+    loop = AgentRunner(App(agents=[bad]), ScriptedProvider(default=Script.of(say("x"))), MemorySessionStore(),
+                       InMemoryTraceStore())
+    sink = ListSink()
+    await loop.run(RunInput("run_4", "bad", "hi"), sink)
+    failed = sink.payloads[-1]
+    assert isinstance(failed, ev.RunFailed) and failed.code is ev.RunErrorCode.INTERNAL
+    assert "LookupError: no tenant" in failed.message
+
+
+async def test_a_second_handoff_in_one_turn_is_refused_to_the_model():
+    other = Agent(name="other", instructions="o")
+    router = Agent(name="router", instructions="r", handoffs=[helper, other])
+    script = Script.of(calls(call("transfer_to_helper"), call("transfer_to_other")), say("done"))
+    loop = AgentRunner(App(agents=[router]), ScriptedProvider(default=script), MemorySessionStore(),
+                       InMemoryTraceStore())
+    sink = ListSink()
+    await loop.run(RunInput("run_5", "router", "route"), sink)
+    results = {o.item.tool_name: o.item for o in sink.of(ev.ToolOutput)}
+    assert not results["transfer_to_helper"].is_error
+    assert results["transfer_to_other"].is_error and "only the first handoff" in results["transfer_to_other"].output
+    assert sink.of(ev.RunCompleted)[0].last_agent == "helper"
+    assert isinstance(results["transfer_to_helper"], ToolResultItem)
