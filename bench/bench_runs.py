@@ -1,0 +1,189 @@
+"""agentd benchmark: a real server process with the zero-latency scripted model, driven over gRPC.
+
+Reports time to first event, latency of a 3-step run (tool call → tool output → final
+text: two model turns), orchestration overhead per model turn, runs/s with 1 and 64
+concurrent clients, peak server RSS, and slow event-loop callbacks (>10 ms) seen by a
+second server in asyncio debug mode under the same load. Numbers, not pass/fail.
+
+    python bench/bench_runs.py [--runs 500] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agentd.client import AgentdClient  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, *, debug: bool, stderr_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false"}
+    env.pop("OPENAI_API_KEY", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentd.cli.main", "serve", "--app", "bench.app:app", "--port", str(port),
+         "--store", "memory", "--model-provider", "scripted", "--log-level", "WARNING"],
+        cwd=ROOT, env=env, stderr=stderr_path.open("w"), stdout=subprocess.DEVNULL,
+    )
+
+
+def wait_ready(port: int) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    channel.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_run(client: AgentdClient, session_id: str | None = None) -> tuple[float, float, int]:
+    """(time to first event, total latency, event count) in seconds."""
+    started = time.perf_counter()
+    first = 0.0
+    count = 0
+    async for event in client.run("bench", "ping", session_id=session_id):
+        if count == 0:
+            first = time.perf_counter() - started
+        count += 1
+        if event.WhichOneof("payload") != "run_completed" and event.WhichOneof("payload") in ("run_failed", "run_cancelled"):
+            raise RuntimeError(f"run did not complete: {event}")
+    return first, time.perf_counter() - started, count
+
+
+async def sequential(target: str, runs: int, session: bool) -> dict:
+    async with AgentdClient(target) as client:
+        for i in range(50):  # warm-up
+            await one_run(client, f"warm-{i}" if session else None)
+        firsts, totals = [], []
+        events = 0
+        started = time.perf_counter()
+        for i in range(runs):
+            first, total, count = await one_run(client, f"s-{i % 50}-{time.time_ns()}" if session else None)
+            firsts.append(first)
+            totals.append(total)
+            events += count
+        wall = time.perf_counter() - started
+    return {
+        "ttfe_p50_ms": pct(firsts, 0.5) * 1e3,
+        "ttfe_p99_ms": pct(firsts, 0.99) * 1e3,
+        "run_p50_ms": pct(totals, 0.5) * 1e3,
+        "run_p99_ms": pct(totals, 0.99) * 1e3,
+        "per_turn_p50_ms": pct(totals, 0.5) * 1e3 / 2,
+        "runs_per_s": runs / wall,
+        "events_per_run": events / runs,
+    }
+
+
+async def concurrent(target: str, clients: int, seconds: float) -> dict:
+    channels = [AgentdClient(target) for _ in range(min(clients, 4))]
+    done = 0
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker(index: int) -> None:
+        nonlocal done
+        client = channels[index % len(channels)]
+        while time.perf_counter() < deadline:
+            _, total, _ = await one_run(client)
+            latencies.append(total)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    wall = time.perf_counter() - started
+    for client in channels:
+        await client.close()
+    return {"runs_per_s": done / wall, "run_p50_ms": pct(latencies, 0.5) * 1e3, "run_p99_ms": pct(latencies, 0.99) * 1e3}
+
+
+SLOW = re.compile(r"Executing .* took (\d+\.\d+) seconds")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    logs = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
+
+    port = free_port()
+    server = start_server(port, debug=False, stderr_path=logs / "server.log")
+    try:
+        wait_ready(port)
+        target = f"127.0.0.1:{port}"
+        results = {
+            "sequential": await sequential(target, args.runs, session=False),
+            "sequential_with_session": await sequential(target, args.runs // 2, session=True),
+            "concurrency_1": await concurrent(target, 1, args.seconds),
+            "concurrency_64": await concurrent(target, 64, args.seconds),
+        }
+        results["peak_rss_mb"] = peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+    port = free_port()
+    debug_server = start_server(port, debug=True, stderr_path=logs / "debug-server.log")
+    try:
+        wait_ready(port)
+        await concurrent(f"127.0.0.1:{port}", 4, 0.5)  # warm-up: first-call costs are not the steady state
+        warm_log_size = (logs / "debug-server.log").stat().st_size
+        await concurrent(f"127.0.0.1:{port}", 64, min(args.seconds, 3))
+    finally:
+        debug_server.terminate()
+        debug_server.wait(timeout=20)
+    debug_log = (logs / "debug-server.log").read_text()
+    results["slow_callbacks_during_warmup"] = len(SLOW.findall(debug_log[:warm_log_size]))
+    slow = [float(m.group(1)) for m in SLOW.finditer(debug_log[warm_log_size:])]
+    results["slow_callbacks_over_10ms"] = len([s for s in slow if s > 0.010])
+    results["slowest_callback_ms"] = max(slow, default=0.0) * 1e3
+
+    seq, ses = results["sequential"], results["sequential_with_session"]
+    print(f"agentd bench · {os.cpu_count()} cpu · python {sys.version.split()[0]} · memory store, scripted model (0 ms)")
+    print(f"  time to first event      p50 {seq['ttfe_p50_ms']:.2f} ms   p99 {seq['ttfe_p99_ms']:.2f} ms")
+    print(f"  3-step run (2 turns)     p50 {seq['run_p50_ms']:.2f} ms   p99 {seq['run_p99_ms']:.2f} ms"
+          f"   ({seq['events_per_run']:.0f} events/run)")
+    print(f"  overhead per model turn  p50 {seq['per_turn_p50_ms']:.2f} ms (over gRPC, client included)")
+    print(f"  same run with a session  p50 {ses['run_p50_ms']:.2f} ms   ttfe p50 {ses['ttfe_p50_ms']:.2f} ms")
+    print(f"  runs/s, 1 client         {results['concurrency_1']['runs_per_s']:.0f}")
+    c64 = results["concurrency_64"]
+    print(f"  runs/s, 64 clients       {c64['runs_per_s']:.0f}   (run p50 {c64['run_p50_ms']:.1f} ms, p99 {c64['run_p99_ms']:.1f} ms)")
+    print(f"  peak server RSS          {results['peak_rss_mb']:.0f} MB")
+    print(f"  slow callbacks >10 ms    {results['slow_callbacks_over_10ms']} (slowest {results['slowest_callback_ms']:.1f} ms, asyncio debug, 64 clients, after warm-up;"
+          f" {results['slow_callbacks_during_warmup']} during warm-up)")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
