@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,3 +78,50 @@ async def test_demo_runs_offline_end_to_end(tmp_path):
     assert "← issue_refund: refund of 49.00 EUR" in out
     assert "✔ completed by billing" in out
     assert (tmp_path / "demo.db").exists()
+
+
+async def test_serve_uses_an_openai_compatible_endpoint_and_drains_on_sigterm(model_server, tmp_path):
+    """`agentd serve` with OPENAI_API_KEY/OPENAI_BASE_URL set: same app, real openai client, graceful SIGTERM."""
+    import signal
+    import socket
+
+    from agentd.client import AgentdClient
+    from tests.runs_util import kinds
+
+    conversation = Script.of(calls(call("wait", seconds=1.0, label="drain")), say("finished during drain"))
+    model_server.set_script("assistant", conversation)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": model_server.base_url,
+           "AGENTD_SQLITE_PATH": str(tmp_path / "serve.db"), "AGENTD_LOG_FORMAT": "json"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentd.cli.main", "serve", "--app", "tests.apps:app", "--port", str(port),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with AgentdClient(f"127.0.0.1:{port}") as client:
+            for _ in range(200):
+                try:
+                    await client.list_agents()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.05)
+            events = []
+            async for event in client.run("assistant", "work while I stop", session_id="drain-1"):
+                events.append(event)
+                if event.WhichOneof("payload") == "tool_called":
+                    process.send_signal(signal.SIGTERM)
+        assert kinds(events)[-1] == "run_completed"
+        assert events[-1].run_completed.final_output.string_value == "finished during drain"
+        assert model_server.requests and model_server.requests[0]["model"] == "assistant"
+        code = await asyncio.wait_for(process.wait(), 20)
+        assert code == 0
+        logs = (await process.stderr.read()).decode().splitlines()
+        records = [json.loads(line) for line in logs if line.startswith("{")]
+        assert any("shutdown requested" in r["msg"] for r in records)
+        assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -253,3 +253,16 @@ async def test_duplicate_request_id_of_a_live_run_is_rejected(harness):
         await harness.client.run_final_output("assistant", "once", request_id="req-42")
     assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert [e async for e in first][-1].WhichOneof("payload") == "run_completed"
+
+
+async def test_deadline_cancels_the_run_on_the_server(harness):
+    harness.model.set_script("assistant", Script.of(calls(call("wait", seconds=30, label="deadline")), say("never")))
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await harness.client.run_final_output("assistant", "slow", timeout=0.5)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if harness.server.runs.active_count == 0 and tool_log.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert harness.server.runs.active_count == 0
+    assert tool_log.cancelled == ["deadline"]
