@@ -164,3 +164,18 @@ async def test_model_rejecting_the_request_is_a_model_error(harness):
     events = await collect(harness.client.run("assistant", "hi"))
     failed = events[-1].run_failed
     assert failed.code == run_event_pb2.RUN_ERROR_CODE_MODEL_ERROR and "bad api key" in failed.message
+
+
+async def test_tampered_page_tokens_are_invalid_argument(harness):
+    """A token of the right kind but with a corrupted position inside."""
+    from agentd.server.services.validation import encode_page_token
+
+    await harness.client.create_session("tampered")
+    calls = {
+        "sessions": lambda t: harness.client.list_sessions(page_token=t),
+        "items-oldest": lambda t: harness.client.list_items("tampered", page_token=t),
+        "traces": lambda t: harness.client.list_traces(page_token=t),
+    }
+    for kind, call in calls.items():
+        await expect_status(call(encode_page_token(kind, "not-a-cursor")), grpc.StatusCode.INVALID_ARGUMENT,
+                            "page_token")

@@ -63,7 +63,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         size = validation.page_size(request.page_size, DEFAULT_SESSION_PAGE)
         cursor = validation.decode_page_token("sessions", request.page_token)
-        page = await self._store.list_sessions(size, cursor)
+        try:
+            page = await self._store.list_sessions(size, cursor)
+        except ValueError:
+            raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged") from None
         response = pb.ListSessionsResponse(sessions=[session_to_proto(s) for s in page.sessions])
         if page.next_cursor is not None:
             response.next_page_token = validation.encode_page_token("sessions", page.next_cursor)

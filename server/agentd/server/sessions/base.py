@@ -10,10 +10,28 @@ written and ``StoreUnavailableError`` (or a not-found/exists error) is raised.
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from agentd.server.runtime.items import Item
+
+
+def encode_cursor(created_at: float, session_id: str) -> str:
+    """Keyset position after (created_at, id); ``repr`` keeps the float exact."""
+    raw = f"{created_at!r}|{session_id}".encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of ``encode_cursor``; ``ValueError`` for anything it did not produce."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8")
+        created, session_id = raw.split("|", 1)
+        return float(created), session_id
+    except (ValueError, UnicodeError, binascii.Error):
+        raise ValueError(f"invalid session list cursor {cursor!r}") from None
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,8 +8,6 @@ code tested against this store behaves the same on SQLite.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import json
 import time
@@ -18,25 +16,16 @@ from typing import Any, Sequence
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError
 from agentd.server.runtime.items import Item, item_from_dict
-from agentd.server.sessions.base import SessionPage, SessionRecord, SessionStore, StoredItem
+from agentd.server.sessions.base import (
+    SessionPage,
+    SessionRecord,
+    SessionStore,
+    StoredItem,
+    decode_cursor,
+    encode_cursor,
+)
 
-__all__ = ["MemorySessionStore", "encode_cursor", "decode_cursor"]
-
-
-def encode_cursor(created_at: float, session_id: str) -> str:
-    """Keyset position after (created_at, id); ``repr`` keeps the float exact."""
-    raw = f"{created_at!r}|{session_id}".encode("utf-8")
-    return base64.urlsafe_b64encode(raw).decode("ascii")
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Inverse of ``encode_cursor``; ``ValueError`` for anything it did not produce."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8")
-        created, session_id = raw.split("|", 1)
-        return float(created), session_id
-    except (ValueError, UnicodeError, binascii.Error):
-        raise ValueError(f"invalid session list cursor {cursor!r}") from None
+__all__ = ["MemorySessionStore"]
 
 
 def _check_limit(limit: int) -> None:

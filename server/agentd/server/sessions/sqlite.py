@@ -20,8 +20,14 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
-from agentd.server.sessions.base import SessionPage, SessionRecord, SessionStore, StoredItem
-from agentd.server.sessions.memory import decode_cursor, encode_cursor
+from agentd.server.sessions.base import (
+    SessionPage,
+    SessionRecord,
+    SessionStore,
+    StoredItem,
+    decode_cursor,
+    encode_cursor,
+)
 
 __all__ = ["SqliteSessionStore"]
 
