@@ -179,3 +179,21 @@ async def test_tampered_page_tokens_are_invalid_argument(harness):
     for kind, call in calls.items():
         await expect_status(call(encode_page_token(kind, "not-a-cursor")), grpc.StatusCode.INVALID_ARGUMENT,
                             "page_token")
+
+
+async def test_over_capacity_is_resource_exhausted(model_server, tmp_path):
+    from tests.conftest import start_harness
+
+    h = await start_harness(model_server, tmp_path, max_active_runs=1)
+    try:
+        model_server.set_script("assistant", Script.of(say("slow", delay_s=0.5)))
+        first = h.client.run("assistant", "one").__aiter__()
+        await anext(first)
+        await expect_status(h.client.run_final_output("assistant", "two"), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "AGENTD_MAX_ACTIVE_RUNS")
+        assert [e async for e in first][-1].WhichOneof("payload") == "run_completed"
+        model_server.set_script("assistant", Script.of(say("fits now")))
+        assert await h.client.run_final_output("assistant", "three") == "fits now"
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)

@@ -38,6 +38,13 @@ class ServerDrainingError(Exception):
     pass
 
 
+class CapacityError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this server is already running {limit} runs (AGENTD_MAX_ACTIVE_RUNS); retry later or on another replica"
+        )
+
+
 class ActiveRun:
     """One run in flight: the ``EventSink`` its loop writes to and the stream its client reads."""
 
@@ -51,6 +58,11 @@ class ActiveRun:
         self._buffer: list[RunEvent] = []
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False
+        self.last_payload: Payload | None = None
+
+    @property
+    def event_count(self) -> int:
+        return self._sequence
 
     # EventSink
     def emit(self, payload: Payload) -> None:
@@ -59,6 +71,7 @@ class ActiveRun:
         self._buffer.append(event)
         if isinstance(payload, TERMINAL_PAYLOADS):
             self._finished = True
+            self.last_payload = payload
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -95,8 +108,9 @@ class ActiveRun:
 
 
 class RunManager:
-    def __init__(self, runner: AgentRunner) -> None:
+    def __init__(self, runner: AgentRunner, *, max_active_runs: int = 1000) -> None:
         self._runner = runner
+        self._max_active_runs = max_active_runs
         self._runs: dict[str, ActiveRun] = {}
         self._by_session: dict[str, ActiveRun] = {}
         self._by_request: dict[str, ActiveRun] = {}
@@ -112,6 +126,8 @@ class RunManager:
     def start(self, run_input: RunInput) -> ActiveRun:
         if self._draining:
             raise ServerDrainingError("the server is shutting down and accepts no new runs; retry on another replica")
+        if len(self._runs) >= self._max_active_runs:
+            raise CapacityError(self._max_active_runs)
         session_id = run_input.session_id
         if session_id is not None and session_id in self._by_session:
             raise SessionBusyError(session_id, self._by_session[session_id].run_id)
@@ -127,9 +143,23 @@ class RunManager:
         return run
 
     async def _execute(self, run: ActiveRun) -> None:
+        started = time.perf_counter()
         try:
             await self._runner.run(run.input, run)
         finally:
+            if log.isEnabledFor(logging.INFO):
+                last = run.last_payload
+                log.info(
+                    "run %s %s", run.run_id, type(last).__name__ if last is not None else "ended",
+                    extra={
+                        "run_id": run.run_id,
+                        "agent": run.input.agent,
+                        "session_id": run.input.session_id,
+                        "outcome": type(last).__name__ if last is not None else None,
+                        "events": run.event_count,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
             self._runs.pop(run.run_id, None)
             if run.input.session_id is not None:
                 self._by_session.pop(run.input.session_id, None)

@@ -105,7 +105,7 @@ async def start_server(
     await store.open()
     traces = InMemoryTraceStore(settings.trace_retention)
     runner = AgentRunner(app, models, store, traces, tool_timeout_s=settings.tool_timeout_s)
-    runs = RunManager(runner)
+    runs = RunManager(runner, max_active_runs=settings.max_active_runs)
 
     server = grpc.aio.server(
         options=[

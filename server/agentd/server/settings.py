@@ -29,6 +29,7 @@ class Settings(BaseSettings):
 
     max_input_chars: int = Field(100_000, gt=0)
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_active_runs: int = Field(1000, gt=0, description="Runs this server executes at once; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0)
     trace_retention: int = Field(10_000, gt=0, description="Traces kept in memory.")
 

@@ -7,7 +7,7 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
 import grpc
 
-from agentd.server.runs import DuplicateRunError, ServerDrainingError, SessionBusyError
+from agentd.server.runs import CapacityError, DuplicateRunError, ServerDrainingError, SessionBusyError
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.services.validation import InvalidArgument
 
@@ -30,6 +30,7 @@ STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ServerDrainingError: grpc.StatusCode.UNAVAILABLE,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 HANDLED = tuple(STATUS_FOR)
 
