@@ -102,16 +102,21 @@ async def test_get_missing_raises(store: SessionStore) -> None:
     assert info.value.session_id == "nope"
 
 
-async def test_ensure_session_creates_then_returns_existing(store: SessionStore) -> None:
-    first = await store.ensure_session("s1")
+async def test_read_history_can_create_the_session(store: SessionStore) -> None:
+    assert await store.read_history("s1") == []
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("s1")
+    assert await store.read_history("s1", create=True) == []
+    first = await store.get_session("s1")
     assert (first.session_id, first.metadata, first.state, first.item_count) == ("s1", {}, {}, 0)
     await store.append_items("s1", [msg("hello")])
-    again = await store.ensure_session("s1")
-    assert again.created_at == first.created_at
-    assert again.item_count == 1
+    assert await store.read_history("s1", create=True) == [msg("hello")]
+    again = await store.get_session("s1")
+    assert again.created_at == first.created_at and again.item_count == 1
 
     await store.create_session("s2", metadata={"k": "v"}, state={"x": 1})
-    existing = await store.ensure_session("s2")
+    await store.read_history("s2", create=True)
+    existing = await store.get_session("s2")
     assert (existing.metadata, existing.state) == ({"k": "v"}, {"x": 1})
 
 
@@ -488,9 +493,9 @@ async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionSto
     assert by_writer == {str(w): list(range(per_writer)) for w in range(writers)}
 
 
-async def test_concurrent_ensure_and_idempotent_appends(store: SessionStore) -> None:
-    records = await asyncio.gather(*(store.ensure_session("s1") for _ in range(10)))
-    assert len({r.created_at for r in records}) == 1
+async def test_concurrent_creates_and_idempotent_appends(store: SessionStore) -> None:
+    await asyncio.gather(*(store.read_history("s1", create=True) for _ in range(10)))
+    assert (await store.list_sessions(10)).sessions == [await store.get_session("s1")]
     results = await asyncio.gather(*(store.append_items("s1", [msg("once")], request_id="r") for _ in range(10)))
     assert all(seqs(r) == [1] for r in results)
     assert await store.read_history("s1") == [msg("once")]

@@ -170,8 +170,7 @@ class AgentRunner:
         if session_id is None:
             return []
         try:
-            await self._sessions.ensure_session(session_id)
-            return await self._sessions.read_history(session_id)
+            return await self._sessions.read_history(session_id, create=True)
         except StoreUnavailableError as exc:
             raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
 

@@ -78,11 +78,6 @@ class SessionStore(abc.ABC):
     async def get_session(self, session_id: str) -> SessionRecord:
         """``SessionNotFoundError`` if missing."""
 
-    @abc.abstractmethod
-    async def ensure_session(self, session_id: str) -> SessionRecord:
-        """Get the session, creating it empty when missing (used when a run names a new session)."""
-
-    @abc.abstractmethod
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         """Sessions newest-created first, ``limit`` at a time."""
 
@@ -120,8 +115,12 @@ class SessionStore(abc.ABC):
         first with sequence < ``before_sequence`` (None: from the newest)."""
 
     @abc.abstractmethod
-    async def read_history(self, session_id: str) -> list[Item]:
-        """All items oldest first; an empty list for a session that does not exist."""
+    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
+        """All items oldest first; an empty list for a session that does not exist.
+
+        With ``create``, a missing session is created in the same atomic operation: a run
+        naming a new session needs one round trip to start, not two.
+        """
 
     @abc.abstractmethod
     async def pop_item(self, session_id: str) -> StoredItem | None:

@@ -94,10 +94,6 @@ class MemorySessionStore(SessionStore):
     async def get_session(self, session_id: str) -> SessionRecord:
         return self._record(session_id, self._get(session_id))
 
-    async def ensure_session(self, session_id: str) -> SessionRecord:
-        session = self._sessions.get(session_id) or self._new(session_id, None, None)
-        return self._record(session_id, session)
-
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         _check_limit(limit)
         keys = sorted(((s.created_at, sid) for sid, s in self._sessions.items()), reverse=True)
@@ -175,9 +171,13 @@ class MemorySessionStore(SessionStore):
         lo = bisect.bisect_right(items, after_sequence, key=lambda s: s.sequence)
         return items[lo : lo + limit]
 
-    async def read_history(self, session_id: str) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
         session = self._sessions.get(session_id)
-        return [] if session is None else [stored.item for stored in session.items]
+        if session is None:
+            if create:
+                self._new(session_id, None, None)
+            return []
+        return [stored.item for stored in session.items]
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         session = self._get(session_id)

@@ -229,14 +229,6 @@ class SqliteSessionStore(SessionStore):
     async def get_session(self, session_id: str) -> SessionRecord:
         return await self._run(False, lambda conn: _select_session(conn, session_id))
 
-    async def ensure_session(self, session_id: str) -> SessionRecord:
-        def op(conn: sqlite3.Connection) -> SessionRecord:
-            if not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
-                _insert_session(conn, session_id, None, None)
-            return _select_session(conn, session_id)
-
-        return await self._run(True, op)
-
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         _check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
@@ -358,12 +350,15 @@ class SqliteSessionStore(SessionStore):
 
         return await self._run(False, op)
 
-    async def read_history(self, session_id: str) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
         def op(conn: sqlite3.Connection) -> list[Item]:
+            if create and not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+                _insert_session(conn, session_id, None, None)
+                return []
             rows = conn.execute("SELECT data FROM items WHERE session_id = ? ORDER BY seq", (session_id,))
             return [item_from_dict(json.loads(data)) for (data,) in rows]
 
-        return await self._run(False, op)
+        return await self._run(create, op)
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         def op(conn: sqlite3.Connection) -> StoredItem | None:
