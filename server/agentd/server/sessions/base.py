@@ -78,6 +78,7 @@ class SessionStore(abc.ABC):
     async def get_session(self, session_id: str) -> SessionRecord:
         """``SessionNotFoundError`` if missing."""
 
+    @abc.abstractmethod
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         """Sessions newest-created first, ``limit`` at a time."""
 
