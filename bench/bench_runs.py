@@ -36,12 +36,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, *, debug: bool, stderr_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false"}
+def start_server(port: int, *, debug: bool, stderr_path: Path, store: str = "memory") -> subprocess.Popen:
+    env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false",
+           "AGENTD_SQLITE_PATH": str(stderr_path.with_suffix(".db"))}
     env.pop("OPENAI_API_KEY", None)
     return subprocess.Popen(
         [sys.executable, "-m", "agentd.cli.main", "serve", "--app", "bench.app:app", "--port", str(port),
-         "--store", "memory", "--model-provider", "scripted", "--log-level", "WARNING"],
+         "--store", store, "--model-provider", "scripted", "--log-level", "WARNING"],
         cwd=ROOT, env=env, stderr=stderr_path.open("w"), stdout=subprocess.DEVNULL,
     )
 
@@ -151,6 +152,15 @@ async def main() -> None:
         server.wait(timeout=20)
 
     port = free_port()
+    sqlite_server = start_server(port, debug=False, stderr_path=logs / "sqlite-server.log", store="sqlite")
+    try:
+        wait_ready(port)
+        results["sqlite_with_session"] = await sequential(f"127.0.0.1:{port}", args.runs // 2, session=True)
+    finally:
+        sqlite_server.terminate()
+        sqlite_server.wait(timeout=20)
+
+    port = free_port()
     debug_server = start_server(port, debug=True, stderr_path=logs / "debug-server.log")
     try:
         wait_ready(port)
@@ -173,6 +183,9 @@ async def main() -> None:
           f"   ({seq['events_per_run']:.0f} events/run)")
     print(f"  overhead per model turn  p50 {seq['per_turn_p50_ms']:.2f} ms (over gRPC, client included)")
     print(f"  same run with a session  p50 {ses['run_p50_ms']:.2f} ms   ttfe p50 {ses['ttfe_p50_ms']:.2f} ms")
+    sql = results["sqlite_with_session"]
+    print(f"  …with the SQLite store   p50 {sql['run_p50_ms']:.2f} ms   ttfe p50 {sql['ttfe_p50_ms']:.2f} ms"
+          "   (history read + 2 step appends per run)")
     print(f"  runs/s, 1 client         {results['concurrency_1']['runs_per_s']:.0f}")
     c64 = results["concurrency_64"]
     print(f"  runs/s, 64 clients       {c64['runs_per_s']:.0f}   (run p50 {c64['run_p50_ms']:.1f} ms, p99 {c64['run_p99_ms']:.1f} ms)")

@@ -18,7 +18,7 @@ from tests.runs_util import collect, kinds, of_kind
 
 async def test_multi_turn_run_with_concurrent_tool_calls(harness):
     harness.model.set_script("assistant", Script.of(
-        calls(call("wait", seconds=0.3, label="a"), call("wait", seconds=0.3, label="b"),
+        calls(call("wait", seconds=0.5, label="a"), call("wait", seconds=0.5, label="b"),
               call("get_weather", city="Paris")),
         say("Both waits finished and Paris is sunny."),
     ))
@@ -30,7 +30,7 @@ async def test_multi_turn_run_with_concurrent_tool_calls(harness):
     assert names[-1] == "run_completed"
     # All three calls are announced before any output: they ran concurrently, not one after another.
     assert names.index("tool_output") > max(i for i, n in enumerate(names) if n == "tool_called")
-    assert elapsed < 0.55, f"tools ran sequentially ({elapsed:.2f}s)"
+    assert elapsed < 0.9, f"tools ran one after another ({elapsed:.2f}s; 1.0s of waits in total)"
     outputs = {o.item.tool_result.tool_name: o.item.tool_result for o in of_kind(events, "tool_output")}
     assert json.loads(outputs["get_weather"].output)["temperature_c"] == 21
     assert set(tool_log.finished) == {"a", "b"}

@@ -119,7 +119,7 @@ async def test_sync_tools_run_off_the_event_loop():
     result = await blocking.invoke(ctx(), '{"seconds": 0.2}', 5)
     task.cancel()
     assert result.output == "slept"
-    assert ticks >= 10
+    assert ticks >= 5  # ~20 when idle; the loop was never blocked for the whole 0.2 s
 
 
 async def test_exceptions_and_timeouts_are_reported_not_raised():
