@@ -34,6 +34,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError(f"invalid session list cursor {cursor!r}") from None
 
 
+def check_limit(limit: int) -> None:
+    """Stores refuse empty pages: a limit below 1 is a caller bug, not a request for nothing."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+
+
 @dataclass(slots=True, frozen=True)
 class StoredItem:
     session_id: str

@@ -21,16 +21,12 @@ from agentd.server.sessions.base import (
     SessionRecord,
     SessionStore,
     StoredItem,
+    check_limit,
     decode_cursor,
     encode_cursor,
 )
 
 __all__ = ["MemorySessionStore"]
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
 
 
 def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +91,7 @@ class MemorySessionStore(SessionStore):
         return self._record(session_id, self._get(session_id))
 
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
-        _check_limit(limit)
+        check_limit(limit)
         keys = sorted(((s.created_at, sid) for sid, s in self._sessions.items()), reverse=True)
         if cursor is not None:
             after = decode_cursor(cursor)
@@ -161,7 +157,7 @@ class MemorySessionStore(SessionStore):
         after_sequence: int = 0,
         before_sequence: int | None = None,
     ) -> list[StoredItem]:
-        _check_limit(limit)
+        check_limit(limit)
         items = self._get(session_id).items
         if newest_first:
             hi = len(items)

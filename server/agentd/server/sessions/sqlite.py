@@ -25,6 +25,7 @@ from agentd.server.sessions.base import (
     SessionRecord,
     SessionStore,
     StoredItem,
+    check_limit,
     decode_cursor,
     encode_cursor,
 )
@@ -71,11 +72,6 @@ T = TypeVar("T")
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
@@ -230,7 +226,7 @@ class SqliteSessionStore(SessionStore):
         return await self._run(False, lambda conn: _select_session(conn, session_id))
 
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
-        _check_limit(limit)
+        check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
 
         def op(conn: sqlite3.Connection) -> SessionPage:
@@ -334,7 +330,7 @@ class SqliteSessionStore(SessionStore):
         after_sequence: int = 0,
         before_sequence: int | None = None,
     ) -> list[StoredItem]:
-        _check_limit(limit)
+        check_limit(limit)
 
         def op(conn: sqlite3.Connection) -> list[StoredItem]:
             _require_session(conn, session_id)
