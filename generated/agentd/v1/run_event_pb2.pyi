@@ -20,7 +20,6 @@ class RunErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_ERROR_CODE_MODEL_ERROR: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_INVALID_OUTPUT: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_SESSION_UNAVAILABLE: _ClassVar[RunErrorCode]
-    RUN_ERROR_CODE_DEADLINE_EXCEEDED: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_INTERNAL: _ClassVar[RunErrorCode]
 RUN_ERROR_CODE_UNSPECIFIED: RunErrorCode
 RUN_ERROR_CODE_MAX_TURNS_EXCEEDED: RunErrorCode
@@ -28,7 +27,6 @@ RUN_ERROR_CODE_MODEL_UNAVAILABLE: RunErrorCode
 RUN_ERROR_CODE_MODEL_ERROR: RunErrorCode
 RUN_ERROR_CODE_INVALID_OUTPUT: RunErrorCode
 RUN_ERROR_CODE_SESSION_UNAVAILABLE: RunErrorCode
-RUN_ERROR_CODE_DEADLINE_EXCEEDED: RunErrorCode
 RUN_ERROR_CODE_INTERNAL: RunErrorCode
 
 class RunEvent(_message.Message):

@@ -20,7 +20,6 @@ class RunErrorCode(enum.Enum):
     MODEL_ERROR = "model_error"
     INVALID_OUTPUT = "invalid_output"
     SESSION_UNAVAILABLE = "session_unavailable"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
 
 
