@@ -1,7 +1,8 @@
-"""``python -m agentd.testing --port 8765``: serve a demo script until Ctrl-C.
+"""``python -m agentd.testing [--app module:app] [--port 8765]``: serve scripts until Ctrl-C.
 
-Any model name answers with a ``get_weather`` tool call, then a text answer, which is
-enough to try an agent end to end without an API key.
+With ``--app`` every model name answers with that app's ``offline_script`` (the demo app
+then runs over real HTTP through the openai client); without it, a ``get_weather`` tool
+call and a text answer. Enough to try agents end to end without an API key.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 
+from agentd.server.app import load_app
 from agentd.server.models.script import Script, call, calls, say
 from agentd.testing.scripted_openai import ScriptedOpenAIServer
 
@@ -19,8 +21,8 @@ DEMO_SCRIPT = Script.of(
 )
 
 
-async def _serve(host: str, port: int) -> None:
-    async with ScriptedOpenAIServer(default=DEMO_SCRIPT, host=host, port=port) as server:
+async def _serve(host: str, port: int, script: Script) -> None:
+    async with ScriptedOpenAIServer(default=script, host=host, port=port) as server:
         print(f"scripted OpenAI endpoint on {server.base_url} (any model name); Ctrl-C to stop", flush=True)
         await asyncio.Event().wait()
 
@@ -29,9 +31,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m agentd.testing", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--app", help="play this app's offline_script, e.g. examples.support:app")
     args = parser.parse_args()
+    script = DEMO_SCRIPT
+    if args.app:
+        offline = load_app(args.app).offline_script
+        if offline is None:
+            parser.error(f"{args.app} has no offline_script")
+        script = offline
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+        asyncio.run(_serve(args.host, args.port, script))
 
 
 if __name__ == "__main__":
