@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -77,6 +79,9 @@ async def test_create_with_request_id_returns_the_same_session(harness):
     assert first.name == retry.name and retry.metadata["k"] == "v"
     other = await harness.client.create_session()
     assert other.name not in (first.name,)
+    # Concurrent retries of one create all get the same session, none an error.
+    racing = await asyncio.gather(*(harness.client.create_session(request_id="create-2") for _ in range(5)))
+    assert len({s.name for s in racing}) == 1
 
 
 async def test_list_sessions_pages_newest_first(harness):

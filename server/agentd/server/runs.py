@@ -148,14 +148,14 @@ class RunManager:
             await self._runner.run(run.input, run)
         finally:
             if log.isEnabledFor(logging.INFO):
-                last = run.last_payload
+                outcome = type(run.last_payload).__name__ if run.last_payload is not None else "ended"
                 log.info(
-                    "run %s %s", run.run_id, type(last).__name__ if last is not None else "ended",
+                    "run %s %s", run.run_id, outcome,
                     extra={
                         "run_id": run.run_id,
                         "agent": run.input.agent,
                         "session_id": run.input.session_id,
-                        "outcome": type(last).__name__ if last is not None else None,
+                        "outcome": outcome,
                         "events": run.event_count,
                         "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                     },

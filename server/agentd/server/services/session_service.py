@@ -7,7 +7,7 @@ import uuid
 import grpc
 
 from agentd.server.runs import RunManager
-from agentd.server.runtime.errors import SessionNotFoundError
+from agentd.server.runtime.errors import SessionExistsError
 from agentd.server.services import validation
 from agentd.server.services.convert import (
     dict_from_struct,
@@ -35,23 +35,26 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
+        derived = False
         if request.session_id:
             validation.check_session_id("session_id", request.session_id)
             session_id = request.session_id
         elif request.request_id:
             # Derived from the request id: a retried create finds the session it already made.
             session_id = uuid.uuid5(_REQUEST_ID_NAMESPACE, request.request_id).hex
-            try:
-                return pb.CreateSessionResponse(session=session_to_proto(await self._store.get_session(session_id)))
-            except SessionNotFoundError:
-                pass
+            derived = True
         else:
             session_id = uuid.uuid4().hex
-        record = await self._store.create_session(
-            session_id,
-            metadata=dict(request.session.metadata),
-            state=dict_from_struct(request.session.state),
-        )
+        try:
+            record = await self._store.create_session(
+                session_id,
+                metadata=dict(request.session.metadata),
+                state=dict_from_struct(request.session.state),
+            )
+        except SessionExistsError:
+            if not derived:
+                raise
+            record = await self._store.get_session(session_id)
         return pb.CreateSessionResponse(session=session_to_proto(record))
 
     @unary_errors
