@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, TypeVar
 
 import grpc
 
@@ -13,7 +13,7 @@ from agentd.server.runs import ActiveRun, RunManager
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import validation
-from agentd.server.services.convert import dict_from_struct, run_event_to_proto, struct_from_dict
+from agentd.server.services.convert import dict_from_struct, struct_from_dict, write_run_event
 from agentd.server.services.errors import HANDLED, NotFound, abort, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.v1 import agent_service_pb2 as pb
@@ -51,9 +51,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamRunResponse]:
         run = await self._start(request.start, "start", context)
-        async for batch in self._stream(run):
-            for event in batch:
-                yield pb.StreamRunResponse(event=event)
+        async for response in _stream(run, pb.StreamRunResponse):
+            yield response
 
     async def Run(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: grpc.aio.ServicerContext
@@ -66,9 +65,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
         run = await self._start(first.start, "start", context)
         reader = asyncio.create_task(_read_controls(request_iterator, run))
         try:
-            async for batch in self._stream(run):
-                for event in batch:
-                    yield pb.RunResponse(event=event)
+            async for response in _stream(run, pb.RunResponse):
+                yield response
         finally:
             reader.cancel()
 
@@ -77,16 +75,6 @@ class AgentService(pb_grpc.AgentServiceServicer):
             return self._runs.start(self._run_input(start, field))
         except HANDLED as exc:
             await abort(context, exc)
-
-    async def _stream(self, run: ActiveRun) -> AsyncIterator[list]:
-        """The run's events as protos; a caller that goes away (cancel, disconnect, deadline) cancels the run."""
-        try:
-            async for batch in run.events():
-                yield [run_event_to_proto(e) for e in batch]
-        finally:
-            if not run.done:
-                run.cancel("the client went away (cancelled, disconnected or past its deadline)")
-                await run.wait()
 
     def _run_input(self, start: pb.StartRun, field: str) -> RunInput:
         agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)
@@ -121,6 +109,23 @@ class AgentService(pb_grpc.AgentServiceServicer):
             known = ", ".join(self._agent_order)
             raise NotFound(f"{field}: agent {name!r} does not exist; this server hosts: {known}")
         return agent
+
+
+Response = TypeVar("Response", pb.RunResponse, pb.StreamRunResponse)
+
+
+async def _stream(run: ActiveRun, response_type: type[Response]) -> AsyncIterator[Response]:
+    """The run's events as responses; a caller that goes away (cancel, disconnect, deadline) cancels the run."""
+    try:
+        async for batch in run.events():
+            for event in batch:
+                response = response_type()
+                write_run_event(event, response.event)
+                yield response
+    finally:
+        if not run.done:
+            run.cancel("the client went away (cancelled, disconnected or past its deadline)")
+            await run.wait()
 
 
 async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run: ActiveRun) -> None:

@@ -233,12 +233,10 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
 }
 
 
-def run_event_to_proto(event: ev.RunEvent) -> run_event_pb2.RunEvent:
-    out = run_event_pb2.RunEvent(
-        run_id=event.run_id,
-        sequence=event.sequence,
-        create_time=timestamp_ns(event.time_ns),
-        trace_id=event.trace_id,
-    )
+def write_run_event(event: ev.RunEvent, out: run_event_pb2.RunEvent) -> None:
+    """Fill ``out`` in place (typically a response's ``event`` field, saving a copy per event)."""
+    out.run_id = event.run_id
+    out.sequence = event.sequence
+    out.create_time.seconds, out.create_time.nanos = divmod(event.time_ns, 1_000_000_000)
+    out.trace_id = event.trace_id
     _PAYLOAD_WRITERS[type(event.payload)](event.payload, out)
-    return out
