@@ -1,8 +1,10 @@
 """One contract suite for every SessionStore backend.
 
-Each test runs against every entry of ``STORE_FACTORIES``; a new backend (postgres,
-redis...) joins by adding a factory (which may ``pytest.skip`` when its server is not
-configured). Tests at the bottom cover what only the SQLite backend has: a file.
+Each test runs against every entry of ``STORE_FACTORIES``: an async context manager
+that yields an opened store on a fresh, private namespace (a temp file, a Postgres
+schema, a Redis key prefix) and removes it afterwards. Postgres and Redis are the real
+servers on this machine; an unreachable one fails the run, it is never skipped. Tests at
+the bottom cover what only the SQLite backend has: a file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import itertools
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -23,20 +26,27 @@ from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.sessions.sqlite import SqliteSessionStore
 
-STORE_FACTORIES: dict[str, Callable[[Path], SessionStore]] = {
-    "memory": lambda tmp_path: MemorySessionStore(),
-    "sqlite": lambda tmp_path: SqliteSessionStore(tmp_path / "sessions.db"),
+
+
+@asynccontextmanager
+async def opened(store: SessionStore) -> AsyncIterator[SessionStore]:
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+STORE_FACTORIES: dict[str, Callable[[Path], AsyncContextManager[SessionStore]]] = {
+    "memory": lambda tmp_path: opened(MemorySessionStore()),
+    "sqlite": lambda tmp_path: opened(SqliteSessionStore(tmp_path / "sessions.db")),
 }
 
 
 @pytest.fixture(params=list(STORE_FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    backend = STORE_FACTORIES[request.param](tmp_path)
-    await backend.open()
-    try:
+    async with STORE_FACTORIES[request.param](tmp_path) as backend:
         yield backend
-    finally:
-        await backend.close()
 
 
 @pytest.fixture
@@ -466,7 +476,7 @@ async def test_request_id_replay_returns_only_surviving_items(store: SessionStor
 
 async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionStore) -> None:
     await store.create_session("s1")
-    writers, per_writer = 8, 50
+    writers, per_writer = 8, 500
 
     async def writer(w: int) -> list[int]:
         got = []
@@ -482,9 +492,10 @@ async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionSto
     for got in results:
         assert got == sorted(got)  # each writer's appends land in its own order
 
-    items = await store.list_items("s1", 1000)
-    assert seqs(items) == list(range(1, 401))
-    assert (await store.get_session("s1")).item_count == 400
+    total = writers * per_writer
+    items = await store.list_items("s1", total + 10)
+    assert seqs(items) == list(range(1, total + 1))
+    assert (await store.get_session("s1")).item_count == total
     by_writer: dict[str, list[int]] = {}
     for stored in items:
         assert isinstance(stored.item, MessageItem)
@@ -499,6 +510,92 @@ async def test_concurrent_creates_and_idempotent_appends(store: SessionStore) ->
     results = await asyncio.gather(*(store.append_items("s1", [msg("once")], request_id="r") for _ in range(10)))
     assert all(seqs(r) == [1] for r in results)
     assert await store.read_history("s1") == [msg("once")]
+
+
+# --- expiry ----------------------------------------------------------------------------
+# Real time, not the fake clock: Redis expires keys on its own clock.
+
+TTL = 0.4
+
+
+async def test_ttl_is_reported_and_idle_expiry_hides_the_session(store: SessionStore) -> None:
+    before = time.time()
+    record = await store.create_session("short", metadata={"k": "v"}, ttl_s=TTL)
+    await store.create_session("forever")
+    assert record.ttl_s == pytest.approx(TTL)
+    assert record.expires_at is not None and before + TTL <= record.expires_at + 0.01
+    assert (await store.get_session("forever")).expires_at is None
+    await store.append_items("short", [msg("a")], request_id="r1")
+
+    await asyncio.sleep(TTL + 0.2)
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("short")
+    with pytest.raises(SessionNotFoundError):
+        await store.append_items("short", [msg("late")])
+    with pytest.raises(SessionNotFoundError):
+        await store.list_items("short", 10)
+    with pytest.raises(SessionNotFoundError):
+        await store.update_session("short", metadata={"k": "w"})
+    assert await store.read_history("short") == []
+    assert [r.session_id for r in (await store.list_sessions(10)).sessions] == ["forever"]
+
+    # The id is free again and the new session starts empty, from sequence 1.
+    fresh = await store.create_session("short")
+    assert (fresh.metadata, fresh.item_count, fresh.expires_at) == ({}, 0, None)
+    assert seqs(await store.append_items("short", [msg("b")], request_id="r1")) == [1]
+    assert await store.read_history("short") == [msg("b")]
+
+
+async def test_writes_restart_the_idle_clock_and_reads_do_not(store: SessionStore) -> None:
+    await store.create_session("s1", ttl_s=TTL)
+    for _ in range(3):  # each write lands before the previous expiry, so the session lives on
+        await asyncio.sleep(TTL * 0.6)
+        await store.append_items("s1", [msg("keep alive")])
+    assert (await store.get_session("s1")).item_count == 3
+    await asyncio.sleep(TTL * 0.6)
+    await store.get_session("s1")  # a read...
+    await store.read_history("s1")
+    await asyncio.sleep(TTL * 0.6)  # ...does not extend it
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("s1")
+
+
+async def test_update_sets_and_removes_ttl(store: SessionStore) -> None:
+    await store.create_session("s1")
+    record = await store.update_session("s1", ttl_s=TTL)
+    assert record.ttl_s == pytest.approx(TTL) and record.expires_at is not None
+    cleared = await store.update_session("s1", ttl_s=0)
+    assert (cleared.ttl_s, cleared.expires_at) == (None, None)
+    await asyncio.sleep(TTL + 0.2)
+    assert (await store.get_session("s1")).ttl_s is None
+    with pytest.raises(ValueError):
+        await store.update_session("s1", ttl_s=-1)
+    with pytest.raises(ValueError):
+        await store.create_session("s2", ttl_s=-1)
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("s2")
+
+
+async def test_run_creates_over_an_expired_session(store: SessionStore) -> None:
+    await store.create_session("s1", ttl_s=TTL)
+    await store.append_items("s1", [msg("old")])
+    await asyncio.sleep(TTL + 0.2)
+    assert await store.read_history("s1", create=True) == []
+    record = await store.get_session("s1")
+    assert (record.item_count, record.ttl_s) == (0, None)
+    assert seqs(await store.append_items("s1", [msg("new")])) == [1]
+
+
+async def test_sweep_removes_only_expired_sessions(store: SessionStore) -> None:
+    await store.create_session("gone", ttl_s=TTL)
+    await store.append_items("gone", [msg("x")])
+    await store.create_session("kept", ttl_s=60)
+    await store.create_session("forever")
+    await asyncio.sleep(TTL + 0.2)
+    assert await store.sweep_expired() == 1
+    assert await store.sweep_expired() == 0
+    listed = {r.session_id for r in (await store.list_sessions(10)).sessions}
+    assert listed == {"kept", "forever"}
 
 
 # --- missing sessions ------------------------------------------------------------------
@@ -561,7 +658,7 @@ async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
         await second.close()
 
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,)]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert raw.execute("SELECT seq, type FROM items ORDER BY seq").fetchall() == [
             (1, "message"),
@@ -640,3 +737,29 @@ async def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
         await s.close()
     with pytest.raises(StoreUnavailableError):
         await s.get_session("s1")
+
+
+async def test_sqlite_upgrades_a_version_1_database(tmp_path: Path) -> None:
+    from agentd.server.sessions.sqlite import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    raw = sqlite3.connect(path)
+    raw.executescript(MIGRATIONS[0])
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.execute("INSERT INTO sessions (id, created_at, updated_at, metadata, state) VALUES ('old', 1, 1, '{}', '{}')")
+    raw.commit()
+    raw.close()
+
+    pinned = SqliteSessionStore(path, auto_migrate=False)
+    assert (await pinned.schema_status()).pending == 1
+    with pytest.raises(StoreUnavailableError, match="agentd db migrate"):
+        await pinned.open()
+
+    async with opened(SqliteSessionStore(path)) as upgraded:
+        status = await upgraded.schema_status()
+        assert (status.current, status.latest, status.pending) == (2, 2, 0)
+        record = await upgraded.get_session("old")
+        assert (record.created_at, record.ttl_s) == (1.0, None)
+        await upgraded.update_session("old", ttl_s=30)
+    assert (await SqliteSessionStore(path).migrate()).current == 2  # idempotent

@@ -5,6 +5,11 @@ A session is an ordered list of items plus a key/value ``state`` and string
 at append; numbers are never reused (a pop or clear does not rewind the counter).
 Every method is a single atomic operation on the backend: on failure nothing was
 written and ``StoreUnavailableError`` (or a not-found/exists error) is raised.
+
+Expiry is idle-based: a session with a TTL expires ``ttl_s`` seconds after its last
+write (create, update, append, pop, clear; reads do not extend it). From then on it
+behaves exactly like a session that does not exist, even before ``sweep_expired``
+(or the backend's own expiry) has removed its data.
 """
 
 from __future__ import annotations
@@ -34,6 +39,23 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError(f"invalid session list cursor {cursor!r}") from None
 
 
+def resolve_ttl(requested: float | None, default: float | None) -> float | None:
+    """The TTL a new session gets: None asks for the store default, 0 means never expire."""
+    ttl = default if requested is None else requested
+    if ttl is not None and ttl < 0:
+        raise ValueError(f"ttl must be 0 (never expire) or positive seconds, got {ttl}")
+    return ttl or None
+
+
+def expiry(now: float, ttl_s: float | None) -> float | None:
+    """When a session written at ``now`` expires; None when it has no TTL."""
+    return now + ttl_s if ttl_s else None
+
+
+def is_expired(expires_at: float | None, now: float) -> bool:
+    return expires_at is not None and expires_at <= now
+
+
 def check_limit(limit: int) -> None:
     """Stores refuse empty pages: a limit below 1 is a caller bug, not a request for nothing."""
     if limit < 1:
@@ -56,6 +78,23 @@ class SessionRecord:
     metadata: dict[str, str]
     state: dict[str, Any]
     item_count: int
+    # Idle TTL in seconds and the resulting expiry (unix seconds); None: never expires.
+    ttl_s: float | None = None
+    expires_at: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class SchemaStatus:
+    """Where a backend's versioned schema stands (``agentd db status``)."""
+
+    backend: str
+    location: str  # file path or database/schema, for the operator
+    current: int  # 0: no schema created yet
+    latest: int  # the version this code migrates to
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.latest - self.current)
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,19 +105,56 @@ class SessionPage:
 
 
 class SessionStore(abc.ABC):
-    """Backend-neutral session storage. Implementations: memory, SQLite."""
+    """Backend-neutral session storage. Implementations: memory, SQLite, Postgres, Redis.
+
+    Constructors take ``default_ttl_s``: the TTL of sessions created without one
+    (including those a run creates implicitly); None means they never expire.
+    """
+
+    backend: str = "abstract"
 
     async def open(self) -> None:
-        """Connect and create the schema; called once at server start."""
+        """Connect and bring the schema up to date; called once at server start."""
 
     async def close(self) -> None:
         """Release connections; called once at shutdown."""
 
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailableError`` when the backend cannot serve requests right now.
+
+        Cheap enough to call every few seconds: health checking uses it.
+        """
+
+    async def schema_status(self) -> SchemaStatus | None:
+        """The versioned schema's state; None for backends without one (memory, Redis)."""
+        return None
+
+    async def migrate(self) -> SchemaStatus | None:
+        """Apply pending schema migrations (idempotent, safe to run from several replicas)."""
+        return None
+
+    @abc.abstractmethod
+    async def sweep_expired(self) -> int:
+        """Delete expired sessions' data now; returns how many sessions were removed.
+
+        Correctness never depends on it (expired sessions are already invisible); it
+        reclaims space. The server calls it periodically.
+        """
+
     @abc.abstractmethod
     async def create_session(
-        self, session_id: str, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        *,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
-        """Create a session; ``SessionExistsError`` if the id is taken."""
+        """Create a session; ``SessionExistsError`` if the id is taken by a live session.
+
+        ``ttl_s``: None takes the store default, 0 never expires. An expired session's
+        id is free again: creating it starts a new, empty session.
+        """
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord:
@@ -90,9 +166,17 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def update_session(
-        self, session_id: str, *, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
-        """Replace metadata and/or state (None leaves a field as is)."""
+        """Replace metadata, state and/or TTL (None leaves a field as is; ``ttl_s=0`` removes expiry).
+
+        Like every write it restarts the idle clock of a session with a TTL.
+        """
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> None:

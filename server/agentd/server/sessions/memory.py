@@ -24,6 +24,9 @@ from agentd.server.sessions.base import (
     check_limit,
     decode_cursor,
     encode_cursor,
+    expiry,
+    is_expired,
+    resolve_ttl,
 )
 
 __all__ = ["MemorySessionStore"]
@@ -41,6 +44,8 @@ class _Session:
     updated_at: float
     metadata: dict[str, str]
     state: dict[str, Any]
+    ttl_s: float | None = None
+    expires_at: float | None = None
     last_seq: int = 0
     items: list[StoredItem] = field(default_factory=list)  # ascending sequence
     requests: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> seq range
@@ -49,14 +54,38 @@ class _Session:
 class MemorySessionStore(SessionStore):
     """Sessions in plain dicts; lost when the process exits."""
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, _Session] = {}
+    backend = "memory"
 
-    def _get(self, session_id: str) -> _Session:
+    def __init__(self, *, default_ttl_s: float | None = None) -> None:
+        self._sessions: dict[str, _Session] = {}
+        self._default_ttl_s = resolve_ttl(default_ttl_s, None)
+
+    def _live(self, session_id: str, now: float) -> _Session | None:
+        """The session unless it is missing or expired (an expired one is dropped here)."""
         session = self._sessions.get(session_id)
+        if session is not None and is_expired(session.expires_at, now):
+            del self._sessions[session_id]
+            return None
+        return session
+
+    def _get(self, session_id: str, now: float | None = None) -> _Session:
+        session = self._live(session_id, time.time() if now is None else now)
         if session is None:
             raise SessionNotFoundError(session_id)
         return session
+
+    @staticmethod
+    def _touch(session: _Session, now: float) -> None:
+        """Every write restarts the idle clock."""
+        session.updated_at = now
+        session.expires_at = expiry(now, session.ttl_s)
+
+    async def sweep_expired(self) -> int:
+        now = time.time()
+        expired = [sid for sid, s in self._sessions.items() if is_expired(s.expires_at, now)]
+        for sid in expired:
+            del self._sessions[sid]
+        return len(expired)
 
     @staticmethod
     def _record(session_id: str, session: _Session) -> SessionRecord:
@@ -67,32 +96,53 @@ class MemorySessionStore(SessionStore):
             metadata=_json_copy(session.metadata),
             state=_json_copy(session.state),
             item_count=len(session.items),
+            ttl_s=session.ttl_s,
+            expires_at=session.expires_at,
         )
 
-    def _new(self, session_id: str, metadata: dict[str, str] | None, state: dict[str, Any] | None) -> _Session:
-        now = time.time()
+    def _new(
+        self,
+        session_id: str,
+        metadata: dict[str, str] | None,
+        state: dict[str, Any] | None,
+        ttl_s: float | None,
+        now: float,
+    ) -> _Session:
         session = _Session(
             created_at=now,
             updated_at=now,
             metadata=_json_copy(metadata or {}),
             state=_json_copy(state or {}),
+            ttl_s=ttl_s,
+            expires_at=expiry(now, ttl_s),
         )
         self._sessions[session_id] = session
         return session
 
     async def create_session(
-        self, session_id: str, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        *,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
-        if session_id in self._sessions:
+        ttl = resolve_ttl(ttl_s, self._default_ttl_s)
+        now = time.time()
+        if self._live(session_id, now) is not None:
             raise SessionExistsError(session_id)
-        return self._record(session_id, self._new(session_id, metadata, state))
+        return self._record(session_id, self._new(session_id, metadata, state, ttl, now))
 
     async def get_session(self, session_id: str) -> SessionRecord:
         return self._record(session_id, self._get(session_id))
 
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         check_limit(limit)
-        keys = sorted(((s.created_at, sid) for sid, s in self._sessions.items()), reverse=True)
+        now = time.time()
+        keys = sorted(
+            ((s.created_at, sid) for sid, s in self._sessions.items() if not is_expired(s.expires_at, now)),
+            reverse=True,
+        )
         if cursor is not None:
             after = decode_cursor(cursor)
             keys = [key for key in keys if key < after]
@@ -104,14 +154,23 @@ class MemorySessionStore(SessionStore):
         )
 
     async def update_session(
-        self, session_id: str, *, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
-        session = self._get(session_id)
+        new_ttl = resolve_ttl(ttl_s, None) if ttl_s is not None else None
+        now = time.time()
+        session = self._get(session_id, now)
         # Copy both before assigning either, so a bad value changes nothing.
         new_metadata = _json_copy(metadata) if metadata is not None else session.metadata
         new_state = _json_copy(state) if state is not None else session.state
         session.metadata, session.state = new_metadata, new_state
-        session.updated_at = time.time()
+        if ttl_s is not None:
+            session.ttl_s = new_ttl
+        self._touch(session, now)
         return self._record(session_id, session)
 
     async def delete_session(self, session_id: str) -> None:
@@ -121,7 +180,8 @@ class MemorySessionStore(SessionStore):
     async def append_items(
         self, session_id: str, items: Sequence[Item], request_id: str | None = None
     ) -> list[StoredItem]:
-        session = self._get(session_id)
+        now = time.time()
+        session = self._get(session_id, now)
         if not items:
             return []
         if request_id is not None and request_id in session.requests:
@@ -129,7 +189,6 @@ class MemorySessionStore(SessionStore):
             return self._between(session, first, last)
         # Normalise everything before touching the session: all or nothing.
         normalised = [item_from_dict(item.to_dict()) for item in items]
-        now = time.time()
         first = session.last_seq + 1
         stored = [
             StoredItem(session_id=session_id, sequence=first + i, created_at=now, item=item)
@@ -137,7 +196,7 @@ class MemorySessionStore(SessionStore):
         ]
         session.items.extend(stored)
         session.last_seq = stored[-1].sequence
-        session.updated_at = now
+        self._touch(session, now)
         if request_id is not None:
             session.requests[request_id] = (first, session.last_seq)
         return list(stored)
@@ -168,10 +227,11 @@ class MemorySessionStore(SessionStore):
         return items[lo : lo + limit]
 
     async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
-        session = self._sessions.get(session_id)
+        now = time.time()
+        session = self._live(session_id, now)
         if session is None:
             if create:
-                self._new(session_id, None, None)
+                self._new(session_id, None, None, self._default_ttl_s, now)
             return []
         return [stored.item for stored in session.items]
 
@@ -179,7 +239,7 @@ class MemorySessionStore(SessionStore):
         session = self._get(session_id)
         if not session.items:
             return None
-        session.updated_at = time.time()
+        self._touch(session, time.time())
         return session.items.pop()
 
     async def clear_items(self, session_id: str) -> int:
@@ -187,5 +247,5 @@ class MemorySessionStore(SessionStore):
         removed = len(session.items)
         if removed:
             session.items.clear()
-            session.updated_at = time.time()
+            self._touch(session, time.time())
         return removed

@@ -25,47 +25,59 @@ from agentd.server.sessions.base import (
     SessionRecord,
     SessionStore,
     StoredItem,
+    SchemaStatus,
     check_limit,
     decode_cursor,
     encode_cursor,
+    expiry,
+    resolve_ttl,
 )
 
 __all__ = ["SqliteSessionStore"]
 
-SCHEMA_VERSION = 1
+# Versioned, append-only: version N is MIGRATIONS[N - 1]. Never edit a released entry;
+# add a new one. Each runs inside the same transaction as its schema_version row.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: sessions, items, request ids
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        metadata TEXT NOT NULL,
+        state TEXT NOT NULL,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        item_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX sessions_by_created ON sessions (created_at DESC, id DESC);
+    CREATE TABLE items (
+        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE append_requests (
+        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        request_id TEXT NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        PRIMARY KEY (session_id, request_id)
+    ) WITHOUT ROWID;
+    """,
+    # 2: idle expiry
+    """
+    ALTER TABLE sessions ADD COLUMN ttl_s REAL;
+    ALTER TABLE sessions ADD COLUMN expires_at REAL;
+    CREATE INDEX sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+    """,
+)
+LATEST_VERSION = len(MIGRATIONS)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    metadata TEXT NOT NULL,
-    state TEXT NOT NULL,
-    last_seq INTEGER NOT NULL DEFAULT 0,
-    item_count INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions (created_at DESC, id DESC);
-CREATE TABLE IF NOT EXISTS items (
-    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS append_requests (
-    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-    request_id TEXT NOT NULL,
-    first_seq INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL,
-    PRIMARY KEY (session_id, request_id)
-) WITHOUT ROWID;
-"""
-
-_SESSION_COLUMNS = "id, created_at, updated_at, metadata, state, item_count"
+_SESSION_COLUMNS = "id, created_at, updated_at, metadata, state, item_count, ttl_s, expires_at"
+# A session is visible while it has no expiry or its expiry is still ahead of ?now.
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 T = TypeVar("T")
 
@@ -75,7 +87,7 @@ def _dumps(value: Any) -> str:
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
-    session_id, created_at, updated_at, metadata, state, item_count = row
+    session_id, created_at, updated_at, metadata, state, item_count, ttl_s, expires_at = row
     return SessionRecord(
         session_id=session_id,
         created_at=created_at,
@@ -83,6 +95,8 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
         metadata=json.loads(metadata),
         state=json.loads(state),
         item_count=item_count,
+        ttl_s=ttl_s,
+        expires_at=expires_at,
     )
 
 
@@ -91,37 +105,64 @@ def _stored(session_id: str, row: tuple[Any, ...]) -> StoredItem:
     return StoredItem(session_id=session_id, sequence=seq, created_at=created_at, item=item_from_dict(json.loads(data)))
 
 
-def _select_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord:
-    row = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+def _select_session(conn: sqlite3.Connection, session_id: str, now: float) -> SessionRecord:
+    row = conn.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)
+    ).fetchone()
     if row is None:
         raise SessionNotFoundError(session_id)
     return _record(row)
 
 
-def _require_session(conn: sqlite3.Connection, session_id: str) -> int:
-    """The session's last sequence; raises when it does not exist."""
-    row = conn.execute("SELECT last_seq FROM sessions WHERE id = ?", (session_id,)).fetchone()
+def _require_session(conn: sqlite3.Connection, session_id: str, now: float) -> int:
+    """The live session's last sequence; raises when it does not exist or has expired."""
+    row = conn.execute(f"SELECT last_seq FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)).fetchone()
     if row is None:
         raise SessionNotFoundError(session_id)
     last_seq: int = row[0]
     return last_seq
 
 
-def _insert_session(
-    conn: sqlite3.Connection, session_id: str, metadata: dict[str, str] | None, state: dict[str, Any] | None
-) -> None:
-    now = time.time()
+def _touch(conn: sqlite3.Connection, session_id: str, now: float, extra: str = "", params: tuple[Any, ...] = ()) -> None:
+    """Record a write: bump updated_at and restart the idle clock, plus the ``extra`` assignments.
+
+    ``extra`` may assign expires_at itself (a TTL change); then the idle-clock default is skipped.
+    """
+    idle = "" if "expires_at" in extra else ", expires_at = CASE WHEN ttl_s IS NULL THEN NULL ELSE ? + ttl_s END"
     conn.execute(
-        "INSERT INTO sessions (id, created_at, updated_at, metadata, state) VALUES (?, ?, ?, ?, ?)",
-        (session_id, now, now, _dumps(metadata or {}), _dumps(state or {})),
+        f"UPDATE sessions SET {extra}updated_at = ?{idle} WHERE id = ?",
+        (*params, now, *((now,) if idle else ()), session_id),
+    )
+
+
+def _insert_session(
+    conn: sqlite3.Connection,
+    session_id: str,
+    metadata: dict[str, str] | None,
+    state: dict[str, Any] | None,
+    ttl_s: float | None,
+    now: float,
+) -> None:
+    """Insert a new session, first dropping an expired one that holds the id."""
+    conn.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
+    conn.execute(
+        "INSERT INTO sessions (id, created_at, updated_at, metadata, state, ttl_s, expires_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (session_id, now, now, _dumps(metadata or {}), _dumps(state or {}), ttl_s, expiry(now, ttl_s)),
     )
 
 
 class SqliteSessionStore(SessionStore):
     """Sessions in one SQLite file (or ``":memory:"``), driven from a single worker thread."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    backend = "sqlite"
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, default_ttl_s: float | None = None, auto_migrate: bool = True
+    ) -> None:
         self._path = os.fspath(path)
+        self._default_ttl_s = resolve_ttl(default_ttl_s, None)
+        self._auto_migrate = auto_migrate
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -140,24 +181,36 @@ class SqliteSessionStore(SessionStore):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            self._transaction(conn, True, self._create_schema)
+            status = self._transaction(conn, self._auto_migrate, self._migrate_or_check)
+            if status.pending:
+                raise StoreUnavailableError(
+                    f"sqlite store at {self._path}: schema is at version {status.current}, this agentd needs "
+                    f"{status.latest}: run `agentd db migrate`"
+                )
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
+    def _status(self, conn: sqlite3.Connection) -> SchemaStatus:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+        current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] if exists else None
+        return SchemaStatus("sqlite", self._path, current or 0, LATEST_VERSION)
+
+    def _migrate_or_check(self, conn: sqlite3.Connection) -> SchemaStatus:
+        return self._apply_migrations(conn) if self._auto_migrate else self._status(conn)
+
+    def _apply_migrations(self, conn: sqlite3.Connection) -> SchemaStatus:
+        """Runs in one write transaction, so concurrent openers apply each migration once."""
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        status = self._status(conn)
         # Not executescript: it would COMMIT our transaction before running.
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        if row[0] is None:
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise StoreUnavailableError(
-                f"sqlite store at {self._path}: schema version {row[0]} is not supported (expected {SCHEMA_VERSION})"
-            )
+        for version in range(status.current + 1, LATEST_VERSION + 1):
+            for statement in MIGRATIONS[version - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        return self._status(conn)
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -209,39 +262,90 @@ class SqliteSessionStore(SessionStore):
         finally:
             executor.shutdown(wait=False)
 
+    async def ping(self) -> None:
+        await self._run(False, lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def _with_connection(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """For the ``agentd db`` commands: use the open store, or a short-lived connection."""
+        if self._conn is not None:
+            return await self._run(write, fn)
+
+        def standalone() -> T:
+            if self._path != ":memory:" and not self._path.startswith("file:"):
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                return self._transaction(conn, write, fn)
+            finally:
+                conn.close()
+
+        try:
+            return await asyncio.to_thread(standalone)
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    async def schema_status(self) -> SchemaStatus:
+        if self._conn is None and self._path != ":memory:" and not Path(self._path).exists():
+            return SchemaStatus("sqlite", self._path, 0, LATEST_VERSION)  # looking must not create the file
+        return await self._with_connection(False, self._status)
+
+    async def migrate(self) -> SchemaStatus:
+        return await self._with_connection(True, self._apply_migrations)
+
+    async def sweep_expired(self) -> int:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted: int = conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+            return deleted
+
+        return await self._run(True, op)
+
     # --- sessions -------------------------------------------------------------------
 
     async def create_session(
-        self, session_id: str, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        *,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
+        ttl = resolve_ttl(ttl_s, self._default_ttl_s)
+
         def op(conn: sqlite3.Connection) -> SessionRecord:
-            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+            now = time.time()
+            if conn.execute(f"SELECT 1 FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)).fetchone():
                 raise SessionExistsError(session_id)
-            _insert_session(conn, session_id, metadata, state)
-            return _select_session(conn, session_id)
+            _insert_session(conn, session_id, metadata, state, ttl, now)
+            return _select_session(conn, session_id, now)
 
         return await self._run(True, op)
 
     async def get_session(self, session_id: str) -> SessionRecord:
-        return await self._run(False, lambda conn: _select_session(conn, session_id))
+        now = time.time()
+        return await self._run(False, lambda conn: _select_session(conn, session_id, now))
 
     async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
+        now = time.time()
 
         def op(conn: sqlite3.Connection) -> SessionPage:
             if after is None:
                 rows = conn.execute(
-                    f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (limit + 1,),
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_LIVE}"
+                    " ORDER BY created_at DESC, id DESC LIMIT ?",
+                    (now, limit + 1),
                 ).fetchall()
             else:
                 created_at, session_id = after
                 rows = conn.execute(
                     f"SELECT {_SESSION_COLUMNS} FROM sessions"
-                    " WHERE created_at < ? OR (created_at = ? AND id < ?)"
+                    f" WHERE (created_at < ? OR (created_at = ? AND id < ?)) AND {_LIVE}"
                     " ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (created_at, created_at, session_id, limit + 1),
+                    (created_at, created_at, session_id, now, limit + 1),
                 ).fetchall()
             records = [_record(row) for row in rows[:limit]]
             last = records[-1] if len(rows) > limit else None
@@ -253,28 +357,35 @@ class SqliteSessionStore(SessionStore):
         return await self._run(False, op)
 
     async def update_session(
-        self, session_id: str, *, metadata: dict[str, str] | None = None, state: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        state: dict[str, Any] | None = None,
+        ttl_s: float | None = None,
     ) -> SessionRecord:
+        new_ttl = resolve_ttl(ttl_s, None) if ttl_s is not None else None
+        new_metadata = _dumps(metadata) if metadata is not None else None
+        new_state = _dumps(state) if state is not None else None
+
         def op(conn: sqlite3.Connection) -> SessionRecord:
-            _require_session(conn, session_id)
-            conn.execute(
-                "UPDATE sessions SET metadata = coalesce(?, metadata), state = coalesce(?, state), updated_at = ?"
-                " WHERE id = ?",
-                (
-                    _dumps(metadata) if metadata is not None else None,
-                    _dumps(state) if state is not None else None,
-                    time.time(),
-                    session_id,
-                ),
-            )
-            return _select_session(conn, session_id)
+            now = time.time()
+            _require_session(conn, session_id, now)
+            extra, params = "metadata = coalesce(?, metadata), state = coalesce(?, state), ", (new_metadata, new_state)
+            if ttl_s is not None:
+                # SET sees the old ttl_s, so the new expiry is computed here rather than by _touch.
+                extra += "ttl_s = ?, expires_at = ?, "
+                params += (new_ttl, expiry(now, new_ttl))
+            _touch(conn, session_id, now, extra, params)
+            return _select_session(conn, session_id, now)
 
         return await self._run(True, op)
 
     async def delete_session(self, session_id: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # Items and request ids go with it through ON DELETE CASCADE.
-            if conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 0:
+            deleted = conn.execute(f"DELETE FROM sessions WHERE id = ? AND {_LIVE}", (session_id, time.time()))
+            if deleted.rowcount == 0:
                 raise SessionNotFoundError(session_id)
 
         await self._run(True, op)
@@ -287,7 +398,8 @@ class SqliteSessionStore(SessionStore):
         items = list(items)
 
         def op(conn: sqlite3.Connection) -> list[StoredItem]:
-            last_seq = _require_session(conn, session_id)
+            now = time.time()
+            last_seq = _require_session(conn, session_id, now)
             if not items:
                 return []
             if request_id is not None:
@@ -298,17 +410,13 @@ class SqliteSessionStore(SessionStore):
                 if done is not None:
                     return _items_between(conn, session_id, done[0], done[1])
             dicts = [item.to_dict() for item in items]
-            now = time.time()
             first = last_seq + 1
             conn.executemany(
                 "INSERT INTO items (session_id, seq, created_at, type, data) VALUES (?, ?, ?, ?, ?)",
                 [(session_id, first + i, now, d["type"], _dumps(d)) for i, d in enumerate(dicts)],
             )
             last = first + len(dicts) - 1
-            conn.execute(
-                "UPDATE sessions SET last_seq = ?, item_count = item_count + ?, updated_at = ? WHERE id = ?",
-                (last, len(dicts), now, session_id),
-            )
+            _touch(conn, session_id, now, "last_seq = ?, item_count = item_count + ?, ", (last, len(dicts)))
             if request_id is not None:
                 conn.execute(
                     "INSERT INTO append_requests (session_id, request_id, first_seq, last_seq) VALUES (?, ?, ?, ?)",
@@ -331,9 +439,10 @@ class SqliteSessionStore(SessionStore):
         before_sequence: int | None = None,
     ) -> list[StoredItem]:
         check_limit(limit)
+        now = time.time()
 
         def op(conn: sqlite3.Connection) -> list[StoredItem]:
-            _require_session(conn, session_id)
+            _require_session(conn, session_id, now)
             if newest_first:
                 bound = " AND seq < ?" if before_sequence is not None else ""
                 params: tuple[Any, ...] = (session_id,) + ((before_sequence,) if before_sequence is not None else ())
@@ -348,8 +457,11 @@ class SqliteSessionStore(SessionStore):
 
     async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
         def op(conn: sqlite3.Connection) -> list[Item]:
-            if create and not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
-                _insert_session(conn, session_id, None, None)
+            now = time.time()
+            live = conn.execute(f"SELECT 1 FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)).fetchone()
+            if not live:
+                if create:
+                    _insert_session(conn, session_id, None, None, self._default_ttl_s, now)
                 return []
             rows = conn.execute("SELECT data FROM items WHERE session_id = ? ORDER BY seq", (session_id,))
             return [item_from_dict(json.loads(data)) for (data,) in rows]
@@ -358,7 +470,8 @@ class SqliteSessionStore(SessionStore):
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         def op(conn: sqlite3.Connection) -> StoredItem | None:
-            _require_session(conn, session_id)
+            now = time.time()
+            _require_session(conn, session_id, now)
             row = conn.execute(
                 "SELECT seq, created_at, data FROM items WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
                 (session_id,),
@@ -366,22 +479,18 @@ class SqliteSessionStore(SessionStore):
             if row is None:
                 return None
             conn.execute("DELETE FROM items WHERE session_id = ? AND seq = ?", (session_id, row[0]))
-            conn.execute(
-                "UPDATE sessions SET item_count = item_count - 1, updated_at = ? WHERE id = ?",
-                (time.time(), session_id),
-            )
+            _touch(conn, session_id, now, "item_count = item_count - 1, ")
             return _stored(session_id, row)
 
         return await self._run(True, op)
 
     async def clear_items(self, session_id: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            _require_session(conn, session_id)
+            now = time.time()
+            _require_session(conn, session_id, now)
             removed: int = conn.execute("DELETE FROM items WHERE session_id = ?", (session_id,)).rowcount
             if removed:
-                conn.execute(
-                    "UPDATE sessions SET item_count = 0, updated_at = ? WHERE id = ?", (time.time(), session_id)
-                )
+                _touch(conn, session_id, now, "item_count = 0, ")
             return removed
 
         return await self._run(True, op)
