@@ -7,7 +7,10 @@ import asyncio
 import grpc
 import pytest
 
+from agentd.server import Script, say
 from agentd.v1 import item_pb2, session_service_pb2
+from tests.conftest import start_harness
+from tests.runs_util import collect
 
 
 def text(t: str, role: int = item_pb2.ROLE_USER) -> item_pb2.Item:
@@ -97,3 +100,53 @@ async def test_list_sessions_pages_newest_first(harness):
         if not token:
             break
     assert seen == [f"sessions/page-{i}" for i in reversed(range(5))]
+
+
+async def test_session_ttl_over_the_wire(harness):
+    client = harness.client
+    created = await client.create_session("ttl-1", ttl_s=0.5)
+    assert created.ttl.ToNanoseconds() == 500_000_000
+    assert created.expire_time.ToNanoseconds() > created.update_time.ToNanoseconds()
+    forever = await client.create_session("ttl-forever")
+    assert not forever.HasField("ttl") and not forever.HasField("expire_time")
+
+    # Setting the ttl in the update mask changes it; zero removes the expiry.
+    request = session_service_pb2.UpdateSessionRequest(
+        session=session_service_pb2.Session(name="sessions/ttl-forever", ttl={"seconds": 3600}),
+        update_mask={"paths": ["ttl"]},
+    )
+    updated = (await client.sessions.UpdateSession(request)).session
+    assert updated.ttl.seconds == 3600 and updated.expire_time.seconds >= updated.update_time.seconds + 3599
+    request.session.ttl.Clear()
+    cleared = (await client.sessions.UpdateSession(request)).session
+    assert not cleared.HasField("ttl") and not cleared.HasField("expire_time")
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.create_session("ttl-bad", ttl_s=-1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session.ttl" in info.value.details()
+
+    await asyncio.sleep(0.7)
+    for call in (client.get_session("ttl-1"), client.add_items("ttl-1", [text("late")]), client.pop_item("ttl-1")):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "ttl-1" in info.value.details()
+    names = [s.name for s in (await client.list_sessions()).sessions]
+    assert "sessions/ttl-1" not in names and "sessions/ttl-forever" in names
+    # An expired id can be taken again.
+    assert (await client.create_session("ttl-1")).item_count == 0
+
+
+async def test_server_default_ttl_applies_to_new_sessions(model_server, tmp_path):
+    h = await start_harness(model_server, tmp_path, session_ttl_s=120)
+    try:
+        assert (await h.client.create_session("defaulted")).ttl.seconds == 120
+        assert not (await h.client.create_session("explicit-never", ttl_s=0)).HasField("ttl")
+        # A session a run creates implicitly gets the default too.
+        h.model.set_script("assistant", Script.of(say("hi")))
+        await collect(h.client.run("assistant", "hello", session_id="by-run"))
+        by_run = await h.client.get_session("by-run")
+        assert by_run.ttl.seconds == 120 and by_run.item_count == 2
+        assert by_run.expire_time.seconds >= by_run.update_time.seconds + 119
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)

@@ -121,10 +121,14 @@ class AgentdClient:
         metadata: Mapping[str, str] | None = None,
         state: Mapping[str, Any] | None = None,
         request_id: str = "",
+        ttl_s: float | None = None,
     ) -> session_service_pb2.Session:
+        """``ttl_s``: idle expiry in seconds (None: the server default, 0: never)."""
         session = session_service_pb2.Session(metadata=dict(metadata or {}))
         if state:
             session.state.update(dict(state))
+        if ttl_s is not None:
+            session.ttl.FromNanoseconds(round(ttl_s * 1e9))
         request = session_service_pb2.CreateSessionRequest(session_id=session_id, session=session, request_id=request_id)
         return (await self.sessions.CreateSession(request)).session
 

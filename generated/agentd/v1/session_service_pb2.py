@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from agentd.v1 import item_pb2 as agentd_dot_v1_dot_item__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentd/v1/session_service.proto\x12\tagentd.v1\x1a\x14\x61gentd/v1/item.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .agentd.v1.Session.MetadataEntry\x12&\n\x05state\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nitem_count\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x07session\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Session\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\x15\x43reateSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x12GetSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.agentd.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x14UpdateSessionRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x15UpdateSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"u\n\x17ListSessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12#\n\x05order\x18\x04 \x01(\x0e\x32\x14.agentd.v1.ItemOrder\"S\n\x18ListSessionItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.agentd.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x16\x41\x64\x64SessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x1e\n\x05items\x18\x02 \x03(\x0b\x32\x0f.agentd.v1.Item\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"9\n\x17\x41\x64\x64SessionItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.agentd.v1.Item\"\'\n\x15PopSessionItemRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"7\n\x16PopSessionItemResponse\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.agentd.v1.Item\"*\n\x18\x43learSessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"2\n\x19\x43learSessionItemsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03*a\n\tItemOrder\x12\x1a\n\x16ITEM_ORDER_UNSPECIFIED\x10\x00\x12\x1b\n\x17ITEM_ORDER_OLDEST_FIRST\x10\x01\x12\x1b\n\x17ITEM_ORDER_NEWEST_FIRST\x10\x02\x32\x96\x06\n\x0eSessionService\x12R\n\rCreateSession\x12\x1f.agentd.v1.CreateSessionRequest\x1a .agentd.v1.CreateSessionResponse\x12I\n\nGetSession\x12\x1c.agentd.v1.GetSessionRequest\x1a\x1d.agentd.v1.GetSessionResponse\x12O\n\x0cListSessions\x12\x1e.agentd.v1.ListSessionsRequest\x1a\x1f.agentd.v1.ListSessionsResponse\x12R\n\rUpdateSession\x12\x1f.agentd.v1.UpdateSessionRequest\x1a .agentd.v1.UpdateSessionResponse\x12R\n\rDeleteSession\x12\x1f.agentd.v1.DeleteSessionRequest\x1a .agentd.v1.DeleteSessionResponse\x12[\n\x10ListSessionItems\x12\".agentd.v1.ListSessionItemsRequest\x1a#.agentd.v1.ListSessionItemsResponse\x12X\n\x0f\x41\x64\x64SessionItems\x12!.agentd.v1.AddSessionItemsRequest\x1a\".agentd.v1.AddSessionItemsResponse\x12U\n\x0ePopSessionItem\x12 .agentd.v1.PopSessionItemRequest\x1a!.agentd.v1.PopSessionItemResponse\x12^\n\x11\x43learSessionItems\x12#.agentd.v1.ClearSessionItemsRequest\x1a$.agentd.v1.ClearSessionItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentd/v1/session_service.proto\x12\tagentd.v1\x1a\x14\x61gentd/v1/item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .agentd.v1.Session.MetadataEntry\x12&\n\x05state\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nitem_count\x18\x06 \x01(\x03\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x07session\x18\x02 \x01(\x0b\x32\x12.agentd.v1.Session\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\x15\x43reateSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x12GetSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.agentd.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x14UpdateSessionRequest\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x15UpdateSessionResponse\x12#\n\x07session\x18\x01 \x01(\x0b\x32\x12.agentd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"u\n\x17ListSessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12#\n\x05order\x18\x04 \x01(\x0e\x32\x14.agentd.v1.ItemOrder\"S\n\x18ListSessionItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.agentd.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x16\x41\x64\x64SessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x1e\n\x05items\x18\x02 \x03(\x0b\x32\x0f.agentd.v1.Item\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"9\n\x17\x41\x64\x64SessionItemsResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.agentd.v1.Item\"\'\n\x15PopSessionItemRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"7\n\x16PopSessionItemResponse\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.agentd.v1.Item\"*\n\x18\x43learSessionItemsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"2\n\x19\x43learSessionItemsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03*a\n\tItemOrder\x12\x1a\n\x16ITEM_ORDER_UNSPECIFIED\x10\x00\x12\x1b\n\x17ITEM_ORDER_OLDEST_FIRST\x10\x01\x12\x1b\n\x17ITEM_ORDER_NEWEST_FIRST\x10\x02\x32\x96\x06\n\x0eSessionService\x12R\n\rCreateSession\x12\x1f.agentd.v1.CreateSessionRequest\x1a .agentd.v1.CreateSessionResponse\x12I\n\nGetSession\x12\x1c.agentd.v1.GetSessionRequest\x1a\x1d.agentd.v1.GetSessionResponse\x12O\n\x0cListSessions\x12\x1e.agentd.v1.ListSessionsRequest\x1a\x1f.agentd.v1.ListSessionsResponse\x12R\n\rUpdateSession\x12\x1f.agentd.v1.UpdateSessionRequest\x1a .agentd.v1.UpdateSessionResponse\x12R\n\rDeleteSession\x12\x1f.agentd.v1.DeleteSessionRequest\x1a .agentd.v1.DeleteSessionResponse\x12[\n\x10ListSessionItems\x12\".agentd.v1.ListSessionItemsRequest\x1a#.agentd.v1.ListSessionItemsResponse\x12X\n\x0f\x41\x64\x64SessionItems\x12!.agentd.v1.AddSessionItemsRequest\x1a\".agentd.v1.AddSessionItemsResponse\x12U\n\x0ePopSessionItem\x12 .agentd.v1.PopSessionItemRequest\x1a!.agentd.v1.PopSessionItemResponse\x12^\n\x11\x43learSessionItems\x12#.agentd.v1.ClearSessionItemsRequest\x1a$.agentd.v1.ClearSessionItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,48 +38,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSION_METADATAENTRY']._loaded_options = None
   _globals['_SESSION_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ITEMORDER']._serialized_start=1642
-  _globals['_ITEMORDER']._serialized_end=1739
-  _globals['_SESSION']._serialized_start=166
-  _globals['_SESSION']._serialized_end=448
-  _globals['_SESSION_METADATAENTRY']._serialized_start=401
-  _globals['_SESSION_METADATAENTRY']._serialized_end=448
-  _globals['_CREATESESSIONREQUEST']._serialized_start=450
-  _globals['_CREATESESSIONREQUEST']._serialized_end=549
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=551
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=611
-  _globals['_GETSESSIONREQUEST']._serialized_start=613
-  _globals['_GETSESSIONREQUEST']._serialized_end=646
-  _globals['_GETSESSIONRESPONSE']._serialized_start=648
-  _globals['_GETSESSIONRESPONSE']._serialized_end=705
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=707
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=767
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=769
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=854
-  _globals['_UPDATESESSIONREQUEST']._serialized_start=856
-  _globals['_UPDATESESSIONREQUEST']._serialized_end=964
-  _globals['_UPDATESESSIONRESPONSE']._serialized_start=966
-  _globals['_UPDATESESSIONRESPONSE']._serialized_end=1026
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1028
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1064
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1066
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1089
-  _globals['_LISTSESSIONITEMSREQUEST']._serialized_start=1091
-  _globals['_LISTSESSIONITEMSREQUEST']._serialized_end=1208
-  _globals['_LISTSESSIONITEMSRESPONSE']._serialized_start=1210
-  _globals['_LISTSESSIONITEMSRESPONSE']._serialized_end=1293
-  _globals['_ADDSESSIONITEMSREQUEST']._serialized_start=1295
-  _globals['_ADDSESSIONITEMSREQUEST']._serialized_end=1387
-  _globals['_ADDSESSIONITEMSRESPONSE']._serialized_start=1389
-  _globals['_ADDSESSIONITEMSRESPONSE']._serialized_end=1446
-  _globals['_POPSESSIONITEMREQUEST']._serialized_start=1448
-  _globals['_POPSESSIONITEMREQUEST']._serialized_end=1487
-  _globals['_POPSESSIONITEMRESPONSE']._serialized_start=1489
-  _globals['_POPSESSIONITEMRESPONSE']._serialized_end=1544
-  _globals['_CLEARSESSIONITEMSREQUEST']._serialized_start=1546
-  _globals['_CLEARSESSIONITEMSREQUEST']._serialized_end=1588
-  _globals['_CLEARSESSIONITEMSRESPONSE']._serialized_start=1590
-  _globals['_CLEARSESSIONITEMSRESPONSE']._serialized_end=1640
-  _globals['_SESSIONSERVICE']._serialized_start=1742
-  _globals['_SESSIONSERVICE']._serialized_end=2532
+  _globals['_ITEMORDER']._serialized_start=1763
+  _globals['_ITEMORDER']._serialized_end=1860
+  _globals['_SESSION']._serialized_start=198
+  _globals['_SESSION']._serialized_end=569
+  _globals['_SESSION_METADATAENTRY']._serialized_start=522
+  _globals['_SESSION_METADATAENTRY']._serialized_end=569
+  _globals['_CREATESESSIONREQUEST']._serialized_start=571
+  _globals['_CREATESESSIONREQUEST']._serialized_end=670
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=672
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=732
+  _globals['_GETSESSIONREQUEST']._serialized_start=734
+  _globals['_GETSESSIONREQUEST']._serialized_end=767
+  _globals['_GETSESSIONRESPONSE']._serialized_start=769
+  _globals['_GETSESSIONRESPONSE']._serialized_end=826
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=828
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=888
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=890
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=975
+  _globals['_UPDATESESSIONREQUEST']._serialized_start=977
+  _globals['_UPDATESESSIONREQUEST']._serialized_end=1085
+  _globals['_UPDATESESSIONRESPONSE']._serialized_start=1087
+  _globals['_UPDATESESSIONRESPONSE']._serialized_end=1147
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1149
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1185
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1187
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1210
+  _globals['_LISTSESSIONITEMSREQUEST']._serialized_start=1212
+  _globals['_LISTSESSIONITEMSREQUEST']._serialized_end=1329
+  _globals['_LISTSESSIONITEMSRESPONSE']._serialized_start=1331
+  _globals['_LISTSESSIONITEMSRESPONSE']._serialized_end=1414
+  _globals['_ADDSESSIONITEMSREQUEST']._serialized_start=1416
+  _globals['_ADDSESSIONITEMSREQUEST']._serialized_end=1508
+  _globals['_ADDSESSIONITEMSRESPONSE']._serialized_start=1510
+  _globals['_ADDSESSIONITEMSRESPONSE']._serialized_end=1567
+  _globals['_POPSESSIONITEMREQUEST']._serialized_start=1569
+  _globals['_POPSESSIONITEMREQUEST']._serialized_end=1608
+  _globals['_POPSESSIONITEMRESPONSE']._serialized_start=1610
+  _globals['_POPSESSIONITEMRESPONSE']._serialized_end=1665
+  _globals['_CLEARSESSIONITEMSREQUEST']._serialized_start=1667
+  _globals['_CLEARSESSIONITEMSREQUEST']._serialized_end=1709
+  _globals['_CLEARSESSIONITEMSRESPONSE']._serialized_start=1711
+  _globals['_CLEARSESSIONITEMSRESPONSE']._serialized_end=1761
+  _globals['_SESSIONSERVICE']._serialized_start=1863
+  _globals['_SESSIONSERVICE']._serialized_end=2653
 # @@protoc_insertion_point(module_scope)

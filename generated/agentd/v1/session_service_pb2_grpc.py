@@ -31,6 +31,10 @@ class SessionServiceStub:
 
     Item writes are refused with FAILED_PRECONDITION while a run is active on
     the session, so a client cannot interleave with a run's own appends.
+
+    A session with a `ttl` expires after that long without a write (creating,
+    updating, appending, popping or clearing; reading does not count). An expired
+    session is NOT_FOUND everywhere and its id can be created again.
     """
 
     def __init__(self, channel):
@@ -92,6 +96,10 @@ class SessionServiceServicer:
 
     Item writes are refused with FAILED_PRECONDITION while a run is active on
     the session, so a client cannot interleave with a run's own appends.
+
+    A session with a `ttl` expires after that long without a write (creating,
+    updating, appending, popping or clearing; reading does not count). An expired
+    session is NOT_FOUND everywhere and its id can be created again.
     """
 
     def CreateSession(self, request, context):
@@ -116,7 +124,7 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSession(self, request, context):
-        """Replaces a session's metadata and/or state.
+        """Replaces a session's metadata, state and/or ttl.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +227,10 @@ class SessionService:
 
     Item writes are refused with FAILED_PRECONDITION while a run is active on
     the session, so a client cannot interleave with a run's own appends.
+
+    A session with a `ttl` expires after that long without a write (creating,
+    updating, appending, popping or clearing; reading does not count). An expired
+    session is NOT_FOUND everywhere and its id can be created again.
     """
 
     @staticmethod

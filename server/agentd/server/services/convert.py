@@ -119,6 +119,10 @@ def session_to_proto(record: SessionRecord) -> session_service_pb2.Session:
         item_count=record.item_count,
     )
     message.state.update(record.state)
+    if record.ttl_s is not None:
+        message.ttl.FromNanoseconds(round(record.ttl_s * 1e9))
+    if record.expires_at is not None:
+        message.expire_time.CopyFrom(timestamp_s(record.expires_at))
     return message
 
 

@@ -25,7 +25,9 @@ DEFAULT_SESSION_PAGE = 50
 DEFAULT_ITEM_PAGE = 100
 MAX_ITEMS_PER_ADD = 1000
 _REQUEST_ID_NAMESPACE = uuid.UUID("6f1d2c1e-3b0a-4c8e-9a57-2f5f0c1d7a10")
-_UPDATABLE = {"metadata", "state"}
+_UPDATABLE = {"metadata", "state", "ttl"}
+# An empty update mask replaces these (plus ttl when the request sets it).
+_DEFAULT_UPDATE = {"metadata", "state"}
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
@@ -36,6 +38,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     @unary_errors
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
         derived = False
+        ttl = validation.ttl_seconds("session.ttl", request.session.ttl) if request.session.HasField("ttl") else None
         if request.session_id:
             validation.check_session_id("session_id", request.session_id)
             session_id = request.session_id
@@ -50,6 +53,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 session_id,
                 metadata=dict(request.session.metadata),
                 state=dict_from_struct(request.session.state),
+                ttl_s=ttl,
             )
         except SessionExistsError:
             if not derived:
@@ -78,14 +82,15 @@ class SessionService(pb_grpc.SessionServiceServicer):
     @unary_errors
     async def UpdateSession(self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSessionResponse:
         session_id = validation.session_id("session.name", request.session.name)
-        paths = set(request.update_mask.paths) or _UPDATABLE
+        paths = set(request.update_mask.paths) or _DEFAULT_UPDATE | ({"ttl"} if request.session.HasField("ttl") else set())
         unknown = paths - _UPDATABLE
         if unknown:
-            raise InvalidArgument("update_mask", f"can only name 'metadata' and 'state', got {sorted(unknown)}")
+            raise InvalidArgument("update_mask", f"can only name 'metadata', 'state' and 'ttl', got {sorted(unknown)}")
         record = await self._store.update_session(
             session_id,
             metadata=dict(request.session.metadata) if "metadata" in paths else None,
             state=dict_from_struct(request.session.state) if "state" in paths else None,
+            ttl_s=validation.ttl_seconds("session.ttl", request.session.ttl) if "ttl" in paths else None,
         )
         return pb.UpdateSessionResponse(session=session_to_proto(record))
 

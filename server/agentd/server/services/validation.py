@@ -10,6 +10,8 @@ import base64
 import binascii
 import re
 
+from google.protobuf import duration_pb2
+
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_PAGE_SIZE = 1000
 
@@ -68,3 +70,16 @@ def decode_page_token(kind: str, token: str, field: str = "page_token") -> str |
             "response unchanged, with the same filters and order"
         )
     return value
+
+
+MAX_TTL_S = 10 * 365 * 24 * 3600.0
+
+
+def ttl_seconds(field: str, ttl: duration_pb2.Duration) -> float:
+    """A session TTL in seconds; 0 means never expire."""
+    if ttl.seconds < 0 or ttl.nanos < 0:
+        raise InvalidArgument(field, "must be positive, or zero for no expiry")
+    seconds = ttl.ToNanoseconds() / 1e9
+    if seconds > MAX_TTL_S:
+        raise InvalidArgument(field, f"must be at most {MAX_TTL_S:.0f}s (10 years)")
+    return seconds
