@@ -23,35 +23,63 @@ def _console():  # rich is the [cli] extra; import it only when rendering
     return Console(highlight=False, soft_wrap=True)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import asyncio
+STORE_FLAGS = ("store", "sqlite_path", "postgres_url", "postgres_schema", "redis_url", "session_ttl_s")
 
-        from agentd.server.app import load_app
-        from agentd.server.logs import configure_logging
-        from agentd.server.runtime.errors import AppConfigError
-        from agentd.server.serve import serve
+
+def _settings(args: argparse.Namespace, command: str, names: Sequence[str]):  # -> Settings
+    try:
         from agentd.server.settings import Settings
     except ImportError as exc:
-        sys.exit(f"agentd serve needs the server extras ({exc.name} is missing): pip install 'agentd[server]'")
-    overrides = {
-        "app": args.app,
-        "host": args.host,
-        "port": args.port,
-        "store": args.store,
-        "sqlite_path": args.sqlite_path,
-        "model_provider": args.model_provider,
-        "log_format": args.log_format,
-        "log_level": args.log_level,
-    }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        sys.exit(f"agentd {command} needs the server extras ({exc.name} is missing): pip install 'agentd[server]'")
+    overrides = {name: getattr(args, name, None) for name in names}
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    names = ("app", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS)
+    settings = _settings(args, "serve", names)
+    import asyncio
+
+    from agentd.server.app import load_app
+    from agentd.server.logs import configure_logging
+    from agentd.server.runtime.errors import AppConfigError, StoreUnavailableError
+    from agentd.server.serve import serve
+
     configure_logging(settings.log_level, settings.log_format)
     try:
         app = load_app(settings.app)
         asyncio.run(serve(settings, app))
-    except AppConfigError as exc:
+    except (AppConfigError, StoreUnavailableError, ValueError) as exc:
         print(f"agentd serve: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Show or apply schema migrations of the configured store (same settings as serve)."""
+    settings = _settings(args, "db", STORE_FLAGS)
+    import asyncio
+
+    from agentd.server.runtime.errors import StoreUnavailableError
+    from agentd.server.sessions.factory import build_store
+
+    async def act():  # -> SchemaStatus | None
+        store = build_store(settings)
+        try:
+            return await (store.migrate() if args.action == "migrate" else store.schema_status())
+        finally:
+            await store.close()
+
+    try:
+        status = asyncio.run(act())
+    except (StoreUnavailableError, ValueError) as exc:
+        print(f"agentd db {args.action}: {exc}", file=sys.stderr)
+        return 1
+    if status is None:
+        print(f"{settings.store}: no versioned schema to migrate")
+        return 0
+    state = "up to date" if not status.pending else f"{status.pending} migration(s) pending: run `agentd db migrate`"
+    print(f"{status.backend} {status.location}: schema version {status.current} of {status.latest} ({state})")
     return 0
 
 
@@ -183,6 +211,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server.kill()
 
 
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """Flags override the AGENTD_* settings of the same name."""
+    p.add_argument("--store", choices=["sqlite", "memory", "postgres", "redis"])
+    p.add_argument("--sqlite-path")
+    p.add_argument("--postgres-url")
+    p.add_argument("--postgres-schema")
+    p.add_argument("--redis-url")
+    p.add_argument("--session-ttl-s", type=float, help="idle TTL of new sessions (0: never expire)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentd", description="An agent runtime served over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--app", help="module:attribute of the App (default: $AGENTD_APP or examples.support:app)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--store", choices=["sqlite", "memory"])
-    serve.add_argument("--sqlite-path")
+    add_store_flags(serve)
     serve.add_argument("--model-provider", choices=["auto", "openai", "scripted"])
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.add_argument("--log-level")
     serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="schema migrations of the configured session store")
+    db.add_argument("action", choices=["status", "migrate"])
+    add_store_flags(db)
+    db.set_defaults(func=cmd_db)
 
     def with_target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help="server address (default: $AGENTD_TARGET or %(default)s)")

@@ -28,9 +28,9 @@ from agentd.server.services.agent_service import AgentService
 from agentd.server.services.session_service import SessionService
 from agentd.server.services.trace_service import TraceService
 from agentd.server.sessions.base import SessionStore
-from agentd.server.sessions.memory import MemorySessionStore
-from agentd.server.sessions.sqlite import SqliteSessionStore
+from agentd.server.sessions.factory import build_store
 from agentd.server.settings import Settings
+from agentd.server.store_upkeep import StoreUpkeep
 from agentd.server.tracing.memory import InMemoryTraceStore
 from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
 from agentd.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -42,12 +42,6 @@ SERVICE_NAMES = (
     session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name,
 )
-
-
-def build_store(settings: Settings) -> SessionStore:
-    if settings.store == "memory":
-        return MemorySessionStore()
-    return SqliteSessionStore(settings.sqlite_path)
 
 
 def build_models(settings: Settings, app: App) -> ModelProvider:
@@ -74,6 +68,7 @@ class RunningServer:
     models: ModelProvider
     traces: InMemoryTraceStore
     health: health.aio.HealthServicer
+    upkeep: StoreUpkeep
 
     @property
     def target(self) -> str:
@@ -82,6 +77,7 @@ class RunningServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, let runs finish within the grace period, cancel the rest, close the store."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.upkeep.stop()
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.create_task(self.server.stop(grace + 5))
         await self.runs.drain(grace)
@@ -130,13 +126,26 @@ async def start_server(
         await store.close()
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use?)")
     await server.start()
+    async def set_health(service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(service, status)
+
+    # Health follows the store: a replica whose database is down is NOT_SERVING until it is back.
+    upkeep = StoreUpkeep(
+        store,
+        set_health,
+        ("", *SERVICE_NAMES),
+        ping_interval_s=settings.store_health_interval_s,
+        sweep_interval_s=settings.session_sweep_interval_s,
+    )
     for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_health(name, True)
+    upkeep.start()
     log.info(
         "agentd listening on %s:%d (store=%s, models=%s, agents=%s)",
         settings.host, port, settings.store, type(models).__name__, ",".join(sorted(app.compiled)),
     )
-    return RunningServer(settings, server, port, runs, store, models, traces, health_servicer)
+    return RunningServer(settings, server, port, runs, store, models, traces, health_servicer, upkeep)
 
 
 async def serve(settings: Settings, app: App) -> None:

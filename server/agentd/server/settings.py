@@ -16,8 +16,32 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port.")
 
-    store: Literal["sqlite", "memory"] = "sqlite"
+    store: Literal["sqlite", "memory", "postgres", "redis"] = Field(
+        "sqlite", description="Where sessions live: sqlite (embedded default), memory, postgres or redis."
+    )
     sqlite_path: Path = Path("agentd.db")
+    session_ttl_s: float | None = Field(
+        None, ge=0, description="Idle TTL of sessions created without one (None or 0: never expire)."
+    )
+    session_sweep_interval_s: float = Field(60.0, gt=0, description="How often expired sessions are deleted.")
+    store_health_interval_s: float = Field(2.0, gt=0, description="How often health checking pings the store.")
+    auto_migrate: bool = Field(True, description="Apply pending schema migrations at start (else refuse to start).")
+
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    postgres_schema: str = Field("agentd", pattern=r"^[a-z_][a-z0-9_]*$")
+    postgres_min_pool: int = Field(2, ge=0)
+    postgres_max_pool: int = Field(10, ge=1)
+    postgres_statement_cache: int = Field(256, ge=0)
+    postgres_connect_timeout_s: float = Field(5.0, gt=0)
+    postgres_command_timeout_s: float = Field(10.0, gt=0)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL.")
+    redis_sentinels: str = Field("", description="Sentinel nodes 'host:port,host:port'; used instead of the URL.")
+    redis_sentinel_service: str = Field("", description="The master's service name in Sentinel.")
+    redis_cluster_nodes: str = Field("", description="Cluster startup nodes 'host:port,host:port'.")
+    redis_prefix: str = Field("agentd", min_length=1)
+    redis_max_connections: int = Field(50, ge=1)
+    redis_timeout_s: float = Field(5.0, gt=0)
 
     model_provider: Literal["auto", "openai", "scripted"] = Field(
         "auto", description="auto: OpenAI when OPENAI_API_KEY is set, else the app's offline script."
