@@ -89,6 +89,30 @@ async def test_loop_reports_store_failures_instead_of_dropping_items():
     assert not sink.of(ev.RunCompleted)
 
 
+async def test_loop_retries_a_save_whose_reply_was_lost_without_duplicating():
+    class LostReplyStore(MemorySessionStore):
+        """Commits, then fails the first append: a connection dropped after COMMIT."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attempts: list[str | None] = []
+
+        async def append_items(self, session_id, items, request_id=None):
+            self.attempts.append(request_id)
+            stored = await super().append_items(session_id, items, request_id)
+            if len(self.attempts) == 1:
+                raise StoreUnavailableError("connection lost while committing")
+            return stored
+
+    store = LostReplyStore()
+    loop, _, _ = runner(Script.of(say("hello")), store=store)
+    sink = ListSink()
+    await loop.run(RunInput("run_9", "main", "hi", session_id="s"), sink)
+    assert isinstance(sink.payloads[-1], ev.RunCompleted)
+    assert store.attempts == ["run_9/1", "run_9/1"]  # the retry carries the same step id
+    assert await store.read_history("s") == [MessageItem("user", "hi"), MessageItem("assistant", "hello", "main")]
+
+
 async def test_loop_cancellation_emits_one_cancelled_event():
     loop, store, _ = runner(Script.of(say("slow", delay_s=10)))
     sink = ListSink()

@@ -48,6 +48,10 @@ from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
 
 log = logging.getLogger("agentd.run")
 
+# A step that cannot be saved is retried once (with the same request id) before the run fails.
+SAVE_ATTEMPTS = 2
+SAVE_RETRY_DELAY_S = 0.2
+
 
 @dataclass(slots=True, frozen=True)
 class RunInput:
@@ -138,7 +142,7 @@ class AgentRunner:
                     sink.emit(MessageOutput(agent.name, message))
                 if not response.tool_calls:
                     final_output = self._final_output(agent, response.text)
-                    await self._save(run.session_id, unsaved + step)
+                    await self._save(run.session_id, unsaved + step, f"{run.run_id}/{turns}")
                     agent_span.end()
                     sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns, time.perf_counter() - started))
                     run_span.end(turns=turns, **_usage_attributes(usage))
@@ -146,7 +150,7 @@ class AgentRunner:
                     return
                 next_agent = await self._tool_step(agent, ctx, response, step, sink, trace, agent_span)
                 items.extend(step)
-                await self._save(run.session_id, unsaved + step)
+                await self._save(run.session_id, unsaved + step, f"{run.run_id}/{turns}")
                 unsaved = []
                 if next_agent is not None:
                     agent_span.end()
@@ -174,16 +178,28 @@ class AgentRunner:
         except StoreUnavailableError as exc:
             raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
 
-    async def _save(self, session_id: str | None, items: list[Item]) -> None:
+    async def _save(self, session_id: str | None, items: list[Item], step_id: str) -> None:
+        """Append one step, retrying once after a store failure.
+
+        A networked store can fail after it committed (the reply was lost), so the
+        step carries a request id: the retry then returns what the first attempt
+        stored instead of storing it twice, and a retry on a fresh connection rides
+        out a database restart or failover.
+        """
         if session_id is None or not items:
             return
-        try:
-            await self._sessions.append_items(session_id, items)
-        except StoreUnavailableError as exc:
-            raise _RunFailure(
-                RunErrorCode.SESSION_UNAVAILABLE,
-                f"could not save the run's items to session {session_id!r}; nothing from this step was stored: {exc}",
-            ) from exc
+        for attempt in range(1, SAVE_ATTEMPTS + 1):
+            try:
+                await self._sessions.append_items(session_id, items, request_id=step_id)
+                return
+            except StoreUnavailableError as exc:
+                if attempt == SAVE_ATTEMPTS:
+                    raise _RunFailure(
+                        RunErrorCode.SESSION_UNAVAILABLE,
+                        f"could not save the run's step to session {session_id!r} ({attempt} attempts); "
+                        f"the session keeps only whole steps: {exc}",
+                    ) from exc
+                await asyncio.sleep(SAVE_RETRY_DELAY_S)
 
     async def _model_turn(
         self,
