@@ -34,14 +34,10 @@ async def model_server() -> AsyncIterator[ScriptedOpenAIServer]:
 
 
 async def start_harness(model_server: ScriptedOpenAIServer, tmp_path: Path, **settings: object) -> Harness:
-    config = Settings(
-        port=0,
-        store="sqlite",
-        sqlite_path=tmp_path / "agentd.db",
-        tool_timeout_s=5,
-        shutdown_grace_s=1,
-        **settings,  # type: ignore[arg-type]
+    defaults: dict[str, object] = dict(
+        port=0, store="sqlite", sqlite_path=tmp_path / "agentd.db", tool_timeout_s=5, shutdown_grace_s=1
     )
+    config = Settings(**{**defaults, **settings})  # type: ignore[arg-type]
     provider = OpenAIProvider(api_key="test-key", base_url=model_server.base_url, timeout_s=10, max_retries=2)
     server = await start_server(config, app, models=provider)
     return Harness(server, AgentdClient(server.target), model_server)

@@ -25,6 +25,7 @@ from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolRes
 from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.sessions.sqlite import SqliteSessionStore
+from tests.backends_postgres import postgres_store
 
 
 
@@ -40,6 +41,7 @@ async def opened(store: SessionStore) -> AsyncIterator[SessionStore]:
 STORE_FACTORIES: dict[str, Callable[[Path], AsyncContextManager[SessionStore]]] = {
     "memory": lambda tmp_path: opened(MemorySessionStore()),
     "sqlite": lambda tmp_path: opened(SqliteSessionStore(tmp_path / "sessions.db")),
+    "postgres": lambda tmp_path: postgres_store(),
 }
 
 
