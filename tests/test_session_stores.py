@@ -26,6 +26,7 @@ from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.sessions.sqlite import SqliteSessionStore
 from tests.backends_postgres import postgres_store
+from tests.backends_redis import redis_store
 
 
 
@@ -42,6 +43,7 @@ STORE_FACTORIES: dict[str, Callable[[Path], AsyncContextManager[SessionStore]]] 
     "memory": lambda tmp_path: opened(MemorySessionStore()),
     "sqlite": lambda tmp_path: opened(SqliteSessionStore(tmp_path / "sessions.db")),
     "postgres": lambda tmp_path: postgres_store(),
+    "redis": lambda tmp_path: redis_store(),
 }
 
 

@@ -116,7 +116,7 @@ async def wait_for_items(h: Harness, session_id: str, count: int, timeout_s: flo
         await asyncio.sleep(0.02)
 
 
-BACKENDS = ["postgres"]
+BACKENDS = ["postgres", "redis"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
