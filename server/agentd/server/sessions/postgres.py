@@ -163,6 +163,23 @@ MIGRATIONS: tuple[str, ...] = (
         v_first bigint;
         v_final bigint;
     BEGIN
+        IF p_request IS NULL THEN
+            -- Without a request id, numbering and locking are one row update: the row
+            -- lock it takes serialises appends to this session on every replica.
+            UPDATE sessions s
+            SET last_seq = s.last_seq + v_count, item_count = s.item_count + v_count, updated_at = v_now,
+                expires_at = v_now + make_interval(secs => s.ttl_s)
+            WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
+            RETURNING s.last_seq - v_count INTO v_last;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'session % does not exist', p_id USING ERRCODE = 'AG404';
+            END IF;
+            INSERT INTO items (session_id, seq, created_at, type, role, data)
+            SELECT p_id, v_last + t.n, v_now, t.type, t.role, t.data::json
+            FROM unnest(p_types, p_roles, p_data) WITH ORDINALITY AS t (type, role, data, n);
+            RETURN QUERY SELECT v_last + 1, extract(epoch FROM v_now)::float8, NULL::json;
+            RETURN;
+        END IF;
         -- The row lock serialises appends to this session on every replica.
         SELECT s.last_seq INTO v_last FROM sessions s
         WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
@@ -187,10 +204,8 @@ MIGRATIONS: tuple[str, ...] = (
         SET last_seq = v_last + v_count, item_count = s.item_count + v_count, updated_at = v_now,
             expires_at = v_now + make_interval(secs => s.ttl_s)
         WHERE s.id = p_id;
-        IF p_request IS NOT NULL THEN
-            INSERT INTO append_requests (session_id, request_id, first_seq, last_seq)
-            VALUES (p_id, p_request, v_last + 1, v_last + v_count);
-        END IF;
+        INSERT INTO append_requests (session_id, request_id, first_seq, last_seq)
+        VALUES (p_id, p_request, v_last + 1, v_last + v_count);
         RETURN QUERY SELECT v_last + 1, extract(epoch FROM v_now)::float8, NULL::json;
     END $$;
 
@@ -337,9 +352,9 @@ def _now() -> float:
     return math.ceil(time.time() * 1_000_000) / 1_000_000
 
 
-def _dumps(value: Any) -> str:
-    # NaN/Infinity are not JSON and Postgres refuses them: fail here, as a ValueError.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# NaN/Infinity are not JSON and Postgres refuses them: fail here, as a ValueError. One
+# encoder for the process: json.dumps with options builds a new one on every call.
+_dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def _record(row: asyncpg.Record) -> SessionRecord:

@@ -82,8 +82,8 @@ _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 T = TypeVar("T")
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# One encoder for the process: json.dumps with options builds a new one on every call.
+_dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
