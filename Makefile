@@ -46,6 +46,7 @@ proto-check: $(VENV)/.dev
 ## Benchmark: latency, overhead per turn, throughput, RSS (see bench/README.md).
 bench: $(VENV)/.dev
 	$(PY) bench/bench_runs.py
+	$(PY) bench/bench_stores.py
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache
