@@ -125,3 +125,38 @@ async def test_serve_uses_an_openai_compatible_endpoint_and_drains_on_sigterm(mo
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_db_status_and_migrate_against_postgres():
+    from tests.backends_postgres import POSTGRES_URL, dropped_afterwards, new_schema, raw_connection
+
+    schema = new_schema()
+    flags = ("--store", "postgres", "--postgres-url", POSTGRES_URL, "--postgres-schema", schema)
+    async with dropped_afterwards(schema):
+        code, out, err = await agentd("db", "status", *flags)
+        assert code == 0, err
+        assert f"schema {schema}" in out and "schema version 0 of" in out and "pending: run `agentd db migrate`" in out
+
+        code, out, err = await agentd("db", "migrate", *flags)
+        assert code == 0, err
+        assert "(up to date)" in out
+        code, again, err = await agentd("db", "migrate", *flags)  # idempotent
+        assert code == 0 and again == out, err
+
+        raw = await raw_connection()
+        try:
+            versions = await raw.fetch(f"SELECT version FROM {schema}.schema_version ORDER BY version")
+        finally:
+            await raw.close()
+        assert [row["version"] for row in versions] == list(range(1, len(versions) + 1)) and versions
+        # The password never reaches the terminal.
+        code, out, err = await agentd("db", "status", "--store", "postgres", "--postgres-schema", schema,
+                                      "--postgres-url", "postgresql://agentd:s3cret@127.0.0.1:1/test")
+        assert code == 1 and "s3cret" not in out + err and "127.0.0.1:1" in err
+
+
+async def test_serve_refuses_to_start_without_its_database(tmp_path):
+    code, out, err = await agentd("serve", "--port", "0", "--store", "redis", "--redis-url", "redis://127.0.0.1:1/0",
+                                  "--model-provider", "scripted", timeout=30)
+    assert code == 2
+    assert "redis store at redis://127.0.0.1:1/0" in err and "Traceback" not in err

@@ -150,3 +150,27 @@ async def test_server_default_ttl_applies_to_new_sessions(model_server, tmp_path
     finally:
         await h.client.close()
         await h.server.stop(grace_s=0)
+
+
+async def test_server_sweeps_expired_sessions_in_the_background(model_server, tmp_path):
+    import sqlite3
+
+    h = await start_harness(model_server, tmp_path, session_sweep_interval_s=0.1)
+    try:
+        await h.client.create_session("brief", ttl_s=0.2)
+        await h.client.add_items("brief", [text("soon gone")])
+        await h.client.create_session("lasting")
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            with sqlite3.connect(tmp_path / "agentd.db") as raw:
+                ids = [row[0] for row in raw.execute("SELECT id FROM sessions ORDER BY id")]
+                items = raw.execute("SELECT count(*) FROM items").fetchone()[0]
+            raw.close()
+            if ids == ["lasting"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"expired session never swept: {ids}"
+            await asyncio.sleep(0.05)
+        assert items == 0  # its items went with it
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)
