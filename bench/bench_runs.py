@@ -1,9 +1,11 @@
 """agentd benchmark: a real server process with the zero-latency scripted model, driven over gRPC.
 
 Reports time to first event, latency of a 3-step run (tool call → tool output → final
-text: two model turns), orchestration overhead per model turn, runs/s with 1 and 64
-concurrent clients, peak server RSS, and slow event-loop callbacks (>10 ms) seen by a
-second server in asyncio debug mode under the same load. Numbers, not pass/fail.
+text: two model turns), orchestration overhead per model turn, the same run with a
+session on SQLite, Postgres and Redis (the local servers; URLs from AGENTD_TEST_*_URL),
+runs/s with 1 and 64 concurrent clients, peak server RSS, and slow event-loop callbacks
+(>10 ms) seen by a second server in asyncio debug mode under the same load. Numbers,
+not pass/fail.
 
     python bench/bench_runs.py [--runs 500] [--seconds 5]
 """
@@ -36,9 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, *, debug: bool, stderr_path: Path, store: str = "memory") -> subprocess.Popen:
+def start_server(
+    port: int, *, debug: bool, stderr_path: Path, store: str = "memory", extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false",
-           "AGENTD_SQLITE_PATH": str(stderr_path.with_suffix(".db"))}
+           "AGENTD_SQLITE_PATH": str(stderr_path.with_suffix(".db")), **(extra_env or {})}
     env.pop("OPENAI_API_KEY", None)
     return subprocess.Popen(
         [sys.executable, "-m", "agentd.cli.main", "serve", "--app", "bench.app:app", "--port", str(port),
@@ -125,6 +129,25 @@ async def concurrent(target: str, clients: int, seconds: float) -> dict:
     return {"runs_per_s": done / wall, "run_p50_ms": pct(latencies, 0.5) * 1e3, "run_p99_ms": pct(latencies, 0.99) * 1e3}
 
 
+POSTGRES_URL = os.environ.get("AGENTD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AGENTD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def drop_namespace(namespace: str) -> None:
+    """Remove what the Postgres and Redis passes stored."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    conn = await asyncpg.connect(POSTGRES_URL)
+    await conn.execute(f"DROP SCHEMA IF EXISTS {namespace} CASCADE")
+    await conn.close()
+    client = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
 SLOW = re.compile(r"Executing .* took (\d+\.\d+) seconds")
 
 
@@ -151,14 +174,24 @@ async def main() -> None:
         server.terminate()
         server.wait(timeout=20)
 
-    port = free_port()
-    sqlite_server = start_server(port, debug=False, stderr_path=logs / "sqlite-server.log", store="sqlite")
-    try:
-        wait_ready(port)
-        results["sqlite_with_session"] = await sequential(f"127.0.0.1:{port}", args.runs // 2, session=True)
-    finally:
-        sqlite_server.terminate()
-        sqlite_server.wait(timeout=20)
+    namespace = f"bench_runs_{os.getpid()}"
+    store_env = {
+        "sqlite": {},
+        "postgres": {"AGENTD_POSTGRES_URL": POSTGRES_URL, "AGENTD_POSTGRES_SCHEMA": namespace},
+        "redis": {"AGENTD_REDIS_URL": REDIS_URL, "AGENTD_REDIS_PREFIX": namespace},
+    }
+    for store, extra_env in store_env.items():
+        port = free_port()
+        store_server = start_server(
+            port, debug=False, stderr_path=logs / f"{store}-server.log", store=store, extra_env=extra_env
+        )
+        try:
+            wait_ready(port)
+            results[f"{store}_with_session"] = await sequential(f"127.0.0.1:{port}", args.runs // 2, session=True)
+        finally:
+            store_server.terminate()
+            store_server.wait(timeout=20)
+    await drop_namespace(namespace)
 
     port = free_port()
     debug_server = start_server(port, debug=True, stderr_path=logs / "debug-server.log")
@@ -183,9 +216,10 @@ async def main() -> None:
           f"   ({seq['events_per_run']:.0f} events/run)")
     print(f"  overhead per model turn  p50 {seq['per_turn_p50_ms']:.2f} ms (over gRPC, client included)")
     print(f"  same run with a session  p50 {ses['run_p50_ms']:.2f} ms   ttfe p50 {ses['ttfe_p50_ms']:.2f} ms")
-    sql = results["sqlite_with_session"]
-    print(f"  …with the SQLite store   p50 {sql['run_p50_ms']:.2f} ms   ttfe p50 {sql['ttfe_p50_ms']:.2f} ms"
-          "   (history read + 2 step appends per run)")
+    for store in ("sqlite", "postgres", "redis"):
+        res = results[f"{store}_with_session"]
+        print(f"  …with the {store + ' store':15} p50 {res['run_p50_ms']:.2f} ms   ttfe p50 {res['ttfe_p50_ms']:.2f} ms"
+              "   (history read + 2 step appends per run)")
     print(f"  runs/s, 1 client         {results['concurrency_1']['runs_per_s']:.0f}")
     c64 = results["concurrency_64"]
     print(f"  runs/s, 64 clients       {c64['runs_per_s']:.0f}   (run p50 {c64['run_p50_ms']:.1f} ms, p99 {c64['run_p99_ms']:.1f} ms)")
