@@ -250,60 +250,6 @@ async def test_tables_indexes_and_functions() -> None:
 # --- several replicas on one schema ----------------------------------------------------
 
 
-async def test_eight_writers_on_two_replicas_get_gapless_unique_sequences() -> None:
-    writers, per_writer = 8, 500
-    async with postgres_store(max_size=4) as a, opened(replica(a.schema, max_size=4)) as b:
-        await a.create_session("s1")
-
-        async def writer(w: int) -> list[int]:
-            store = a if w % 2 == 0 else b  # four writers on each replica
-            got = []
-            for i in range(per_writer):
-                stored = await store.append_items("s1", [msg(f"w{w}-{i}")])
-                got.append(stored[0].sequence)
-            return got
-
-        results = await asyncio.gather(*(writer(w) for w in range(writers)))
-        total = writers * per_writer
-        assert sorted(itertools.chain.from_iterable(results)) == list(range(1, total + 1))
-        for got in results:
-            assert got == sorted(got)
-
-        items = await b.list_items("s1", total + 1)
-        assert [s.sequence for s in items] == list(range(1, total + 1))
-        by_writer: dict[int, list[int]] = {}
-        for stored in items:
-            assert isinstance(stored.item, MessageItem)
-            w, i = stored.item.text[1:].split("-")
-            by_writer.setdefault(int(w), []).append(int(i))
-        assert by_writer == {w: list(range(per_writer)) for w in range(writers)}
-        assert (await a.get_session("s1")).item_count == total
-        async with raw() as conn:
-            row = await conn.fetchrow(
-                f'SELECT count(*) AS n, count(DISTINCT seq) AS d, max(seq) AS hi FROM "{a.schema}".items'
-            )
-            assert (row["n"], row["d"], row["hi"]) == (total, total, total)
-            assert await conn.fetchval(f'SELECT last_seq FROM "{a.schema}".sessions') == total
-
-
-async def test_one_request_id_on_two_replicas_appends_once() -> None:
-    async with postgres_store() as a, opened(replica(a.schema)) as b:
-        await a.create_session("s1")
-        await a.append_items("s1", [msg("before")])
-        results = await asyncio.gather(
-            *(
-                (a if n % 2 else b).append_items("s1", [msg("x"), msg("y")], request_id="retry-me")
-                for n in range(10)
-            )
-        )
-        assert all([s.sequence for s in r] == [2, 3] for r in results)
-        assert all(r == results[0] for r in results)
-        assert await b.read_history("s1") == [msg("before"), msg("x"), msg("y")]
-        async with raw() as conn:
-            assert await conn.fetchval(f'SELECT count(*) FROM "{a.schema}".items') == 3
-            assert await conn.fetch(f'SELECT first_seq, last_seq FROM "{a.schema}".append_requests') == [(2, 3)]
-
-
 async def test_concurrent_creates_on_two_replicas() -> None:
     async with postgres_store() as a, opened(replica(a.schema)) as b:
         outcomes = await asyncio.gather(

@@ -8,7 +8,6 @@ the real server from ``AGENTD_TEST_REDIS_URL``, each store on its own key prefix
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -25,7 +24,7 @@ from agentd.server.runtime.errors import SessionNotFoundError, StoreUnavailableE
 from agentd.server.runtime.items import MessageItem
 from agentd.server.sessions import redis_store as module
 from agentd.server.sessions.redis_store import RedisSessionStore, connect_redis
-from tests.backends_redis import REDIS_URL, fail_unreachable, make_store, redis_store, replica_of
+from tests.backends_redis import REDIS_URL, fail_unreachable, make_store, redis_store
 
 KINDS = ("info", "items", "state", "meta", "requests")
 
@@ -203,48 +202,6 @@ async def test_sweep_rescores_sessions_kept_alive_by_writes(store: RedisSessionS
 
 
 # --- replicas and concurrency ----------------------------------------------------------
-
-
-async def test_eight_writers_on_two_replicas_get_gapless_sequences(store: RedisSessionStore) -> None:
-    await store.create_session("s1")
-    writers, per_writer = 8, 500
-    async with replica_of(store) as other:
-        replicas = [store, other]
-
-        async def writer(w: int) -> list[int]:
-            target = replicas[w % 2]
-            got = []
-            for i in range(per_writer):
-                stored = await target.append_items("s1", [msg(f"w{w}-{i}")])
-                got.append(stored[0].sequence)
-            return got
-
-        results = await asyncio.gather(*(writer(w) for w in range(writers)))
-        total = writers * per_writer
-        assert sorted(itertools.chain.from_iterable(results)) == list(range(1, total + 1))
-        assert all(got == sorted(got) for got in results)
-
-        items = await other.list_items("s1", total + 1)
-        assert [s.sequence for s in items] == list(range(1, total + 1))
-        by_writer: dict[int, list[int]] = {}
-        for stored in items:
-            assert isinstance(stored.item, MessageItem)
-            w, i = stored.item.text[1:].split("-")
-            by_writer.setdefault(int(w), []).append(int(i))
-        assert by_writer == {w: list(range(per_writer)) for w in range(writers)}
-        assert (await store.get_session("s1")).item_count == total
-
-
-async def test_identical_request_ids_on_two_replicas_append_once(store: RedisSessionStore) -> None:
-    async with replica_of(store) as other:
-        await asyncio.gather(*(s.read_history("s1", create=True) for s in [store, other] * 5))
-        results = await asyncio.gather(
-            *(s.append_items("s1", [msg("once"), msg("twice?")], request_id="step-1") for s in [store, other] * 10)
-        )
-        assert all(r == results[0] for r in results)
-        assert [s.sequence for s in results[0]] == [1, 2]
-        assert await other.read_history("s1") == [msg("once"), msg("twice?")]
-        assert [r.session_id for r in (await store.list_sessions(10)).sessions] == ["s1"]
 
 
 async def test_listing_skips_stale_index_entries_and_still_fills_pages(store: RedisSessionStore, raw: Redis) -> None:

@@ -26,7 +26,9 @@ from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.sessions.sqlite import SqliteSessionStore
 from tests.backends_postgres import postgres_store
+from tests.backends_postgres import replica as postgres_replica
 from tests.backends_redis import redis_store
+from tests.backends_redis import replica_of as redis_replica
 
 
 
@@ -51,6 +53,22 @@ STORE_FACTORIES: dict[str, Callable[[Path], AsyncContextManager[SessionStore]]] 
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
     async with STORE_FACTORIES[request.param](tmp_path) as backend:
         yield backend
+
+
+# A second store on the same data (file, schema, key prefix): another server replica.
+# The memory store has no shared data, so it has no replicas.
+REPLICA_FACTORIES: dict[str, Callable[[SessionStore], AsyncContextManager[SessionStore]]] = {
+    "sqlite": lambda s: opened(SqliteSessionStore(s._path)),  # type: ignore[attr-defined]
+    "postgres": lambda s: opened(postgres_replica(s.schema)),  # type: ignore[attr-defined]
+    "redis": lambda s: redis_replica(s),  # type: ignore[arg-type]
+}
+
+
+@pytest.fixture(params=list(REPLICA_FACTORIES))
+async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[SessionStore, SessionStore]]:
+    async with STORE_FACTORIES[request.param](tmp_path) as first:
+        async with REPLICA_FACTORIES[request.param](first) as second:
+            yield first, second
 
 
 @pytest.fixture
@@ -478,11 +496,12 @@ async def test_request_id_replay_returns_only_surviving_items(store: SessionStor
     assert await store.read_history("s1") == []
 
 
-async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionStore) -> None:
-    await store.create_session("s1")
-    writers, per_writer = 8, 500
+async def check_concurrent_writers(stores: list[SessionStore], writers: int = 8, per_writer: int = 500) -> None:
+    """``writers`` tasks spread over ``stores`` append one item at a time to one session."""
+    await stores[0].create_session("s1")
 
     async def writer(w: int) -> list[int]:
+        store = stores[w % len(stores)]
         got = []
         for i in range(per_writer):
             stored = await store.append_items("s1", [msg(f"w{w}-{i}")])
@@ -491,21 +510,42 @@ async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionSto
         return got
 
     results = await asyncio.gather(*(writer(w) for w in range(writers)))
-    all_seqs = sorted(itertools.chain.from_iterable(results))
-    assert all_seqs == list(range(1, writers * per_writer + 1))
+    total = writers * per_writer
+    assert sorted(itertools.chain.from_iterable(results)) == list(range(1, total + 1))
     for got in results:
         assert got == sorted(got)  # each writer's appends land in its own order
 
-    total = writers * per_writer
-    items = await store.list_items("s1", total + 10)
+    items = await stores[-1].list_items("s1", total + 10)
     assert seqs(items) == list(range(1, total + 1))
-    assert (await store.get_session("s1")).item_count == total
+    assert (await stores[0].get_session("s1")).item_count == total
     by_writer: dict[str, list[int]] = {}
     for stored in items:
         assert isinstance(stored.item, MessageItem)
         w, i = stored.item.text[1:].split("-")
         by_writer.setdefault(w, []).append(int(i))
     assert by_writer == {str(w): list(range(per_writer)) for w in range(writers)}
+
+
+async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionStore) -> None:
+    await check_concurrent_writers([store])
+
+
+async def test_writers_on_two_replicas_get_unique_gapless_sequences(
+    replicas: tuple[SessionStore, SessionStore],
+) -> None:
+    await check_concurrent_writers(list(replicas))  # four writers on each replica
+
+
+async def test_one_request_id_on_two_replicas_appends_once(replicas: tuple[SessionStore, SessionStore]) -> None:
+    a, b = replicas
+    await asyncio.gather(*(s.read_history("s1", create=True) for s in [a, b] * 5))
+    await a.append_items("s1", [msg("before")])
+    results = await asyncio.gather(
+        *(s.append_items("s1", [msg("x"), msg("y")], request_id="retry-me") for s in [a, b] * 5)
+    )
+    assert all(seqs(r) == [2, 3] and r == results[0] for r in results)
+    assert await b.read_history("s1") == [msg("before"), msg("x"), msg("y")]
+    assert [r.session_id for r in (await a.list_sessions(10)).sessions] == ["s1"]
 
 
 async def test_concurrent_creates_and_idempotent_appends(store: SessionStore) -> None:
