@@ -447,3 +447,26 @@ def test_connect_redis_rejects_unknown_schemes() -> None:
 async def test_no_schema_to_migrate(store: RedisSessionStore) -> None:
     assert store.backend == "redis"
     assert await store.schema_status() is None and await store.migrate() is None
+
+
+def test_settings_choose_url_sentinel_or_cluster() -> None:
+    from agentd.server.sessions.factory import build_store
+    from agentd.server.settings import Settings
+
+    cluster = build_store(Settings(store="redis", redis_cluster_nodes="10.0.0.1:7000, 10.0.0.2:7001"))
+    assert isinstance(cluster, RedisSessionStore) and isinstance(cluster._client, RedisCluster)
+    assert "10.0.0.1:7000" in cluster.location
+
+    sentinel = build_store(Settings(
+        store="redis", redis_sentinels="s1:26379,s2:26379", redis_sentinel_service="mymaster", redis_prefix="app1"
+    ))
+    assert isinstance(sentinel._client.connection_pool, SentinelConnectionPool)
+    assert sentinel._client.connection_pool.service_name == "mymaster" and sentinel.prefix == "app1"
+
+    plain = build_store(Settings(store="redis", redis_url="rediss://:hunter2@cache.example:6380/2"))
+    assert "hunter2" not in plain.location and "cache.example:6380" in plain.location
+
+    with pytest.raises(ValueError, match="AGENTD_REDIS_CLUSTER_NODES"):
+        build_store(Settings(store="redis", redis_cluster_nodes="no-port"))
+    with pytest.raises(ValueError, match="AGENTD_REDIS_SENTINEL_SERVICE"):
+        build_store(Settings(store="redis", redis_sentinels="s1:26379"))
