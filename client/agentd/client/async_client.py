@@ -105,9 +105,21 @@ class AgentdClient:
         name = name if name.startswith("agents/") else f"agents/{name}"
         return (await self.agents.GetAgent(agent_service_pb2.GetAgentRequest(name=name))).agent
 
-    def run(self, agent: str, input: str, *, timeout: float | None = None, **options: Any) -> RunStream:
-        """Start a run; options: session_id, context, max_turns, request_id, workflow_name, group_id, trace_metadata."""
-        return RunStream(self.agents.Run(timeout=timeout), start_run(agent, input, **options))
+    def run(
+        self,
+        agent: str,
+        input: str,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        **options: Any,
+    ) -> RunStream:
+        """Start a run; options: session_id, context, max_turns, request_id, workflow_name, group_id, trace_metadata.
+
+        ``metadata``: gRPC call metadata, e.g. ``[("traceparent", "00-…")]`` to make the
+        run's trace a child of the caller's span.
+        """
+        return RunStream(self.agents.Run(timeout=timeout, metadata=metadata), start_run(agent, input, **options))
 
     async def run_final_output(self, agent: str, input: str, **options: Any) -> Any:
         return await self.run(agent, input, **options).final_output()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,9 +32,13 @@ from agentd.server.sessions.base import SessionStore
 from agentd.server.sessions.factory import build_store
 from agentd.server.settings import Settings
 from agentd.server.store_upkeep import StoreUpkeep
+from agentd.server.tracing.base import Tracer
 from agentd.server.tracing.memory import InMemoryTraceStore
 from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
 from agentd.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("agentd.server")
 
@@ -58,6 +63,19 @@ def build_models(settings: Settings, app: App) -> ModelProvider:
     return ScriptedProvider(default=app.offline_script)
 
 
+def build_tracer(settings: Settings, traces: InMemoryTraceStore) -> tuple[Tracer, "TracerProvider | None"]:
+    """The in-process trace store, plus OpenTelemetry export when configured (imported only then)."""
+    from agentd.server.tracing.export import otlp_wanted
+
+    if not otlp_wanted(settings.otlp_export):
+        return traces, None
+    from agentd.server.tracing.export import build_tracer_provider
+    from agentd.server.tracing.otel import OtelTracer
+
+    provider = build_tracer_provider()
+    return OtelTracer(traces, provider, capture_content=settings.trace_content), provider
+
+
 @dataclass(eq=False)
 class RunningServer:
     settings: Settings
@@ -69,6 +87,8 @@ class RunningServer:
     traces: InMemoryTraceStore
     health: health.aio.HealthServicer
     upkeep: StoreUpkeep
+    # The OpenTelemetry provider when traces are exported over OTLP.
+    trace_provider: "TracerProvider | None" = None
 
     @property
     def target(self) -> str:
@@ -84,6 +104,10 @@ class RunningServer:
         await stopping
         await self.models.aclose()
         await self.store.close()
+        if self.trace_provider is not None:
+            from agentd.server.tracing.export import shutdown_provider
+
+            await shutdown_provider(self.trace_provider, timeout_s=2.0)
         log.info("server stopped")
 
 
@@ -99,8 +123,9 @@ async def start_server(
     models = models or build_models(settings, app)
     store = store or build_store(settings)
     await store.open()
-    traces = InMemoryTraceStore(settings.trace_retention)
-    runner = AgentRunner(app, models, store, traces, tool_timeout_s=settings.tool_timeout_s)
+    traces = InMemoryTraceStore(settings.trace_retention, capture_content=settings.trace_content)
+    tracer, trace_provider = build_tracer(settings, traces)
+    runner = AgentRunner(app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s)
     runs = RunManager(runner, max_active_runs=settings.max_active_runs)
 
     server = grpc.aio.server(
@@ -145,7 +170,9 @@ async def start_server(
         "agentd listening on %s:%d (store=%s, models=%s, agents=%s)",
         settings.host, port, settings.store, type(models).__name__, ",".join(sorted(app.compiled)),
     )
-    return RunningServer(settings, server, port, runs, store, models, traces, health_servicer, upkeep)
+    return RunningServer(
+        settings, server, port, runs, store, models, traces, health_servicer, upkeep, trace_provider
+    )
 
 
 async def serve(settings: Settings, app: App) -> None:

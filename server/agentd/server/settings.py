@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_active_runs: int = Field(1000, gt=0, description="Runs this server executes at once; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0)
     trace_retention: int = Field(10_000, gt=0, description="Traces kept in memory.")
+    otlp_export: bool | None = Field(
+        None, description="Export traces over OTLP; unset: when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set."
+    )
+    trace_content: bool = Field(False, description="Record tool arguments and results in traces (may hold personal data).")
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"

@@ -65,6 +65,7 @@ class RunInput:
     workflow_name: str = "agentd run"
     group_id: str = ""
     trace_metadata: dict[str, str] = field(default_factory=dict)
+    traceparent: str = ""  # the caller's W3C trace context, continued by the run's trace
 
 
 class EventSink(Protocol):
@@ -112,6 +113,7 @@ class AgentRunner:
             group_id=run.group_id,
             metadata=run.trace_metadata,
             agent=agent.name,
+            traceparent=run.traceparent,
         )
         sink.trace_id = trace.trace_id
         run_span = trace.span(SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name)
@@ -294,9 +296,11 @@ class AgentRunner:
                 available = ", ".join(agent.tools_by_name) or "none"
                 output = f"Error: there is no tool named {call.tool_name!r}; available tools: {available}"
                 is_error = True
-                trace.span(SpanKind.FUNCTION, call.tool_name, parent, call_id=call.call_id).end(error=output)
+                trace.span(
+                    SpanKind.FUNCTION, call.tool_name, parent, call_id=call.call_id, arguments=call.arguments
+                ).end(error=output)
             else:
-                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id)
+                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments)
                 tool_ctx = ToolContext(
                     ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, call.call_id, tool.name
                 )
@@ -306,7 +310,7 @@ class AgentRunner:
                     span.end(error="cancelled")
                     raise
                 output, is_error = result.output, result.is_error
-                span.end(error=output if is_error else "")
+                span.end(error=output if is_error else "", output=output)
         item = ToolResultItem(call.call_id, call.tool_name, output, is_error, agent.name)
         sink.emit(ToolOutput(agent.name, item, time.perf_counter() - started))
         return item

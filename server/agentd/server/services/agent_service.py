@@ -72,11 +72,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     async def _start(self, start: pb.StartRun, field: str, context: grpc.aio.ServicerContext) -> ActiveRun:
         try:
-            return self._runs.start(self._run_input(start, field))
+            return self._runs.start(self._run_input(start, field, _traceparent(context)))
         except HANDLED as exc:
             await abort(context, exc)
 
-    def _run_input(self, start: pb.StartRun, field: str) -> RunInput:
+    def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
         agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)
         self._agent_proto(agent, f"{field}.agent")
         if not start.input.strip():
@@ -101,6 +101,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             workflow_name=start.trace.workflow_name or "agentd run",
             group_id=start.trace.group_id or (session_id or ""),
             trace_metadata=dict(start.trace.metadata),
+            traceparent=traceparent,
         )
 
     def _agent_proto(self, name: str, field: str) -> pb.Agent:
@@ -160,3 +161,11 @@ def _agent_to_proto(compiled: CompiledAgent) -> pb.Agent:
     if compiled.output_schema is not None:
         message.output_schema.update(compiled.output_schema.schema)
     return message
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str:
+    """The caller's W3C ``traceparent`` from the call metadata ("" when none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return ""

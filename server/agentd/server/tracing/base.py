@@ -1,14 +1,37 @@
 """The tracing interface the agent loop records through.
 
 The loop opens one trace per run and spans for agent segments, model calls, tool calls
-and handoffs. Recorders decide where they go (in-process store today; OTLP later);
-the loop never knows. Recording must be cheap and must never raise into the run.
+and handoffs. Recorders decide where they go (the in-process store; OpenTelemetry and
+OTLP on top of it); the loop never knows. Recording must be cheap and must never raise
+into the run.
 """
 
 from __future__ import annotations
 
 import enum
 from typing import Any, Protocol
+
+
+# Attributes holding conversation content (tool arguments and results): recorded only when
+# the operator allows it (AGENTD_TRACE_CONTENT), since they may carry personal data.
+CONTENT_ATTRIBUTES = frozenset({"arguments", "output"})
+
+
+def parse_traceparent(header: str) -> tuple[str, str] | None:
+    """(trace id, parent span id) of a W3C ``traceparent``; None when absent or malformed."""
+    parts = header.strip().lower().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    trace_id, span_id = parts[1], parts[2]
+    if len(trace_id) != 32 or len(span_id) != 16 or not _is_hex(trace_id + span_id + parts[3]):
+        return None
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    return trace_id, span_id
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 class SpanKind(enum.Enum):
@@ -44,4 +67,6 @@ class Tracer(Protocol):
         group_id: str,
         metadata: dict[str, str],
         agent: str,
-    ) -> TraceHandle: ...
+        traceparent: str = "",
+    ) -> TraceHandle:
+        """``traceparent``: the caller's W3C trace context; the run's trace continues it."""

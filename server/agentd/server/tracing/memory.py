@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, parse_traceparent
 
 
 def _new_id(nbytes: int) -> str:
@@ -31,8 +31,10 @@ class SpanRecord:
     error: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
 
+    capture_content: bool = True
+
     def set(self, **attributes: Any) -> None:
-        self.attributes.update(attributes)
+        self.attributes.update(_allowed(attributes, self.capture_content))
 
     def end(self, error: str = "", **attributes: Any) -> None:
         if self.end_ns:
@@ -40,7 +42,13 @@ class SpanRecord:
         self.end_ns = time.time_ns()
         self.error = error
         if attributes:
-            self.attributes.update(attributes)
+            self.attributes.update(_allowed(attributes, self.capture_content))
+
+
+def _allowed(attributes: dict[str, Any], capture_content: bool) -> dict[str, Any]:
+    if capture_content or not CONTENT_ATTRIBUTES.intersection(attributes):
+        return attributes
+    return {k: v for k, v in attributes.items() if k not in CONTENT_ATTRIBUTES}
 
 
 @dataclass(slots=True, eq=False)
@@ -55,16 +63,22 @@ class TraceRecord:
     end_ns: int = 0
     error: str = ""
     spans: list[SpanRecord] = field(default_factory=list)
+    capture_content: bool = True
+    # The caller's span this trace continues (from its traceparent); "" when it starts here.
+    remote_parent_id: str = ""
 
-    def span(self, kind: SpanKind, name: str, parent: SpanRecord | None, **attributes: Any) -> SpanRecord:
+    def span(
+        self, kind: SpanKind, name: str, parent: SpanRecord | None, *, span_id: str = "", **attributes: Any
+    ) -> SpanRecord:
         record = SpanRecord(
             trace_id=self.trace_id,
-            span_id=_new_id(8),
-            parent_id=parent.span_id if parent is not None else "",
+            span_id=span_id or _new_id(8),
+            parent_id=parent.span_id if parent is not None else self.remote_parent_id,
             kind=kind,
             name=name,
             start_ns=time.time_ns(),
-            attributes=attributes,
+            attributes=_allowed(attributes, self.capture_content),
+            capture_content=self.capture_content,
         )
         self.spans.append(record)
         return record
@@ -78,15 +92,28 @@ class TraceRecord:
 class InMemoryTraceStore:
     """Implements ``Tracer`` and the queries behind TraceService."""
 
-    def __init__(self, max_traces: int = 10_000) -> None:
+    def __init__(self, max_traces: int = 10_000, *, capture_content: bool = False) -> None:
         self._max = max_traces
+        self._capture_content = capture_content
         self._traces: OrderedDict[str, TraceRecord] = OrderedDict()
 
     def start_trace(
-        self, *, run_id: str, workflow_name: str, group_id: str, metadata: dict[str, str], agent: str
+        self,
+        *,
+        run_id: str,
+        workflow_name: str,
+        group_id: str,
+        metadata: dict[str, str],
+        agent: str,
+        traceparent: str = "",
+        trace_id: str = "",
     ) -> TraceRecord:
+        """``trace_id``: use this id (an exporter's); else the caller's from ``traceparent``, else a new one."""
+        remote = parse_traceparent(traceparent) if traceparent else None
         trace = TraceRecord(
-            trace_id=_new_id(16),
+            trace_id=trace_id or (remote[0] if remote else _new_id(16)),
+            remote_parent_id=remote[1] if remote else "",
+            capture_content=self._capture_content,
             run_id=run_id,
             workflow_name=workflow_name,
             group_id=group_id,
