@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -105,6 +106,66 @@ async def sequential(target: str, runs: int, session: bool) -> dict:
         "runs_per_s": runs / wall,
         "events_per_run": events / runs,
     }
+
+
+async def interleaved(targets: dict[str, str], rounds: int, runs_per_round: int) -> dict[str, float]:
+    """Run p50 per target, alternating between them round by round so that machine noise
+    hits every target alike (for overhead comparisons on a shared machine)."""
+    totals: dict[str, list[float]] = {name: [] for name in targets}
+    clients = {name: AgentdClient(target) for name, target in targets.items()}
+    try:
+        for client in clients.values():
+            for _ in range(50):  # warm-up
+                await one_run(client)
+        for _ in range(rounds):
+            for name, client in clients.items():
+                for _ in range(runs_per_round):
+                    totals[name].append((await one_run(client))[1])
+    finally:
+        for client in clients.values():
+            await client.close()
+    return {name: pct(values, 0.5) * 1e3 for name, values in totals.items()}
+
+
+async def tracing_overhead(logs: Path, rounds: int) -> dict[str, float]:
+    """The same 3-step run on two servers: traces exported over OTLP/gRPC to a loopback
+    receiver (in this process), and not exported."""
+    receiver_server, receiver, spans = await start_otlp_receiver()
+    ports = {"off": free_port(), "otlp": free_port()}
+    otlp_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    servers = {
+        name: start_server(port, debug=False, stderr_path=logs / f"tracing-{name}.log",
+                           extra_env=otlp_env if name == "otlp" else {"AGENTD_OTLP_EXPORT": "false"})
+        for name, port in ports.items()
+    }
+    try:
+        for port in ports.values():
+            wait_ready(port)
+        p50 = await interleaved({name: f"127.0.0.1:{port}" for name, port in ports.items()}, rounds, 50)
+    finally:
+        for server in servers.values():
+            server.terminate()
+            await asyncio.to_thread(server.wait, 20)  # the receiver lives on this event loop
+    await receiver_server.stop(0)
+    return {"run_p50_ms_off": p50["off"], "run_p50_ms_otlp": p50["otlp"], "spans_received": float(spans())}
+
+
+async def start_otlp_receiver() -> tuple[grpc.aio.Server, int, Callable[[], int]]:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    count = 0
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):  # noqa: N802
+            nonlocal count
+            count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port, lambda: count
 
 
 async def concurrent(target: str, clients: int, seconds: float) -> dict:
@@ -193,6 +254,8 @@ async def main() -> None:
             store_server.wait(timeout=20)
     await drop_namespace(namespace)
 
+    results["tracing"] = await tracing_overhead(logs, rounds=max(4, args.runs // 50))
+
     port = free_port()
     debug_server = start_server(port, debug=True, stderr_path=logs / "debug-server.log")
     try:
@@ -220,6 +283,10 @@ async def main() -> None:
         res = results[f"{store}_with_session"]
         print(f"  …with the {store + ' store':15} p50 {res['run_p50_ms']:.2f} ms   ttfe p50 {res['ttfe_p50_ms']:.2f} ms"
               "   (history read + 2 step appends per run)")
+    tr = results["tracing"]
+    overhead = tr["run_p50_ms_otlp"] / tr["run_p50_ms_off"] - 1
+    print(f"  tracing over OTLP        run p50 {tr['run_p50_ms_otlp']:.2f} ms vs {tr['run_p50_ms_off']:.2f} ms off"
+          f" ({overhead:+.0%}; interleaved; {tr['spans_received']:.0f} spans received)")
     print(f"  runs/s, 1 client         {results['concurrency_1']['runs_per_s']:.0f}")
     c64 = results["concurrency_64"]
     print(f"  runs/s, 64 clients       {c64['runs_per_s']:.0f}   (run p50 {c64['run_p50_ms']:.1f} ms, p99 {c64['run_p99_ms']:.1f} ms)")

@@ -63,10 +63,15 @@ def build_models(settings: Settings, app: App) -> ModelProvider:
     return ScriptedProvider(default=app.offline_script)
 
 
+def otlp_wanted(setting: bool | None) -> bool:
+    """Export when the setting says so; unset, when an OTLP endpoint is configured."""
+    if setting is not None:
+        return setting
+    return any(os.environ.get(name) for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
 def build_tracer(settings: Settings, traces: InMemoryTraceStore) -> tuple[Tracer, "TracerProvider | None"]:
     """The in-process trace store, plus OpenTelemetry export when configured (imported only then)."""
-    from agentd.server.tracing.export import otlp_wanted
-
     if not otlp_wanted(settings.otlp_export):
         return traces, None
     from agentd.server.tracing.export import build_tracer_provider

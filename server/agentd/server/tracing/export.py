@@ -13,22 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 log = logging.getLogger("agentd.tracing")
-
-_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-
-
-def otlp_wanted(setting: bool | None) -> bool:
-    """Export when the setting says so; unset, when an OTLP endpoint is configured."""
-    if setting is not None:
-        return setting
-    return any(os.environ.get(name) for name in _ENDPOINT_VARIABLES)
-
 
 def _exporter() -> SpanExporter:
     protocol = (
@@ -48,20 +39,32 @@ def _exporter() -> SpanExporter:
 def build_tracer_provider() -> TracerProvider:
     """A provider exporting over OTLP in batches (service name ``agentd`` unless set)."""
     resource = Resource.create({SERVICE_NAME: "agentd"}) if not os.environ.get("OTEL_SERVICE_NAME") else Resource.create()
-    provider = TracerProvider(resource=resource)
+    # shutdown_on_exit=False: the server flushes with a time limit when it stops; the SDK's
+    # own exit hook would block the process for as long as a dead collector keeps it retrying.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(_exporter()))
     log.info("exporting traces over OTLP (%s)", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "default endpoint")
     return provider
 
 
 async def shutdown_provider(provider: TracerProvider, timeout_s: float) -> None:
-    """Flush what is queued, within ``timeout_s``; an unreachable collector cannot hold up shutdown."""
+    """Flush what is queued, within ``timeout_s``; a stuck collector cannot hold up shutdown.
+
+    The flush runs on a daemon thread: if the collector never answers, the process still
+    exits when the server is done, and the unsent spans are dropped with a log line.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
 
     def flush_and_close() -> None:
-        provider.force_flush(timeout_millis=int(timeout_s * 1000))
-        provider.shutdown()
+        try:
+            provider.force_flush(timeout_millis=int(timeout_s * 1000))
+            provider.shutdown()
+        finally:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
+    threading.Thread(target=flush_and_close, name="agentd-trace-flush", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.to_thread(flush_and_close), timeout_s + 1)
+        await asyncio.wait_for(done, timeout_s + 1)
     except asyncio.TimeoutError:
         log.warning("trace export did not finish within %.1fs at shutdown; remaining spans dropped", timeout_s)
