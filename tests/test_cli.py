@@ -48,9 +48,15 @@ async def test_run_streams_steps_and_a_summary(harness):
     assert code == 0 and "sessions/cli-1" in out
     code, out, _ = await agentd("traces", "list", "--target", harness.target)
     assert code == 0 and "agentd run" in out
-    trace_id = (await harness.client.list_traces()).traces[0].trace_id
-    code, out, _ = await agentd("traces", "show", trace_id, "--target", harness.target)
-    assert code == 0 and "get_weather" in out and "generation" in out
+    trace = (await harness.client.list_traces()).traces[0]
+    code, out, _ = await agentd("traces", "list", "--agent", "specialist", "--status", "ok", "--target", harness.target)
+    assert code == 0 and trace.trace_id in out and "assistant → specialist" in out
+    assert f"{trace.input_tokens}/{trace.output_tokens}" in out
+    code, out, _ = await agentd("traces", "list", "--status", "error", "--target", harness.target)
+    assert code == 0 and trace.trace_id not in out
+    code, out, _ = await agentd("traces", "show", trace.trace_id, "--target", harness.target)
+    assert code == 0 and "get_weather" in out and "generation" in out and "tokens in/out" in out
+    assert any("handoff" in line and "assistant" in line for line in out.splitlines())
     code, out, _ = await agentd("sessions", "clear", "cli-1", "--target", harness.target)
     assert code == 0 and "removed 6 item(s)" in out
 

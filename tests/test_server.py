@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -106,6 +107,49 @@ async def test_traces_page(harness):
     second = await harness.client.list_traces(workflow_name="paged", page_size=2, page_token=first.next_page_token)
     ids = [t.trace_id for t in first.traces] + [t.trace_id for t in second.traces]
     assert len(ids) == len(set(ids)) == 3 and not second.next_page_token
+
+
+async def test_traces_filter_by_agent_status_and_time(harness):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from agentd.client import RunFailedError
+
+    handoff = Script.of(calls(call("transfer_to_specialist")), say("done"))
+    harness.model.set_script("assistant", handoff)
+    harness.model.set_script("specialist", handoff)
+    handed_off = await collect(harness.client.run("assistant", "hand me over", workflow_name="filters"))
+    between = Timestamp()
+    between.GetCurrentTime()
+    harness.model.set_script("reporter", Script.of(say("not json")))
+    with pytest.raises(RunFailedError):
+        await harness.client.run_final_output("reporter", "report", workflow_name="filters")
+    failed = (await harness.client.list_traces(workflow_name="filters")).traces[0]
+    assert failed.agent == "reporter" and failed.status == trace_service_pb2.SPAN_STATUS_ERROR
+
+    async def ids(**filters) -> list[str]:
+        request = trace_service_pb2.ListTracesRequest(workflow_name="filters", **filters)
+        return [t.trace_id for t in (await harness.client.traces.ListTraces(request)).traces]
+
+    # An agent matches a trace it was handed off to, not only the one it started with.
+    assert await ids(agent="specialist") == [handed_off[0].trace_id]
+    assert await ids(agent="assistant") == [handed_off[0].trace_id]
+    assert await ids(agent="reporter") == [failed.trace_id]
+    assert await ids(agent="nobody") == []
+    assert await ids(status=trace_service_pb2.SPAN_STATUS_ERROR) == [failed.trace_id]
+    assert await ids(status=trace_service_pb2.SPAN_STATUS_OK) == [handed_off[0].trace_id]
+    assert await ids(start_time_from=between) == [failed.trace_id]
+    assert await ids(start_time_to=between) == [handed_off[0].trace_id]
+
+    listed = (await harness.client.list_traces(agent="specialist")).traces[0]
+    assert list(listed.agents) == ["assistant", "specialist"]
+    assert listed.input_tokens > 0 and listed.output_tokens > 0
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await ids(start_time_from=between, start_time_to=between)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "start_time_to" in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await ids(status=42)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "status" in info.value.details()
 
 
 async def test_shutdown_cancels_runs_that_outlive_the_grace_period(harness):

@@ -158,7 +158,13 @@ def cmd_traces(args: argparse.Namespace) -> int:
     with SyncAgentdClient(args.target) as client:
         try:
             if args.action == "list":
-                response = client.list_traces(workflow_name=args.workflow, group_id=args.group, page_size=args.limit)
+                from agentd.v1 import trace_service_pb2
+
+                status = trace_service_pb2.SpanStatus.Value(f"SPAN_STATUS_{args.status.upper()}") if args.status else 0
+                response = client.list_traces(
+                    workflow_name=args.workflow, group_id=args.group, agent=args.agent, status=status,
+                    page_size=args.limit,
+                )
                 console.print(traces_table(response.traces))
             else:
                 console.print(trace_timeline(client.get_trace(args.trace_id)))
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     tlist = with_target(traces_sub.add_parser("list"))
     tlist.add_argument("--workflow", default="")
     tlist.add_argument("--group", default="")
+    tlist.add_argument("--agent", default="", help="traces in which this agent ran")
+    tlist.add_argument("--status", choices=["ok", "error", "in_progress"])
     tlist.add_argument("--limit", type=int, default=20)
     tshow = with_target(traces_sub.add_parser("show"))
     tshow.add_argument("trace_id")

@@ -128,20 +128,21 @@ def sessions_table(sessions: Iterable[session_service_pb2.Session]) -> Table:
 
 def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> Table:
     table = Table(title="traces")
-    for column in ("trace", "workflow", "group", "agent", "status", "started", "spans"):
+    for column in ("trace", "workflow", "group", "agents", "status", "started", "spans", "tokens in/out"):
         table.add_column(column)
     for trace in traces:
         status = trace_service_pb2.SpanStatus.Name(trace.status).removeprefix("SPAN_STATUS_").lower()
         started = trace.start_time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
-        table.add_row(trace.trace_id, trace.workflow_name, trace.group_id, trace.agent, status, started,
-                      str(trace.span_count))
+        agents = " → ".join(trace.agents) or trace.agent
+        table.add_row(trace.trace_id, trace.workflow_name, trace.group_id, agents, status, started,
+                      str(trace.span_count), f"{trace.input_tokens}/{trace.output_tokens}")
     return table
 
 
 def trace_timeline(response: trace_service_pb2.GetTraceResponse) -> Table:
     trace = response.trace
     table = Table(title=f"trace {trace.trace_id} · {trace.workflow_name} · run {trace.run_id}")
-    for column in ("time", "step", "name", "duration", "detail", "error"):
+    for column in ("time", "step", "agent", "name", "duration", "tokens in/out", "error"):
         table.add_column(column, overflow="fold")
     depth: dict[str, int] = {}
     for span in response.spans:
@@ -155,9 +156,10 @@ def trace_timeline(response: trace_service_pb2.GetTraceResponse) -> Table:
         else:
             took = "…"
         attrs = json_format.MessageToDict(span.attributes)
-        detail = ""
+        tokens = ""
         if "input_tokens" in attrs:
-            detail = f"{int(attrs['input_tokens'])} in / {int(attrs.get('output_tokens', 0))} out tokens"
-        table.add_row(started, "  " * level + kind, span.name, took, detail,
+            tokens = f"{int(attrs['input_tokens'])}/{int(attrs.get('output_tokens', 0))}"
+        agent = str(attrs.get("agent", attrs.get("from_agent", "")))
+        table.add_row(started, "  " * level + kind, agent, span.name, took, tokens,
                       Text(_short(span.error_message, 80), style="red"))
     return table

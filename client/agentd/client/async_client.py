@@ -201,11 +201,24 @@ class AgentdClient:
     # Traces
 
     async def list_traces(
-        self, *, workflow_name: str = "", group_id: str = "", page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        workflow_name: str = "",
+        group_id: str = "",
+        agent: str = "",
+        status: int = trace_service_pb2.SPAN_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
     ) -> trace_service_pb2.ListTracesResponse:
+        """Newest first; filters combine (status: a ``trace_service_pb2.SPAN_STATUS_*`` value)."""
         return await self.traces.ListTraces(
             trace_service_pb2.ListTracesRequest(
-                workflow_name=workflow_name, group_id=group_id, page_size=page_size, page_token=page_token
+                workflow_name=workflow_name,
+                group_id=group_id,
+                agent=agent,
+                status=status,
+                page_size=page_size,
+                page_token=page_token,
             )
         )
 

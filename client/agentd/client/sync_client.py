@@ -91,9 +91,19 @@ class SyncAgentdClient:
     def delete_session(self, session_id: str) -> None:
         self.sessions.DeleteSession(session_service_pb2.DeleteSessionRequest(name=session_name(session_id)))
 
-    def list_traces(self, *, workflow_name: str = "", group_id: str = "", page_size: int = 0) -> trace_service_pb2.ListTracesResponse:
+    def list_traces(
+        self,
+        *,
+        workflow_name: str = "",
+        group_id: str = "",
+        agent: str = "",
+        status: int = trace_service_pb2.SPAN_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> trace_service_pb2.ListTracesResponse:
         return self.traces.ListTraces(
-            trace_service_pb2.ListTracesRequest(workflow_name=workflow_name, group_id=group_id, page_size=page_size)
+            trace_service_pb2.ListTracesRequest(
+                workflow_name=workflow_name, group_id=group_id, agent=agent, status=status, page_size=page_size
+            )
         )
 
     def get_trace(self, trace_id: str) -> trace_service_pb2.GetTraceResponse:

@@ -38,7 +38,7 @@ SPAN_KIND_FUNCTION: SpanKind
 SPAN_KIND_HANDOFF: SpanKind
 
 class Trace(_message.Message):
-    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count")
+    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,9 @@ class Trace(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     trace_id: str
     workflow_name: str
@@ -68,7 +71,10 @@ class Trace(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     status: SpanStatus
     span_count: int
-    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ...) -> None: ...
+    input_tokens: int
+    output_tokens: int
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("span_id", "parent_span_id", "name", "kind", "start_time", "end_time", "status", "error_message", "attributes")
@@ -93,16 +99,24 @@ class Span(_message.Message):
     def __init__(self, span_id: _Optional[str] = ..., parent_span_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[_Union[SpanKind, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., error_message: _Optional[str] = ..., attributes: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ListTracesRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "workflow_name", "group_id")
+    __slots__ = ("page_size", "page_token", "workflow_name", "group_id", "agent", "status", "start_time_from", "start_time_to")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FROM_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_TO_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     workflow_name: str
     group_id: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
+    agent: str
+    status: SpanStatus
+    start_time_from: _timestamp_pb2.Timestamp
+    start_time_to: _timestamp_pb2.Timestamp
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., start_time_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListTracesResponse(_message.Message):
     __slots__ = ("traces", "next_page_token")

@@ -38,8 +38,22 @@ class TraceService(pb_grpc.TraceServiceServicer):
             if not start.isdigit() or not trace_id:
                 raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged")
             before = (int(start), trace_id)
+        status = _STATUS_FILTER.get(request.status)
+        if status is None:
+            raise InvalidArgument("status", f"unknown status value {request.status}")
+        start_from = request.start_time_from.ToNanoseconds() if request.HasField("start_time_from") else 0
+        start_to = request.start_time_to.ToNanoseconds() if request.HasField("start_time_to") else 0
+        if start_from and start_to and start_from >= start_to:
+            raise InvalidArgument("start_time_to", "must be later than start_time_from")
         traces, more = self._store.list_traces(
-            limit=size, before=before, workflow_name=request.workflow_name, group_id=request.group_id
+            limit=size,
+            before=before,
+            workflow_name=request.workflow_name,
+            group_id=request.group_id,
+            agent=request.agent,
+            status=status,
+            start_from_ns=start_from,
+            start_to_ns=start_to,
         )
         response = pb.ListTracesResponse(traces=[_trace_to_proto(t) for t in traces])
         if more and traces:
@@ -55,6 +69,14 @@ class TraceService(pb_grpc.TraceServiceServicer):
             raise NotFound(f"name: trace {trace_id!r} does not exist (or has aged out of the trace store)")
         spans = sorted(trace.spans, key=lambda s: s.start_ns)
         return pb.GetTraceResponse(trace=_trace_to_proto(trace), spans=[_span_to_proto(s) for s in spans])
+
+
+_STATUS_FILTER = {
+    pb.SPAN_STATUS_UNSPECIFIED: "",
+    pb.SPAN_STATUS_OK: "ok",
+    pb.SPAN_STATUS_ERROR: "error",
+    pb.SPAN_STATUS_IN_PROGRESS: "in_progress",
+}
 
 
 def _status(end_ns: int, error: str) -> int:
@@ -75,7 +97,9 @@ def _trace_to_proto(trace: TraceRecord) -> pb.Trace:
         start_time=timestamp_ns(trace.start_ns),
         status=_status(trace.end_ns, trace.error),
         span_count=len(trace.spans),
+        agents=trace.agents,
     )
+    message.input_tokens, message.output_tokens = trace.token_totals()
     if trace.end_ns:
         message.end_time.CopyFrom(timestamp_ns(trace.end_ns))
     return message

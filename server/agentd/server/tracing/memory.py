@@ -88,6 +88,27 @@ class TraceRecord:
             self.end_ns = time.time_ns()
             self.error = error
 
+    @property
+    def status(self) -> str:
+        """"in_progress", "error" or "ok"."""
+        if not self.end_ns:
+            return "in_progress"
+        return "error" if self.error else "ok"
+
+    @property
+    def agents(self) -> list[str]:
+        """Every agent that ran, in the order they first did."""
+        seen = dict.fromkeys(s.name for s in self.spans if s.kind is SpanKind.AGENT)
+        return list(seen) or [self.agent]
+
+    def token_totals(self) -> tuple[int, int]:
+        """(input, output) tokens over the run's model calls."""
+        model_calls = [s.attributes for s in self.spans if s.kind is SpanKind.GENERATION]
+        return (
+            sum(int(a.get("input_tokens", 0)) for a in model_calls),
+            sum(int(a.get("output_tokens", 0)) for a in model_calls),
+        )
+
 
 class InMemoryTraceStore:
     """Implements ``Tracer`` and the queries behind TraceService."""
@@ -130,16 +151,36 @@ class InMemoryTraceStore:
         return self._traces.get(trace_id)
 
     def list_traces(
-        self, *, limit: int, before: tuple[int, str] | None = None, workflow_name: str = "", group_id: str = ""
+        self,
+        *,
+        limit: int,
+        before: tuple[int, str] | None = None,
+        workflow_name: str = "",
+        group_id: str = "",
+        agent: str = "",
+        status: str = "",
+        start_from_ns: int = 0,
+        start_to_ns: int = 0,
     ) -> tuple[list[TraceRecord], bool]:
-        """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match."""
+        """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match.
+
+        Filters combine with AND; an empty filter matches everything.
+        """
         page: list[TraceRecord] = []
         for trace in reversed(self._traces.values()):
             if before is not None and (trace.start_ns, trace.trace_id) >= before:
                 continue
+            if start_to_ns and trace.start_ns >= start_to_ns:
+                continue
+            if start_from_ns and trace.start_ns < start_from_ns:
+                break  # newest first: everything after this is older still
             if workflow_name and trace.workflow_name != workflow_name:
                 continue
             if group_id and trace.group_id != group_id:
+                continue
+            if status and trace.status != status:
+                continue
+            if agent and agent != trace.agent and agent not in trace.agents:
                 continue
             if len(page) == limit:
                 return page, True
