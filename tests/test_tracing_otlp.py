@@ -154,3 +154,48 @@ async def test_a_run_completes_when_the_collector_is_down(
         stopping = asyncio.get_running_loop().time()
         await h.server.stop(grace_s=0)
         assert asyncio.get_running_loop().time() - stopping < 5  # shutdown does not wait on the collector
+
+
+async def test_spans_export_over_otlp_http_too(
+    model_server: ScriptedOpenAIServer, tmp_path: Path, otlp_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
+
+    received: list[Span] = []
+
+    async def export(request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        message = ExportTraceServiceRequest.FromString(await request.read())
+        received.extend(s for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans)
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        otlp_env(port)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        h = await start_harness(model_server, tmp_path)
+        try:
+            h.model.set_script("assistant", Script.of(say("hello")))
+            events = await collect(h.client.run("assistant", "hi"))
+            deadline = asyncio.get_running_loop().time() + 10
+            while len([s for s in received if s.trace_id.hex() == events[0].trace_id]) < 3:
+                assert asyncio.get_running_loop().time() < deadline, f"received {len(received)} spans"
+                await asyncio.sleep(0.05)
+        finally:
+            await h.client.close()
+            await h.server.stop(grace_s=0)
+    finally:
+        await runner.cleanup()
+    assert sorted(s.name for s in received if s.trace_id.hex() == events[0].trace_id) == [
+        "agentd run", "chat assistant", "invoke_agent assistant",
+    ]
