@@ -1,0 +1,204 @@
+"""OpenTelemetry metrics derived from agentd's spans.
+
+``MetricsSpanProcessor`` sits on the tracer provider next to the OTLP batch processor and
+turns each ended span into measurements, so the run loop has one instrumentation (its
+spans) and the metrics can never disagree with the traces:
+
+=====================================  =========  ===============================================
+metric                                 unit       attributes
+=====================================  =========  ===============================================
+``agentd.runs`` (counter)              {run}      gen_ai.agent.name, agentd.run.status
+``agentd.run.duration``                s          gen_ai.agent.name, agentd.run.status
+``gen_ai.client.operation.duration``   s          gen_ai.operation.name, gen_ai.request.model,
+                                                  error.type (failed calls only)
+``gen_ai.client.token.usage``          {token}    gen_ai.operation.name, gen_ai.request.model,
+                                                  gen_ai.token.type (input | output)
+``agentd.tool.duration``               s          gen_ai.tool.name, error.type (failed calls only)
+``agentd.tool.errors`` (counter)       {error}    gen_ai.tool.name, error.type
+=====================================  =========  ===============================================
+
+``gen_ai.agent.name`` on run metrics is the agent the run started with (handoffs do not
+change it). ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``. A tool
+call cancelled with its run is timed but not counted in ``agentd.tool.errors``: the
+cancellation is the run's (``agentd.run.status=cancelled``), not the tool's failure.
+
+Metric attributes must stay low-cardinality, so ``error.type`` is not the span's free-text
+status but a short class of it: an HTTP status code (``"500"``), ``timeout``,
+``unreachable``, ``cancelled``, an exception class name (``RuntimeError``),
+``invalid_arguments``, ``unknown_tool``... or ``_OTHER``. Calls to a tool the agent does not
+have (a model can invent any name) are recorded under ``gen_ai.tool.name=_OTHER``.
+
+``on_end`` runs synchronously where the span ends (the event loop): it only reads the
+span and records into pre-created instruments; export happens on the metric reader's
+thread. A failure to record is logged, never raised into the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Mapping
+
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.trace import StatusCode
+
+log = logging.getLogger("agentd.tracing")
+
+# GenAI semantic conventions' recommended boundaries.
+OPERATION_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_USAGE_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)
+# A run spans several model calls and tools: from sub-second to many minutes.
+RUN_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+# Tools range from in-process lookups (ms) to slow APIs up to their timeout.
+TOOL_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+OTHER = "_OTHER"
+_TOOL_SPAN_PREFIX = "execute_tool "
+
+# error.type classes, from the messages run_loop.py, tools.py and the model providers end spans with.
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+_TOOL_EXCEPTION = re.compile(r"^Error: tool '[^']*' failed: ([A-Za-z_][\w.]*):")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][\w.]{0,63}$")
+
+
+def _model_error_type(description: str, span_error_type: object) -> str:
+    if match := _HTTP_STATUS.search(description):
+        return match.group(1)
+    if description.startswith("CancelledError"):
+        return "cancelled"
+    if " timed out " in description:
+        return "timeout"
+    if " is unreachable " in description:
+        return "unreachable"
+    if " refused to answer" in description:
+        return "refusal"
+    if description == "no response":
+        return "no_response"
+    # "<ExceptionClass>: message" from an unexpected exception
+    if isinstance(span_error_type, str) and _IDENTIFIER.match(span_error_type):
+        return span_error_type
+    return OTHER
+
+
+def _tool_error_type(description: str) -> str:
+    if description.startswith("cancelled"):
+        return "cancelled"
+    if match := _TOOL_EXCEPTION.match(description):
+        return match.group(1)
+    if description.startswith("Error: tool '") and " timed out after " in description:
+        return "timeout"
+    if description.startswith(("Error: invalid arguments for tool", "Error: the arguments for tool")):
+        return "invalid_arguments"
+    if description.startswith("Error: there is no tool named"):
+        return "unknown_tool"
+    return OTHER
+
+
+def _seconds(span: ReadableSpan) -> float:
+    if span.start_time is None or span.end_time is None:
+        return 0.0
+    return max(0, span.end_time - span.start_time) / 1e9
+
+
+class MetricsSpanProcessor(SpanProcessor):
+    """Records run, model-call and tool metrics from agentd's ended spans.
+
+    It does not own ``meter_provider``: whoever built it flushes and shuts it down.
+    """
+
+    def __init__(self, meter_provider: MeterProvider) -> None:
+        meter = meter_provider.get_meter("agentd")
+        self._runs = meter.create_counter("agentd.runs", unit="{run}", description="Runs finished, by outcome.")
+        self._run_duration = meter.create_histogram(
+            "agentd.run.duration",
+            unit="s",
+            description="Duration of agent runs, handoffs and tools included.",
+            explicit_bucket_boundaries_advisory=RUN_DURATION_BUCKETS,
+        )
+        self._operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
+        )
+        self._token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+        )
+        self._tool_duration = meter.create_histogram(
+            "agentd.tool.duration",
+            unit="s",
+            description="Duration of function tool calls.",
+            explicit_bucket_boundaries_advisory=TOOL_DURATION_BUCKETS,
+        )
+        self._tool_errors = meter.create_counter(
+            "agentd.tool.errors", unit="{error}", description="Function tool calls that failed (cancellations excluded)."
+        )
+        self._failed_once = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        attributes = span.attributes
+        if not attributes:
+            return
+        kind = attributes.get("agentd.span_kind")
+        try:
+            if kind == "generation":
+                self._generation(span, attributes)
+            elif kind == "function":
+                self._function(span)
+            elif kind == "run":
+                self._run(span, attributes)
+        except Exception:  # noqa: BLE001 (span.end() must never raise into the run loop)
+            if not self._failed_once:
+                self._failed_once = True
+                log.exception("could not record metrics for span %r; further failures are not logged", span.name)
+
+    def _run(self, span: ReadableSpan, attributes: Mapping[str, Any]) -> None:
+        status = span.status
+        if status.status_code is StatusCode.ERROR:
+            outcome = "cancelled" if (status.description or "").startswith("cancelled") else "failed"
+        else:
+            outcome = "completed"
+        labels = {"gen_ai.agent.name": attributes.get("gen_ai.agent.name", ""), "agentd.run.status": outcome}
+        self._runs.add(1, labels)
+        self._run_duration.record(_seconds(span), labels)
+
+    def _generation(self, span: ReadableSpan, attributes: Mapping[str, Any]) -> None:
+        model = attributes.get("gen_ai.request.model", "")
+        labels = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model}
+        if span.status.status_code is StatusCode.ERROR:
+            error_type = _model_error_type(span.status.description or "", attributes.get("error.type"))
+            self._operation_duration.record(_seconds(span), {**labels, "error.type": error_type})
+            return
+        self._operation_duration.record(_seconds(span), labels)
+        input_tokens = attributes.get("gen_ai.usage.input_tokens")
+        if input_tokens is not None:
+            self._token_usage.record(input_tokens, {**labels, "gen_ai.token.type": "input"})
+        output_tokens = attributes.get("gen_ai.usage.output_tokens")
+        if output_tokens is not None:
+            self._token_usage.record(output_tokens, {**labels, "gen_ai.token.type": "output"})
+
+    def _function(self, span: ReadableSpan) -> None:
+        name = span.name
+        tool = name[len(_TOOL_SPAN_PREFIX):] if name.startswith(_TOOL_SPAN_PREFIX) else name
+        if span.status.status_code is not StatusCode.ERROR:
+            self._tool_duration.record(_seconds(span), {"gen_ai.tool.name": tool})
+            return
+        error_type = _tool_error_type(span.status.description or "")
+        if error_type == "unknown_tool":
+            tool = OTHER  # the name came from the model, not the app: unbounded
+        labels = {"gen_ai.tool.name": tool, "error.type": error_type}
+        self._tool_duration.record(_seconds(span), labels)
+        if error_type != "cancelled":
+            self._tool_errors.add(1, labels)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # measurements are recorded synchronously; the meter provider's reader exports them
+
+    def shutdown(self) -> None:
+        pass
