@@ -33,7 +33,9 @@ from agentd.server.sessions.factory import build_store
 from agentd.server.settings import Settings
 from agentd.server.store_upkeep import StoreUpkeep
 from agentd.server.tracing.base import Tracer
+from agentd.server.tracing.archive import Retention, TraceArchive
 from agentd.server.tracing.memory import InMemoryTraceStore
+from agentd.server.tracing.store import TraceStore
 from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
 from agentd.v1 import trace_service_pb2, trace_service_pb2_grpc
 
@@ -81,6 +83,40 @@ def build_tracer(settings: Settings, traces: InMemoryTraceStore) -> tuple[Tracer
     return OtelTracer(traces, provider, capture_content=settings.trace_content), provider
 
 
+def build_trace_archive(settings: Settings) -> TraceArchive | None:
+    """Where ended traces are kept (None: memory only), per ``AGENTD_TRACE_STORE``."""
+    backend = settings.resolved_trace_store()
+    if backend == "sqlite":
+        from agentd.server.tracing.archive_sqlite import SqliteTraceArchive
+
+        return SqliteTraceArchive(settings.resolved_trace_sqlite_path(), auto_migrate=settings.auto_migrate)
+    if backend == "postgres":
+        from agentd.server.tracing.archive_postgres import PostgresTraceArchive
+
+        return PostgresTraceArchive(
+            url=settings.postgres_url,
+            schema=settings.postgres_schema,
+            connect_timeout_s=settings.postgres_connect_timeout_s,
+            command_timeout_s=settings.postgres_command_timeout_s,
+            auto_migrate=settings.auto_migrate,
+        )
+    return None
+
+
+def build_trace_store(settings: Settings) -> TraceStore:
+    memory = InMemoryTraceStore(settings.trace_retention, capture_content=settings.trace_content)
+    days = settings.trace_retention_days
+    return TraceStore(
+        memory,
+        build_trace_archive(settings),
+        retention=Retention(settings.trace_retention, days * 86400 if days else None),
+        flush_interval_s=settings.trace_flush_interval_s,
+        batch_size=settings.trace_batch_size,
+        max_queued=settings.trace_queue_size,
+        sweep_interval_s=settings.trace_sweep_interval_s,
+    )
+
+
 @dataclass(eq=False)
 class RunningServer:
     settings: Settings
@@ -89,7 +125,7 @@ class RunningServer:
     runs: RunManager
     store: SessionStore
     models: ModelProvider
-    traces: InMemoryTraceStore
+    traces: TraceStore
     health: health.aio.HealthServicer
     upkeep: StoreUpkeep
     # The OpenTelemetry provider when traces are exported over OTLP.
@@ -108,6 +144,8 @@ class RunningServer:
         await self.runs.drain(grace)
         await stopping
         await self.models.aclose()
+        # Runs are drained: every trace has ended; write them out before closing.
+        await self.traces.close()
         await self.store.close()
         if self.trace_provider is not None:
             from agentd.server.tracing.export import shutdown_provider
@@ -128,8 +166,9 @@ async def start_server(
     models = models or build_models(settings, app)
     store = store or build_store(settings)
     await store.open()
-    traces = InMemoryTraceStore(settings.trace_retention, capture_content=settings.trace_content)
-    tracer, trace_provider = build_tracer(settings, traces)
+    traces = build_trace_store(settings)
+    await traces.open()  # an archive that cannot be reached is logged and retried, never fatal
+    tracer, trace_provider = build_tracer(settings, traces.memory)
     runner = AgentRunner(app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s)
     runs = RunManager(runner, max_active_runs=settings.max_active_runs)
 
@@ -153,6 +192,7 @@ async def start_server(
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
+        await traces.close()
         await store.close()
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use?)")
     await server.start()

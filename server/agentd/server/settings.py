@@ -55,7 +55,26 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_active_runs: int = Field(1000, gt=0, description="Runs this server executes at once; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0)
-    trace_retention: int = Field(10_000, gt=0, description="Traces kept in memory.")
+    trace_retention: int = Field(
+        10_000, gt=0, description="Traces kept: the newest this many, in memory and in the trace archive."
+    )
+    trace_store: Literal["auto", "memory", "sqlite", "postgres"] = Field(
+        "auto",
+        description="Where ended traces are archived: auto follows the session store (postgres -> postgres,"
+        " memory -> memory only, sqlite and redis -> sqlite).",
+    )
+    trace_sqlite_path: Path | None = Field(
+        None, description="The SQLite trace archive; unset: agentd-traces.db next to the session database."
+    )
+    trace_retention_days: float | None = Field(
+        30.0, gt=0, description="Archived traces older than this are deleted too (None: only the count limit)."
+    )
+    trace_sweep_interval_s: float = Field(300.0, gt=0, description="How often trace retention is applied.")
+    trace_flush_interval_s: float = Field(0.15, gt=0, description="How often ended traces are written, in batches.")
+    trace_batch_size: int = Field(200, gt=0, description="Ended traces written per batch (a full batch goes at once).")
+    trace_queue_size: int = Field(
+        10_000, gt=0, description="Ended traces waiting for the archive; beyond it the oldest is dropped."
+    )
     otlp_export: bool | None = Field(
         None, description="Export traces over OTLP; unset: when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set."
     )
@@ -64,3 +83,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
     asyncio_debug: bool = Field(False, description="Event-loop debug mode: logs callbacks slower than 10 ms.")
+
+    def resolved_trace_store(self) -> Literal["memory", "sqlite", "postgres"]:
+        if self.trace_store != "auto":
+            return self.trace_store
+        if self.store == "postgres":
+            return "postgres"
+        if self.store == "memory":
+            return "memory"
+        return "sqlite"
+
+    def resolved_trace_sqlite_path(self) -> Path:
+        if self.trace_sqlite_path is not None:
+            return self.trace_sqlite_path
+        return self.sqlite_path.parent / "agentd-traces.db"

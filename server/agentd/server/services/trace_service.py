@@ -1,4 +1,4 @@
-"""TraceService: what runs did, from the in-process trace store."""
+"""TraceService: what runs did, from the trace store (live traces in memory, ended ones archived)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from agentd.server.services.errors import NotFound, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.tracing.base import SpanKind
 from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceRecord
+from agentd.server.tracing.store import TraceStore
 from agentd.v1 import trace_service_pb2 as pb
 from agentd.v1 import trace_service_pb2_grpc as pb_grpc
 
@@ -25,8 +26,8 @@ _KINDS = {
 
 
 class TraceService(pb_grpc.TraceServiceServicer):
-    def __init__(self, store: InMemoryTraceStore) -> None:
-        self._store = store
+    def __init__(self, store: TraceStore | InMemoryTraceStore) -> None:
+        self._store = store if isinstance(store, TraceStore) else TraceStore(store)
 
     @unary_errors
     async def ListTraces(self, request: pb.ListTracesRequest, context: grpc.aio.ServicerContext) -> pb.ListTracesResponse:
@@ -45,7 +46,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
         start_to = request.start_time_to.ToNanoseconds() if request.HasField("start_time_to") else 0
         if start_from and start_to and start_from >= start_to:
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
-        traces, more = self._store.list_traces(
+        traces, more = await self._store.list_traces(
             limit=size,
             before=before,
             workflow_name=request.workflow_name,
@@ -64,7 +65,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
     @unary_errors
     async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
         trace_id = validation.resource_id("name", request.name, "traces", allow_bare=True)
-        trace = self._store.get_trace(trace_id)
+        trace = await self._store.get_trace(trace_id)
         if trace is None:
             raise NotFound(f"name: trace {trace_id!r} does not exist (or has aged out of the trace store)")
         spans = sorted(trace.spans, key=lambda s: s.start_ns)
@@ -96,7 +97,7 @@ def _trace_to_proto(trace: TraceRecord) -> pb.Trace:
         agent=trace.agent,
         start_time=timestamp_ns(trace.start_ns),
         status=_status(trace.end_ns, trace.error),
-        span_count=len(trace.spans),
+        span_count=trace.span_count,
         agents=trace.agents,
     )
     message.input_tokens, message.output_tokens = trace.token_totals()

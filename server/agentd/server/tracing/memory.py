@@ -6,11 +6,14 @@ memory stays flat.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+log = logging.getLogger("agentd.tracing")
 
 from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, parse_traceparent
 
@@ -66,6 +69,8 @@ class TraceRecord:
     capture_content: bool = True
     # The caller's span this trace continues (from its traceparent); "" when it starts here.
     remote_parent_id: str = ""
+    # Called once with the trace when it ends (the store hands it to its archive); never raises.
+    on_end: Callable[["TraceRecord"], None] | None = field(default=None, repr=False)
 
     def span(
         self, kind: SpanKind, name: str, parent: SpanRecord | None, *, span_id: str = "", **attributes: Any
@@ -87,6 +92,15 @@ class TraceRecord:
         if not self.end_ns:
             self.end_ns = time.time_ns()
             self.error = error
+            if self.on_end is not None:
+                try:
+                    self.on_end(self)
+                except Exception:  # recording must never raise into the run
+                    log.exception("trace %s: handing the ended trace on failed", self.trace_id)
+
+    @property
+    def span_count(self) -> int:
+        return len(self.spans)
 
     @property
     def status(self) -> str:
@@ -113,10 +127,18 @@ class TraceRecord:
 class InMemoryTraceStore:
     """Implements ``Tracer`` and the queries behind TraceService."""
 
-    def __init__(self, max_traces: int = 10_000, *, capture_content: bool = False) -> None:
+    def __init__(
+        self,
+        max_traces: int = 10_000,
+        *,
+        capture_content: bool = False,
+        on_trace_end: Callable[[TraceRecord], None] | None = None,
+    ) -> None:
         self._max = max_traces
         self._capture_content = capture_content
         self._traces: OrderedDict[str, TraceRecord] = OrderedDict()
+        # Called with each trace as it ends (``TraceStore`` queues it for its archive).
+        self.on_trace_end = on_trace_end
 
     def start_trace(
         self,
@@ -141,6 +163,7 @@ class InMemoryTraceStore:
             metadata=metadata,
             agent=agent,
             start_ns=time.time_ns(),
+            on_end=self.on_trace_end,
         )
         self._traces[trace.trace_id] = trace
         if len(self._traces) > self._max:

@@ -1,0 +1,387 @@
+"""Ended traces in Postgres: the session store's database and schema, shared by every replica.
+
+Its own small pool and its own migration list (recorded in ``trace_schema_version``),
+applied under the same advisory lock as the session store's migrations, so replicas
+starting together (and the session store's migrations) never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from contextlib import suppress
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.sessions.postgres import _location, _lock_key
+from agentd.server.tracing.archive import (
+    ArchivedTrace,
+    Retention,
+    TraceArchive,
+    TraceQuery,
+    agents_to_index,
+    dumps,
+    summary,
+    where_clause,
+)
+from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.memory import SpanRecord, TraceRecord
+
+__all__ = ["PostgresTraceArchive", "MIGRATIONS"]
+
+log = logging.getLogger("agentd.tracing")
+
+# Versioned, append-only: version N is MIGRATIONS[N - 1]. Run with search_path set to the
+# schema, inside the same transaction as their trace_schema_version row.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: traces, their spans and the agents that ran in them
+    """
+    CREATE TABLE traces (
+        trace_id text PRIMARY KEY,
+        run_id text NOT NULL,
+        workflow_name text NOT NULL,
+        group_id text NOT NULL,
+        metadata jsonb NOT NULL,
+        agent text NOT NULL,
+        agents jsonb NOT NULL,
+        status text NOT NULL,
+        error text NOT NULL,
+        start_ns bigint NOT NULL,
+        end_ns bigint NOT NULL,
+        input_tokens bigint NOT NULL,
+        output_tokens bigint NOT NULL,
+        span_count integer NOT NULL
+    );
+    CREATE INDEX traces_by_start ON traces (start_ns DESC, trace_id DESC);
+    CREATE INDEX traces_by_workflow ON traces (workflow_name, start_ns DESC, trace_id DESC);
+    CREATE INDEX traces_by_group ON traces (group_id, start_ns DESC, trace_id DESC);
+    CREATE TABLE trace_spans (
+        trace_id text NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
+        span_id text NOT NULL,
+        parent_id text NOT NULL,
+        kind text NOT NULL,
+        name text NOT NULL,
+        start_ns bigint NOT NULL,
+        end_ns bigint NOT NULL,
+        error text NOT NULL,
+        attributes jsonb NOT NULL,
+        PRIMARY KEY (trace_id, span_id)
+    );
+    CREATE TABLE trace_agents (
+        trace_id text NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
+        agent text NOT NULL,
+        PRIMARY KEY (trace_id, agent)
+    );
+    CREATE INDEX trace_agents_by_agent ON trace_agents (agent, trace_id);
+    """,
+)
+LATEST_VERSION = len(MIGRATIONS)
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_TRACE_COLUMNS = (
+    "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"
+    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count"
+)
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
+
+# The connection died under the operation (not a timeout: that one is still alive and cancelling).
+_CONNECTION_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+
+T = TypeVar("T")
+
+
+def _clean(value: Any) -> Any:
+    """``value`` without NUL characters, which jsonb cannot hold."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    text = dumps(value)
+    return dumps(_clean(value)) if "\\u0000" in text or "\x00" in text else text
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd")
+
+
+def _trace(row: asyncpg.Record) -> ArchivedTrace:
+    return ArchivedTrace(
+        trace_id=row["trace_id"],
+        run_id=row["run_id"],
+        workflow_name=row["workflow_name"],
+        group_id=row["group_id"],
+        metadata=json.loads(row["metadata"]),
+        agent=row["agent"],
+        start_ns=row["start_ns"],
+        end_ns=row["end_ns"],
+        error=row["error"],
+        stored_agents=json.loads(row["agents"]),
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        stored_span_count=row["span_count"],
+    )
+
+
+def _span(row: asyncpg.Record) -> SpanRecord:
+    return SpanRecord(
+        trace_id=row["trace_id"],
+        span_id=row["span_id"],
+        parent_id=row["parent_id"],
+        kind=SpanKind(row["kind"]),
+        name=row["name"],
+        start_ns=row["start_ns"],
+        end_ns=row["end_ns"],
+        error=row["error"],
+        attributes=json.loads(row["attributes"]),
+    )
+
+
+class PostgresTraceArchive(TraceArchive):
+    backend = "postgres"
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        schema: str = "agentd",
+        min_size: int = 1,
+        max_size: int = 4,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
+        auto_migrate: bool = True,
+    ) -> None:
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"postgres schema must match [a-z_][a-z0-9_]*, got {schema!r}")
+        self._url = url
+        self._schema = schema
+        self._q = f'"{schema}"'
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self._auto_migrate = auto_migrate
+        self._pool: asyncpg.Pool | None = None
+        self._password = urlsplit(url).password or ""
+
+    @property
+    def location(self) -> str:
+        return f"postgres trace archive at {_location(self._url)} schema {self._schema}"
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if self._password:
+            text = text.replace(self._password, "***")
+        return StoreUnavailableError(f"{self.location}: {text}")
+
+    async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection. Every archive operation is idempotent (a write
+        replaces the traces it writes), so one that met a dead connection is tried once more
+        on a fresh one: after an outage the pool's stale connections cost no traces."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailableError(f"{self.location}: not open")
+        timeout = self._connect_timeout_s + self._command_timeout_s
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire(timeout=timeout) as conn:
+                    try:
+                        return await op(conn)
+                    except _CONNECTION_LOST as exc:
+                        if isinstance(exc, TimeoutError):
+                            raise
+                        with suppress(asyncpg.InterfaceError):
+                            conn.terminate()
+                        raise
+            except _CONNECTION_LOST as exc:
+                if attempt == 2 or isinstance(exc, TimeoutError):
+                    raise self._unavailable(exc) from exc
+            except _DRIVER_ERRORS as exc:
+                raise self._unavailable(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s,
+                server_settings={"application_name": "agentd-traces"},
+            )
+        except _DRIVER_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            async with pool.acquire() as conn:
+                current = await self._migrate_or_check(conn)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise self._unavailable(exc) from exc
+            raise
+        if current < LATEST_VERSION:
+            pool.terminate()
+            raise StoreUnavailableError(
+                f"{self.location}: trace schema is at version {current}, this agentd needs {LATEST_VERSION}"
+                " (start with AGENTD_AUTO_MIGRATE=true to apply it)"
+            )
+        self._pool = pool
+
+    async def _migrate_or_check(self, conn: asyncpg.Connection) -> int:
+        q = self._q
+        if not self._auto_migrate:
+            table = f"{q}.trace_schema_version"
+            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                return 0
+            return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
+        async with conn.transaction():
+            # The session store's lock: all migrations of this schema queue on it.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
+            await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {q}.trace_schema_version"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            current: int = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {q}.trace_schema_version")
+            for version in range(current + 1, LATEST_VERSION + 1):
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(f"INSERT INTO {q}.trace_schema_version (version) VALUES ($1)", version)
+                log.info("postgres schema %s: trace tables migrated to version %d", self._schema, version)
+        return max(current, LATEST_VERSION)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self._command_timeout_s)
+        except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            pool.terminate()
+
+    # --- traces ---------------------------------------------------------------------
+
+    async def _insert(self, conn: asyncpg.Connection, trace: TraceRecord) -> None:
+        q = self._q
+        agents, input_tokens, output_tokens = summary(trace)
+        spans = list(trace.spans)
+        # Replaces an earlier trace with this id (runs continuing one caller trace share it).
+        await conn.execute(f"DELETE FROM {q}.traces WHERE trace_id = $1", trace.trace_id)
+        await conn.execute(
+            f"INSERT INTO {q}.traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status,"
+            " error, start_ns, end_ns, input_tokens, output_tokens, span_count)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)",
+            trace.trace_id, _text(trace.run_id), _text(trace.workflow_name), _text(trace.group_id),
+            _json(trace.metadata), _text(trace.agent), _json(agents), trace.status, _text(trace.error),
+            trace.start_ns, trace.end_ns, input_tokens, output_tokens, len(spans),
+        )
+        if spans:
+            await conn.executemany(
+                f"INSERT INTO {q}.trace_spans (trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error,"
+                " attributes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
+                " ON CONFLICT (trace_id, span_id) DO NOTHING",
+                [
+                    (trace.trace_id, s.span_id, s.parent_id, s.kind.value, _text(s.name), s.start_ns, s.end_ns,
+                     _text(s.error), _json(s.attributes))
+                    for s in spans
+                ],
+            )
+        await conn.executemany(
+            f"INSERT INTO {q}.trace_agents (trace_id, agent) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(trace.trace_id, _text(agent)) for agent in agents_to_index(trace)],
+        )
+
+    async def write(self, traces: list[TraceRecord]) -> None:
+        if not traces:
+            return
+
+        async def op(conn: asyncpg.Connection) -> None:
+            try:
+                async with conn.transaction():
+                    for trace in traces:
+                        await self._insert(conn, trace)
+                return
+            except asyncpg.DataError:
+                if len(traces) == 1:
+                    raise
+            # One trace Postgres cannot hold (NaN in an attribute...) must not cost the batch.
+            for trace in traces:
+                try:
+                    async with conn.transaction():
+                        await self._insert(conn, trace)
+                except asyncpg.DataError as exc:
+                    log.warning("trace %s not archived: postgres cannot store it (%s)", trace.trace_id, exc)
+
+        await self._run(op)
+
+    async def get(self, trace_id: str) -> TraceRecord | None:
+        q = self._q
+
+        async def op(conn: asyncpg.Connection) -> TraceRecord | None:
+            row = await conn.fetchrow(f"SELECT {_TRACE_COLUMNS} FROM {q}.traces t WHERE t.trace_id = $1", trace_id)
+            if row is None:
+                return None
+            trace = _trace(row)
+            rows = await conn.fetch(
+                "SELECT trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error, attributes::text AS attributes"
+                f" FROM {q}.trace_spans WHERE trace_id = $1 ORDER BY start_ns, span_id",
+                trace_id,
+            )
+            trace.spans = [_span(r) for r in rows]
+            return trace
+
+        return await self._run(op)
+
+    async def list(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
+        q = self._q
+        where, params = where_clause(query, lambda n: f"${n}", agents_table=f"{q}.trace_agents")
+        sql = (
+            f"SELECT {_TRACE_COLUMNS} FROM {q}.traces t{where}"
+            f" ORDER BY t.start_ns DESC, t.trace_id DESC LIMIT ${len(params) + 1}"
+        )
+        rows = await self._run(lambda conn: conn.fetch(sql, *params, query.limit + 1))
+        page = [_trace(row) for row in rows]
+        return page[: query.limit], len(page) > query.limit
+
+    async def sweep(self, retention: Retention) -> int:
+        q = self._q
+
+        async def op(conn: asyncpg.Connection) -> int:
+            removed = 0
+            if retention.max_age_s is not None:
+                cutoff = time.time_ns() - int(retention.max_age_s * 1e9)
+                status = await conn.execute(f"DELETE FROM {q}.traces WHERE start_ns < $1", cutoff)
+                removed += int(status.split()[-1])
+            oldest_kept = await conn.fetchrow(
+                f"SELECT start_ns, trace_id FROM {q}.traces ORDER BY start_ns DESC, trace_id DESC LIMIT 1 OFFSET $1",
+                retention.max_traces - 1,
+            )
+            if oldest_kept is not None:
+                status = await conn.execute(
+                    f"DELETE FROM {q}.traces WHERE (start_ns, trace_id) < ($1, $2)",
+                    oldest_kept["start_ns"], oldest_kept["trace_id"],
+                )
+                removed += int(status.split()[-1])
+            return removed
+
+        return await self._run(op)

@@ -1,0 +1,305 @@
+"""Ended traces in their own SQLite file (by default next to the session database).
+
+Like the SQLite session store, all database work runs on one dedicated worker thread,
+each public method being one transaction there: the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.tracing.archive import (
+    ArchivedTrace,
+    Retention,
+    TraceArchive,
+    TraceQuery,
+    agents_to_index,
+    dumps,
+    summary,
+    where_clause,
+)
+from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.memory import SpanRecord, TraceRecord
+
+__all__ = ["SqliteTraceArchive", "MIGRATIONS"]
+
+# Versioned, append-only: version N is MIGRATIONS[N - 1]. Never edit a released entry.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: traces, their spans and the agents that ran in them
+    """
+    CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        workflow_name TEXT NOT NULL,
+        group_id TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        agents TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        span_count INTEGER NOT NULL
+    );
+    CREATE INDEX traces_by_start ON traces (start_ns DESC, trace_id DESC);
+    CREATE INDEX traces_by_workflow ON traces (workflow_name, start_ns DESC, trace_id DESC);
+    CREATE INDEX traces_by_group ON traces (group_id, start_ns DESC, trace_id DESC);
+    CREATE TABLE trace_spans (
+        trace_id TEXT NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
+        span_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        attributes TEXT NOT NULL,
+        PRIMARY KEY (trace_id, span_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE trace_agents (
+        trace_id TEXT NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
+        agent TEXT NOT NULL,
+        PRIMARY KEY (trace_id, agent)
+    ) WITHOUT ROWID;
+    CREATE INDEX trace_agents_by_agent ON trace_agents (agent, trace_id);
+    """,
+)
+LATEST_VERSION = len(MIGRATIONS)
+
+_TRACE_COLUMNS = (
+    "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata, t.agent, t.agents, t.error,"
+    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count"
+)
+
+T = TypeVar("T")
+
+
+def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
+    (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count) = row
+    return ArchivedTrace(
+        trace_id=trace_id,
+        run_id=run_id,
+        workflow_name=workflow,
+        group_id=group,
+        metadata=json.loads(metadata),
+        agent=agent,
+        start_ns=start,
+        end_ns=end,
+        error=error,
+        stored_agents=json.loads(agents),
+        input_tokens=tin,
+        output_tokens=tout,
+        stored_span_count=count,
+    )
+
+
+def _span(row: tuple[Any, ...]) -> SpanRecord:
+    trace_id, span_id, parent_id, kind, name, start, end, error, attributes = row
+    return SpanRecord(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_id=parent_id,
+        kind=SpanKind(kind),
+        name=name,
+        start_ns=start,
+        end_ns=end,
+        error=error,
+        attributes=json.loads(attributes),
+    )
+
+
+def _insert(conn: sqlite3.Connection, trace: TraceRecord) -> None:
+    agents, input_tokens, output_tokens = summary(trace)
+    spans = list(trace.spans)
+    # Replaces an earlier trace with this id (runs continuing one caller trace share it).
+    conn.execute("DELETE FROM traces WHERE trace_id = ?", (trace.trace_id,))
+    conn.execute(
+        "INSERT INTO traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status, error,"
+        " start_ns, end_ns, input_tokens, output_tokens, span_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            trace.trace_id, trace.run_id, trace.workflow_name, trace.group_id, dumps(trace.metadata), trace.agent,
+            dumps(agents), trace.status, trace.error, trace.start_ns, trace.end_ns, input_tokens, output_tokens,
+            len(spans),
+        ),
+    )
+    conn.executemany(
+        "INSERT OR REPLACE INTO trace_spans (trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error,"
+        " attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (trace.trace_id, s.span_id, s.parent_id, s.kind.value, s.name, s.start_ns, s.end_ns, s.error,
+             dumps(s.attributes))
+            for s in spans
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO trace_agents (trace_id, agent) VALUES (?, ?)",
+        [(trace.trace_id, agent) for agent in agents_to_index(trace)],
+    )
+
+
+class SqliteTraceArchive(TraceArchive):
+    backend = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], *, auto_migrate: bool = True) -> None:
+        self._path = os.fspath(path)
+        self._auto_migrate = auto_migrate
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def location(self) -> str:
+        return f"sqlite trace archive at {self._path}"
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._path != ":memory:" and not self._path.startswith("file:"):
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            current = self._transaction(conn, True, self._migrate_or_check)
+            if current < LATEST_VERSION:
+                raise StoreUnavailableError(
+                    f"{self.location}: schema is at version {current}, this agentd needs {LATEST_VERSION}"
+                    " (start with AGENTD_AUTO_MIGRATE=true to apply it)"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate_or_check(self, conn: sqlite3.Connection) -> int:
+        conn.execute("CREATE TABLE IF NOT EXISTS trace_schema_version (version INTEGER NOT NULL)")
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM trace_schema_version").fetchone()[0]
+        if not self._auto_migrate:
+            return int(current)
+        for version in range(current + 1, LATEST_VERSION + 1):
+            for statement in MIGRATIONS[version - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO trace_schema_version (version) VALUES (?)", (version,))
+        return max(int(current), LATEST_VERSION)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _run(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
+        executor, conn = self._executor, self._conn
+        if executor is None or conn is None:
+            raise StoreUnavailableError(f"{self.location}: not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, self._transaction, conn, write, fn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.location}: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentd-traces-sqlite")
+        try:
+            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
+        except BaseException as exc:
+            executor.shutdown(wait=False)
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise StoreUnavailableError(f"{self.location}: {exc}") from exc
+            raise
+        self._executor = executor
+
+    async def close(self) -> None:
+        executor, conn = self._executor, self._conn
+        self._executor = self._conn = None
+        if executor is None or conn is None:
+            return
+        try:
+            # Queued behind any in-flight operation, so those finish first.
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+    # --- traces ---------------------------------------------------------------------
+
+    async def write(self, traces: list[TraceRecord]) -> None:
+        if not traces:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            for trace in traces:
+                _insert(conn, trace)
+
+        await self._run(True, op)
+
+    async def get(self, trace_id: str) -> TraceRecord | None:
+        def op(conn: sqlite3.Connection) -> TraceRecord | None:
+            row = conn.execute(f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.trace_id = ?", (trace_id,)).fetchone()
+            if row is None:
+                return None
+            trace = _trace(row)
+            trace.spans = [
+                _span(r)
+                for r in conn.execute(
+                    "SELECT trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error, attributes"
+                    " FROM trace_spans WHERE trace_id = ? ORDER BY start_ns, span_id",
+                    (trace_id,),
+                )
+            ]
+            return trace
+
+        return await self._run(False, op)
+
+    async def list(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
+        where, params = where_clause(query, lambda n: "?")
+
+        def op(conn: sqlite3.Connection) -> list[TraceRecord]:
+            rows = conn.execute(
+                f"SELECT {_TRACE_COLUMNS} FROM traces t{where} ORDER BY t.start_ns DESC, t.trace_id DESC LIMIT ?",
+                (*params, query.limit + 1),
+            ).fetchall()
+            return [_trace(row) for row in rows]
+
+        page = await self._run(False, op)
+        return page[: query.limit], len(page) > query.limit
+
+    async def sweep(self, retention: Retention) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            removed = 0
+            if retention.max_age_s is not None:
+                cutoff = time.time_ns() - int(retention.max_age_s * 1e9)
+                removed += conn.execute("DELETE FROM traces WHERE start_ns < ?", (cutoff,)).rowcount
+            oldest_kept = conn.execute(
+                "SELECT start_ns, trace_id FROM traces ORDER BY start_ns DESC, trace_id DESC LIMIT 1 OFFSET ?",
+                (retention.max_traces - 1,),
+            ).fetchone()
+            if oldest_kept is not None:
+                removed += conn.execute(
+                    "DELETE FROM traces WHERE (start_ns, trace_id) < (?, ?)", tuple(oldest_kept)
+                ).rowcount
+            return removed
+
+        return await self._run(True, op)

@@ -1,0 +1,393 @@
+"""Durable traces: ended traces are archived (SQLite or Postgres) and TraceService finds
+them after a restart and from another replica; listings merge live and archived traces."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from agentd.server import Script, call, calls, say
+from agentd.server.tracing.archive import Retention, TraceQuery
+from agentd.server.tracing.archive_postgres import PostgresTraceArchive
+from agentd.server.tracing.archive_sqlite import SqliteTraceArchive
+from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.memory import InMemoryTraceStore
+from agentd.server.tracing.store import TraceStore
+from agentd.v1 import trace_service_pb2
+from tests.backends_postgres import POSTGRES_URL, dropped_afterwards, new_schema
+from tests.conftest import start_harness
+from tests.runs_util import collect
+
+HANDOFF = Script.of(calls(call("get_weather", city="Oslo")), calls(call("transfer_to_specialist")), say("done"))
+
+
+async def _run_handoff(h, workflow: str = "durable") -> str:
+    h.model.set_script("assistant", HANDOFF)
+    h.model.set_script("specialist", HANDOFF)
+    events = await collect(h.client.run("assistant", "hand me over", workflow_name=workflow, group_id="g-1"))
+    return events[0].trace_id
+
+
+async def _stop(h) -> None:
+    await h.client.close()
+    await h.server.stop(grace_s=0)
+
+
+async def _eventually(probe, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await probe()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+def _assert_full_trace(detail, before) -> None:
+    """``detail`` (a GetTrace answer read back from the archive) equals ``before`` (read live)."""
+    assert detail.trace == before.trace
+    assert list(detail.spans) == list(before.spans)
+    trace = detail.trace
+    assert list(trace.agents) == ["assistant", "specialist"]
+    assert trace.input_tokens > 0 and trace.output_tokens > 0
+    assert trace.span_count == len(detail.spans) and trace.status == trace_service_pb2.SPAN_STATUS_OK
+    kinds = [trace_service_pb2.SpanKind.Name(s.kind) for s in detail.spans]
+    assert kinds.count("SPAN_KIND_RUN") == 1 and kinds.count("SPAN_KIND_AGENT") == 2
+    assert kinds.count("SPAN_KIND_FUNCTION") == 1 and kinds.count("SPAN_KIND_HANDOFF") == 1
+
+
+# --- through the server ----------------------------------------------------------------
+
+
+async def test_trace_survives_a_restart_on_sqlite(model_server, tmp_path):
+    first = await start_harness(model_server, tmp_path)
+    try:
+        trace_id = await _run_handoff(first)
+        live = await first.client.get_trace(trace_id)
+    finally:
+        await _stop(first)
+    assert (tmp_path / "agentd-traces.db").exists()
+
+    second = await start_harness(model_server, tmp_path)
+    try:
+        assert second.server.traces.memory.get_trace(trace_id) is None  # really from the archive
+        _assert_full_trace(await second.client.get_trace(trace_id), live)
+        for filters in ({}, {"agent": "specialist"}, {"agent": "assistant"}, {"workflow_name": "durable"},
+                        {"group_id": "g-1"}, {"status": trace_service_pb2.SPAN_STATUS_OK}):
+            listed = await second.client.traces.ListTraces(trace_service_pb2.ListTracesRequest(**filters))
+            assert [t.trace_id for t in listed.traces] == [trace_id], filters
+            assert listed.traces[0] == live.trace
+        for filters in ({"agent": "nobody"}, {"workflow_name": "other"}, {"status": trace_service_pb2.SPAN_STATUS_ERROR},
+                        {"status": trace_service_pb2.SPAN_STATUS_IN_PROGRESS}):
+            listed = await second.client.traces.ListTraces(trace_service_pb2.ListTracesRequest(**filters))
+            assert list(listed.traces) == [], filters
+    finally:
+        await _stop(second)
+
+
+async def test_memory_trace_store_keeps_nothing_across_restarts(model_server, tmp_path):
+    first = await start_harness(model_server, tmp_path, trace_store="memory")
+    try:
+        trace_id = await _run_handoff(first)
+    finally:
+        await _stop(first)
+    assert not (tmp_path / "agentd-traces.db").exists()
+    second = await start_harness(model_server, tmp_path, trace_store="memory")
+    try:
+        assert (await second.client.list_traces()).traces == []
+    finally:
+        await _stop(second)
+    assert trace_id
+
+
+async def test_a_run_on_one_postgres_replica_is_visible_on_another(model_server, tmp_path):
+    schema = new_schema()
+    settings = dict(store="postgres", postgres_url=POSTGRES_URL, postgres_schema=schema)
+    async with dropped_afterwards(schema):
+        a = await start_harness(model_server, tmp_path / "a", **settings)
+        b = await start_harness(model_server, tmp_path / "b", **settings)
+        try:
+            trace_id = await _run_handoff(a)
+            live = await a.client.get_trace(trace_id)
+
+            async def found():
+                listed = await b.client.list_traces(agent="specialist")
+                return [t.trace_id for t in listed.traces] == [trace_id]
+
+            assert await _eventually(found), "the trace never reached replica B"
+            _assert_full_trace(await b.client.get_trace(trace_id), live)
+            assert b.server.traces.memory.get_trace(trace_id) is None
+        finally:
+            await _stop(a)
+            await _stop(b)
+        # And after both restart.
+        c = await start_harness(model_server, tmp_path / "c", **settings)
+        try:
+            _assert_full_trace(await c.client.get_trace(trace_id), live)
+        finally:
+            await _stop(c)
+
+
+async def test_listing_pages_across_live_and_archived_traces(model_server, tmp_path):
+    first = await start_harness(model_server, tmp_path)
+    try:
+        first.model.set_script("assistant", Script.of(say("ok")))
+        for _ in range(3):
+            await first.client.run_final_output("assistant", "hi", workflow_name="paged")
+    finally:
+        await _stop(first)
+
+    second = await start_harness(model_server, tmp_path, trace_flush_interval_s=30)  # keep new ones in memory only
+    try:
+        second.model.set_script("assistant", Script.of(say("ok")))
+        for _ in range(2):
+            await second.client.run_final_output("assistant", "hi", workflow_name="paged")
+        second.model.set_script("assistant", Script.of(calls(call("wait", seconds=30, label="slow")), say("late")))
+        running = asyncio.create_task(collect(second.client.run("assistant", "slow", workflow_name="paged")))
+
+        async def in_progress():
+            return (await second.client.traces.ListTraces(trace_service_pb2.ListTracesRequest(
+                workflow_name="paged", status=trace_service_pb2.SPAN_STATUS_IN_PROGRESS))).traces
+
+        live = await _eventually(in_progress)
+        assert len(live) == 1
+        await second.server.traces.flush()  # the two ended ones are now in memory *and* archived
+
+        everything = await second.client.list_traces(workflow_name="paged", page_size=100)
+        assert len(everything.traces) == 6 and not everything.next_page_token
+        keys = [(t.start_time.ToNanoseconds(), t.trace_id) for t in everything.traces]
+        assert keys == sorted(keys, reverse=True)
+        assert everything.traces[0].trace_id == live[0].trace_id
+
+        for size in (1, 2, 4):
+            ids, token = [], ""
+            while True:
+                page = await second.client.list_traces(workflow_name="paged", page_size=size, page_token=token)
+                assert len(page.traces) <= size
+                ids += [t.trace_id for t in page.traces]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert ids == [t.trace_id for t in everything.traces], size
+
+        ok = await second.client.list_traces(workflow_name="paged", status=trace_service_pb2.SPAN_STATUS_OK)
+        assert [t.trace_id for t in ok.traces] == [t.trace_id for t in everything.traces[1:]]
+        running.cancel()
+    finally:
+        await _stop(second)
+
+
+async def test_an_unreachable_postgres_archive_does_not_fail_runs(model_server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="agentd.tracing")
+    h = await start_harness(
+        model_server, tmp_path, trace_store="postgres",
+        postgres_url="postgresql://postgres@127.0.0.1:1/test", postgres_connect_timeout_s=0.5,
+    )
+    try:
+        started = time.monotonic()
+        trace_ids = [await _run_handoff(h) for _ in range(2)]
+        assert time.monotonic() - started < 5
+        detail = await h.client.get_trace(trace_ids[0])  # still served live from memory
+        assert detail.trace.status == trace_service_pb2.SPAN_STATUS_OK
+        assert await _eventually(lambda: _true(h.server.traces.dropped >= 2))
+    finally:
+        await _stop(h)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("trace archive unavailable" in m for m in messages), messages
+    assert any("dropped" in m for m in messages), messages
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- the archives and the merge, directly ---------------------------------------------
+
+
+def _make_traces(count: int, *, start_ns: int = 1_000, workflow: str = "w") -> list:
+    memory = InMemoryTraceStore(capture_content=True)
+    traces = []
+    for i in range(count):
+        trace = memory.start_trace(run_id=f"run-{i}", workflow_name=workflow, group_id=f"g{i % 2}",
+                                   metadata={"i": str(i)}, agent="a")
+        trace.start_ns = start_ns + i
+        root = trace.span(SpanKind.RUN, "w", None)
+        agent = trace.span(SpanKind.AGENT, "a" if i % 2 else "b", root)
+        gen = trace.span(SpanKind.GENERATION, "m", agent, input_tokens=3, output_tokens=i)
+        gen.end()
+        agent.end()
+        root.end()
+        trace.end("boom" if i == 0 else "")
+        traces.append(trace)
+    return traces
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def archive(request, tmp_path):
+    if request.param == "sqlite":
+        archive = SqliteTraceArchive(tmp_path / "traces.db")
+        await archive.open()
+        yield archive
+        await archive.close()
+        return
+    schema = new_schema()
+    async with dropped_afterwards(schema):
+        archive = PostgresTraceArchive(url=POSTGRES_URL, schema=schema)
+        await archive.open()
+        try:
+            yield archive
+        finally:
+            await archive.close()
+
+
+async def test_archive_round_trips_filters_and_pages(archive):
+    traces = _make_traces(6)
+    await archive.write(traces[:3])
+    await archive.write(traces[3:])
+    await archive.write([traces[5]])  # written again: replaced, not duplicated
+
+    got = await archive.get(traces[4].trace_id)
+    assert got is not None and got.run_id == "run-4" and got.metadata == {"i": "4"}
+    assert [(s.span_id, s.kind, s.attributes) for s in got.spans] == [
+        (s.span_id, s.kind, s.attributes) for s in traces[4].spans
+    ]
+    assert got.agents == traces[4].agents and got.token_totals() == (3, 4) and got.span_count == 3
+    assert await archive.get("f" * 32) is None
+
+    def ids(page):
+        return [t.trace_id for t in page]
+
+    newest_first = ids(reversed(traces))
+    page, more = await archive.list(TraceQuery(limit=10))
+    assert ids(page) == newest_first and not more
+    page, more = await archive.list(TraceQuery(limit=2))
+    assert ids(page) == newest_first[:2] and more
+    page, more = await archive.list(TraceQuery(limit=2, before=(page[-1].start_ns, page[-1].trace_id)))
+    assert ids(page) == newest_first[2:4] and more
+    assert ids((await archive.list(TraceQuery(limit=10, status="error")))[0]) == [traces[0].trace_id]
+    assert ids((await archive.list(TraceQuery(limit=10, group_id="g1")))[0]) == newest_first[0:5:2]
+    # The agent filter matches agents that ran (b) and the starting agent (a).
+    assert ids((await archive.list(TraceQuery(limit=10, agent="b")))[0]) == ids(reversed(traces[0::2]))
+    assert ids((await archive.list(TraceQuery(limit=10, agent="a")))[0]) == newest_first
+    window = TraceQuery(limit=10, start_from_ns=traces[1].start_ns, start_to_ns=traces[3].start_ns)
+    assert ids((await archive.list(window))[0]) == [traces[2].trace_id, traces[1].trace_id]
+    assert (await archive.list(TraceQuery(limit=10, workflow_name="other")))[0] == []
+
+
+async def test_archive_sweep_keeps_the_newest_and_the_recent(archive):
+    now = time.time_ns()
+    old = _make_traces(2, start_ns=now - 10 * 86400 * 10**9, workflow="old")
+    recent = _make_traces(5, start_ns=now)
+    await archive.write(old + recent)
+    assert await archive.sweep(Retention(max_traces=100, max_age_s=86400)) == 2
+    assert await archive.get(old[0].trace_id) is None
+    assert await archive.sweep(Retention(max_traces=3)) == 2
+    page, _ = await archive.list(TraceQuery(limit=10))
+    assert [t.trace_id for t in page] == [t.trace_id for t in reversed(recent[2:])]
+    assert await archive.get(recent[0].trace_id) is None
+    assert await archive.sweep(Retention(max_traces=3)) == 0
+
+
+async def test_store_merges_memory_and_archive_without_duplicates(tmp_path):
+    archive = SqliteTraceArchive(tmp_path / "traces.db")
+    memory = InMemoryTraceStore(capture_content=True)
+    store = TraceStore(memory, archive, flush_interval_s=60)
+    await store.open()
+    try:
+        # Older traces: only in the archive (as after a restart).
+        archived = _make_traces(5, start_ns=1_000)
+        await archive.write(archived)
+        # Newer ones: in memory; two of them ended and archived too, one still running.
+        newer = []
+        for i in range(3):
+            trace = memory.start_trace(run_id=f"new-{i}", workflow_name="w", group_id="g", metadata={}, agent="a")
+            trace.start_ns = 2_000 + i
+            newer.append(trace)
+        newer[0].end()
+        newer[1].end()
+        await store.flush()
+        assert store.written == 2
+
+        expected = [t.trace_id for t in reversed(archived + newer)]
+        for size in (1, 2, 3, 7, 8, 50):
+            ids, before = [], None
+            while True:
+                page, more = await store.list_traces(limit=size, before=before)
+                ids += [t.trace_id for t in page]
+                if not more:
+                    break
+                before = (page[-1].start_ns, page[-1].trace_id)
+            assert ids == expected, size
+        page, more = await store.list_traces(limit=8)
+        assert len(page) == 8 and not more
+        running, _ = await store.list_traces(limit=10, status="in_progress")
+        assert [t.trace_id for t in running] == [newer[2].trace_id]
+        assert (await store.get_trace(archived[0].trace_id)).run_id == "run-0"
+        assert await store.get_trace(newer[2].trace_id) is newer[2]
+    finally:
+        await store.close()
+
+
+async def test_a_full_queue_drops_the_oldest_and_counts(tmp_path, caplog):
+    archive = SqliteTraceArchive(tmp_path / "traces.db")
+    store = TraceStore(InMemoryTraceStore(), archive, flush_interval_s=60, max_queued=3, batch_size=100)
+    await store.open()
+    try:
+        traces = _make_traces(0)
+        memory = store.memory
+        for i in range(5):
+            trace = memory.start_trace(run_id=f"r{i}", workflow_name="w", group_id="", metadata={}, agent="a")
+            trace.end()
+            traces.append(trace)
+        assert store.dropped == 2
+        await store.flush()
+        page, _ = await archive.list(TraceQuery(limit=10))
+        assert {t.trace_id for t in page} == {t.trace_id for t in traces[2:]}
+    finally:
+        await store.close()
+
+
+async def test_a_postgres_archive_that_goes_down_costs_traces_not_runs(model_server, tmp_path, caplog):
+    from urllib.parse import urlsplit
+
+    from tests.fault_proxy import FaultProxy
+    from tests.test_store_faults import _via_proxy
+
+    caplog.set_level(logging.WARNING, logger="agentd.tracing")
+    schema = new_schema()
+    upstream = urlsplit(POSTGRES_URL)
+    async with dropped_afterwards(schema), FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 0) as proxy:
+        h = await start_harness(
+            model_server, tmp_path, trace_store="postgres", postgres_url=_via_proxy(POSTGRES_URL, proxy.port),
+            postgres_schema=schema, postgres_connect_timeout_s=1.0, postgres_command_timeout_s=1.0,
+        )
+        try:
+            traces = h.server.traces
+            before = await _run_handoff(h)
+            await traces.flush()
+            assert traces.written == 1 and traces.dropped == 0
+
+            proxy.cut()
+            started = time.monotonic()
+            during = await _run_handoff(h)
+            assert time.monotonic() - started < 5
+            assert await _eventually(lambda: _true(traces.dropped == 1))
+
+            proxy.restore()
+            after = await _run_handoff(h)
+            await asyncio.sleep(0.3)
+            await traces.flush()
+            assert traces.written == 2
+        finally:
+            proxy.restore()
+            await _stop(h)
+        check = PostgresTraceArchive(url=POSTGRES_URL, schema=schema)
+        await check.open()
+        try:
+            assert await check.get(before) is not None and await check.get(after) is not None
+            assert await check.get(during) is None
+        finally:
+            await check.close()
+    assert any("dropped 1 trace" in r.getMessage() for r in caplog.records)
