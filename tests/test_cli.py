@@ -145,16 +145,21 @@ async def test_db_status_and_migrate_against_postgres():
 
         code, out, err = await agentd("db", "migrate", *flags)
         assert code == 0, err
-        assert "(up to date)" in out
+        assert "(up to date)" in out and "trace archive (postgres): schema up to date" in out
         code, again, err = await agentd("db", "migrate", *flags)  # idempotent
         assert code == 0 and again == out, err
 
         raw = await raw_connection()
         try:
             versions = await raw.fetch(f"SELECT version FROM {schema}.schema_version ORDER BY version")
+            trace_tables = await raw.fetchval(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name LIKE 'trace%'",
+                schema,
+            )
         finally:
             await raw.close()
         assert [row["version"] for row in versions] == list(range(1, len(versions) + 1)) and versions
+        assert trace_tables >= 3  # traces, trace_spans, trace_agents (and their version table)
         # The password never reaches the terminal.
         code, out, err = await agentd("db", "status", "--store", "postgres", "--postgres-schema", schema,
                                       "--postgres-url", "postgresql://agentd:s3cret@127.0.0.1:1/test")

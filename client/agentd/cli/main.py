@@ -66,9 +66,22 @@ def cmd_db(args: argparse.Namespace) -> int:
     async def act():  # -> SchemaStatus | None
         store = build_store(settings)
         try:
-            return await (store.migrate() if args.action == "migrate" else store.schema_status())
+            status = await (store.migrate() if args.action == "migrate" else store.schema_status())
         finally:
             await store.close()
+        if args.action == "migrate":
+            await migrate_trace_archive()
+        return status
+
+    async def migrate_trace_archive() -> None:
+        """The trace archive's tables migrate when it opens with auto-migration on."""
+        from agentd.server.serve import build_trace_archive
+
+        archive = build_trace_archive(settings.model_copy(update={"auto_migrate": True}))
+        if archive is not None:
+            await archive.open()
+            await archive.close()
+            print(f"trace archive ({settings.resolved_trace_store()}): schema up to date")
 
     try:
         status = asyncio.run(act())
