@@ -75,7 +75,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     async def migrate_trace_archive() -> None:
         """The trace archive's tables migrate when it opens with auto-migration on."""
-        from agentd.server.serve import build_trace_archive
+        from agentd.server.tracing.factory import build_trace_archive
 
         archive = build_trace_archive(settings.model_copy(update={"auto_migrate": True}))
         if archive is not None:
