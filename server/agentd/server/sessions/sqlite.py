@@ -14,12 +14,12 @@ import json
 import os
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
+from agentd.server.sqlite_worker import SqliteWorker, transaction
 from agentd.server.sessions.base import (
     SessionPage,
     SessionRecord,
@@ -163,13 +163,9 @@ class SqliteSessionStore(SessionStore):
         self._path = os.fspath(path)
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._auto_migrate = auto_migrate
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._worker = SqliteWorker(f"sqlite store at {self._path}", "agentd-sqlite")
 
     # --- plumbing -------------------------------------------------------------------
-
-    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(f"sqlite store at {self._path}: {exc}")
 
     def _connect(self) -> sqlite3.Connection:
         if self._path != ":memory:" and not self._path.startswith("file:"):
@@ -181,7 +177,7 @@ class SqliteSessionStore(SessionStore):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            status = self._transaction(conn, self._auto_migrate, self._migrate_or_check)
+            status = transaction(conn, self._auto_migrate, self._migrate_or_check)
             if status.pending:
                 raise StoreUnavailableError(
                     f"sqlite store at {self._path}: schema is at version {status.current}, this agentd needs "
@@ -212,62 +208,21 @@ class SqliteSessionStore(SessionStore):
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
         return self._status(conn)
 
-    @staticmethod
-    def _transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one transaction; writers take the lock up front so they never deadlock on upgrade."""
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
     async def _run(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """One hop to the worker thread. If the caller is cancelled the operation still
-        completes or rolls back as a whole; it is never left half-written."""
-        executor, conn = self._executor, self._conn
-        if executor is None or conn is None:
-            raise StoreUnavailableError(f"sqlite store at {self._path}: not open")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(executor, self._transaction, conn, write, fn)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        return await self._worker.run(write, fn)
 
     async def open(self) -> None:
-        if self._conn is not None:
-            return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentd-sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            self._conn = await loop.run_in_executor(executor, self._connect)
-        except BaseException as exc:
-            executor.shutdown(wait=False)
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise self._unavailable(exc) from exc
-            raise
-        self._executor = executor
+        await self._worker.open(self._connect)
 
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        if executor is None or conn is None:
-            return
-        try:
-            # Queued behind any in-flight operation, so those finish first.
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        finally:
-            executor.shutdown(wait=False)
+        await self._worker.close()
 
     async def ping(self) -> None:
         await self._run(False, lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def _with_connection(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
         """For the ``agentd db`` commands: use the open store, or a short-lived connection."""
-        if self._conn is not None:
+        if self._worker.is_open:
             return await self._run(write, fn)
 
         def standalone() -> T:
@@ -276,17 +231,17 @@ class SqliteSessionStore(SessionStore):
             conn = sqlite3.connect(self._path, isolation_level=None)
             try:
                 conn.execute("PRAGMA busy_timeout = 5000")
-                return self._transaction(conn, write, fn)
+                return transaction(conn, write, fn)
             finally:
                 conn.close()
 
         try:
             return await asyncio.to_thread(standalone)
         except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+            raise self._worker.unavailable(exc) from exc
 
     async def schema_status(self) -> SchemaStatus:
-        if self._conn is None and self._path != ":memory:" and not Path(self._path).exists():
+        if not self._worker.is_open and self._path != ":memory:" and not Path(self._path).exists():
             return SchemaStatus("sqlite", self._path, 0, LATEST_VERSION)  # looking must not create the file
         return await self._with_connection(False, self._status)
 

@@ -243,7 +243,7 @@ class PostgresTraceArchive(TraceArchive):
             pool.terminate()
             raise StoreUnavailableError(
                 f"{self.location}: trace schema is at version {current}, this agentd needs {LATEST_VERSION}"
-                " (start with AGENTD_AUTO_MIGRATE=true to apply it)"
+                ": run `agentd db migrate`"
             )
         self._pool = pool
 

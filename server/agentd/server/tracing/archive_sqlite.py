@@ -6,16 +6,15 @@ each public method being one transaction there: the event loop never blocks on d
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.sqlite_worker import SqliteWorker, transaction
 from agentd.server.tracing.archive import (
     ArchivedTrace,
     Retention,
@@ -153,16 +152,15 @@ class SqliteTraceArchive(TraceArchive):
     def __init__(self, path: str | os.PathLike[str], *, auto_migrate: bool = True) -> None:
         self._path = os.fspath(path)
         self._auto_migrate = auto_migrate
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._worker = SqliteWorker(f"sqlite trace archive at {self._path}", "agentd-traces-sqlite")
 
     @property
     def location(self) -> str:
-        return f"sqlite trace archive at {self._path}"
+        return self._worker.location
 
     @property
     def is_open(self) -> bool:
-        return self._conn is not None
+        return self._worker.is_open
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -175,11 +173,11 @@ class SqliteTraceArchive(TraceArchive):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            current = self._transaction(conn, True, self._migrate_or_check)
+            current = transaction(conn, True, self._migrate_or_check)
             if current < LATEST_VERSION:
                 raise StoreUnavailableError(
                     f"{self.location}: schema is at version {current}, this agentd needs {LATEST_VERSION}"
-                    " (start with AGENTD_AUTO_MIGRATE=true to apply it)"
+                    ": run `agentd db migrate`"
                 )
         except BaseException:
             conn.close()
@@ -198,50 +196,14 @@ class SqliteTraceArchive(TraceArchive):
             conn.execute("INSERT INTO trace_schema_version (version) VALUES (?)", (version,))
         return max(int(current), LATEST_VERSION)
 
-    @staticmethod
-    def _transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
     async def _run(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        executor, conn = self._executor, self._conn
-        if executor is None or conn is None:
-            raise StoreUnavailableError(f"{self.location}: not open")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._transaction, conn, write, fn)
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"{self.location}: {exc}") from exc
+        return await self._worker.run(write, fn)
 
     async def open(self) -> None:
-        if self._conn is not None:
-            return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentd-traces-sqlite")
-        try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
-        except BaseException as exc:
-            executor.shutdown(wait=False)
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreUnavailableError(f"{self.location}: {exc}") from exc
-            raise
-        self._executor = executor
+        await self._worker.open(self._connect)
 
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        if executor is None or conn is None:
-            return
-        try:
-            # Queued behind any in-flight operation, so those finish first.
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        finally:
-            executor.shutdown(wait=False)
+        await self._worker.close()
 
     # --- traces ---------------------------------------------------------------------
 
