@@ -314,15 +314,15 @@ async def test_store_merges_memory_and_archive_without_duplicates(tmp_path):
         for size in (1, 2, 3, 7, 8, 50):
             ids, before = [], None
             while True:
-                page, more = await store.list_traces(limit=size, before=before)
+                page, more = await store.list_traces(TraceQuery(limit=size, before=before))
                 ids += [t.trace_id for t in page]
                 if not more:
                     break
                 before = (page[-1].start_ns, page[-1].trace_id)
             assert ids == expected, size
-        page, more = await store.list_traces(limit=8)
+        page, more = await store.list_traces(TraceQuery(limit=8))
         assert len(page) == 8 and not more
-        running, _ = await store.list_traces(limit=10, status="in_progress")
+        running, _ = await store.list_traces(TraceQuery(limit=10, status="in_progress"))
         assert [t.trace_id for t in running] == [newer[2].trace_id]
         assert (await store.get_trace(archived[0].trace_id)).run_id == "run-0"
         assert await store.get_trace(newer[2].trace_id) is newer[2]

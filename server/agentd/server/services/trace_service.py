@@ -9,7 +9,7 @@ from agentd.server.services.convert import struct_from_dict, timestamp_ns
 from agentd.server.services.errors import NotFound, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.tracing.base import SpanKind
-from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceRecord
+from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceQuery, TraceRecord
 from agentd.server.tracing.store import TraceStore
 from agentd.v1 import trace_service_pb2 as pb
 from agentd.v1 import trace_service_pb2_grpc as pb_grpc
@@ -46,7 +46,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
         start_to = request.start_time_to.ToNanoseconds() if request.HasField("start_time_to") else 0
         if start_from and start_to and start_from >= start_to:
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
-        traces, more = await self._store.list_traces(
+        query = TraceQuery(
             limit=size,
             before=before,
             workflow_name=request.workflow_name,
@@ -56,6 +56,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
             start_from_ns=start_from,
             start_to_ns=start_to,
         )
+        traces, more = await self._store.list_traces(query)
         response = pb.ListTracesResponse(traces=[_trace_to_proto(t) for t in traces])
         if more and traces:
             last = traces[-1]

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agentd.server.tracing.memory import TraceRecord
+from agentd.server.tracing.memory import TraceQuery, TraceRecord
 
 # One encoder for the process: json.dumps with options builds a new one on every call.
 _encode: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
@@ -53,20 +53,6 @@ class ArchivedTrace(TraceRecord):
     @property
     def span_count(self) -> int:
         return self.stored_span_count
-
-
-@dataclass(frozen=True, slots=True)
-class TraceQuery:
-    """The filters of ``list_traces`` (AND-combined; empty matches everything) and its keyset cursor."""
-
-    limit: int
-    before: tuple[int, str] | None = None
-    workflow_name: str = ""
-    group_id: str = ""
-    agent: str = ""
-    status: str = ""
-    start_from_ns: int = 0
-    start_to_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

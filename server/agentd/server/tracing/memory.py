@@ -124,6 +124,20 @@ class TraceRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TraceQuery:
+    """The filters of ``list_traces`` (AND-combined; empty matches everything) and its keyset cursor."""
+
+    limit: int
+    before: tuple[int, str] | None = None
+    workflow_name: str = ""
+    group_id: str = ""
+    agent: str = ""
+    status: str = ""
+    start_from_ns: int = 0
+    start_to_ns: int = 0
+
+
 class InMemoryTraceStore:
     """Implements ``Tracer`` and the queries behind TraceService."""
 
@@ -173,39 +187,26 @@ class InMemoryTraceStore:
     def get_trace(self, trace_id: str) -> TraceRecord | None:
         return self._traces.get(trace_id)
 
-    def list_traces(
-        self,
-        *,
-        limit: int,
-        before: tuple[int, str] | None = None,
-        workflow_name: str = "",
-        group_id: str = "",
-        agent: str = "",
-        status: str = "",
-        start_from_ns: int = 0,
-        start_to_ns: int = 0,
-    ) -> tuple[list[TraceRecord], bool]:
-        """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match.
-
-        Filters combine with AND; an empty filter matches everything.
-        """
+    def list_traces(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
+        """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match."""
+        q = query
         page: list[TraceRecord] = []
         for trace in reversed(self._traces.values()):
-            if before is not None and (trace.start_ns, trace.trace_id) >= before:
+            if q.before is not None and (trace.start_ns, trace.trace_id) >= q.before:
                 continue
-            if start_to_ns and trace.start_ns >= start_to_ns:
+            if q.start_to_ns and trace.start_ns >= q.start_to_ns:
                 continue
-            if start_from_ns and trace.start_ns < start_from_ns:
+            if q.start_from_ns and trace.start_ns < q.start_from_ns:
                 break  # newest first: everything after this is older still
-            if workflow_name and trace.workflow_name != workflow_name:
+            if q.workflow_name and trace.workflow_name != q.workflow_name:
                 continue
-            if group_id and trace.group_id != group_id:
+            if q.group_id and trace.group_id != q.group_id:
                 continue
-            if status and trace.status != status:
+            if q.status and trace.status != q.status:
                 continue
-            if agent and agent != trace.agent and agent not in trace.agents:
+            if q.agent and q.agent != trace.agent and q.agent not in trace.agents:
                 continue
-            if len(page) == limit:
+            if len(page) == q.limit:
                 return page, True
             page.append(trace)
         return page, False

@@ -27,8 +27,8 @@ import logging
 import time
 
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.tracing.archive import Retention, TraceArchive, TraceQuery
-from agentd.server.tracing.memory import InMemoryTraceStore, TraceRecord
+from agentd.server.tracing.archive import Retention, TraceArchive
+from agentd.server.tracing.memory import InMemoryTraceStore, TraceQuery, TraceRecord
 
 log = logging.getLogger("agentd.tracing")
 
@@ -204,46 +204,16 @@ class TraceStore:
             raise StoreUnavailableError(f"{self.archive.location}: unavailable")
         return await self.archive.get(trace_id)
 
-    async def list_traces(
-        self,
-        *,
-        limit: int,
-        before: tuple[int, str] | None = None,
-        workflow_name: str = "",
-        group_id: str = "",
-        agent: str = "",
-        status: str = "",
-        start_from_ns: int = 0,
-        start_to_ns: int = 0,
-    ) -> tuple[list[TraceRecord], bool]:
+    async def list_traces(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
         """Newest first, keyset-paged by ``(start_ns, trace_id)``: the page and whether more match."""
-        live, live_more = self.memory.list_traces(
-            limit=limit,
-            before=before,
-            workflow_name=workflow_name,
-            group_id=group_id,
-            agent=agent,
-            status=status,
-            start_from_ns=start_from_ns,
-            start_to_ns=start_to_ns,
-        )
+        live, live_more = self.memory.list_traces(query)
         # Only ended traces are archived: an in-progress listing is memory's alone.
-        if self.archive is None or status == "in_progress":
+        if self.archive is None or query.status == "in_progress":
             return live, live_more
         if not await self._try_open():
             raise StoreUnavailableError(f"{self.archive.location}: unavailable")
-        query = TraceQuery(
-            limit=limit,
-            before=before,
-            workflow_name=workflow_name,
-            group_id=group_id,
-            agent=agent,
-            status=status,
-            start_from_ns=start_from_ns,
-            start_to_ns=start_to_ns,
-        )
         archived, archived_more = await self.archive.list(query)
         merged: dict[str, TraceRecord] = {t.trace_id: t for t in archived}
         merged.update((t.trace_id, t) for t in live)  # memory's copy wins
         ordered = sorted(merged.values(), key=lambda t: (t.start_ns, t.trace_id), reverse=True)
-        return ordered[:limit], live_more or archived_more or len(ordered) > limit
+        return ordered[: query.limit], live_more or archived_more or len(ordered) > query.limit
