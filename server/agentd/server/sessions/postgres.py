@@ -26,20 +26,18 @@ connection's ``search_path`` (which a pooler such as PgBouncer may not carry).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
-import re
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
+from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
     SchemaStatus,
@@ -263,7 +261,6 @@ LATEST_VERSION = len(MIGRATIONS)
 
 # Failures that say nothing about the statement but much about the connection.
 _CONNECTION_IN_DOUBT = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _SWEEP_BATCH = 1000
 _PING_TIMEOUT_S = 2.0
 
@@ -376,29 +373,10 @@ def _stored(session_id: str, row: asyncpg.Record) -> StoredItem:
     return StoredItem(session_id=session_id, sequence=seq, created_at=created_at, item=item_from_dict(json.loads(data)))
 
 
-def _location(url: str) -> str:
-    """``host:port/database`` from a connection URL, for messages: never the user or password."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    hosts = parts.netloc.rpartition("@")[2] or query.get("host", ["localhost"])[0]
-    if hosts.startswith("/"):  # a Unix socket directory
-        hosts = f"{hosts}:{query.get('port', ['5432'])[0]}"
-    elif "," not in hosts and not re.search(r":\d+$", hosts):
-        hosts = f"{hosts}:{query.get('port', ['5432'])[0]}"
-    database = unquote(parts.path.lstrip("/")) or query.get("dbname", ["(default database)"])[0]
-    return f"{hosts}/{database}"
-
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to reset. The store leaves no session state behind (no
     SET, LISTEN, cursors or session advisory locks; an open transaction is still rolled
     back by the pool), so the default reset query would only add a round trip per call."""
-
-
-def _lock_key(schema: str) -> int:
-    """The advisory lock migrations of this schema serialise on (a signed bigint)."""
-    digest = hashlib.sha256(f"agentd.migrate.{schema}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class PostgresSessionStore(SessionStore):
@@ -419,12 +397,10 @@ class PostgresSessionStore(SessionStore):
         default_ttl_s: float | None = None,
         auto_migrate: bool = True,
     ) -> None:
-        if not _SCHEMA_NAME.fullmatch(schema):
-            raise ValueError(f"postgres schema must match [a-z_][a-z0-9_]*, got {schema!r}")
+        self._quoted = check_schema(schema)
         self._url = url
-        self._password = urlsplit(url).password or ""
+        self._error_text = ErrorText(url)
         self._schema = schema
-        self._quoted = f'"{schema}"'  # quoted anyway: a plain name may still be a keyword
         self._min_size = min_size
         self._max_size = max_size
         self._statement_cache_size = statement_cache_size
@@ -434,7 +410,7 @@ class PostgresSessionStore(SessionStore):
         self._acquire_timeout_s = connect_timeout_s + command_timeout_s
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._auto_migrate = auto_migrate
-        self._where = f"postgres store at {_location(url)}"
+        self._where = f"postgres store at {location(url)}"
         self._sql = _Statements().for_schema(self._quoted)
         self._pool: asyncpg.Pool | None = None
 
@@ -444,17 +420,12 @@ class PostgresSessionStore(SessionStore):
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        # Driver messages should not quote the URL, but a password must never reach a log.
-        return text.replace(self._password, "***") if self._password else text
-
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(f"{self._where}: {self._describe(exc)}")
+        return StoreUnavailableError(f"{self._where}: {self._error_text(exc)}")
 
     def _cannot_connect(self, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(
-            f"{self._where}: cannot connect ({self._describe(exc)}); check that the server is running"
+            f"{self._where}: cannot connect ({self._error_text(exc)}); check that the server is running"
             " and reachable from here, and that the URL's user, password and database are right"
         )
 
@@ -554,7 +525,7 @@ class PostgresSessionStore(SessionStore):
             status = await (self.migrate() if self._auto_migrate else self.schema_status())
             if status.current < status.latest:
                 raise StoreUnavailableError(
-                    f"postgres schema {self._schema} at {_location(self._url)} is at version {status.current},"
+                    f"postgres schema {self._schema} at {location(self._url)} is at version {status.current},"
                     f" this agentd needs {status.latest}: run `agentd db migrate`"
                 )
             if status.current > status.latest:
@@ -588,7 +559,7 @@ class PostgresSessionStore(SessionStore):
     def _status(self, current: int) -> SchemaStatus:
         return SchemaStatus(
             backend=self.backend,
-            location=f"{_location(self._url)} schema {self._schema}",
+            location=f"{location(self._url)} schema {self._schema}",
             current=current,
             latest=LATEST_VERSION,
         )
@@ -607,7 +578,7 @@ class PostgresSessionStore(SessionStore):
         q = self._quoted
         async with self._connection(admin=True) as conn, conn.transaction():
             # Before CREATE SCHEMA: concurrent IF NOT EXISTS creations can still collide.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(self._schema))
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
             # pg_temp last so nothing temporary shadows our tables; functions keep this path.
             await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")

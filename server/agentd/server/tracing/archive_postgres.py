@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from contextlib import suppress
 from typing import Any, Awaitable, Callable, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.sessions.postgres import _location, _lock_key
+from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
 from agentd.server.tracing.archive import (
     ArchivedTrace,
     Retention,
@@ -83,7 +81,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 LATEST_VERSION = len(MIGRATIONS)
 
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"
     " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count"
@@ -162,22 +159,20 @@ class PostgresTraceArchive(TraceArchive):
         command_timeout_s: float = 10.0,
         auto_migrate: bool = True,
     ) -> None:
-        if not _SCHEMA_NAME.fullmatch(schema):
-            raise ValueError(f"postgres schema must match [a-z_][a-z0-9_]*, got {schema!r}")
+        self._q = check_schema(schema)
         self._url = url
         self._schema = schema
-        self._q = f'"{schema}"'
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._auto_migrate = auto_migrate
         self._pool: asyncpg.Pool | None = None
-        self._password = urlsplit(url).password or ""
+        self._error_text = ErrorText(url)
 
     @property
     def location(self) -> str:
-        return f"postgres trace archive at {_location(self._url)} schema {self._schema}"
+        return f"postgres trace archive at {location(self._url)} schema {self._schema}"
 
     @property
     def is_open(self) -> bool:
@@ -186,10 +181,7 @@ class PostgresTraceArchive(TraceArchive):
     # --- plumbing -------------------------------------------------------------------
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        if self._password:
-            text = text.replace(self._password, "***")
-        return StoreUnavailableError(f"{self.location}: {text}")
+        return StoreUnavailableError(f"{self.location}: {self._error_text(exc)}")
 
     async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``op`` on a pooled connection. Every archive operation is idempotent (a write
@@ -256,7 +248,7 @@ class PostgresTraceArchive(TraceArchive):
             return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
         async with conn.transaction():
             # The session store's lock: all migrations of this schema queue on it.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self._schema))
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(self._schema))
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
             await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")
             await conn.execute(
