@@ -12,11 +12,32 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from agentd.server.runtime.errors import StoreUnavailableError
 
 T = TypeVar("T")
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection set up the way both stores want it (creating the file's directory).
+
+    ``isolation_level=None``: callers issue BEGIN/COMMIT through ``transaction``, so each
+    operation is exactly one transaction. WAL lets readers run beside the one writer.
+    """
+    if path != ":memory:" and not path.startswith("file:"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -35,7 +56,8 @@ def transaction(conn: sqlite3.Connection, write: bool, fn: Callable[[sqlite3.Con
 class SqliteWorker:
     """Owns the thread and the connection; ``location`` prefixes every error message."""
 
-    def __init__(self, location: str, thread_name: str) -> None:
+    def __init__(self, path: str, location: str, thread_name: str) -> None:
+        self.path = path
         self.location = location
         self._thread_name = thread_name
         self._executor: ThreadPoolExecutor | None = None
@@ -48,13 +70,24 @@ class SqliteWorker:
     def unavailable(self, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(f"{self.location}: {exc}")
 
-    async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        """Run ``connect`` (which opens, configures and migrates) on the worker thread."""
+    async def open(self, prepare: Callable[[sqlite3.Connection], None]) -> None:
+        """Connect on the worker thread and run ``prepare`` (migrate or check the schema;
+        raise to refuse) before any operation."""
         if self._conn is not None:
             return
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
+
+        def connect_and_prepare() -> sqlite3.Connection:
+            conn = connect(self.path)
+            try:
+                prepare(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
         try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+            self._conn = await asyncio.get_running_loop().run_in_executor(executor, connect_and_prepare)
         except BaseException as exc:
             executor.shutdown(wait=False)
             if isinstance(exc, (sqlite3.Error, OSError)):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
-from agentd.server.sqlite_worker import SqliteWorker, transaction
+from agentd.server.sqlite_worker import SqliteWorker, connect, transaction
 from agentd.server.sessions.base import (
     SessionPage,
     SessionRecord,
@@ -163,30 +163,17 @@ class SqliteSessionStore(SessionStore):
         self._path = os.fspath(path)
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._auto_migrate = auto_migrate
-        self._worker = SqliteWorker(f"sqlite store at {self._path}", "agentd-sqlite")
+        self._worker = SqliteWorker(self._path, f"sqlite store at {self._path}", "agentd-sqlite")
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._path != ":memory:" and not self._path.startswith("file:"):
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves so each call is exactly one transaction.
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            status = transaction(conn, self._auto_migrate, self._migrate_or_check)
-            if status.pending:
-                raise StoreUnavailableError(
-                    f"sqlite store at {self._path}: schema is at version {status.current}, this agentd needs "
-                    f"{status.latest}: run `agentd db migrate`"
-                )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        status = transaction(conn, self._auto_migrate, self._migrate_or_check)
+        if status.pending:
+            raise StoreUnavailableError(
+                f"sqlite store at {self._path}: schema is at version {status.current}, this agentd needs "
+                f"{status.latest}: run `agentd db migrate`"
+            )
 
     def _status(self, conn: sqlite3.Connection) -> SchemaStatus:
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
@@ -212,7 +199,7 @@ class SqliteSessionStore(SessionStore):
         return await self._worker.run(write, fn)
 
     async def open(self) -> None:
-        await self._worker.open(self._connect)
+        await self._worker.open(self._prepare)
 
     async def close(self) -> None:
         await self._worker.close()
@@ -226,11 +213,8 @@ class SqliteSessionStore(SessionStore):
             return await self._run(write, fn)
 
         def standalone() -> T:
-            if self._path != ":memory:" and not self._path.startswith("file:"):
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self._path, isolation_level=None)
+            conn = connect(self._path)
             try:
-                conn.execute("PRAGMA busy_timeout = 5000")
                 return transaction(conn, write, fn)
             finally:
                 conn.close()

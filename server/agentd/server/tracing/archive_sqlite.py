@@ -10,7 +10,6 @@ import json
 import os
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from agentd.server.runtime.errors import StoreUnavailableError
@@ -152,7 +151,7 @@ class SqliteTraceArchive(TraceArchive):
     def __init__(self, path: str | os.PathLike[str], *, auto_migrate: bool = True) -> None:
         self._path = os.fspath(path)
         self._auto_migrate = auto_migrate
-        self._worker = SqliteWorker(f"sqlite trace archive at {self._path}", "agentd-traces-sqlite")
+        self._worker = SqliteWorker(self._path, f"sqlite trace archive at {self._path}", "agentd-traces-sqlite")
 
     @property
     def location(self) -> str:
@@ -164,25 +163,13 @@ class SqliteTraceArchive(TraceArchive):
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._path != ":memory:" and not self._path.startswith("file:"):
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            current = transaction(conn, True, self._migrate_or_check)
-            if current < LATEST_VERSION:
-                raise StoreUnavailableError(
-                    f"{self.location}: schema is at version {current}, this agentd needs {LATEST_VERSION}"
-                    ": run `agentd db migrate`"
-                )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        current = transaction(conn, True, self._migrate_or_check)
+        if current < LATEST_VERSION:
+            raise StoreUnavailableError(
+                f"{self.location}: schema is at version {current}, this agentd needs {LATEST_VERSION}"
+                ": run `agentd db migrate`"
+            )
 
     def _migrate_or_check(self, conn: sqlite3.Connection) -> int:
         conn.execute("CREATE TABLE IF NOT EXISTS trace_schema_version (version INTEGER NOT NULL)")
@@ -200,7 +187,7 @@ class SqliteTraceArchive(TraceArchive):
         return await self._worker.run(write, fn)
 
     async def open(self) -> None:
-        await self._worker.open(self._connect)
+        await self._worker.open(self._prepare)
 
     async def close(self) -> None:
         await self._worker.close()
