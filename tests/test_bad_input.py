@@ -181,19 +181,22 @@ async def test_tampered_page_tokens_are_invalid_argument(harness):
                             "page_token")
 
 
-async def test_over_capacity_is_resource_exhausted(model_server, tmp_path):
+async def test_over_capacity_queues_and_a_full_queue_is_resource_exhausted(model_server, tmp_path):
     from tests.conftest import start_harness
 
-    h = await start_harness(model_server, tmp_path, max_active_runs=1)
+    h = await start_harness(model_server, tmp_path, max_active_runs=1, max_queued_runs=1)
     try:
         model_server.set_script("assistant", Script.of(say("slow", delay_s=0.5)))
         first = h.client.run("assistant", "one").__aiter__()
         await anext(first)
-        await expect_status(h.client.run_final_output("assistant", "two"), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            "AGENTD_MAX_ACTIVE_RUNS")
+        queued = await h.client.create_run("assistant", "two")
+        assert queued.status == agent_service_pb2.RUN_STATUS_QUEUED
+        await expect_status(h.client.run_final_output("assistant", "three"), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "AGENTD_MAX_QUEUED_RUNS")
         assert [e async for e in first][-1].WhichOneof("payload") == "run_completed"
-        model_server.set_script("assistant", Script.of(say("fits now")))
-        assert await h.client.run_final_output("assistant", "three") == "fits now"
+        # The queued run starts as soon as the replica has room.
+        events = [e async for e in h.client.watch_run(queued.name.removeprefix("runs/"))]
+        assert events[-1].run_completed.final_output.string_value == "slow"
     finally:
         await h.client.close()
         await h.server.stop(grace_s=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from agentd.server import Agent, App, Script, call, calls, function_tool, say
@@ -10,7 +11,7 @@ from agentd.server.models.scripted import ScriptedProvider
 from agentd.server.runtime import events as ev
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.runtime.items import MessageItem, ToolCallItem, ToolResultItem
-from agentd.server.runtime.run_loop import AgentRunner, RunInput
+from agentd.server.runtime.run_loop import AgentRunner, RunInput, Resume
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.tracing.memory import InMemoryTraceStore
 
@@ -20,9 +21,13 @@ class ListSink:
     trace_id: str = ""
     cancel_reason: str = ""
     payloads: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
 
     def emit(self, payload) -> None:
         self.payloads.append(payload)
+
+    async def checkpoint(self, checkpoint) -> None:
+        self.checkpoints.append(checkpoint)
 
     def of(self, kind: type) -> list:
         return [p for p in self.payloads if isinstance(p, kind)]
@@ -152,3 +157,46 @@ async def test_a_second_handoff_in_one_turn_is_refused_to_the_model():
     assert results["transfer_to_other"].is_error and "only the first handoff" in results["transfer_to_other"].output
     assert sink.of(ev.RunCompleted)[0].last_agent == "helper"
     assert isinstance(results["transfer_to_helper"], ToolResultItem)
+
+
+async def test_resuming_from_any_checkpoint_finishes_the_run_the_same_way():
+    """A replica that dies after any checkpoint — before or after that step reached the session —
+    is replaced by one that finishes with the same output and the same session, no item twice."""
+    script = Script.of(
+        calls(call("double", n=2), call("double", n=5)),
+        calls(call("transfer_to_helper")),
+        say("Twice 2 is 4 and twice 5 is 10."),
+    )
+    loop, store, _ = runner(script)
+    sink = ListSink()
+    run = RunInput("run_1", "main", "double 2 and 5", session_id="s", context={"who": "me"})
+    await loop.run(run, sink)
+    expected_output = sink.of(ev.RunCompleted)[0].final_output
+    expected_history = await store.read_history("s")
+    assert [cp.turns for cp in sink.checkpoints] == [1, 2, 3]
+    assert [cp.agent for cp in sink.checkpoints] == ["main", "helper", "helper"]
+    assert sink.checkpoints[-1].done and sink.checkpoints[-1].final_output == expected_output
+
+    for cp in sink.checkpoints:
+        for step_saved in (False, True):
+            fresh = MemorySessionStore()
+            await fresh.read_history("s", create=True)  # the first execution created it
+            earlier = list(cp.run_items[: len(cp.run_items) - len(cp.step_items)])
+            if earlier:
+                await fresh.append_items("s", earlier)
+            if step_saved:
+                await fresh.append_items("s", list(cp.step_items), request_id=cp.step_request_id)
+            resumed_loop, _, _ = runner(script, fresh)
+            resumed = ListSink()
+            await resumed_loop.run(run, resumed, Resume(2, "taken over", cp))
+            assert resumed.payloads[0] == ev.RunResumed(2, "taken over", cp.turns)
+            done = resumed.of(ev.RunCompleted)
+            assert done and done[0].final_output == expected_output, (cp.turns, step_saved, resumed.payloads[-1])
+            assert done[0].turns == 3 and done[0].last_agent == "helper"
+            # Turns after the checkpoint are asked again, so their call ids are new; nothing else differs.
+            assert _without_call_ids(await fresh.read_history("s")) == _without_call_ids(expected_history)
+            assert (await fresh.read_history("s"))[: len(cp.run_items)] == list(cp.run_items)
+
+
+def _without_call_ids(items: list) -> list:
+    return [dataclasses.replace(i, call_id="") if hasattr(i, "call_id") else i for i in items]

@@ -64,7 +64,8 @@ async def server_behind_proxy(
             )
         else:
             settings = dict(store="redis", redis_url=_via_proxy(url, proxy.port), redis_prefix=namespace, redis_timeout_s=1.0)
-        h = await start_harness(model_server, tmp_path, store_health_interval_s=0.2, **settings)
+        # Runs stay in memory here: these tests are about the session store failing under a run.
+        h = await start_harness(model_server, tmp_path, store_health_interval_s=0.2, run_store="memory", **settings)
         try:
             yield h, proxy
         finally:

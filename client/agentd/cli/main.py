@@ -71,7 +71,21 @@ def cmd_db(args: argparse.Namespace) -> int:
             await store.close()
         if args.action == "migrate":
             await migrate_trace_archive()
+            await migrate_run_store()
         return status
+
+    async def migrate_run_store() -> None:
+        """The run store's tables (Postgres) migrate when it opens with auto-migration on."""
+        from agentd.server.runs.factory import build_run_store
+
+        engine = settings.resolved_run_store()
+        if engine == "memory":
+            return
+        run_store, bus = build_run_store(settings.model_copy(update={"auto_migrate": True}))
+        await run_store.open()
+        await run_store.close()
+        await bus.close()
+        print(f"run store ({engine}): ready")
 
     async def migrate_trace_archive() -> None:
         """The trace archive's tables migrate when it opens with auto-migration on."""

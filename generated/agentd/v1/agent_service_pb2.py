@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from agentd.v1 import run_event_pb2 as agentd_dot_v1_dot_run__event__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentd/v1/agent_service.proto\x12\tagentd.v1\x1a\x19\x61gentd/v1/run_event.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xae\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1e\n\x05tools\x18\x04 \x03(\x0b\x32\x0f.agentd.v1.Tool\x12\x10\n\x08handoffs\x18\x05 \x03(\t\x12.\n\routput_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tmax_turns\x18\x07 \x01(\x05\"f\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06strict\x18\x04 \x01(\x08\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.agentd.v1.Agent\"\xb2\x01\n\x08StartRun\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12(\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tmax_turns\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12&\n\x05trace\x18\x07 \x01(\x0b\x32\x17.agentd.v1.TraceOptions\"\xa1\x01\n\x0cTraceOptions\x12\x15\n\rworkflow_name\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.agentd.v1.TraceOptions.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1b\n\tCancelRun\x12\x0e\n\x06reason\x18\x01 \x01(\t\"d\n\nRunRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.agentd.v1.StartRunH\x00\x12&\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x14.agentd.v1.CancelRunH\x00\x42\x08\n\x06\x61\x63tion\"1\n\x0bRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.agentd.v1.RunEvent\"6\n\x10StreamRunRequest\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x13.agentd.v1.StartRun\"7\n\x11StreamRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.agentd.v1.RunEvent2\xa2\x02\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.agentd.v1.GetAgentRequest\x1a\x1b.agentd.v1.GetAgentResponse\x12\x38\n\x03Run\x12\x15.agentd.v1.RunRequest\x1a\x16.agentd.v1.RunResponse(\x01\x30\x01\x12H\n\tStreamRun\x12\x1b.agentd.v1.StreamRunRequest\x1a\x1c.agentd.v1.StreamRunResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentd/v1/agent_service.proto\x12\tagentd.v1\x1a\x19\x61gentd/v1/run_event.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1e\n\x05tools\x18\x04 \x03(\x0b\x32\x0f.agentd.v1.Tool\x12\x10\n\x08handoffs\x18\x05 \x03(\t\x12.\n\routput_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tmax_turns\x18\x07 \x01(\x05\"f\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06strict\x18\x04 \x01(\x08\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.agentd.v1.Agent\"\xf6\x01\n\x08StartRun\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12(\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tmax_turns\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12&\n\x05trace\x18\x07 \x01(\x0b\x32\x17.agentd.v1.TraceOptions\x12\x30\n\x0esession_policy\x18\x08 \x01(\x0e\x32\x18.agentd.v1.SessionPolicy\x12\x10\n\x08\x64\x65tached\x18\t \x01(\x08\"\x9a\x03\n\x07RunInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.agentd.v1.RunStatus\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x15\n\rlast_sequence\x18\n \x01(\x03\x12,\n\tcompleted\x18\x0b \x01(\x0b\x32\x17.agentd.v1.RunCompletedH\x00\x12&\n\x06\x66\x61iled\x18\x0c \x01(\x0b\x32\x14.agentd.v1.RunFailedH\x00\x12,\n\tcancelled\x18\r \x01(\x0b\x32\x17.agentd.v1.RunCancelledH\x00\x42\x08\n\x06result\"\xa1\x01\n\x0cTraceOptions\x12\x15\n\rworkflow_name\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x37\n\x08metadata\x18\x03 \x03(\x0b\x32%.agentd.v1.TraceOptions.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1b\n\tCancelRun\x12\x0e\n\x06reason\x18\x01 \x01(\t\"d\n\nRunRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.agentd.v1.StartRunH\x00\x12&\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x14.agentd.v1.CancelRunH\x00\x42\x08\n\x06\x61\x63tion\"1\n\x0bRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.agentd.v1.RunEvent\"6\n\x10StreamRunRequest\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x13.agentd.v1.StartRun\"7\n\x11StreamRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.agentd.v1.RunEvent\"6\n\x10\x43reateRunRequest\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x13.agentd.v1.StartRun\"4\n\x11\x43reateRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.agentd.v1.RunInfo\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x0eGetRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.agentd.v1.RunInfo\"I\n\x0fListRunsRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"M\n\x10ListRunsResponse\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.agentd.v1.RunInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelRunResponse\x12\x1f\n\x03run\x18\x01 \x01(\x0b\x32\x12.agentd.v1.RunInfo\"7\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"6\n\x10WatchRunResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.agentd.v1.RunEvent*f\n\rSessionPolicy\x12\x1e\n\x1aSESSION_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_POLICY_REJECT\x10\x01\x12\x1a\n\x16SESSION_POLICY_ENQUEUE\x10\x02*\xc1\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATUS_QUEUED\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x1e\n\x1aRUN_STATUS_REQUIRES_ACTION\x10\x03\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x04\x12\x15\n\x11RUN_STATUS_FAILED\x10\x05\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x06\x32\xfd\x04\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.agentd.v1.GetAgentRequest\x1a\x1b.agentd.v1.GetAgentResponse\x12\x38\n\x03Run\x12\x15.agentd.v1.RunRequest\x1a\x16.agentd.v1.RunResponse(\x01\x30\x01\x12H\n\tStreamRun\x12\x1b.agentd.v1.StreamRunRequest\x1a\x1c.agentd.v1.StreamRunResponse0\x01\x12\x46\n\tCreateRun\x12\x1b.agentd.v1.CreateRunRequest\x1a\x1c.agentd.v1.CreateRunResponse\x12=\n\x06GetRun\x12\x18.agentd.v1.GetRunRequest\x1a\x19.agentd.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.agentd.v1.ListRunsRequest\x1a\x1b.agentd.v1.ListRunsResponse\x12\x46\n\tCancelRun\x12\x1b.agentd.v1.CancelRunRequest\x1a\x1c.agentd.v1.CancelRunResponse\x12\x45\n\x08WatchRun\x12\x1a.agentd.v1.WatchRunRequest\x1a\x1b.agentd.v1.WatchRunResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +36,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRACEOPTIONS_METADATAENTRY']._loaded_options = None
   _globals['_TRACEOPTIONS_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_AGENT']._serialized_start=102
-  _globals['_AGENT']._serialized_end=276
-  _globals['_TOOL']._serialized_start=278
-  _globals['_TOOL']._serialized_end=380
-  _globals['_LISTAGENTSREQUEST']._serialized_start=382
-  _globals['_LISTAGENTSREQUEST']._serialized_end=440
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=442
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=521
-  _globals['_GETAGENTREQUEST']._serialized_start=523
-  _globals['_GETAGENTREQUEST']._serialized_end=554
-  _globals['_GETAGENTRESPONSE']._serialized_start=556
-  _globals['_GETAGENTRESPONSE']._serialized_end=607
-  _globals['_STARTRUN']._serialized_start=610
-  _globals['_STARTRUN']._serialized_end=788
-  _globals['_TRACEOPTIONS']._serialized_start=791
-  _globals['_TRACEOPTIONS']._serialized_end=952
-  _globals['_TRACEOPTIONS_METADATAENTRY']._serialized_start=905
-  _globals['_TRACEOPTIONS_METADATAENTRY']._serialized_end=952
-  _globals['_CANCELRUN']._serialized_start=954
-  _globals['_CANCELRUN']._serialized_end=981
-  _globals['_RUNREQUEST']._serialized_start=983
-  _globals['_RUNREQUEST']._serialized_end=1083
-  _globals['_RUNRESPONSE']._serialized_start=1085
-  _globals['_RUNRESPONSE']._serialized_end=1134
-  _globals['_STREAMRUNREQUEST']._serialized_start=1136
-  _globals['_STREAMRUNREQUEST']._serialized_end=1190
-  _globals['_STREAMRUNRESPONSE']._serialized_start=1192
-  _globals['_STREAMRUNRESPONSE']._serialized_end=1247
-  _globals['_AGENTSERVICE']._serialized_start=1250
-  _globals['_AGENTSERVICE']._serialized_end=1540
+  _globals['_SESSIONPOLICY']._serialized_start=2326
+  _globals['_SESSIONPOLICY']._serialized_end=2428
+  _globals['_RUNSTATUS']._serialized_start=2431
+  _globals['_RUNSTATUS']._serialized_end=2624
+  _globals['_AGENT']._serialized_start=135
+  _globals['_AGENT']._serialized_end=309
+  _globals['_TOOL']._serialized_start=311
+  _globals['_TOOL']._serialized_end=413
+  _globals['_LISTAGENTSREQUEST']._serialized_start=415
+  _globals['_LISTAGENTSREQUEST']._serialized_end=473
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=475
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=554
+  _globals['_GETAGENTREQUEST']._serialized_start=556
+  _globals['_GETAGENTREQUEST']._serialized_end=587
+  _globals['_GETAGENTRESPONSE']._serialized_start=589
+  _globals['_GETAGENTRESPONSE']._serialized_end=640
+  _globals['_STARTRUN']._serialized_start=643
+  _globals['_STARTRUN']._serialized_end=889
+  _globals['_RUNINFO']._serialized_start=892
+  _globals['_RUNINFO']._serialized_end=1302
+  _globals['_TRACEOPTIONS']._serialized_start=1305
+  _globals['_TRACEOPTIONS']._serialized_end=1466
+  _globals['_TRACEOPTIONS_METADATAENTRY']._serialized_start=1419
+  _globals['_TRACEOPTIONS_METADATAENTRY']._serialized_end=1466
+  _globals['_CANCELRUN']._serialized_start=1468
+  _globals['_CANCELRUN']._serialized_end=1495
+  _globals['_RUNREQUEST']._serialized_start=1497
+  _globals['_RUNREQUEST']._serialized_end=1597
+  _globals['_RUNRESPONSE']._serialized_start=1599
+  _globals['_RUNRESPONSE']._serialized_end=1648
+  _globals['_STREAMRUNREQUEST']._serialized_start=1650
+  _globals['_STREAMRUNREQUEST']._serialized_end=1704
+  _globals['_STREAMRUNRESPONSE']._serialized_start=1706
+  _globals['_STREAMRUNRESPONSE']._serialized_end=1761
+  _globals['_CREATERUNREQUEST']._serialized_start=1763
+  _globals['_CREATERUNREQUEST']._serialized_end=1817
+  _globals['_CREATERUNRESPONSE']._serialized_start=1819
+  _globals['_CREATERUNRESPONSE']._serialized_end=1871
+  _globals['_GETRUNREQUEST']._serialized_start=1873
+  _globals['_GETRUNREQUEST']._serialized_end=1902
+  _globals['_GETRUNRESPONSE']._serialized_start=1904
+  _globals['_GETRUNRESPONSE']._serialized_end=1953
+  _globals['_LISTRUNSREQUEST']._serialized_start=1955
+  _globals['_LISTRUNSREQUEST']._serialized_end=2028
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2030
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2107
+  _globals['_CANCELRUNREQUEST']._serialized_start=2109
+  _globals['_CANCELRUNREQUEST']._serialized_end=2157
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2159
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2211
+  _globals['_WATCHRUNREQUEST']._serialized_start=2213
+  _globals['_WATCHRUNREQUEST']._serialized_end=2268
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2270
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2324
+  _globals['_AGENTSERVICE']._serialized_start=2627
+  _globals['_AGENTSERVICE']._serialized_end=3264
 # @@protoc_insertion_point(module_scope)

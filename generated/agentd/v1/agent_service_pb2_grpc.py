@@ -28,29 +28,38 @@ if _version_not_supported:
 class AgentServiceStub:
     """AgentService lists the agents a server hosts and runs them.
 
-    Run shapes:
-    - `Run` is the primary RPC: a bidirectional stream. The caller's first
-    message carries `start`; the server answers with the run's events as
-    they happen; the caller may send control messages on the same stream
-    while the run is going (`cancel` today; tool outputs for caller-executed
-    tools and approvals arrive as new `RunRequest` fields later, which is an
-    additive change). Half-closing the request side does not cancel the run;
-    cancelling the call does.
-    - `StreamRun` is the server-streaming convenience for callers that cannot
-    hold a bidirectional stream (grpc-web, simple scripts): it starts a run
-    and streams its events; cancelling the call (or its deadline) cancels the
-    run.
+    Runs are resources kept in a shared run store (Redis or Postgres when
+    configured, in memory on the embedded default), so any replica can answer
+    for any run:
+    - `Run` is a bidirectional stream. The caller's first message carries
+    `start`; the server answers with the run's events as they happen; the
+    caller may send `cancel` on the same stream while the run is going.
+    Half-closing the request side does not cancel the run.
+    - `StreamRun` is the server-streaming form for callers that cannot hold a
+    bidirectional stream (grpc-web, simple scripts).
+    - `CreateRun` starts a background run and returns it at once; `GetRun`,
+    `ListRuns` and `CancelRun` work from any replica.
+    - `WatchRun(run, after_sequence)` replays a run's events after that
+    sequence number and follows the live tail until the run ends, from any
+    replica. A caller whose stream broke re-attaches with the last sequence it
+    saw and receives every later event exactly once, in order.
 
-    Both streams end with exactly one terminal event (run_completed,
-    run_failed or run_cancelled) and then an OK status. An error status means
-    the run never started (invalid request, unknown agent, busy session) or the
-    transport broke.
+    Unless `StartRun.detached` is set, the run of a `Run` or `StreamRun` stream
+    is cancelled when that stream goes away (client cancel, disconnect or
+    deadline). A detached run keeps going; stop it with `CancelRun`.
 
-    What comes next without breaking changes: every event carries `run_id` and a
-    gap-free `sequence`, so a `WatchRun(run_id, after_sequence)` RPC can
-    re-attach to a run from any replica; `CreateRun`/`GetRun`/`CancelRun`
-    make runs background resources; `StartRun.request_id` already rejects a
-    duplicate start of a live run.
+    Event streams end with exactly one terminal event (run_completed,
+    run_failed or run_cancelled) and then an OK status. An error status on
+    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
+    request, unknown agent, busy session, full queue, draining replica).
+
+    Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
+    once; beyond that a new run is queued (status QUEUED) and any replica with
+    free capacity picks it up. The executing replica holds a lease and
+    checkpoints the run after every completed step; if it dies, another replica
+    resumes the run from its last checkpoint and the event stream continues with
+    a `run_resumed` event. A tool call that was in flight at the crash may
+    execute again: tools receive a stable call id to deduplicate.
     """
 
     def __init__(self, channel):
@@ -79,34 +88,68 @@ class AgentServiceStub:
                 request_serializer=agentd_dot_v1_dot_agent__service__pb2.StreamRunRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agent__service__pb2.StreamRunResponse.FromString,
                 _registered_method=True)
+        self.CreateRun = channel.unary_unary(
+                '/agentd.v1.AgentService/CreateRun',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.CreateRunResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/agentd.v1.AgentService/GetRun',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.GetRunResponse.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/agentd.v1.AgentService/ListRuns',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/agentd.v1.AgentService/CancelRun',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.CancelRunResponse.FromString,
+                _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/agentd.v1.AgentService/WatchRun',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
     """AgentService lists the agents a server hosts and runs them.
 
-    Run shapes:
-    - `Run` is the primary RPC: a bidirectional stream. The caller's first
-    message carries `start`; the server answers with the run's events as
-    they happen; the caller may send control messages on the same stream
-    while the run is going (`cancel` today; tool outputs for caller-executed
-    tools and approvals arrive as new `RunRequest` fields later, which is an
-    additive change). Half-closing the request side does not cancel the run;
-    cancelling the call does.
-    - `StreamRun` is the server-streaming convenience for callers that cannot
-    hold a bidirectional stream (grpc-web, simple scripts): it starts a run
-    and streams its events; cancelling the call (or its deadline) cancels the
-    run.
+    Runs are resources kept in a shared run store (Redis or Postgres when
+    configured, in memory on the embedded default), so any replica can answer
+    for any run:
+    - `Run` is a bidirectional stream. The caller's first message carries
+    `start`; the server answers with the run's events as they happen; the
+    caller may send `cancel` on the same stream while the run is going.
+    Half-closing the request side does not cancel the run.
+    - `StreamRun` is the server-streaming form for callers that cannot hold a
+    bidirectional stream (grpc-web, simple scripts).
+    - `CreateRun` starts a background run and returns it at once; `GetRun`,
+    `ListRuns` and `CancelRun` work from any replica.
+    - `WatchRun(run, after_sequence)` replays a run's events after that
+    sequence number and follows the live tail until the run ends, from any
+    replica. A caller whose stream broke re-attaches with the last sequence it
+    saw and receives every later event exactly once, in order.
 
-    Both streams end with exactly one terminal event (run_completed,
-    run_failed or run_cancelled) and then an OK status. An error status means
-    the run never started (invalid request, unknown agent, busy session) or the
-    transport broke.
+    Unless `StartRun.detached` is set, the run of a `Run` or `StreamRun` stream
+    is cancelled when that stream goes away (client cancel, disconnect or
+    deadline). A detached run keeps going; stop it with `CancelRun`.
 
-    What comes next without breaking changes: every event carries `run_id` and a
-    gap-free `sequence`, so a `WatchRun(run_id, after_sequence)` RPC can
-    re-attach to a run from any replica; `CreateRun`/`GetRun`/`CancelRun`
-    make runs background resources; `StartRun.request_id` already rejects a
-    duplicate start of a live run.
+    Event streams end with exactly one terminal event (run_completed,
+    run_failed or run_cancelled) and then an OK status. An error status on
+    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
+    request, unknown agent, busy session, full queue, draining replica).
+
+    Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
+    once; beyond that a new run is queued (status QUEUED) and any replica with
+    free capacity picks it up. The executing replica holds a lease and
+    checkpoints the run after every completed step; if it dies, another replica
+    resumes the run from its last checkpoint and the event stream continues with
+    a `run_resumed` event. A tool call that was in flight at the crash may
+    execute again: tools receive a stable call id to deduplicate.
     """
 
     def ListAgents(self, request, context):
@@ -137,6 +180,45 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRun(self, request, context):
+        """Creates a background run and returns it at once (queued or running).
+        With a `request_id` it is idempotent: a retry returns the run the first
+        call created, whatever its status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """Gets a run: status, executing replica, result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Lists a session's runs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """Cancels a run wherever it executes; a run that already ended is returned
+        unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRun(self, request, context):
+        """Streams a run's events after `after_sequence`, then its live tail, until
+        its terminal event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +242,31 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=agentd_dot_v1_dot_agent__service__pb2.StreamRunRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_agent__service__pb2.StreamRunResponse.SerializeToString,
             ),
+            'CreateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRun,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.CreateRunRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.CreateRunResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.GetRunRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.GetRunResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListRunsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.CancelRunRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentd.v1.AgentService', rpc_method_handlers)
@@ -171,29 +278,38 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """AgentService lists the agents a server hosts and runs them.
 
-    Run shapes:
-    - `Run` is the primary RPC: a bidirectional stream. The caller's first
-    message carries `start`; the server answers with the run's events as
-    they happen; the caller may send control messages on the same stream
-    while the run is going (`cancel` today; tool outputs for caller-executed
-    tools and approvals arrive as new `RunRequest` fields later, which is an
-    additive change). Half-closing the request side does not cancel the run;
-    cancelling the call does.
-    - `StreamRun` is the server-streaming convenience for callers that cannot
-    hold a bidirectional stream (grpc-web, simple scripts): it starts a run
-    and streams its events; cancelling the call (or its deadline) cancels the
-    run.
+    Runs are resources kept in a shared run store (Redis or Postgres when
+    configured, in memory on the embedded default), so any replica can answer
+    for any run:
+    - `Run` is a bidirectional stream. The caller's first message carries
+    `start`; the server answers with the run's events as they happen; the
+    caller may send `cancel` on the same stream while the run is going.
+    Half-closing the request side does not cancel the run.
+    - `StreamRun` is the server-streaming form for callers that cannot hold a
+    bidirectional stream (grpc-web, simple scripts).
+    - `CreateRun` starts a background run and returns it at once; `GetRun`,
+    `ListRuns` and `CancelRun` work from any replica.
+    - `WatchRun(run, after_sequence)` replays a run's events after that
+    sequence number and follows the live tail until the run ends, from any
+    replica. A caller whose stream broke re-attaches with the last sequence it
+    saw and receives every later event exactly once, in order.
 
-    Both streams end with exactly one terminal event (run_completed,
-    run_failed or run_cancelled) and then an OK status. An error status means
-    the run never started (invalid request, unknown agent, busy session) or the
-    transport broke.
+    Unless `StartRun.detached` is set, the run of a `Run` or `StreamRun` stream
+    is cancelled when that stream goes away (client cancel, disconnect or
+    deadline). A detached run keeps going; stop it with `CancelRun`.
 
-    What comes next without breaking changes: every event carries `run_id` and a
-    gap-free `sequence`, so a `WatchRun(run_id, after_sequence)` RPC can
-    re-attach to a run from any replica; `CreateRun`/`GetRun`/`CancelRun`
-    make runs background resources; `StartRun.request_id` already rejects a
-    duplicate start of a live run.
+    Event streams end with exactly one terminal event (run_completed,
+    run_failed or run_cancelled) and then an OK status. An error status on
+    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
+    request, unknown agent, busy session, full queue, draining replica).
+
+    Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
+    once; beyond that a new run is queued (status QUEUED) and any replica with
+    free capacity picks it up. The executing replica holds a lease and
+    checkpoints the run after every completed step; if it dies, another replica
+    resumes the run from its last checkpoint and the event stream continues with
+    a `run_resumed` event. A tool call that was in flight at the crash may
+    execute again: tools receive a stable call id to deduplicate.
     """
 
     @staticmethod
@@ -294,6 +410,141 @@ class AgentService:
             '/agentd.v1.AgentService/StreamRun',
             agentd_dot_v1_dot_agent__service__pb2.StreamRunRequest.SerializeToString,
             agentd_dot_v1_dot_agent__service__pb2.StreamRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/CreateRun',
+            agentd_dot_v1_dot_agent__service__pb2.CreateRunRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.CreateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/GetRun',
+            agentd_dot_v1_dot_agent__service__pb2.GetRunRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/ListRuns',
+            agentd_dot_v1_dot_agent__service__pb2.ListRunsRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/CancelRun',
+            agentd_dot_v1_dot_agent__service__pb2.CancelRunRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.AgentService/WatchRun',
+            agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,7 @@ RUN_ERROR_CODE_SESSION_UNAVAILABLE: RunErrorCode
 RUN_ERROR_CODE_INTERNAL: RunErrorCode
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled")
+    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class RunEvent(_message.Message):
     RUN_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     RUN_FAILED_FIELD_NUMBER: _ClassVar[int]
     RUN_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    RUN_RESUMED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -61,7 +62,8 @@ class RunEvent(_message.Message):
     run_completed: RunCompleted
     run_failed: RunFailed
     run_cancelled: RunCancelled
-    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ...) -> None: ...
+    run_resumed: RunResumed
+    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests")
@@ -184,3 +186,13 @@ class RunCancelled(_message.Message):
     usage: TokenUsage
     turns: int
     def __init__(self, reason: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., turns: _Optional[int] = ...) -> None: ...
+
+class RunResumed(_message.Message):
+    __slots__ = ("attempt", "reason", "turns")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    reason: str
+    turns: int
+    def __init__(self, attempt: _Optional[int] = ..., reason: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...

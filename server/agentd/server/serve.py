@@ -22,7 +22,8 @@ from agentd.server.app import App
 from agentd.server.models.base import ModelProvider
 from agentd.server.models.openai_chat import OpenAIProvider
 from agentd.server.models.scripted import ScriptedProvider
-from agentd.server.runs import RunManager
+from agentd.server.runs.factory import build_run_store
+from agentd.server.runs.manager import RunManager
 from agentd.server.runtime.errors import AppConfigError
 from agentd.server.runtime.run_loop import AgentRunner
 from agentd.server.services.agent_service import AgentService
@@ -89,6 +90,8 @@ class RunningServer:
         stopping = asyncio.create_task(self.server.stop(grace + 5))
         await self.runs.drain(grace)
         await stopping
+        await self.runs.close()
+        await self.runs.bus_close()
         await self.models.aclose()
         # Runs are drained: every trace has ended; write them out before closing.
         await self.traces.close()
@@ -116,7 +119,26 @@ async def start_server(
     await traces.open()  # an archive that cannot be reached is logged and retried, never fatal
     tracer, trace_provider = build_tracer(settings, traces.memory)
     runner = AgentRunner(app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s)
-    runs = RunManager(runner, max_active_runs=settings.max_active_runs)
+    run_store, control_bus = build_run_store(settings)
+    try:
+        await run_store.open()
+        await control_bus.open()
+    except BaseException:
+        await control_bus.close()
+        await run_store.close()
+        await traces.close()
+        await store.close()
+        raise
+    runs = RunManager(
+        runner,
+        run_store,
+        control_bus,
+        replica_id=settings.replica_id,
+        max_active_runs=settings.max_active_runs,
+        max_queued_runs=settings.max_queued_runs,
+        lease_s=settings.run_lease_s,
+        retention_s=settings.run_retention_s,
+    )
 
     server = grpc.aio.server(
         options=[
@@ -138,10 +160,14 @@ async def start_server(
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
+        await control_bus.close()
+        await run_store.close()
         await traces.close()
         await store.close()
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use?)")
     await server.start()
+    runs.start()
+
     async def set_health(service: str, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await health_servicer.set(service, status)
@@ -158,8 +184,9 @@ async def start_server(
         await set_health(name, True)
     upkeep.start()
     log.info(
-        "agentd listening on %s:%d (store=%s, models=%s, agents=%s)",
-        settings.host, port, settings.store, type(models).__name__, ",".join(sorted(app.compiled)),
+        "agentd listening on %s:%d (replica=%s, store=%s, runs=%s, models=%s, agents=%s)",
+        settings.host, port, runs.replica_id, settings.store, run_store.location, type(models).__name__,
+        ",".join(sorted(app.compiled)),
     )
     return RunningServer(
         settings, server, port, runs, store, models, traces, health_servicer, upkeep, trace_provider

@@ -53,7 +53,18 @@ class Settings(BaseSettings):
 
     max_input_chars: int = Field(100_000, gt=0)
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    max_active_runs: int = Field(1000, gt=0, description="Runs this server executes at once; more get RESOURCE_EXHAUSTED.")
+    max_active_runs: int = Field(
+        1000, gt=0, description="Runs this replica executes at once; more are queued for any replica with capacity."
+    )
+    max_queued_runs: int = Field(10_000, gt=0, description="Queued runs (all replicas) beyond which new runs get RESOURCE_EXHAUSTED.")
+    run_store: Literal["auto", "memory", "redis", "postgres"] = Field(
+        "auto",
+        description="Where runs, their event logs and the work queue live: auto follows the session store"
+        " (redis -> redis, postgres -> postgres, else memory: one process).",
+    )
+    replica_id: str = Field("", description="This replica's name in run leases; unset: hostname-pid.")
+    run_lease_s: float = Field(10.0, gt=0, description="A run whose replica stops renewing for this long is taken over.")
+    run_retention_s: float = Field(86_400.0, gt=0, description="How long a run and its events are kept after it ends.")
     shutdown_grace_s: float = Field(10.0, ge=0)
     trace_retention: int = Field(
         10_000, gt=0, description="Traces kept: the newest this many, in memory and in the trace archive."
@@ -83,6 +94,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
     asyncio_debug: bool = Field(False, description="Event-loop debug mode: logs callbacks slower than 10 ms.")
+
+    def resolved_run_store(self) -> Literal["memory", "redis", "postgres"]:
+        if self.run_store != "auto":
+            return self.run_store
+        if self.store in ("redis", "postgres"):
+            return self.store
+        return "memory"
 
     def resolved_trace_store(self) -> Literal["memory", "sqlite", "postgres"]:
         if self.trace_store != "auto":

@@ -100,6 +100,15 @@ class RunCancelled:
     turns: int
 
 
+@dataclass(slots=True, frozen=True)
+class RunResumed:
+    """Another execution took the run over from its last checkpoint (``turns`` completed turns)."""
+
+    attempt: int
+    reason: str
+    turns: int
+
+
 Payload = Union[
     RunStarted,
     AgentUpdated,
@@ -112,6 +121,7 @@ Payload = Union[
     RunCompleted,
     RunFailed,
     RunCancelled,
+    RunResumed,
 ]
 
 TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)

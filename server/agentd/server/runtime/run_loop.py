@@ -9,6 +9,14 @@ a tool call is stored together with its result, never alone.
 Every way a run can end produces exactly one terminal event — ``RunCompleted``,
 ``RunFailed`` (max turns, model, store, output or internal errors) or
 ``RunCancelled`` (the task was cancelled) — and the run never raises to its caller.
+
+Checkpoints. After every completed step the loop hands the sink a ``Checkpoint`` and
+waits until it is durable, *then* appends the step to the session. Given a
+checkpoint, ``run`` resumes: it re-appends the checkpointed step (idempotent by its
+request id), rebuilds the conversation from the session history and the
+checkpoint, and carries on with the next turn. Work after the checkpoint (a model
+call, a tool call in flight) is done again; tools see the same ``call_id`` only if
+the model repeats it, so side-effecting tools should deduplicate on their own key.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import pydantic
 from agentd.server.app import App
 from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse
 from agentd.server.runtime.agent import CompiledAgent
+from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
 from agentd.server.runtime.errors import ModelError, ModelUnavailableError, StoreUnavailableError
 from agentd.server.runtime.events import (
@@ -35,6 +44,7 @@ from agentd.server.runtime.events import (
     RunCompleted,
     RunErrorCode,
     RunFailed,
+    RunResumed,
     RunStarted,
     TextDelta,
     ToolCalled,
@@ -76,6 +86,19 @@ class EventSink(Protocol):
 
     def emit(self, payload: Payload) -> None: ...
 
+    async def checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Make the checkpoint (and every event emitted before it) durable; the sink fills in ``sequence``."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class Resume:
+    """How to continue a run another execution started."""
+
+    attempt: int
+    reason: str
+    checkpoint: Checkpoint | None  # None: the first execution died before its first completed step
+
 
 class _RunFailure(Exception):
     def __init__(self, code: RunErrorCode, message: str) -> None:
@@ -100,30 +123,52 @@ class AgentRunner:
         self._tracer = tracer
         self._tool_timeout_s = tool_timeout_s
 
-    async def run(self, run: RunInput, sink: EventSink) -> None:
+    async def run(self, run: RunInput, sink: EventSink, resume: Resume | None = None) -> None:
         started = time.perf_counter()
-        agent = self._app.compiled[run.agent]
-        max_turns = run.max_turns or agent.agent.max_turns
-        usage = Usage()
-        turns = 0
+        cp = resume.checkpoint if resume is not None else None
+        agent = self._app.compiled[cp.agent if cp is not None else run.agent]
+        max_turns = run.max_turns or self._app.compiled[run.agent].agent.max_turns
+        usage = cp.usage.copy() if cp is not None else Usage()
+        turns = cp.turns if cp is not None else 0
         ctx = RunContext(run.run_id, agent.name, run.session_id, run.context, usage)
+        traceparent = run.traceparent
+        if cp is not None and cp.trace_id and cp.span_id:
+            traceparent = f"00-{cp.trace_id}-{cp.span_id}-01"  # the resumed execution joins the run's trace
         trace = self._tracer.start_trace(
             run_id=run.run_id,
             workflow_name=run.workflow_name,
             group_id=run.group_id,
             metadata=run.trace_metadata,
             agent=agent.name,
-            traceparent=run.traceparent,
+            traceparent=traceparent,
         )
         sink.trace_id = trace.trace_id
         run_span = trace.span(SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name)
         agent_span = None
         try:
-            history = await self._read_history(run.session_id)
-            sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
-            input_item = MessageItem("user", run.input)
-            items: list[Item] = [*history, input_item]
-            unsaved: list[Item] = [input_item]  # saved with the first completed step
+            if resume is not None:
+                sink.emit(RunResumed(resume.attempt, resume.reason, turns))
+            if cp is None:
+                history = await self._read_history(run.session_id)
+                sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
+                input_item = MessageItem("user", run.input)
+                run_items: list[Item] = [input_item]
+                unsaved: list[Item] = [input_item]  # saved with the first completed step
+                history_len = len(history)
+            else:
+                # Rebuild from the history the run started with (the session holds nothing else
+                # but the run's own steps), then redo the checkpointed step's session write: a
+                # no-op if the previous execution got that far (same request id), the write otherwise.
+                history = (await self._read_history(run.session_id))[: cp.history_items]
+                await self._save(run.session_id, list(cp.step_items), cp.step_request_id)
+                run_items, unsaved, history_len = list(cp.run_items), [], cp.history_items
+                if cp.done:
+                    sink.emit(RunCompleted(cp.final_output, agent.name, usage.copy(), turns,
+                                           time.perf_counter() - started))
+                    run_span.end(turns=turns, **_usage_attributes(usage))
+                    trace.end()
+                    return
+            items: list[Item] = [*history, *run_items]
             agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
             while True:
                 if turns >= max_turns:
@@ -142,9 +187,15 @@ class AgentRunner:
                     message = MessageItem("assistant", response.text, agent.name)
                     step.append(message)
                     sink.emit(MessageOutput(agent.name, message))
+                step_id = f"{run.run_id}/{turns}"
                 if not response.tool_calls:
                     final_output = self._final_output(agent, response.text)
-                    await self._save(run.session_id, unsaved + step, f"{run.run_id}/{turns}")
+                    run_items.extend(step)
+                    await sink.checkpoint(Checkpoint(
+                        agent.name, turns, usage.copy(), history_len, tuple(run_items), tuple(unsaved + step),
+                        step_id, 0, trace.trace_id, run_span.span_id, final_output, True,
+                    ))
+                    await self._save(run.session_id, unsaved + step, step_id)
                     agent_span.end()
                     sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns, time.perf_counter() - started))
                     run_span.end(turns=turns, **_usage_attributes(usage))
@@ -152,12 +203,18 @@ class AgentRunner:
                     return
                 next_agent = await self._tool_step(agent, ctx, response, step, sink, trace, agent_span)
                 items.extend(step)
-                await self._save(run.session_id, unsaved + step, f"{run.run_id}/{turns}")
+                run_items.extend(step)
+                if next_agent is not None:
+                    sink.emit(AgentUpdated(next_agent.name))
+                await sink.checkpoint(Checkpoint(
+                    (next_agent or agent).name, turns, usage.copy(), history_len, tuple(run_items),
+                    tuple(unsaved + step), step_id, 0, trace.trace_id, run_span.span_id,
+                ))
+                await self._save(run.session_id, unsaved + step, step_id)
                 unsaved = []
                 if next_agent is not None:
                     agent_span.end()
                     agent = next_agent
-                    sink.emit(AgentUpdated(agent.name))
                     agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
         except asyncio.CancelledError:
             reason = sink.cancel_reason or "cancelled"

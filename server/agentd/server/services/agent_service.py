@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import AsyncIterator, TypeVar
 
 import grpc
 
 from agentd.server.app import App
-from agentd.server.runs import ActiveRun, RunManager
+from agentd.server.runs.manager import RunManager
+from agentd.server.runs.records import DuplicateRunError, RunRecord, SessionPolicy
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import validation
-from agentd.server.services.convert import dict_from_struct, struct_from_dict, write_run_event
+from agentd.server.services.convert import dict_from_struct, run_to_proto, struct_from_dict, write_run_event
 from agentd.server.services.errors import HANDLED, NotFound, abort, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.v1 import agent_service_pb2 as pb
@@ -22,6 +24,7 @@ from agentd.v1 import agent_service_pb2_grpc as pb_grpc
 log = logging.getLogger("agentd.service.agents")
 
 DEFAULT_AGENT_PAGE = 100
+DEFAULT_RUN_PAGE = 100
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -50,8 +53,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def StreamRun(
         self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamRunResponse]:
-        run = await self._start(request.start, "start", context)
-        async for response in _stream(run, pb.StreamRunResponse):
+        record = await self._start_attached(request.start, "start", context)
+        async for response in self._stream(record.run_id, 0, pb.StreamRunResponse, context,
+                                           detached=request.start.detached):
             yield response
 
     async def Run(
@@ -62,19 +66,95 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "start: the first message on a Run stream must set 'start'"
             )
-        run = await self._start(first.start, "start", context)
-        reader = asyncio.create_task(_read_controls(request_iterator, run))
+        record = await self._start_attached(first.start, "start", context)
+        reader = asyncio.create_task(_read_controls(request_iterator, record.run_id, self._runs))
         try:
-            async for response in _stream(run, pb.RunResponse):
+            async for response in self._stream(record.run_id, 0, pb.RunResponse, context,
+                                               detached=first.start.detached):
                 yield response
         finally:
             reader.cancel()
 
-    async def _start(self, start: pb.StartRun, field: str, context: grpc.aio.ServicerContext) -> ActiveRun:
+    @unary_errors
+    async def CreateRun(self, request: pb.CreateRunRequest, context: grpc.aio.ServicerContext) -> pb.CreateRunResponse:
+        spec = self._run_input(request.start, "start", _traceparent(context))
+        created = await self._runs.create(spec, _policy(request.start.session_policy))
+        return pb.CreateRunResponse(run=run_to_proto(created.record))
+
+    @unary_errors
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
+        run_id = _run_id("name", request.name)
+        return pb.GetRunResponse(run=run_to_proto(await self._runs.get(run_id)))
+
+    @unary_errors
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        if not request.session:
+            raise InvalidArgument("session", "is required: runs are listed per session, e.g. 'sessions/abc'")
+        session_id = validation.session_id("session", request.session, allow_bare=True)
+        size = validation.page_size(request.page_size, DEFAULT_RUN_PAGE)
+        cursor = validation.decode_page_token("runs", request.page_token)
+        records, next_cursor = await self._runs.list(session_id, size, cursor)
+        response = pb.ListRunsResponse(runs=[run_to_proto(r) for r in records])
+        if next_cursor is not None:
+            response.next_page_token = validation.encode_page_token("runs", next_cursor)
+        return response
+
+    @unary_errors
+    async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
+        run_id = _run_id("name", request.name)
+        record = await self._runs.cancel(run_id, request.reason or "cancelled by the client")
+        return pb.CancelRunResponse(run=run_to_proto(record))
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRunResponse]:
         try:
-            return self._runs.start(self._run_input(start, field, _traceparent(context)))
+            run_id = _run_id("name", request.name)
+            if request.after_sequence < 0:
+                raise InvalidArgument("after_sequence", f"must be 0 or more, got {request.after_sequence}")
         except HANDLED as exc:
             await abort(context, exc)
+        async for response in self._stream(run_id, request.after_sequence, pb.WatchRunResponse, context,
+                                           detached=True):
+            yield response
+
+    async def _start_attached(self, start: pb.StartRun, field: str, context: grpc.aio.ServicerContext) -> RunRecord:
+        """Create the run of a Run/StreamRun stream; a known request id is ALREADY_EXISTS, not a second run."""
+        try:
+            spec = self._run_input(start, field, _traceparent(context))
+            created = await self._runs.create(spec, _policy(start.session_policy))
+            if not created.created:
+                raise DuplicateRunError(spec.request_id, created.record.run_id, created.record.status.value)
+        except HANDLED as exc:
+            await abort(context, exc)
+        return created.record
+
+    async def _stream(
+        self,
+        run_id: str,
+        after: int,
+        response_type: type[Response],
+        context: grpc.aio.ServicerContext,
+        *,
+        detached: bool,
+    ) -> AsyncIterator[Response]:
+        """The run's events as responses. Unless ``detached``, a caller that goes away (cancel,
+        disconnect, deadline) cancels the run."""
+        finished = False
+        try:
+            async for batch in self._runs.watch(run_id, after):
+                for event in batch:
+                    response = response_type()
+                    write_run_event(event, response.event)
+                    yield response
+                finished = batch[-1].is_terminal
+        except HANDLED as exc:
+            await abort(context, exc)
+        finally:
+            if not finished and not detached:
+                await self._runs.cancel_attached(
+                    run_id, "the client went away (cancelled, disconnected or past its deadline)"
+                )
 
     def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
         agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)
@@ -87,11 +167,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
             )
         if start.max_turns < 0 or start.max_turns > 1000:
             raise InvalidArgument(f"{field}.max_turns", f"must be between 0 and 1000, got {start.max_turns}")
+        if start.session_policy not in _POLICIES:
+            raise InvalidArgument(f"{field}.session_policy", f"unknown value {start.session_policy}")
+        if len(start.request_id) > 200:
+            raise InvalidArgument(f"{field}.request_id", f"is {len(start.request_id)} characters; the limit is 200")
         session_id = None
         if start.session:
             session_id = validation.session_id(f"{field}.session", start.session, allow_bare=True)
         return RunInput(
-            run_id=self._runs.new_run_id(),
+            run_id=new_run_id(),
             agent=agent,
             input=start.input,
             session_id=session_id,
@@ -112,36 +196,48 @@ class AgentService(pb_grpc.AgentServiceServicer):
         return agent
 
 
-Response = TypeVar("Response", pb.RunResponse, pb.StreamRunResponse)
+Response = TypeVar("Response", pb.RunResponse, pb.StreamRunResponse, pb.WatchRunResponse)
+
+_POLICIES = {
+    pb.SESSION_POLICY_UNSPECIFIED: SessionPolicy.REJECT,
+    pb.SESSION_POLICY_REJECT: SessionPolicy.REJECT,
+    pb.SESSION_POLICY_ENQUEUE: SessionPolicy.ENQUEUE,
+}
 
 
-async def _stream(run: ActiveRun, response_type: type[Response]) -> AsyncIterator[Response]:
-    """The run's events as responses; a caller that goes away (cancel, disconnect, deadline) cancels the run."""
+def _policy(value: int) -> SessionPolicy:
     try:
-        async for batch in run.events():
-            for event in batch:
-                response = response_type()
-                write_run_event(event, response.event)
-                yield response
-    finally:
-        if not run.done:
-            run.cancel("the client went away (cancelled, disconnected or past its deadline)")
-            await run.wait()
+        return _POLICIES[value]
+    except KeyError:
+        raise InvalidArgument("start.session_policy", f"unknown value {value}") from None
 
 
-async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run: ActiveRun) -> None:
+def new_run_id() -> str:
+    return f"run_{uuid.uuid4().hex}"
+
+
+def _run_id(field: str, name: str) -> str:
+    run_id = validation.resource_id(field, name, "runs", allow_bare=True)
+    if not run_id or len(run_id) > 200:
+        raise InvalidArgument(field, "must name a run, e.g. 'runs/run_0123…'")
+    return run_id
+
+
+async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run_id: str, runs: RunManager) -> None:
     """Apply control messages the caller sends while the run streams."""
     try:
         async for message in request_iterator:
             action = message.WhichOneof("action")
             if action == "cancel":
-                run.cancel(message.cancel.reason or "cancelled by the client")
+                await runs.cancel(run_id, message.cancel.reason or "cancelled by the client")
             elif action == "start":
-                run.cancel("protocol error: a Run stream carries one run; 'start' may only be the first message")
+                await runs.cancel(
+                    run_id, "protocol error: a Run stream carries one run; 'start' may only be the first message"
+                )
     except (asyncio.CancelledError, grpc.aio.AioRpcError):
         pass
     except Exception:  # a broken request stream must not take the run down with an unhandled error
-        log.debug("request stream of %s ended with an error", run.run_id, exc_info=True)
+        log.debug("request stream of %s ended with an error", run_id, exc_info=True)
 
 
 def _agent_to_proto(compiled: CompiledAgent) -> pb.Agent:

@@ -9,12 +9,13 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agentd.server.runs.records import RunRecord, RunStatus
 from agentd.server.runtime import events as ev
 from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
 from agentd.server.runtime.usage import Usage
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.sessions.base import SessionRecord, StoredItem
-from agentd.v1 import item_pb2, run_event_pb2, session_service_pb2
+from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2
 
 _ROLE_TO_PROTO = {"user": item_pb2.ROLE_USER, "assistant": item_pb2.ROLE_ASSISTANT, "system": item_pb2.ROLE_SYSTEM}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
@@ -222,6 +223,13 @@ def _run_cancelled(p: ev.RunCancelled, out: run_event_pb2.RunEvent) -> None:
     m.turns = p.turns
 
 
+def _run_resumed(p: ev.RunResumed, out: run_event_pb2.RunEvent) -> None:
+    m = out.run_resumed
+    m.attempt = p.attempt
+    m.reason = p.reason
+    m.turns = p.turns
+
+
 _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunStarted: _run_started,
     ev.AgentUpdated: _agent_updated,
@@ -234,6 +242,7 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunCompleted: _run_completed,
     ev.RunFailed: _run_failed,
     ev.RunCancelled: _run_cancelled,
+    ev.RunResumed: _run_resumed,
 }
 
 
@@ -244,3 +253,36 @@ def write_run_event(event: ev.RunEvent, out: run_event_pb2.RunEvent) -> None:
     out.create_time.seconds, out.create_time.nanos = divmod(event.time_ns, 1_000_000_000)
     out.trace_id = event.trace_id
     _PAYLOAD_WRITERS[type(event.payload)](event.payload, out)
+
+
+_RUN_STATUS = {
+    RunStatus.QUEUED: agent_service_pb2.RUN_STATUS_QUEUED,
+    RunStatus.RUNNING: agent_service_pb2.RUN_STATUS_RUNNING,
+    RunStatus.REQUIRES_ACTION: agent_service_pb2.RUN_STATUS_REQUIRES_ACTION,
+    RunStatus.COMPLETED: agent_service_pb2.RUN_STATUS_COMPLETED,
+    RunStatus.FAILED: agent_service_pb2.RUN_STATUS_FAILED,
+    RunStatus.CANCELLED: agent_service_pb2.RUN_STATUS_CANCELLED,
+}
+_RESULT_FIELD = {ev.RunCompleted: "completed", ev.RunFailed: "failed", ev.RunCancelled: "cancelled"}
+
+
+def run_to_proto(record: RunRecord) -> agent_service_pb2.RunInfo:
+    spec = record.spec
+    info = agent_service_pb2.RunInfo(
+        name=f"runs/{record.run_id}",
+        status=_RUN_STATUS[record.status],
+        agent=f"agents/{spec.agent}",
+        session=f"sessions/{spec.session_id}" if spec.session_id else "",
+        request_id=spec.request_id,
+        create_time=timestamp_s(record.create_time),
+        update_time=timestamp_s(record.update_time),
+        replica=record.owner,
+        attempt=record.attempt,
+        last_sequence=record.last_sequence,
+    )
+    if record.result is not None:
+        event = run_event_pb2.RunEvent()
+        _PAYLOAD_WRITERS[type(record.result)](record.result, event)
+        field = _RESULT_FIELD[type(record.result)]  # type: ignore[index]
+        getattr(info, field).CopyFrom(getattr(event, f"run_{field}"))
+    return info

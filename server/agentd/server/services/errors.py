@@ -7,7 +7,13 @@ from typing import Any, Awaitable, Callable, NoReturn, TypeVar
 
 import grpc
 
-from agentd.server.runs import CapacityError, DuplicateRunError, ServerDrainingError, SessionBusyError
+from agentd.server.runs.records import (
+    DuplicateRunError,
+    QueueFullError,
+    RunNotFoundError,
+    ServerDrainingError,
+    SessionBusyError,
+)
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.services.validation import InvalidArgument
 
@@ -30,7 +36,8 @@ STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ServerDrainingError: grpc.StatusCode.UNAVAILABLE,
-    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RunNotFoundError: grpc.StatusCode.NOT_FOUND,
 }
 HANDLED = tuple(STATUS_FOR)
 

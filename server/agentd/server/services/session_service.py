@@ -6,7 +6,7 @@ import uuid
 
 import grpc
 
-from agentd.server.runs import RunManager
+from agentd.server.runs.manager import RunManager
 from agentd.server.runtime.errors import SessionExistsError
 from agentd.server.services import validation
 from agentd.server.services.convert import (
@@ -96,7 +96,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        session_id = self._idle_session("name", request.name)
+        session_id = await self._idle_session("name", request.name)
         await self._store.delete_session(session_id)
         return pb.DeleteSessionResponse()
 
@@ -123,7 +123,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def AddSessionItems(
         self, request: pb.AddSessionItemsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddSessionItemsResponse:
-        session_id = self._idle_session("parent", request.parent)
+        session_id = await self._idle_session("parent", request.parent)
         if not request.items:
             raise InvalidArgument("items", "must contain at least one item")
         if len(request.items) > MAX_ITEMS_PER_ADD:
@@ -134,7 +134,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def PopSessionItem(self, request: pb.PopSessionItemRequest, context: grpc.aio.ServicerContext) -> pb.PopSessionItemResponse:
-        session_id = self._idle_session("parent", request.parent)
+        session_id = await self._idle_session("parent", request.parent)
         stored = await self._store.pop_item(session_id)
         response = pb.PopSessionItemResponse()
         if stored is not None:
@@ -145,16 +145,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ClearSessionItems(
         self, request: pb.ClearSessionItemsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClearSessionItemsResponse:
-        session_id = self._idle_session("parent", request.parent)
+        session_id = await self._idle_session("parent", request.parent)
         return pb.ClearSessionItemsResponse(deleted_count=await self._store.clear_items(session_id))
 
-    def _idle_session(self, field: str, name: str) -> str:
-        """The session id, refusing writes while a run owns the session's item list."""
+    async def _idle_session(self, field: str, name: str) -> str:
+        """The session id, refusing writes while a run (on any replica) owns the session's item list."""
         session_id = validation.session_id(field, name)
-        run = self._runs.active_run_for_session(session_id)
-        if run is not None:
+        run_id = await self._runs.active_run_for_session(session_id)
+        if run_id is not None:
             raise FailedPrecondition(
-                f"session {session_id!r} has an active run ({run.run_id}); wait for it to end or cancel it"
+                f"session {session_id!r} has an active run ({run_id}); wait for it to end or cancel it"
             )
         return session_id
 

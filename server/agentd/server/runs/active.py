@@ -1,0 +1,211 @@
+"""One execution of a run on this replica: the ``EventSink`` its loop writes to.
+
+Events are stamped with the next sequence number and written to the run store in
+batches by one flusher task per run: while a write is in flight, later events pile
+up and go in the next write, so a burst of text deltas costs one round trip, not one
+per event. Watchers on this replica get an event only after it is durable, so a
+client never sees a sequence number that a replica taking the run over could
+reuse. A checkpoint rides in the same write as the events before it.
+
+If the store says the lease is gone (another replica took the run over), the
+execution stops quietly: no further event is written, and the new owner continues
+the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator
+
+from agentd.server.runs.base import RunStore
+from agentd.server.runs.records import LeaseLostError, RunRecord
+from agentd.server.runtime.checkpoint import Checkpoint
+from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.runtime.events import TERMINAL_PAYLOADS, Payload, RunEvent
+
+log = logging.getLogger("agentd.runs")
+
+# A store write that fails is retried (events keep their order) until this long before the lease ends.
+WRITE_RETRY_DELAY_S = 0.2
+
+
+class ActiveRun:
+    def __init__(self, record: RunRecord, store: RunStore, *, retention_s: float, lease_s: float) -> None:
+        self.record = record
+        self.input = record.spec
+        self.run_id = record.run_id
+        self.attempt = record.attempt
+        self.trace_id = record.trace_id
+        self.cancel_reason = ""
+        self.task: asyncio.Task[None] | None = None
+        self.last_payload: Payload | None = None
+        self.first_sequence = record.last_sequence + 1
+        self._store = store
+        self._retention_s = retention_s
+        self._lease_s = lease_s
+        self._sequence = record.last_sequence
+        self._pending: list[RunEvent] = []
+        self._pending_checkpoint: Checkpoint | None = None
+        self._checkpoint_waiters: list[asyncio.Future[None]] = []
+        self._delivered: list[RunEvent] = []  # durable events of this execution, in order
+        self._watchers: list[asyncio.Future[None]] = []
+        self._wakeup = asyncio.Event()
+        self._stopped = False  # lease lost or handed off: drop everything from now on
+        self.ended = False  # the terminal event is durable
+        self.flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.run_id}")
+
+    @property
+    def event_count(self) -> int:
+        return self._sequence
+
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # -- EventSink -----------------------------------------------------------------------
+
+    def emit(self, payload: Payload) -> None:
+        if self._stopped:
+            return
+        self._sequence += 1
+        self._pending.append(RunEvent(self.run_id, self._sequence, time.time_ns(), self.trace_id, payload))
+        if isinstance(payload, TERMINAL_PAYLOADS):
+            self.last_payload = payload
+        self._wakeup.set()
+
+    async def checkpoint(self, checkpoint: Checkpoint) -> None:
+        if self._stopped:
+            raise asyncio.CancelledError()
+        if not self._store.shared:
+            return  # nobody could resume it: skip the write
+        self._pending_checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
+        waiter = asyncio.get_running_loop().create_future()
+        self._checkpoint_waiters.append(waiter)
+        self._wakeup.set()
+        await waiter
+
+    # -- control -------------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        if self.task is not None and not self.task.done() and self.last_payload is None and not self._stopped:
+            self.cancel_reason = self.cancel_reason or reason
+            self.task.cancel()
+
+    async def stop(self, why: str) -> None:
+        """Stop executing without ending the run (to hand it off): what was emitted so far is
+        still written, nothing after (not even the cancellation's own terminal event)."""
+        self._stopped = True
+        self._wakeup.set()
+        if self.task is not None and not self.task.done():
+            self.cancel_reason = why
+            self.task.cancel()
+        await self.wait()
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await asyncio.wait({self.task})
+        await asyncio.wait({self.flusher})
+
+    # -- watching ------------------------------------------------------------------------
+
+    async def follow(self, after_sequence: int) -> AsyncIterator[list[RunEvent]]:
+        """Durable events of this execution after ``after_sequence``; ends after the terminal event,
+        or when this execution stops without one (the caller then continues from the store)."""
+        position = max(after_sequence - self.first_sequence + 1, 0)
+        while True:
+            if position < len(self._delivered):
+                batch = self._delivered[position:]
+                position = len(self._delivered)
+                yield batch
+                if batch[-1].is_terminal:
+                    return
+                continue
+            if self.flusher.done():
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._watchers.append(waiter)
+            await waiter
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._pending or self._pending_checkpoint is not None:
+                    if not await self._flush_once():
+                        return
+                if self._stopped or self.ended:
+                    return
+        finally:
+            for waiter in self._checkpoint_waiters:
+                if not waiter.done():
+                    waiter.set_exception(asyncio.CancelledError())
+            self._checkpoint_waiters.clear()
+            self._wake_watchers()
+
+    async def _flush_once(self) -> bool:
+        """Write the pending events (and checkpoint); False when this execution must stop writing."""
+        batch, self._pending = self._pending, []
+        checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
+        waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
+        terminal = bool(batch) and batch[-1].is_terminal
+        deadline = time.monotonic() + self._lease_s
+        while True:
+            try:
+                if terminal:
+                    await self._store.finish(
+                        self.run_id, self.attempt, batch, retention_s=self._retention_s, now=time.time()
+                    )
+                else:
+                    await self._store.record_progress(self.run_id, self.attempt, batch, checkpoint, now=time.time())
+                break
+            except LeaseLostError:
+                log.warning("run %s: lease lost (attempt %d); another replica continues it", self.run_id, self.attempt)
+                self._fail_waiters(waiters)
+                self._stop_and_cancel("this replica lost the run's lease")
+                return False
+            except StoreUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    log.error("run %s: cannot write to the run store (%s); giving the run up", self.run_id, exc)
+                    self._fail_waiters(waiters)
+                    self._stop_and_cancel(f"the run store is unavailable: {exc}")
+                    return False
+                await asyncio.sleep(WRITE_RETRY_DELAY_S)
+        if batch:
+            self._delivered.extend(batch)
+            self._wake_watchers()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if terminal:
+            self.ended = True
+            return False
+        return True
+
+    def _stop_and_cancel(self, why: str) -> None:
+        self._stopped = True
+        self._pending = []
+        if self.task is not None and not self.task.done():
+            self.cancel_reason = why
+            self.task.cancel()
+
+    @staticmethod
+    def _fail_waiters(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(asyncio.CancelledError())
+
+    def _wake_watchers(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for waiter in watchers:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -1,0 +1,173 @@
+"""The shared state of runs, behind two interfaces every engine implements.
+
+``RunStore`` holds run records, their ordered event logs, the work queue and leases.
+Event appends and checkpoints live in the same interface on purpose: a step's events
+and its checkpoint are written in one atomic call (one round trip), fenced by the
+writer's attempt number, so a replica whose lease was taken over can never write
+again, and a log never holds events a checkpoint does not account for.
+
+``ControlBus`` carries messages (cancel) to whichever replica executes a run. It is
+fire-and-forget (Redis pub/sub, Postgres NOTIFY); a cancel is also recorded on the run
+and seen at the next lease renewal, so a lost message only delays it.
+
+Implementations: ``memory`` (one process, the embedded default), ``redis`` (Streams,
+consumer groups, pub/sub) and ``postgres`` (SKIP LOCKED, LISTEN/NOTIFY). All pass
+``tests/test_run_stores.py``. Times are unix seconds passed in by the caller (``now``)
+so every replica's decisions use the same clock semantics as the session stores.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import AsyncIterator, Sequence
+
+from agentd.server.runs.records import Control, CreatedRun, RenewOutcome, RunRecord, SessionPolicy
+from agentd.server.runtime.checkpoint import Checkpoint
+from agentd.server.runtime.events import RunEvent
+from agentd.server.runtime.run_loop import RunInput
+
+
+class RunStore(abc.ABC):
+    """Run records, event logs, the queue and leases. Errors reaching the engine raise StoreUnavailableError."""
+
+    #: True when other processes see the same runs (Redis, Postgres): drained runs are
+    #: handed off and expired leases taken over. False for the in-memory store.
+    shared: bool = True
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the runs live, for logs and errors (never a password)."""
+
+    async def open(self) -> None:
+        """Connect, create or migrate what is needed; raise StoreUnavailableError when unreachable."""
+
+    async def close(self) -> None:
+        """Release connections; pending waits end."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailableError unless the engine answers."""
+
+    # -- records -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_run(
+        self,
+        spec: RunInput,
+        *,
+        policy: SessionPolicy,
+        owner: str | None,
+        lease_s: float,
+        max_queued: int,
+        now: float,
+    ) -> CreatedRun:
+        """Record a new run, atomically with these checks, in this order:
+
+        1. ``spec.request_id`` set and naming a known run: return it (``created=False``), change nothing.
+        2. ``spec.session_id`` with an active (QUEUED/RUNNING/REQUIRES_ACTION) run: REJECT raises
+           ``SessionBusyError(session_id, oldest active run id)``; ENQUEUE stores the run QUEUED but not
+           claimable until every earlier active run of the session has ended (then it becomes
+           claimable in creation order, without the caller doing anything).
+        3. ``owner`` given: stored RUNNING with that owner, ``attempt=1`` and a lease until
+           ``now + lease_s`` (the creating replica executes it at once, with no queue hop).
+        4. Otherwise QUEUED and claimable; ``QueueFullError(max_queued)`` when ``max_queued`` runs are
+           already QUEUED (a run that is created RUNNING or behind its session never counts as refused).
+        """
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None when unknown or past retention."""
+
+    @abc.abstractmethod
+    async def list_runs(self, session_id: str, limit: int, cursor: str | None = None) -> tuple[list[RunRecord], str | None]:
+        """A session's runs newest first (by create time, then run id), and the cursor of the next page."""
+
+    @abc.abstractmethod
+    async def active_run(self, session_id: str) -> str | None:
+        """The id of the session's oldest active run, or None."""
+
+    # -- execution -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim(self, owner: str, max_runs: int, *, lease_s: float, now: float, wait_s: float) -> list[RunRecord]:
+        """Take up to ``max_runs`` claimable QUEUED runs, oldest first: RUNNING, ``owner``, ``attempt + 1``,
+        lease until ``now + lease_s``. Each run goes to exactly one claimer. When none is claimable, wait up
+        to ``wait_s`` for one (on the engine's own primitive, not a busy poll) and return [] on timeout."""
+
+    @abc.abstractmethod
+    async def renew(self, owner: str, leases: dict[str, int], *, lease_s: float, now: float) -> RenewOutcome:
+        """Extend the leases of ``{run_id: attempt}`` this owner executes to ``now + lease_s``; report the
+        runs it no longer holds (other owner or attempt, released, ended, gone) and cancel requests."""
+
+    @abc.abstractmethod
+    async def record_progress(
+        self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
+    ) -> None:
+        """Append ``events`` (their sequences continue the log exactly: the first is ``last_sequence + 1``)
+        and, when given, replace the checkpoint — atomically. Raise ``LeaseLostError`` and change nothing
+        unless the run is RUNNING with this ``attempt``. ``events`` may be empty (checkpoint only)."""
+
+    @abc.abstractmethod
+    async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
+        """Like ``record_progress`` with the run's final events (the last one terminal), and atomically:
+        status from the terminal payload, ``result`` = that payload, owner and lease cleared, the session's
+        next queued run (if any) made claimable, and the record, its log and its request id deleted
+        ``retention_s`` after ``now``. ``LeaseLostError`` as for ``record_progress``."""
+
+    @abc.abstractmethod
+    async def release(self, run_id: str, attempt: int, *, now: float) -> bool:
+        """Hand a RUNNING run back (drain): QUEUED and claimable at once, checkpoint kept. False (and no
+        change) unless it is RUNNING with this attempt."""
+
+    @abc.abstractmethod
+    async def requeue_expired(self, *, now: float) -> list[str]:
+        """Make every RUNNING run whose lease expired before ``now`` QUEUED and claimable (checkpoint kept);
+        return their ids. Safe to call from every replica at once: each run is requeued once."""
+
+    @abc.abstractmethod
+    async def cancel(self, run_id: str, reason: str, *, event_time_ns: int, retention_s: float, now: float) -> RunRecord | None:
+        """Ask for a run to be cancelled; return the run afterwards (None if unknown).
+
+        - Terminal: unchanged.
+        - QUEUED: ended here, atomically: status CANCELLED, one ``RunCancelled(reason, Usage(), turns)`` event
+          appended (sequence ``last_sequence + 1``, time ``event_time_ns``, turns from its checkpoint or 0),
+          result set, session released and retention started, as ``finish`` does.
+        - RUNNING: ``cancel_reason`` recorded (first reason wins); its owner sees it in ``renew`` (the caller
+          also publishes a ``Control`` for a prompt stop).
+        """
+
+    @abc.abstractmethod
+    async def sweep(self, *, now: float) -> int:
+        """Delete runs (with their logs and request ids) whose retention ended; engines that expire keys
+        by themselves may return 0. Returns how many were deleted."""
+
+    # -- event log -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def read_events(self, run_id: str, after_sequence: int, limit: int) -> list[RunEvent]:
+        """Up to ``limit`` events with sequence > ``after_sequence``, in order."""
+
+    @abc.abstractmethod
+    async def wait_events(self, run_id: str, after_sequence: int, *, limit: int, timeout_s: float) -> list[RunEvent]:
+        """Like ``read_events``, but when there are none yet, wait up to ``timeout_s`` for some to be
+        appended (blocking on the engine: XREAD BLOCK, LISTEN, a condition) and return [] on timeout."""
+
+
+class ControlBus(abc.ABC):
+    """Best-effort broadcast of ``Control`` messages to every replica."""
+
+    async def open(self) -> None:
+        """Connect; after this returns, published messages reach ``subscribe()`` iterators started before."""
+
+    async def close(self) -> None:
+        """Disconnect; ``subscribe()`` iterators end."""
+
+    @abc.abstractmethod
+    async def publish(self, message: Control) -> None:
+        """Send to every replica's subscriber (at most once; lost if no replica listens)."""
+
+    @abc.abstractmethod
+    def subscribe(self) -> AsyncIterator[Control]:
+        """Every message published after the subscription is established, until ``close``. Reconnects after
+        an engine failure (messages sent meanwhile are lost)."""

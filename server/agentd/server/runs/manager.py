@@ -1,0 +1,351 @@
+"""This replica's share of the runs: creating, executing, watching, cancelling, handing off.
+
+Runs live in a ``RunStore`` every replica shares; this manager executes some of them.
+A new run executes on the replica that created it when that replica has capacity
+(no queue hop, so a streamed run starts as fast as a local one); otherwise it is
+queued and any replica with capacity claims it. Background tasks keep the leases of
+this replica's runs alive, take over runs whose replica stopped renewing, and apply
+cancels sent from other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import AsyncIterator
+
+from agentd.server.runs.active import ActiveRun
+from agentd.server.runs.base import ControlBus, RunStore
+from agentd.server.runs.records import (
+    Control,
+    CreatedRun,
+    RunNotFoundError,
+    RunRecord,
+    RunStatus,
+    ServerDrainingError,
+    SessionPolicy,
+)
+from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.runtime.events import RunEvent
+from agentd.server.runtime.run_loop import AgentRunner, Resume, RunInput
+
+log = logging.getLogger("agentd.runs")
+
+WATCH_BATCH = 500
+WATCH_WAIT_S = 5.0
+CLAIM_WAIT_S = 1.0
+STORE_RETRY_S = 1.0
+SWEEP_INTERVAL_S = 60.0
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RunManager:
+    def __init__(
+        self,
+        runner: AgentRunner,
+        store: RunStore,
+        bus: ControlBus,
+        *,
+        replica_id: str = "",
+        max_active_runs: int = 1000,
+        max_queued_runs: int = 10_000,
+        lease_s: float = 10.0,
+        retention_s: float = 86_400.0,
+    ) -> None:
+        self._runner = runner
+        self.store = store
+        self._bus = bus
+        self.replica_id = replica_id or default_replica_id()
+        self._capacity = max_active_runs
+        self._max_queued = max_queued_runs
+        self._lease_s = lease_s
+        self._retention_s = retention_s
+        self._local: dict[str, ActiveRun] = {}
+        self._slot_freed = asyncio.Event()
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="runs: claim"),
+            asyncio.create_task(self._renew_loop(), name="runs: renew"),
+            asyncio.create_task(self._control_loop(), name="runs: control"),
+        ]
+        if self.store.shared:
+            self._tasks.append(asyncio.create_task(self._takeover_loop(), name="runs: takeover"))
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="runs: sweep"))
+
+    async def drain(self, grace_s: float) -> None:
+        """Take no new runs; give running ones ``grace_s``; hand the rest to other replicas (a shared
+        store) or cancel them (in memory, where no other replica could continue them)."""
+        self._draining = True
+        for task in self._tasks:
+            if task.get_name() == "runs: claim":
+                task.cancel()
+        runs = list(self._local.values())
+        if runs:
+            log.info("draining %d active run(s), grace %.1fs", len(runs), grace_s)
+            tasks = {r.task for r in runs if r.task is not None}
+            await asyncio.wait(tasks, timeout=grace_s) if tasks else None
+        left = [r for r in self._local.values() if not r.done]
+        if left and self.store.shared:
+            log.warning("handing %d unfinished run(s) to other replicas", len(left))
+            await asyncio.gather(*(self._hand_off(r) for r in left))
+        elif left:
+            log.warning("cancelling %d run(s) still active after the grace period", len(left))
+            for run in left:
+                run.cancel("server shutting down")
+            await asyncio.wait({r.task for r in left if r.task is not None}, timeout=5)
+        for run in list(self._local.values()):
+            await asyncio.wait({run.flusher}, timeout=5)
+
+    async def close(self) -> None:
+        """Stop the background tasks (after ``drain``)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def bus_close(self) -> None:
+        """Close the control bus and the run store (last, after every RPC ended)."""
+        await self._bus.close()
+        await self.store.close()
+
+    async def _hand_off(self, run: ActiveRun) -> None:
+        await run.stop("handed off: this replica is shutting down")
+        try:
+            released = await self.store.release(run.run_id, run.attempt, now=time.time())
+            log.info("run %s %s", run.run_id, "handed off" if released else "was already taken over")
+        except StoreUnavailableError as exc:
+            log.warning("run %s: could not hand off (%s); it is taken over when its lease expires", run.run_id, exc)
+
+    # -- creating and executing ---------------------------------------------------------
+
+    @property
+    def active_count(self) -> int:
+        return len(self._local)
+
+    async def create(self, spec: RunInput, policy: SessionPolicy) -> CreatedRun:
+        """Record the run, and execute it here when this replica has capacity."""
+        if self._draining:
+            raise ServerDrainingError("this replica is shutting down and takes no new runs; retry on another replica")
+        owner = self.replica_id if len(self._local) < self._capacity else None
+        created = await self.store.create_run(
+            spec, policy=policy, owner=owner, lease_s=self._lease_s, max_queued=self._max_queued, now=time.time()
+        )
+        record = created.record
+        if created.created and record.status is RunStatus.RUNNING and record.owner == self.replica_id:
+            self._launch(record)
+        return created
+
+    def _launch(self, record: RunRecord) -> ActiveRun:
+        run = ActiveRun(record, self.store, retention_s=self._retention_s, lease_s=self._lease_s)
+        self._local[run.run_id] = run
+        resume = None
+        if record.attempt > 1 or record.last_sequence > 0 or record.checkpoint is not None:
+            resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint)
+        run.task = asyncio.create_task(self._execute(run, resume), name=run.run_id)
+        if record.cancel_reason:
+            run.cancel(record.cancel_reason)
+        return run
+
+    async def _execute(self, run: ActiveRun, resume: Resume | None) -> None:
+        started = time.perf_counter()
+        try:
+            await self._runner.run(run.input, run, resume)
+            await asyncio.wait({run.flusher})
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                outcome = type(run.last_payload).__name__ if run.last_payload is not None else "stopped"
+                if run.stopped and not run.ended:
+                    outcome = "stopped"
+                log.info(
+                    "run %s %s", run.run_id, outcome,
+                    extra={
+                        "run_id": run.run_id,
+                        "agent": run.input.agent,
+                        "session_id": run.input.session_id,
+                        "outcome": outcome,
+                        "attempt": run.attempt,
+                        "events": run.event_count,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
+            if self._local.get(run.run_id) is run:
+                del self._local[run.run_id]
+            self._slot_freed.set()
+
+    async def _claim_loop(self) -> None:
+        while not self._draining:
+            free = self._capacity - len(self._local)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                records = await self.store.claim(
+                    self.replica_id, free, lease_s=self._lease_s, now=time.time(), wait_s=CLAIM_WAIT_S
+                )
+            except StoreUnavailableError as exc:
+                log.warning("cannot claim queued runs: %s", exc)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            except Exception:
+                log.exception("claiming queued runs failed")
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            for record in records:
+                if record.attempt > 1:
+                    log.info("run %s taken over (attempt %d)", record.run_id, record.attempt)
+                self._launch(record)
+
+    async def _renew_loop(self) -> None:
+        interval = self._lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            leases = {r.run_id: r.attempt for r in self._local.values() if not r.stopped}
+            if not leases:
+                continue
+            try:
+                outcome = await self.store.renew(self.replica_id, leases, lease_s=self._lease_s, now=time.time())
+            except StoreUnavailableError as exc:
+                log.warning("cannot renew %d run lease(s): %s", len(leases), exc)
+                continue
+            except Exception:
+                log.exception("renewing run leases failed")
+                continue
+            for run_id in outcome.lost:
+                run = self._local.get(run_id)
+                if run is not None and not run.ended:
+                    log.warning("run %s: lease lost; another replica continues it", run_id)
+                    asyncio.create_task(run.stop("this replica lost the run's lease"))
+            for run_id, reason in outcome.cancel.items():
+                run = self._local.get(run_id)
+                if run is not None:
+                    run.cancel(reason)
+
+    async def _takeover_loop(self) -> None:
+        interval = max(self._lease_s / 2, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                taken = await self.store.requeue_expired(now=time.time())
+            except StoreUnavailableError as exc:
+                log.warning("cannot check run leases: %s", exc)
+                continue
+            except Exception:
+                log.exception("checking run leases failed")
+                continue
+            if taken:
+                log.warning("%d run(s) lost their replica and were queued again: %s", len(taken), ", ".join(taken))
+
+    async def _sweep_loop(self) -> None:
+        """Delete runs past their retention (engines that expire keys by themselves do little here)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                deleted = await self.store.sweep(now=time.time())
+            except StoreUnavailableError as exc:
+                log.warning("cannot delete expired runs: %s", exc)
+                continue
+            except Exception:
+                log.exception("deleting expired runs failed")
+                continue
+            if deleted:
+                log.info("deleted %d run(s) past their retention", deleted)
+
+    async def _control_loop(self) -> None:
+        while True:
+            try:
+                async for message in self._bus.subscribe():
+                    if message.kind == "cancel":
+                        run = self._local.get(message.run_id)
+                        if run is not None:
+                            run.cancel(message.reason or "cancelled")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the control subscription failed; resubscribing")
+                await asyncio.sleep(STORE_RETRY_S)
+
+    # -- queries and control -----------------------------------------------------------
+
+    async def get(self, run_id: str) -> RunRecord:
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        return record
+
+    async def list(self, session_id: str, limit: int, cursor: str | None) -> tuple[list[RunRecord], str | None]:
+        return await self.store.list_runs(session_id, limit, cursor)
+
+    async def active_run_for_session(self, session_id: str) -> str | None:
+        return await self.store.active_run(session_id)
+
+    async def cancel(self, run_id: str, reason: str) -> RunRecord:
+        """Cancel wherever the run executes: here directly, elsewhere through the store and the bus."""
+        local = self._local.get(run_id)
+        record = await self.store.cancel(
+            run_id, reason, event_time_ns=time.time_ns(), retention_s=self._retention_s, now=time.time()
+        )
+        if record is None:
+            raise RunNotFoundError(run_id)
+        if local is not None:
+            local.cancel(reason)
+        elif record.status is RunStatus.RUNNING:
+            await self._bus.publish(Control(run_id, "cancel", reason))
+        return record
+
+    async def cancel_attached(self, run_id: str, reason: str) -> None:
+        """Cancel the run of a stream whose caller went away; wait for it to end when it runs here, so
+        the caller's next call sees the session with the run's whole steps only."""
+        local = self._local.get(run_id)
+        if local is not None:
+            local.cancel(reason)
+            await local.wait()
+            return
+        try:
+            await self.cancel(run_id, reason)
+        except (StoreUnavailableError, RunNotFoundError) as exc:
+            log.warning("run %s: could not cancel after its caller went away: %s", run_id, exc)
+
+    async def watch(self, run_id: str, after_sequence: int) -> AsyncIterator[list[RunEvent]]:
+        """The run's events after ``after_sequence`` until its terminal event, from wherever they are:
+        the local execution's durable buffer when it runs here, else the shared log."""
+        after = after_sequence
+        local = self._local.get(run_id)
+        if local is not None and after + 1 >= local.first_sequence:
+            async for batch in local.follow(after):
+                yield batch
+                after = batch[-1].sequence
+                if batch[-1].is_terminal:
+                    return
+        caught_up = False
+        while True:
+            if caught_up:
+                batch = await self.store.wait_events(run_id, after, limit=WATCH_BATCH, timeout_s=WATCH_WAIT_S)
+            else:
+                batch = await self.store.read_events(run_id, after, WATCH_BATCH)
+            if batch:
+                caught_up = False
+                yield batch
+                after = batch[-1].sequence
+                if batch[-1].is_terminal:
+                    return
+                continue
+            # Nothing new: make sure the run exists and has not already ended before waiting.
+            record = await self.store.get_run(run_id)
+            if record is None:
+                raise RunNotFoundError(run_id)
+            if record.status.is_terminal and record.last_sequence <= after:
+                return
+            caught_up = record.last_sequence <= after

@@ -1,0 +1,307 @@
+"""In-process runs: the embedded default, and the reference for the shared engines.
+
+Nothing survives the process and no other process sees these runs, so ``shared`` is
+False: a draining server cancels its runs instead of handing them off. Every method
+is free of awaits between its checks and its writes, which makes each one atomic on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from typing import AsyncIterator, Sequence
+
+from agentd.server.runs.base import ControlBus, RunStore
+from agentd.server.runs.records import (
+    Control,
+    CreatedRun,
+    LeaseLostError,
+    QueueFullError,
+    RenewOutcome,
+    RunRecord,
+    RunStatus,
+    SessionBusyError,
+    SessionPolicy,
+)
+from agentd.server.runtime.checkpoint import Checkpoint
+from agentd.server.runtime.events import RunCancelled, RunCompleted, RunEvent, RunFailed, Payload
+from agentd.server.runtime.run_loop import RunInput
+from agentd.server.runtime.usage import Usage
+
+_STATUS_OF = {RunCompleted: RunStatus.COMPLETED, RunFailed: RunStatus.FAILED, RunCancelled: RunStatus.CANCELLED}
+
+
+def terminal_status(payload: Payload) -> RunStatus:
+    """The status a terminal payload gives its run."""
+    try:
+        return _STATUS_OF[type(payload)]  # type: ignore[index]
+    except KeyError:
+        raise ValueError(f"{type(payload).__name__} is not a terminal event") from None
+
+
+class MemoryRunStore(RunStore):
+    shared = False
+
+    def __init__(self, *, max_ended_runs: int = 10_000) -> None:
+        # Ended runs are kept for their retention, but at most this many (oldest go first):
+        # an embedded server must not grow without bound.
+        self._max_ended = max_ended_runs
+        self._runs: dict[str, RunRecord] = {}
+        self._events: dict[str, list[RunEvent]] = {}
+        self._by_request: dict[str, str] = {}
+        self._by_session: dict[str, list[str]] = {}  # every run of the session, creation order
+        self._active: dict[str, deque[str]] = {}  # session -> its active runs, creation order
+        self._queue: deque[str] = deque()  # claimable QUEUED runs, oldest first
+        self._expires: dict[str, float] = {}  # ended run -> when retention ends
+        self._work = asyncio.Event()
+        self._appended: dict[str, asyncio.Event] = {}
+
+    @property
+    def location(self) -> str:
+        return "memory"
+
+    async def ping(self) -> None:
+        return None
+
+    async def create_run(
+        self, spec: RunInput, *, policy: SessionPolicy, owner: str | None, lease_s: float, max_queued: int, now: float
+    ) -> CreatedRun:
+        self._expire(now)
+        if spec.request_id and spec.request_id in self._by_request:
+            return CreatedRun(self._runs[self._by_request[spec.request_id]], False)
+        behind = False
+        sid = spec.session_id
+        if sid is not None and self._active.get(sid):
+            if policy is SessionPolicy.REJECT:
+                raise SessionBusyError(sid, self._active[sid][0])
+            behind = True
+        if owner is None and not behind and len(self._queue) >= max_queued:
+            raise QueueFullError(max_queued)
+        record = RunRecord(spec.run_id, spec, RunStatus.QUEUED, now, now)
+        if owner is not None and not behind:
+            record.status, record.owner, record.attempt, record.lease_expires = RunStatus.RUNNING, owner, 1, now + lease_s
+        self._runs[spec.run_id] = record
+        self._events[spec.run_id] = []
+        if spec.request_id:
+            self._by_request[spec.request_id] = spec.run_id
+        if sid is not None:
+            self._by_session.setdefault(sid, []).append(spec.run_id)
+            self._active.setdefault(sid, deque()).append(spec.run_id)
+        if record.status is RunStatus.QUEUED and not behind:
+            self._enqueue(spec.run_id)
+        return CreatedRun(_copy(record), True)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        record = self._runs.get(run_id)
+        return _copy(record) if record is not None else None
+
+    async def list_runs(self, session_id: str, limit: int, cursor: str | None = None) -> tuple[list[RunRecord], str | None]:
+        ids = [i for i in self._by_session.get(session_id, []) if i in self._runs]
+        ordered = sorted(ids, key=lambda i: (self._runs[i].create_time, i), reverse=True)
+        if cursor is not None:
+            ordered = ordered[ordered.index(cursor) + 1:] if cursor in ordered else []
+        page = ordered[:limit]
+        next_cursor = page[-1] if len(ordered) > limit else None
+        return [_copy(self._runs[i]) for i in page], next_cursor
+
+    async def active_run(self, session_id: str) -> str | None:
+        active = self._active.get(session_id)
+        return active[0] if active else None
+
+    async def claim(self, owner: str, max_runs: int, *, lease_s: float, now: float, wait_s: float) -> list[RunRecord]:
+        if not self._queue and wait_s > 0:
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), wait_s)
+            except asyncio.TimeoutError:
+                return []
+        claimed = []
+        while self._queue and len(claimed) < max_runs:
+            record = self._runs.get(self._queue.popleft())
+            if record is None or record.status is not RunStatus.QUEUED:
+                continue
+            record.status, record.owner, record.lease_expires = RunStatus.RUNNING, owner, now + lease_s
+            record.attempt += 1
+            record.update_time = now
+            claimed.append(_copy(record))
+        return claimed
+
+    async def renew(self, owner: str, leases: dict[str, int], *, lease_s: float, now: float) -> RenewOutcome:
+        lost, cancel = set(), {}
+        for run_id, attempt in leases.items():
+            record = self._runs.get(run_id)
+            if record is None or not _holds(record, owner, attempt):
+                lost.add(run_id)
+                continue
+            record.lease_expires = now + lease_s
+            if record.cancel_reason:
+                cancel[run_id] = record.cancel_reason
+        return RenewOutcome(frozenset(lost), cancel)
+
+    async def record_progress(
+        self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
+    ) -> None:
+        record = self._fenced(run_id, attempt)
+        self._append(record, events)
+        if checkpoint is not None:
+            record.checkpoint = checkpoint
+        record.update_time = now
+
+    async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
+        record = self._fenced(run_id, attempt)
+        if not events or not events[-1].is_terminal:
+            raise ValueError("finish needs the run's terminal event last")
+        self._append(record, events)
+        self._end(record, events[-1].payload, retention_s, now)
+
+    async def release(self, run_id: str, attempt: int, *, now: float) -> bool:
+        record = self._runs.get(run_id)
+        if record is None or record.status is not RunStatus.RUNNING or record.attempt != attempt:
+            return False
+        self._requeue(record, now)
+        return True
+
+    async def requeue_expired(self, *, now: float) -> list[str]:
+        expired = [r for r in self._runs.values() if r.status is RunStatus.RUNNING and r.lease_expires < now]
+        for record in expired:
+            self._requeue(record, now)
+        return [r.run_id for r in expired]
+
+    async def cancel(
+        self, run_id: str, reason: str, *, event_time_ns: int, retention_s: float, now: float
+    ) -> RunRecord | None:
+        record = self._runs.get(run_id)
+        if record is None:
+            return None
+        if record.status is RunStatus.QUEUED:
+            turns = record.checkpoint.turns if record.checkpoint is not None else 0
+            usage = record.checkpoint.usage if record.checkpoint is not None else Usage()
+            payload = RunCancelled(reason, usage, turns)
+            self._append(record, [RunEvent(run_id, record.last_sequence + 1, event_time_ns, record.trace_id, payload)])
+            self._end(record, payload, retention_s, now)
+        elif not record.status.is_terminal and not record.cancel_reason:
+            record.cancel_reason = reason
+            record.update_time = now
+        return _copy(record)
+
+    async def sweep(self, *, now: float) -> int:
+        return self._expire(now)
+
+    async def read_events(self, run_id: str, after_sequence: int, limit: int) -> list[RunEvent]:
+        log = self._events.get(run_id, [])
+        # Sequences are 1..n with no gaps, so event k sits at index k - 1.
+        return log[max(after_sequence, 0): max(after_sequence, 0) + limit]
+
+    async def wait_events(self, run_id: str, after_sequence: int, *, limit: int, timeout_s: float) -> list[RunEvent]:
+        events = await self.read_events(run_id, after_sequence, limit)
+        if events or timeout_s <= 0:
+            return events
+        appended = self._appended.setdefault(run_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(appended.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return []
+        return await self.read_events(run_id, after_sequence, limit)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _enqueue(self, run_id: str) -> None:
+        self._queue.append(run_id)
+        self._work.set()
+
+    def _fenced(self, run_id: str, attempt: int) -> RunRecord:
+        record = self._runs.get(run_id)
+        if record is None or record.status is not RunStatus.RUNNING or record.attempt != attempt:
+            raise LeaseLostError(f"run {run_id} is no longer executed by attempt {attempt}")
+        return record
+
+    def _append(self, record: RunRecord, events: Sequence[RunEvent]) -> None:
+        if not events:
+            return
+        if events[0].sequence != record.last_sequence + 1:
+            raise ValueError(f"run {record.run_id}: event {events[0].sequence} does not follow {record.last_sequence}")
+        self._events[record.run_id].extend(events)
+        record.last_sequence = events[-1].sequence
+        if not record.trace_id:
+            record.trace_id = events[0].trace_id
+        appended = self._appended.pop(record.run_id, None)
+        if appended is not None:
+            appended.set()
+
+    def _requeue(self, record: RunRecord, now: float) -> None:
+        record.status, record.owner, record.lease_expires, record.update_time = RunStatus.QUEUED, "", 0.0, now
+        self._enqueue(record.run_id)
+
+    def _end(self, record: RunRecord, payload: Payload, retention_s: float, now: float) -> None:
+        record.status = terminal_status(payload)
+        record.result = payload
+        record.owner, record.lease_expires, record.update_time = "", 0.0, now
+        self._expires[record.run_id] = now + retention_s
+        while len(self._expires) > self._max_ended:
+            self._forget(next(iter(self._expires)))
+        sid = record.session_id
+        if sid is not None:
+            active = self._active.get(sid)
+            if active is not None:
+                try:
+                    active.remove(record.run_id)
+                except ValueError:
+                    pass
+                if not active:
+                    del self._active[sid]
+                else:  # the session's next run may go now
+                    head = self._runs.get(active[0])
+                    if head is not None and head.status is RunStatus.QUEUED and head.run_id not in self._queue:
+                        self._enqueue(head.run_id)
+
+    def _expire(self, now: float) -> int:
+        gone = [run_id for run_id, at in self._expires.items() if at <= now]
+        for run_id in gone:
+            self._forget(run_id)
+        return len(gone)
+
+    def _forget(self, run_id: str) -> None:
+        self._expires.pop(run_id, None)
+        record = self._runs.pop(run_id, None)
+        self._events.pop(run_id, None)
+        if record is None:
+            return
+        if record.spec.request_id and self._by_request.get(record.spec.request_id) == run_id:
+            del self._by_request[record.spec.request_id]
+        sid = record.session_id
+        if sid is not None and sid in self._by_session:
+            self._by_session[sid] = [i for i in self._by_session[sid] if i != run_id]
+            if not self._by_session[sid]:
+                del self._by_session[sid]
+
+
+def _holds(record: RunRecord, owner: str, attempt: int) -> bool:
+    return record.status is RunStatus.RUNNING and record.owner == owner and record.attempt == attempt
+
+
+def _copy(record: RunRecord) -> RunRecord:
+    return dataclasses.replace(record)
+
+
+class MemoryControlBus(ControlBus):
+    def __init__(self) -> None:
+        self._subscribers: list[asyncio.Queue[Control | None]] = []
+
+    async def publish(self, message: Control) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(message)
+
+    async def close(self) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+
+    async def subscribe(self) -> AsyncIterator[Control]:  # type: ignore[override]
+        queue: asyncio.Queue[Control | None] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+        finally:
+            self._subscribers.remove(queue)

@@ -1,0 +1,115 @@
+"""Runs as resources: their status, what they run, and the errors of managing them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agentd.server.runtime.checkpoint import Checkpoint
+from agentd.server.runtime.events import Payload
+from agentd.server.runtime.run_loop import RunInput
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"  # waiting for a replica with capacity, or behind its session's earlier runs
+    RUNNING = "running"  # a replica holds its lease and executes it
+    REQUIRES_ACTION = "requires_action"  # reserved: waiting for the caller (caller-executed tools, approvals)
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class SessionPolicy(str, enum.Enum):
+    """What a new run does when its session already has an active (queued or running) run."""
+
+    REJECT = "reject"  # SessionBusyError
+    ENQUEUE = "enqueue"  # queued behind; a session's runs execute one at a time in creation order
+
+
+@dataclass(slots=True)
+class RunRecord:
+    run_id: str
+    spec: RunInput
+    status: RunStatus
+    create_time: float  # unix seconds
+    update_time: float
+    owner: str = ""  # the replica executing it (RUNNING only)
+    attempt: int = 0  # executions started so far; the fencing token of the current one
+    lease_expires: float = 0.0  # unix seconds; RUNNING only
+    last_sequence: int = 0  # newest event in the run's log
+    checkpoint: Checkpoint | None = None
+    result: Payload | None = None  # the terminal payload once the run ended
+    cancel_reason: str = ""  # set by CancelRun; the executing replica ends the run
+    trace_id: str = ""
+
+    @property
+    def session_id(self) -> str | None:
+        return self.spec.session_id
+
+
+@dataclass(slots=True, frozen=True)
+class CreatedRun:
+    record: RunRecord
+    created: bool  # False: the request id named an existing run, which is returned unchanged
+
+
+@dataclass(slots=True, frozen=True)
+class RenewOutcome:
+    lost: frozenset[str]  # runs whose lease this replica no longer holds: stop executing them
+    cancel: dict[str, str]  # runs someone asked to cancel -> reason
+
+
+@dataclass(slots=True, frozen=True)
+class Control:
+    """A message for whichever replica executes ``run_id`` (published on the ControlBus)."""
+
+    run_id: str
+    kind: str  # "cancel"
+    reason: str = ""
+
+
+class SessionBusyError(Exception):
+    def __init__(self, session_id: str, run_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already has an active run ({run_id}); wait for it to finish, cancel it, "
+            "or start with session_policy=ENQUEUE to queue behind it"
+        )
+        self.session_id = session_id
+        self.run_id = run_id
+
+
+class DuplicateRunError(Exception):
+    def __init__(self, request_id: str, run_id: str, status: str) -> None:
+        going = "which is still going" if status in ("queued", "running", "requires_action") else f"which is {status}"
+        super().__init__(
+            f"request_id {request_id!r} already started run {run_id}, {going}; "
+            "follow it with WatchRun, or use a new request_id for a new run"
+        )
+        self.run_id = run_id
+
+
+class RunNotFoundError(Exception):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} does not exist (or ended longer ago than AGENTD_RUN_RETENTION_S)")
+
+
+class LeaseLostError(Exception):
+    """This replica no longer owns the run (its lease expired and another replica took it, or it was released)."""
+
+
+class ServerDrainingError(Exception):
+    pass
+
+
+class QueueFullError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} runs are already queued (AGENTD_MAX_QUEUED_RUNS); retry later or add replicas"
+        )

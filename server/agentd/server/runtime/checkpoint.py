@@ -1,0 +1,32 @@
+"""A run's progress after a completed step: what another replica needs to resume it.
+
+The loop takes a checkpoint after every completed step (model turn, tool results,
+handoff) *before* it appends that step to the session. A replica resuming the run
+first re-appends ``step_items`` under ``step_request_id`` — a no-op if the dead
+replica got that far, the missing write otherwise — so the session and the
+checkpoint always agree, and then continues with turn ``turns + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agentd.server.runtime.items import Item
+from agentd.server.runtime.usage import Usage
+
+
+@dataclass(slots=True, frozen=True)
+class Checkpoint:
+    agent: str  # the agent in charge for the next turn
+    turns: int  # completed turns
+    usage: Usage
+    history_items: int  # session items read as history before the run's input
+    run_items: tuple[Item, ...]  # the run's input and every completed step, in order
+    step_items: tuple[Item, ...]  # the items the checkpointed step appends to the session
+    step_request_id: str  # the session append's request id for that step
+    sequence: int  # the last event sequence covered by the checkpoint
+    trace_id: str = ""  # the run's trace, continued by a resumed execution
+    span_id: str = ""  # the run's root span, parent of a resumed execution's spans
+    final_output: Any = None  # set on the last step: the run only has to be reported
+    done: bool = False  # True when the step was the last (final_output is the result)

@@ -1,0 +1,345 @@
+"""The RunStore / ControlBus contract, run against every engine (memory, Redis, Postgres).
+
+Two replicas are two store objects on the same shared data, so the cross-replica
+guarantees (a run claimed once, fencing after a takeover, cancel reaching the owner)
+are tested the way a deployment exercises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from agentd.server.runs.base import ControlBus, RunStore
+from agentd.server.runs.records import (
+    Control,
+    LeaseLostError,
+    QueueFullError,
+    RunStatus,
+    SessionBusyError,
+    SessionPolicy,
+)
+from agentd.server.runtime.checkpoint import Checkpoint
+from agentd.server.runtime.events import (
+    RunCancelled,
+    RunCompleted,
+    RunEvent,
+    RunStarted,
+    TextDelta,
+    ToolOutput,
+)
+from agentd.server.runtime.items import MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.run_loop import RunInput
+from agentd.server.runtime.usage import Usage
+from tests.backends_runs import ENGINES, Replica, run_replicas
+
+LEASE = 30.0
+REJECT, ENQUEUE = SessionPolicy.REJECT, SessionPolicy.ENQUEUE
+
+
+@pytest.fixture(params=ENGINES)
+async def replicas(request: pytest.FixtureRequest):
+    async with run_replicas(request.param) as replica:
+        yield replica
+
+
+@pytest.fixture
+async def store(replicas: Replica) -> RunStore:
+    return (await replicas())[0]
+
+
+def spec(session: str | None = None, request_id: str = "", text: str = "hello") -> RunInput:
+    return RunInput(
+        run_id=f"run_{uuid.uuid4().hex}", agent="assistant", input=text, session_id=session, request_id=request_id,
+        context={"user": "ü", "n": [1, 2]}, max_turns=5, trace_metadata={"k": "v"},
+    )
+
+
+def events(run_id: str, first: int, count: int, terminal: object = None) -> list[RunEvent]:
+    out = [RunEvent(run_id, first + i, time.time_ns(), "t" * 32, TextDelta("assistant", f"d{first + i} ✓"))
+           for i in range(count)]
+    if terminal is not None:
+        out.append(RunEvent(run_id, first + count, time.time_ns(), "t" * 32, terminal))  # type: ignore[arg-type]
+    return out
+
+
+def completed(turns: int = 1) -> RunCompleted:
+    return RunCompleted({"answer": 42}, "assistant", Usage(3, 4, 1), turns, 0.5)
+
+
+def checkpoint(turns: int, sequence: int) -> Checkpoint:
+    call = ToolCallItem("call_1", "lookup", '{"q": "x"}', "assistant")
+    result = ToolResultItem("call_1", "lookup", "found ü", False, "assistant")
+    return Checkpoint(
+        agent="billing", turns=turns, usage=Usage(10, 20, turns), history_items=2,
+        run_items=(MessageItem("user", "hi"), call, result), step_items=(call, result),
+        step_request_id=f"run/{turns}", sequence=sequence, trace_id="a" * 32, span_id="b" * 16,
+    )
+
+
+async def test_create_running_and_round_trip(store: RunStore) -> None:
+    s = spec(session="s1", request_id="req-1")
+    now = time.time()
+    created = await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=now)
+    assert created.created
+    got = await store.get_run(s.run_id)
+    assert got is not None
+    assert (got.status, got.owner, got.attempt, got.last_sequence) == (RunStatus.RUNNING, "r1", 1, 0)
+    assert got.spec == s
+    assert got.lease_expires == pytest.approx(now + LEASE, abs=0.01)
+    assert await store.get_run("run_missing") is None
+    assert await store.active_run("s1") == s.run_id
+
+
+async def test_request_id_returns_the_first_run(store: RunStore) -> None:
+    first = spec(request_id="req-dup")
+    await store.create_run(first, policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
+    again = await store.create_run(spec(request_id="req-dup"), policy=REJECT, owner="r1", lease_s=LEASE,
+                                   max_queued=10, now=time.time())
+    assert not again.created
+    assert again.record.run_id == first.run_id and again.record.status is RunStatus.QUEUED
+
+
+async def test_session_reject_and_enqueue(store: RunStore) -> None:
+    a = spec(session="busy")
+    await store.create_run(a, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
+    with pytest.raises(SessionBusyError) as caught:
+        await store.create_run(spec(session="busy"), policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10,
+                               now=time.time())
+    assert caught.value.run_id == a.run_id
+    b, c = spec(session="busy"), spec(session="busy")
+    for s in (b, c):
+        created = await store.create_run(s, policy=ENQUEUE, owner="r1", lease_s=LEASE, max_queued=10,
+                                         now=time.time())
+        assert created.record.status is RunStatus.QUEUED  # behind a: not started even though an owner offered
+    assert await store.claim("r2", 10, lease_s=LEASE, now=time.time(), wait_s=0) == []
+    await store.finish(a.run_id, 1, events(a.run_id, 1, 0, completed()), retention_s=60, now=time.time())
+    claimed = await store.claim("r2", 10, lease_s=LEASE, now=time.time(), wait_s=1)
+    assert [r.run_id for r in claimed] == [b.run_id]  # c still waits for b
+    assert await store.active_run("busy") == b.run_id
+    await store.finish(b.run_id, 1, events(b.run_id, 1, 0, completed()), retention_s=60, now=time.time())
+    claimed = await store.claim("r2", 10, lease_s=LEASE, now=time.time(), wait_s=1)
+    assert [r.run_id for r in claimed] == [c.run_id]
+
+
+async def test_cancelled_queued_run_lets_the_session_go_on(store: RunStore) -> None:
+    a, b, c = spec(session="q"), spec(session="q"), spec(session="q")
+    await store.create_run(a, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
+    for s in (b, c):
+        await store.create_run(s, policy=ENQUEUE, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
+    cancelled = await store.cancel(b.run_id, "not needed", event_time_ns=time.time_ns(), retention_s=60,
+                                   now=time.time())
+    assert cancelled is not None and cancelled.status is RunStatus.CANCELLED
+    assert await store.claim("r2", 10, lease_s=LEASE, now=time.time(), wait_s=0) == []  # a still runs
+    await store.finish(a.run_id, 1, events(a.run_id, 1, 0, completed()), retention_s=60, now=time.time())
+    claimed = await store.claim("r2", 10, lease_s=LEASE, now=time.time(), wait_s=1)
+    assert [r.run_id for r in claimed] == [c.run_id]
+
+
+async def test_each_queued_run_is_claimed_exactly_once(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    ids = set()
+    for _ in range(30):
+        s = spec()
+        ids.add(s.run_id)
+        await one.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=100, now=time.time())
+
+    async def claimer(store: RunStore, owner: str) -> list[str]:
+        got: list[str] = []
+        while True:
+            batch = await store.claim(owner, 4, lease_s=LEASE, now=time.time(), wait_s=0.2)
+            if not batch:
+                return got
+            assert all(r.owner == owner and r.attempt == 1 and r.status is RunStatus.RUNNING for r in batch)
+            got += [r.run_id for r in batch]
+
+    a, b = await asyncio.gather(claimer(one, "ra"), claimer(two, "rb"))
+    assert len(a) + len(b) == 30 and set(a) | set(b) == ids
+
+
+async def test_claim_wakes_up_when_another_replica_queues(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    waiting = asyncio.create_task(one.claim("ra", 5, lease_s=LEASE, now=time.time(), wait_s=3))
+    await asyncio.sleep(0.2)
+    s = spec()
+    queued_at = time.perf_counter()
+    await two.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
+    claimed = await waiting
+    assert [r.run_id for r in claimed] == [s.run_id]
+    assert time.perf_counter() - queued_at < 1.0
+
+
+async def test_queue_limit(store: RunStore) -> None:
+    for _ in range(2):
+        await store.create_run(spec(), policy=REJECT, owner=None, lease_s=LEASE, max_queued=2, now=time.time())
+    with pytest.raises(QueueFullError):
+        await store.create_run(spec(), policy=REJECT, owner=None, lease_s=LEASE, max_queued=2, now=time.time())
+    # A run the creating replica executes itself is not queued, so the limit does not apply.
+    await store.create_run(spec(), policy=REJECT, owner="r1", lease_s=LEASE, max_queued=2, now=time.time())
+
+
+async def test_events_and_checkpoint_are_recorded_in_order(store: RunStore) -> None:
+    s = spec()
+    await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
+    first = [RunEvent(s.run_id, 1, time.time_ns(), "t" * 32, RunStarted("assistant", "", 0, "req")),
+             *events(s.run_id, 2, 3)]
+    await store.record_progress(s.run_id, 1, first, None, now=time.time())
+    cp = checkpoint(turns=1, sequence=4)
+    output = ToolOutput("assistant", ToolResultItem("c", "t", "out", True, "assistant"), 0.25)
+    await store.record_progress(s.run_id, 1, [RunEvent(s.run_id, 5, time.time_ns(), "t" * 32, output)], cp,
+                                now=time.time())
+    await store.record_progress(s.run_id, 1, [], checkpoint(turns=2, sequence=5), now=time.time())
+    with pytest.raises(ValueError):  # a gap is a bug in the caller, never stored
+        await store.record_progress(s.run_id, 1, events(s.run_id, 7, 1), None, now=time.time())
+    read = await store.read_events(s.run_id, 0, 100)
+    assert [e.sequence for e in read] == [1, 2, 3, 4, 5]
+    assert read[0].payload == first[0].payload and read[4].payload == output
+    assert read[1] == first[1]
+    assert [e.sequence for e in await store.read_events(s.run_id, 3, 1)] == [4]
+    got = await store.get_run(s.run_id)
+    assert got is not None and got.last_sequence == 5 and got.checkpoint == checkpoint(turns=2, sequence=5)
+    assert got.trace_id == "t" * 32
+
+
+async def test_takeover_fences_the_old_owner(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    s = spec(session="take")
+    t0 = time.time()
+    await one.create_run(s, policy=REJECT, owner="ra", lease_s=0.5, max_queued=10, now=t0)
+    await one.record_progress(s.run_id, 1, events(s.run_id, 1, 2), checkpoint(1, 2), now=t0)
+    assert await two.requeue_expired(now=t0 + 0.1) == []  # lease still valid
+    assert await two.requeue_expired(now=t0 + 1.0) == [s.run_id]
+    assert await one.requeue_expired(now=t0 + 1.0) == []  # requeued once
+    claimed = await two.claim("rb", 5, lease_s=LEASE, now=t0 + 1.0, wait_s=1)
+    assert [(r.run_id, r.attempt, r.last_sequence) for r in claimed] == [(s.run_id, 2, 2)]
+    assert claimed[0].checkpoint == checkpoint(1, 2)
+    with pytest.raises(LeaseLostError):
+        await one.record_progress(s.run_id, 1, events(s.run_id, 3, 1), None, now=t0 + 1.1)
+    with pytest.raises(LeaseLostError):
+        await one.finish(s.run_id, 1, events(s.run_id, 3, 0, completed()), retention_s=60, now=t0 + 1.1)
+    renewed = await one.renew("ra", {s.run_id: 1}, lease_s=LEASE, now=t0 + 1.1)
+    assert renewed.lost == {s.run_id}
+    await two.finish(s.run_id, 2, events(s.run_id, 3, 1, completed(2)), retention_s=60, now=t0 + 1.2)
+    assert [e.sequence for e in await one.read_events(s.run_id, 0, 100)] == [1, 2, 3, 4]
+    assert await one.active_run("take") is None
+
+
+async def test_renew_extends_and_reports_cancels(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    s, other = spec(), spec()
+    t0 = time.time()
+    for run in (s, other):
+        await one.create_run(run, policy=REJECT, owner="ra", lease_s=1.0, max_queued=10, now=t0)
+    outcome = await one.renew("ra", {s.run_id: 1, other.run_id: 1}, lease_s=5.0, now=t0 + 0.5)
+    assert outcome.lost == set() and outcome.cancel == {}
+    assert await two.requeue_expired(now=t0 + 2.0) == []  # renewed until t0 + 5.5
+    cancelled = await two.cancel(s.run_id, "user asked", event_time_ns=time.time_ns(), retention_s=60, now=t0 + 2)
+    assert cancelled is not None and cancelled.status is RunStatus.RUNNING and cancelled.cancel_reason == "user asked"
+    await two.cancel(s.run_id, "second reason", event_time_ns=time.time_ns(), retention_s=60, now=t0 + 2)
+    outcome = await one.renew("ra", {s.run_id: 1, other.run_id: 1}, lease_s=5.0, now=t0 + 2.1)
+    assert outcome.cancel == {s.run_id: "user asked"}
+    assert (await one.renew("rX", {s.run_id: 1}, lease_s=5, now=t0 + 2.2)).lost == {s.run_id}
+    assert (await one.renew("ra", {"run_gone": 1}, lease_s=5, now=t0 + 2.2)).lost == {"run_gone"}
+
+
+async def test_cancel_queued_ends_it_with_an_event(store: RunStore) -> None:
+    s = spec(session="cq")
+    await store.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
+    ended = await store.cancel(s.run_id, "changed my mind", event_time_ns=123, retention_s=60, now=time.time())
+    assert ended is not None and ended.status is RunStatus.CANCELLED
+    assert ended.result == RunCancelled("changed my mind", Usage(), 0)
+    log = await store.read_events(s.run_id, 0, 10)
+    assert [(e.sequence, e.payload, e.time_ns) for e in log] == [(1, RunCancelled("changed my mind", Usage(), 0), 123)]
+    assert await store.claim("r1", 5, lease_s=LEASE, now=time.time(), wait_s=0) == []
+    assert await store.active_run("cq") is None
+    again = await store.cancel(s.run_id, "again", event_time_ns=1, retention_s=60, now=time.time())
+    assert again is not None and again.result == ended.result and again.last_sequence == 1
+    assert await store.cancel("run_missing", "x", event_time_ns=1, retention_s=60, now=time.time()) is None
+
+
+async def test_release_hands_the_run_back_at_once(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    s = spec()
+    await one.create_run(s, policy=REJECT, owner="ra", lease_s=LEASE, max_queued=10, now=time.time())
+    await one.record_progress(s.run_id, 1, events(s.run_id, 1, 1), checkpoint(1, 1), now=time.time())
+    assert not await one.release(s.run_id, 7, now=time.time())
+    assert await one.release(s.run_id, 1, now=time.time())
+    claimed = await two.claim("rb", 5, lease_s=LEASE, now=time.time(), wait_s=1)
+    assert [(r.run_id, r.attempt, r.owner) for r in claimed] == [(s.run_id, 2, "rb")]
+    assert claimed[0].checkpoint == checkpoint(1, 1)
+
+
+async def test_finish_records_result_and_retention(store: RunStore) -> None:
+    s = spec(session="fin", request_id="req-fin")
+    await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
+    await store.finish(s.run_id, 1, events(s.run_id, 1, 2, completed(3)), retention_s=0.5, now=time.time())
+    done = await store.get_run(s.run_id)
+    assert done is not None
+    assert (done.status, done.result, done.owner, done.last_sequence) == (RunStatus.COMPLETED, completed(3), "", 3)
+    assert await store.active_run("fin") is None
+    runs, _ = await store.list_runs("fin", 10)
+    assert [r.run_id for r in runs] == [s.run_id]
+    await asyncio.sleep(1.1)
+    await store.sweep(now=time.time())
+    assert await store.get_run(s.run_id) is None
+    assert await store.read_events(s.run_id, 0, 10) == []
+    assert (await store.list_runs("fin", 10))[0] == []
+    # The request id is forgotten with the run.
+    fresh = await store.create_run(spec(request_id="req-fin"), policy=REJECT, owner=None, lease_s=LEASE,
+                                   max_queued=10, now=time.time())
+    assert fresh.created
+
+
+async def test_list_runs_pages_newest_first(store: RunStore) -> None:
+    made = []
+    t0 = time.time()
+    for i in range(5):
+        s = spec(session="listed")
+        made.append(s.run_id)
+        await store.create_run(s, policy=ENQUEUE, owner=None, lease_s=LEASE, max_queued=10, now=t0 + i)
+    await store.create_run(spec(session="other"), policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=t0)
+    seen, cursor = [], None
+    while True:
+        page, cursor = await store.list_runs("listed", 2, cursor)
+        seen += [r.run_id for r in page]
+        if cursor is None:
+            break
+    assert seen == made[::-1]
+    assert (await store.list_runs("nobody", 10)) == ([], None)
+
+
+async def test_wait_events_follows_appends_from_another_replica(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    s = spec()
+    await one.create_run(s, policy=REJECT, owner="ra", lease_s=LEASE, max_queued=10, now=time.time())
+    assert await two.wait_events(s.run_id, 0, limit=10, timeout_s=0.2) == []
+    waiter = asyncio.create_task(two.wait_events(s.run_id, 0, limit=10, timeout_s=3))
+    await asyncio.sleep(0.2)
+    appended_at = time.perf_counter()
+    await one.record_progress(s.run_id, 1, events(s.run_id, 1, 2), None, now=time.time())
+    got = await waiter
+    assert time.perf_counter() - appended_at < 0.5
+    assert [e.sequence for e in got] == [1, 2]
+
+
+async def test_control_reaches_other_replicas(replicas: Replica) -> None:
+    (_, bus_a), (_, bus_b) = await replicas(), await replicas()
+    received: asyncio.Queue[tuple[Control, float]] = asyncio.Queue()
+
+    async def listen(bus: ControlBus) -> None:
+        async for message in bus.subscribe():
+            received.put_nowait((message, time.perf_counter()))
+
+    listener = asyncio.create_task(listen(bus_a))
+    try:
+        await asyncio.sleep(0.3)  # let the subscription establish
+        sent = time.perf_counter()
+        await bus_b.publish(Control("run_x", "cancel", "stop ü"))
+        message, at = await asyncio.wait_for(received.get(), 2)
+        assert message == Control("run_x", "cancel", "stop ü")
+        assert at - sent < 0.1
+    finally:
+        listener.cancel()

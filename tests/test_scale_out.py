@@ -1,0 +1,199 @@
+"""Scale-out with real processes: three ``agentd serve`` replicas sharing Postgres and Redis.
+
+A replica is killed with SIGKILL mid-run, drained with SIGTERM, cancelled from another
+replica, and streams are resumed on a different replica than the one that started them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from agentd.client import AgentdClient
+from agentd.server import Script, call, calls, say
+from agentd.v1 import agent_service_pb2 as pb
+from tests.cluster import Cluster, cluster
+from tests.conftest import start_harness
+from tests.runs_util import TERMINAL, kinds
+
+# Three model turns of ~0.3 s each, with a tool call in between: long enough to kill a replica mid-run.
+SCRIPT = Script.of(
+    calls(call("get_weather", city="Paris"), delay_s=0.3),
+    calls(call("wait", seconds=0.2, label="check")),
+    say("Paris is clear at 21 degrees.", delay_s=0.3),
+)
+
+
+def assert_gap_free(events: list) -> None:
+    """Sequence 1..N, each once, in order; exactly one terminal event, last."""
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1)), [e.sequence for e in events]
+    names = kinds(events)
+    assert names[-1] in TERMINAL and sum(n in TERMINAL for n in names) == 1, names
+
+
+def transcript(items: list) -> list:
+    """Session items without call ids (a turn redone after a takeover asks the model again)."""
+    out = []
+    for item in items:
+        kind = item.WhichOneof("content")
+        body = getattr(item, kind)
+        if kind == "message":
+            out.append((kind, body.role, body.text))
+        elif kind == "tool_call":
+            out.append((kind, body.tool_name, body.arguments))
+        else:
+            out.append((kind, body.tool_name, body.output.split(" at ")[0], body.is_error))
+    return out
+
+
+async def baseline(model_server, tmp_path) -> tuple[str, list]:
+    """What one replica on its own produces for the script: final output and session transcript."""
+    h = await start_harness(model_server, tmp_path / "baseline", store="memory")
+    try:
+        output = await h.client.run_final_output("assistant", "weather?", session_id="base")
+        return output, transcript(await h.client.all_items("base"))
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)
+
+
+async def watch_all(client: AgentdClient, run_id: str, after: int = 0) -> list:
+    return [event async for event in client.watch_run(run_id, after_sequence=after)]
+
+
+async def test_runs_survive_a_replica_killed_mid_run(model_server, tmp_path) -> None:
+    model_server.set_script("assistant", SCRIPT)
+    expected_output, expected_items = await baseline(model_server, tmp_path)
+    async with cluster(model_server, tmp_path, replicas=3, run_lease_s=1.5) as c:
+        async with c.client() as client:
+            # round_robin spreads calls over the replicas it is connected to: let it connect to all three.
+            for _ in range(6):
+                await client.list_agents()
+            await asyncio.sleep(0.3)
+            created = await asyncio.gather(*(
+                client.create_run("assistant", "weather?", session_id=f"s{i}") for i in range(50)
+            ))
+            # Streams through the balancing client too: those on the killed replica resume elsewhere.
+            streams = [client.run("assistant", "weather?", session_id=f"live{i}") for i in range(6)]
+            streamed = [asyncio.create_task(_collect(s)) for s in streams]
+            by_replica: dict[str, int] = {}
+            for run in created:
+                by_replica[run.replica] = by_replica.get(run.replica, 0) + 1
+            assert set(by_replica) <= {r.name for r in c.replicas} and len(by_replica) >= 2, by_replica
+            await asyncio.sleep(0.45)  # mid-run: first turn done, second under way
+            victim = next(r for r in c.replicas if r.name == max(by_replica, key=by_replica.__getitem__))
+            victim.kill()
+            killed_at = time.perf_counter()
+            await victim.process.wait()
+
+            results = await asyncio.wait_for(
+                asyncio.gather(*(watch_all(client, run.name.removeprefix("runs/")) for run in created)), 60
+            )
+            recovered_in = time.perf_counter() - killed_at
+            live = await asyncio.wait_for(asyncio.gather(*streamed), 60)
+
+            resumed = 0
+            for run, events in zip(created, results):
+                assert_gap_free(events)
+                assert kinds(events)[-1] == "run_completed", (run.name, kinds(events), c.logs())
+                assert events[-1].run_completed.final_output.string_value == expected_output
+                if "run_resumed" in kinds(events):
+                    resumed += 1
+            assert resumed >= by_replica[victim.name], (by_replica, resumed)
+            for events in live:
+                assert_gap_free(events)
+                assert events[-1].run_completed.final_output.string_value == expected_output
+            # Every session holds exactly the steps a single replica would have written: none lost, none twice.
+            for i in range(50):
+                assert transcript(await client.all_items(f"s{i}")) == expected_items, f"s{i}"
+            infos = [await client.get_run(run.name.removeprefix("runs/")) for run in created]
+            assert all(info.status == pb.RUN_STATUS_COMPLETED for info in infos)
+            assert {info.attempt for info in infos} >= {2}
+            print(f"\n50 runs + 6 streams, {by_replica} at creation; {resumed} resumed; "
+                  f"all done {recovered_in:.2f}s after the kill")
+
+
+async def _collect(stream) -> list:
+    return [event async for event in stream]
+
+
+async def test_a_dropped_stream_resumes_on_another_replica(model_server, tmp_path) -> None:
+    model_server.set_script("assistant", SCRIPT)
+    async with cluster(model_server, tmp_path, replicas=3) as c:
+        a, b, d = (AgentdClient(r.target, resume=False) for r in c.replicas)
+        try:
+            for attempt in range(3):
+                call_ = a.agents.StreamRun(pb.StreamRunRequest(start=pb.StartRun(
+                    agent="agents/assistant", input="weather?", detached=True)))
+                drop_after = random.randint(1, 12)
+                seen = []
+                async for response in call_:
+                    seen.append(response.event)
+                    if len(seen) == drop_after:
+                        break
+                call_.cancel()
+                run_id = seen[0].run_id
+                rest = await watch_all(b, run_id, after=seen[-1].sequence)
+                whole = await watch_all(d, run_id)
+                assert_gap_free(seen + rest)
+                assert [e.SerializeToString() for e in seen + rest] == [e.SerializeToString() for e in whole]
+        finally:
+            for client in (a, b, d):
+                await client.close()
+
+
+async def test_cancel_on_one_replica_stops_a_run_on_another(model_server, tmp_path) -> None:
+    model_server.set_script("assistant", Script.of(calls(call("wait", seconds=10, label="long")), say("never")))
+    async with cluster(model_server, tmp_path, replicas=2) as c:
+        a, b = (AgentdClient(r.target, resume=False) for r in c.replicas)
+        try:
+            run = await a.create_run("assistant", "wait")
+            assert run.replica == c.replicas[0].name  # executes where it was created
+            run_id = run.name.removeprefix("runs/")
+            watching = asyncio.create_task(watch_all(b, run_id))
+            await asyncio.sleep(0.5)  # the tool is running on replica 1
+            sent_ns = time.time_ns()
+            info = await b.cancel_run(run_id, "stop from b")
+            assert info.status in (pb.RUN_STATUS_RUNNING, pb.RUN_STATUS_CANCELLED)
+            events = await asyncio.wait_for(watching, 5)
+            assert events[-1].run_cancelled.reason == "stop from b"
+            reached_ms = (events[-1].create_time.ToNanoseconds() - sent_ns) / 1e6
+            assert reached_ms < 100, f"the cancel took {reached_ms:.1f} ms to end the run on the other replica"
+            print(f"\ncancel from replica 2 ended the run on replica 1 after {reached_ms:.1f} ms")
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_sigterm_hands_runs_to_the_other_replicas(model_server, tmp_path) -> None:
+    model_server.set_script("assistant", SCRIPT)
+    # A 30 s lease: if the drain did not hand runs off, they would wait for it to expire.
+    async with cluster(model_server, tmp_path, replicas=3, run_lease_s=30, shutdown_grace_s=0.2) as c:
+        draining = c.replicas[0]
+        direct = AgentdClient(draining.target, resume=False)
+        others = c.client(*c.replicas[1:])
+        try:
+            runs = [await direct.create_run("assistant", "weather?", session_id=f"d{i}") for i in range(8)]
+            assert {r.replica for r in runs} == {draining.name}
+            await asyncio.sleep(0.45)
+            started = time.perf_counter()
+            draining.terminate()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(watch_all(others, r.name.removeprefix("runs/")) for r in runs)), 20
+            )
+            took = time.perf_counter() - started
+            assert await asyncio.wait_for(draining.process.wait(), 10) == 0, draining.log()
+            for events in results:
+                assert_gap_free(events)
+                assert kinds(events)[-1] == "run_completed"
+                assert "run_resumed" in kinds(events)
+            infos = [await others.get_run(r.name.removeprefix("runs/")) for r in runs]
+            assert all(i.attempt == 2 for i in infos)
+            assert took < 10, f"hand-off took {took:.1f}s"
+            assert "handed off" in draining.log()
+        finally:
+            await direct.close()
+            await others.close()
