@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/agentd/v1/*.proto)
 
-.PHONY: demo serve test proto proto-check bench clean
+.PHONY: demo serve replicas test proto proto-check bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.server
 ## Serve examples.support:app on 127.0.0.1:50051 until Ctrl-C.
 serve: $(VENV)/.server
 	$(VENV)/bin/agentd serve
+
+## Start N (default 3) local replicas sharing Postgres and Redis; Ctrl-C drains them.
+replicas: $(VENV)/.server
+	$(PY) scripts/replicas.py --count $(or $(N),3) --base-port 50051
 
 ## Install the dev dependencies and run the whole suite.
 test: $(VENV)/.dev
@@ -47,6 +51,7 @@ proto-check: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) bench/bench_runs.py
 	$(PY) bench/bench_stores.py
+	$(PY) bench/bench_replicas.py
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache
