@@ -173,12 +173,15 @@ async def test_resuming_from_any_checkpoint_finishes_the_run_the_same_way():
     await loop.run(run, sink)
     expected_output = sink.of(ev.RunCompleted)[0].final_output
     expected_history = await store.read_history("s")
-    assert [cp.turns for cp in sink.checkpoints] == [1, 2, 3]
-    assert [cp.agent for cp in sink.checkpoints] == ["main", "helper", "helper"]
+    # A checkpoint after each model turn that asked for tools, and after each completed step.
+    assert [(cp.turns, bool(cp.pending)) for cp in sink.checkpoints] == [
+        (1, True), (1, False), (2, True), (2, False), (3, False)
+    ]
+    assert [cp.agent for cp in sink.checkpoints] == ["main", "main", "main", "helper", "helper"]
     assert sink.checkpoints[-1].done and sink.checkpoints[-1].final_output == expected_output
 
     for cp in sink.checkpoints:
-        for step_saved in (False, True):
+        for step_saved in (False, True) if cp.step_items else (False,):
             fresh = MemorySessionStore()
             await fresh.read_history("s", create=True)  # the first execution created it
             earlier = list(cp.run_items[: len(cp.run_items) - len(cp.step_items)])
@@ -193,9 +196,17 @@ async def test_resuming_from_any_checkpoint_finishes_the_run_the_same_way():
             done = resumed.of(ev.RunCompleted)
             assert done and done[0].final_output == expected_output, (cp.turns, step_saved, resumed.payloads[-1])
             assert done[0].turns == 3 and done[0].last_agent == "helper"
+            history = await fresh.read_history("s")
             # Turns after the checkpoint are asked again, so their call ids are new; nothing else differs.
-            assert _without_call_ids(await fresh.read_history("s")) == _without_call_ids(expected_history)
-            assert (await fresh.read_history("s"))[: len(cp.run_items)] == list(cp.run_items)
+            assert _without_call_ids(history) == _without_call_ids(expected_history)
+            assert history[: len(cp.run_items)] == list(cp.run_items)
+            if cp.pending:
+                # Calls whose tools had not finished run again with the same call ids.
+                pending_ids = [i.call_id for i in cp.pending if isinstance(i, ToolCallItem)]
+                rerun = [o.item.call_id for o in resumed.of(ev.ToolOutput)][: len(pending_ids)]
+                assert sorted(rerun) == sorted(pending_ids)
+                # They were announced before the checkpoint, so they are not announced again.
+                assert all(p.item.call_id not in pending_ids for p in resumed.of(ev.ToolCalled))
 
 
 def _without_call_ids(items: list) -> list:

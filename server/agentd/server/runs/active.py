@@ -86,6 +86,11 @@ class ActiveRun:
         if not self._store.shared:
             return  # nobody could resume it: skip the write
         self._pending_checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
+        self._wakeup.set()
+        if self.input.session_id is None or not checkpoint.step_items:
+            # No session write follows this checkpoint, so nothing outside the run store depends
+            # on it: it rides with the next write instead of holding the run up for a round trip.
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._checkpoint_waiters.append(waiter)
         self._wakeup.set()

@@ -73,6 +73,7 @@ def encode_checkpoint(cp: Checkpoint) -> str:
             "span_id": cp.span_id,
             "final_output": cp.final_output,
             "done": cp.done,
+            "pending": _items(cp.pending),
         }
     )
 
@@ -92,6 +93,7 @@ def decode_checkpoint(text: str | bytes) -> Checkpoint:
         span_id=d.get("span_id", ""),
         final_output=d.get("final_output"),
         done=d.get("done", False),
+        pending=_items_from(d.get("pending", [])),
     )
 
 

@@ -1,10 +1,14 @@
 """A run's progress after a completed step: what another replica needs to resume it.
 
-The loop takes a checkpoint after every completed step (model turn, tool results,
-handoff) *before* it appends that step to the session. A replica resuming the run
-first re-appends ``step_items`` under ``step_request_id`` — a no-op if the dead
-replica got that far, the missing write otherwise — so the session and the
-checkpoint always agree, and then continues with turn ``turns + 1``.
+The loop takes a checkpoint after every completed step:
+
+- after a model turn that asked for tools: ``pending`` holds that turn's message and
+  tool calls, not executed yet. A resuming replica executes exactly those calls again,
+  with the same call ids, so a tool can recognise a repeat.
+- after the tool results (and handoff) of a turn, *before* it appends that step to the
+  session: ``step_items`` is what the step appends. A resuming replica first re-appends
+  it under ``step_request_id`` — a no-op if the dead replica got that far, the missing
+  write otherwise — so the session and the checkpoint always agree.
 """
 
 from __future__ import annotations
@@ -30,3 +34,4 @@ class Checkpoint:
     span_id: str = ""  # the run's root span, parent of a resumed execution's spans
     final_output: Any = None  # set on the last step: the run only has to be reported
     done: bool = False  # True when the step was the last (final_output is the result)
+    pending: tuple[Item, ...] = ()  # the current turn's message and tool calls, whose tools have not finished

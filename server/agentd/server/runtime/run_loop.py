@@ -169,39 +169,54 @@ class AgentRunner:
                     trace.end()
                     return
             items: list[Item] = [*history, *run_items]
+            pending: list[Item] = list(cp.pending) if cp is not None else []
             agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
             while True:
-                if turns >= max_turns:
-                    raise _RunFailure(
-                        RunErrorCode.MAX_TURNS_EXCEEDED,
-                        f"agent {agent.name!r} gave no final output within max_turns={max_turns}; "
-                        "raise max_turns on the agent or in the request",
-                    )
-                turns += 1
                 ctx.agent_name = agent.name
-                response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
-                usage.add(response.usage)
-                sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
-                step: list[Item] = []
-                if response.text:
-                    message = MessageItem("assistant", response.text, agent.name)
-                    step.append(message)
-                    sink.emit(MessageOutput(agent.name, message))
-                step_id = f"{run.run_id}/{turns}"
-                if not response.tool_calls:
-                    final_output = self._final_output(agent, response.text)
-                    run_items.extend(step)
+                if pending:  # resuming a turn whose tools had not finished: run the same calls again
+                    step, pending = pending, []
+                else:
+                    if turns >= max_turns:
+                        raise _RunFailure(
+                            RunErrorCode.MAX_TURNS_EXCEEDED,
+                            f"agent {agent.name!r} gave no final output within max_turns={max_turns}; "
+                            "raise max_turns on the agent or in the request",
+                        )
+                    turns += 1
+                    response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
+                    usage.add(response.usage)
+                    sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
+                    step = []
+                    if response.text:
+                        message = MessageItem("assistant", response.text, agent.name)
+                        step.append(message)
+                        sink.emit(MessageOutput(agent.name, message))
+                    if not response.tool_calls:
+                        final_output = self._final_output(agent, response.text)
+                        step_id = f"{run.run_id}/{turns}"
+                        run_items.extend(step)
+                        await sink.checkpoint(Checkpoint(
+                            agent.name, turns, usage.copy(), history_len, tuple(run_items), tuple(unsaved + step),
+                            step_id, 0, trace.trace_id, run_span.span_id, final_output, True,
+                        ))
+                        await self._save(run.session_id, unsaved + step, step_id)
+                        agent_span.end()
+                        sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns,
+                                               time.perf_counter() - started))
+                        run_span.end(turns=turns, **_usage_attributes(usage))
+                        trace.end()
+                        return
+                    for c in response.tool_calls:
+                        tool_call = ToolCallItem(c.call_id, c.name, c.arguments, agent.name)
+                        step.append(tool_call)
+                        sink.emit(ToolCalled(agent.name, tool_call))
+                    # The model turn is a step: a replica resuming from here runs these very calls.
                     await sink.checkpoint(Checkpoint(
-                        agent.name, turns, usage.copy(), history_len, tuple(run_items), tuple(unsaved + step),
-                        step_id, 0, trace.trace_id, run_span.span_id, final_output, True,
+                        agent.name, turns, usage.copy(), history_len, tuple(run_items), (), "", 0,
+                        trace.trace_id, run_span.span_id, pending=tuple(step),
                     ))
-                    await self._save(run.session_id, unsaved + step, step_id)
-                    agent_span.end()
-                    sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns, time.perf_counter() - started))
-                    run_span.end(turns=turns, **_usage_attributes(usage))
-                    trace.end()
-                    return
-                next_agent = await self._tool_step(agent, ctx, response, step, sink, trace, agent_span)
+                step_id = f"{run.run_id}/{turns}"
+                next_agent = await self._tool_step(agent, ctx, step, sink, trace, agent_span)
                 items.extend(step)
                 run_items.extend(step)
                 if next_agent is not None:
@@ -305,17 +320,14 @@ class AgentRunner:
         self,
         agent: CompiledAgent,
         ctx: RunContext,
-        response: ModelResponse,
         step: list[Item],
         sink: EventSink,
         trace: TraceHandle,
         parent: SpanHandle,
     ) -> CompiledAgent | None:
-        """Run one turn's tool calls concurrently; returns the agent to hand off to, if any."""
-        calls = [ToolCallItem(c.call_id, c.name, c.arguments, agent.name) for c in response.tool_calls]
-        for call in calls:
-            step.append(call)
-            sink.emit(ToolCalled(agent.name, call))
+        """Run the step's tool calls concurrently, appending their results to ``step``; returns the
+        agent to hand off to, if any."""
+        calls = [item for item in step if isinstance(item, ToolCallItem)]
         handoff_call = next((c for c in calls if c.tool_name in agent.handoffs_by_tool), None)
         results = await asyncio.gather(
             *(self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent) for call in calls)
