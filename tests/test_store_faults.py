@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentd.server import Script, call, calls, say
 from agentd.testing import ScriptedOpenAIServer
 from agentd.v1 import run_event_pb2
+from agentd.client import AgentdClient
 from tests.conftest import Harness, start_harness
 from tests.fault_proxy import FaultProxy
 from tests.runs_util import collect
@@ -66,6 +67,9 @@ async def server_behind_proxy(
             settings = dict(store="redis", redis_url=_via_proxy(url, proxy.port), redis_prefix=namespace, redis_timeout_s=1.0)
         # Runs stay in memory here: these tests are about the session store failing under a run.
         h = await start_harness(model_server, tmp_path, store_health_interval_s=0.2, run_store="memory", **settings)
+        # Without client retries: each test measures what one call costs against a failing store.
+        await h.client.close()
+        h.client = AgentdClient(h.target, retry=False)
         try:
             yield h, proxy
         finally:

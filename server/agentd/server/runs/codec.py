@@ -74,6 +74,7 @@ def encode_checkpoint(cp: Checkpoint) -> str:
             "final_output": cp.final_output,
             "done": cp.done,
             "pending": _items(cp.pending),
+            "unsaved": _items(cp.unsaved),
         }
     )
 
@@ -94,6 +95,7 @@ def decode_checkpoint(text: str | bytes) -> Checkpoint:
         final_output=d.get("final_output"),
         done=d.get("done", False),
         pending=_items_from(d.get("pending", [])),
+        unsaved=_items_from(d.get("unsaved", [])),
     )
 
 

@@ -150,7 +150,7 @@ class RunManager:
         run = ActiveRun(record, self.store, retention_s=self._retention_s, lease_s=self._lease_s)
         self._local[run.run_id] = run
         resume = None
-        if record.attempt > 1 or record.last_sequence > 0 or record.checkpoint is not None:
+        if record.last_sequence > 0 or record.checkpoint is not None:  # an earlier execution got somewhere
             resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint)
         run.task = asyncio.create_task(self._execute(run, resume), name=run.run_id)
         if record.cancel_reason:
@@ -202,10 +202,18 @@ class RunManager:
                 log.exception("claiming queued runs failed")
                 await asyncio.sleep(STORE_RETRY_S)
                 continue
-            for record in records:
+            # Runs created here while the claim waited may have used the room it was asking for.
+            room = max(self._capacity - len(self._local), 0)
+            for record in records[:room]:
                 if record.attempt > 1:
                     log.info("run %s taken over (attempt %d)", record.run_id, record.attempt)
                 self._launch(record)
+            for record in records[room:]:
+                try:
+                    await self.store.release(record.run_id, record.attempt, now=time.time())
+                except StoreUnavailableError as exc:
+                    log.warning("run %s: could not give back a claim (%s); taken over at lease expiry",
+                                record.run_id, exc)
 
     async def _renew_loop(self) -> None:
         interval = self._lease_s / 3

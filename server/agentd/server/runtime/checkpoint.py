@@ -35,3 +35,4 @@ class Checkpoint:
     final_output: Any = None  # set on the last step: the run only has to be reported
     done: bool = False  # True when the step was the last (final_output is the result)
     pending: tuple[Item, ...] = ()  # the current turn's message and tool calls, whose tools have not finished
+    unsaved: tuple[Item, ...] = ()  # run items not in the session yet (the input, until the first step is saved)

@@ -161,7 +161,7 @@ class AgentRunner:
                 # no-op if the previous execution got that far (same request id), the write otherwise.
                 history = (await self._read_history(run.session_id))[: cp.history_items]
                 await self._save(run.session_id, list(cp.step_items), cp.step_request_id)
-                run_items, unsaved, history_len = list(cp.run_items), [], cp.history_items
+                run_items, unsaved, history_len = list(cp.run_items), list(cp.unsaved), cp.history_items
                 if cp.done:
                     sink.emit(RunCompleted(cp.final_output, agent.name, usage.copy(), turns,
                                            time.perf_counter() - started))
@@ -213,7 +213,7 @@ class AgentRunner:
                     # The model turn is a step: a replica resuming from here runs these very calls.
                     await sink.checkpoint(Checkpoint(
                         agent.name, turns, usage.copy(), history_len, tuple(run_items), (), "", 0,
-                        trace.trace_id, run_span.span_id, pending=tuple(step),
+                        trace.trace_id, run_span.span_id, pending=tuple(step), unsaved=tuple(unsaved),
                     ))
                 step_id = f"{run.run_id}/{turns}"
                 next_agent = await self._tool_step(agent, ctx, step, sink, trace, agent_span)
