@@ -64,10 +64,11 @@ async def watch_all(client: AgentdClient, run_id: str, after: int = 0) -> list:
     return [event async for event in client.watch_run(run_id, after_sequence=after)]
 
 
-async def test_runs_survive_a_replica_killed_mid_run(model_server, tmp_path) -> None:
+@pytest.mark.parametrize("run_store", ["redis", "postgres"])
+async def test_runs_survive_a_replica_killed_mid_run(model_server, tmp_path, run_store: str) -> None:
     model_server.set_script("assistant", SCRIPT)
     expected_output, expected_items = await baseline(model_server, tmp_path)
-    async with cluster(model_server, tmp_path, replicas=3, run_lease_s=1.5) as c:
+    async with cluster(model_server, tmp_path, replicas=3, run_lease_s=1.5, run_store=run_store) as c:
         async with c.client() as client:
             # round_robin spreads calls over the replicas it is connected to: let it connect to all three.
             for _ in range(6):

@@ -66,7 +66,12 @@ async def server_behind_proxy(
         else:
             settings = dict(store="redis", redis_url=_via_proxy(url, proxy.port), redis_prefix=namespace, redis_timeout_s=1.0)
         # Runs stay in memory here: these tests are about the session store failing under a run.
-        h = await start_harness(model_server, tmp_path, store_health_interval_s=0.2, run_store="memory", **settings)
+        try:
+            h = await start_harness(model_server, tmp_path, store_health_interval_s=0.2, run_store="memory",
+                                    **settings)
+        except BaseException:
+            await _drop_namespace(backend, namespace)
+            raise
         # Without client retries: each test measures what one call costs against a failing store.
         await h.client.close()
         h.client = AgentdClient(h.target, retry=False)
