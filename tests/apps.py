@@ -98,4 +98,36 @@ reporter = Agent(
     output_type=WeatherReport,
 )
 
-app = App(agents=[assistant, reporter])
+@function_tool(caller_executed=True)
+def lookup_customer(customer_id: str) -> str:
+    """Look a customer up in the caller's CRM (the calling service executes this).
+
+    Args:
+        customer_id: The customer's id.
+    """
+    raise AssertionError("a caller-executed tool never runs on the server")
+
+
+refunds: list[str] = []
+
+
+@function_tool(needs_approval=True)
+def issue_refund(order_id: str, amount_eur: float) -> str:
+    """Refund an order (a person approves each call first).
+
+    Args:
+        order_id: The order.
+        amount_eur: How much.
+    """
+    refunds.append(order_id)
+    return f"refunded {amount_eur:.2f} EUR for {order_id}"
+
+
+operator = Agent(
+    name="operator",
+    model="operator",
+    instructions="Look customers up and issue refunds.",
+    tools=[lookup_customer, issue_refund],
+)
+
+app = App(agents=[assistant, reporter, operator])

@@ -13,6 +13,7 @@ import pytest
 
 from agentd.server import Script, call, calls, say
 from agentd.v1 import agent_service_pb2 as pb
+from agentd.v1 import run_event_pb2
 from tests.backends_postgres import POSTGRES_URL, dropped_afterwards, new_schema
 from tests.backends_redis import REDIS_URL, delete_prefix, new_prefix
 from tests.conftest import Harness, start_harness
@@ -213,3 +214,96 @@ async def test_detached_stream_survives_its_caller(h: Harness) -> None:
     events = await watch(h, first.event.run_id)
     assert events[-1].run_completed.final_output.string_value == "kept going"
     assert events[0].sequence == 1
+
+
+OPERATOR_SCRIPT = Script.of(
+    calls(call("lookup_customer", customer_id="c-7"), call("issue_refund", order_id="A-1", amount_eur=5)),
+    say("Refund handled."),
+)
+
+
+async def wait_for(h: Harness, run_id: str, predicate, timeout_s: float = 5.0) -> pb.RunInfo:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = (await h.client.agents.GetRun(pb.GetRunRequest(name=f"runs/{run_id}"))).run
+        if predicate(run):
+            return run
+        assert time.monotonic() < deadline, run
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("approved", [True, False])
+async def test_caller_executed_tool_and_approval(h: Harness, approved: bool) -> None:
+    from tests.apps import refunds
+
+    refunds.clear()
+    h.model.set_script("operator", OPERATOR_SCRIPT)
+    run = (await h.client.agents.CreateRun(pb.CreateRunRequest(
+        start=pb.StartRun(agent="agents/operator", input="refund A-1 for c-7")))).run
+    run_id = run.name.removeprefix("runs/")
+    waiting = await wait_for(h, run_id, lambda r: len(r.required_actions) == 2)
+    assert waiting.status == pb.RUN_STATUS_REQUIRES_ACTION
+    asked = {a.item.tool_call.tool_name: a for a in waiting.required_actions}
+    assert asked["lookup_customer"].action == run_event_pb2.REQUIRED_ACTION_TOOL_OUTPUT
+    assert asked["issue_refund"].action == run_event_pb2.REQUIRED_ACTION_APPROVAL
+    lookup_id = asked["lookup_customer"].item.tool_call.call_id
+    refund_id = asked["issue_refund"].item.tool_call.call_id
+    assert refunds == []  # nothing executes before its approval
+
+    # Answers for calls the run does not wait for are refused, naming what it waits for.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
+            name=run.name, outputs=[pb.ToolOutputSubmission(call_id=refund_id, output="x")]))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and lookup_id in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(name=run.name))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
+        name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output='{"tier": "gold"}')]))
+    # A retried answer is harmless: the first one stands.
+    await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
+        name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output="changed")]))
+    still = await wait_for(h, run_id, lambda r: len(r.required_actions) == 1)
+    assert still.status == pb.RUN_STATUS_REQUIRES_ACTION
+    await h.client.agents.ApproveToolCall(pb.ApproveToolCallRequest(
+        name=run.name, approval=pb.ToolApproval(call_id=refund_id, approved=approved, reason="over budget")))
+
+    events = await watch(h, run_id)
+    assert_well_formed(events)
+    assert kinds(events).count("action_required") == 2
+    outputs = {e.tool_output.item.tool_result.tool_name: e.tool_output.item.tool_result
+               for e in events if e.WhichOneof("payload") == "tool_output"}
+    assert outputs["lookup_customer"].output == '{"tier": "gold"}' and not outputs["lookup_customer"].is_error
+    if approved:
+        assert outputs["issue_refund"].output == "refunded 5.00 EUR for A-1" and refunds == ["A-1"]
+    else:
+        assert outputs["issue_refund"].is_error and "over budget" in outputs["issue_refund"].output
+        assert refunds == []
+    done = await wait_status(h, run_id, pb.RUN_STATUS_COMPLETED)
+    assert not done.required_actions
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.client.agents.ApproveToolCall(pb.ApproveToolCallRequest(
+            name=run.name, approval=pb.ToolApproval(call_id=refund_id, approved=True)))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ended" in caught.value.details()
+
+
+async def test_answers_on_the_run_stream(h: Harness) -> None:
+    h.model.set_script("operator", OPERATOR_SCRIPT)
+    call_ = h.client.agents.Run()
+    await call_.write(pb.RunRequest(start=pb.StartRun(agent="agents/operator", input="refund")))
+    events = []
+    async for response in call_:
+        event = response.event
+        events.append(event)
+        if event.WhichOneof("payload") == "action_required":
+            tool_call = event.action_required.item.tool_call
+            if event.action_required.action == run_event_pb2.REQUIRED_ACTION_TOOL_OUTPUT:
+                await call_.write(pb.RunRequest(tool_outputs=pb.ToolOutputs(
+                    outputs=[pb.ToolOutputSubmission(call_id=tool_call.call_id, output="gold customer")])))
+            else:
+                await call_.write(pb.RunRequest(approval=pb.ToolApproval(call_id=tool_call.call_id, approved=True)))
+        if event.WhichOneof("payload") in ("run_completed", "run_failed", "run_cancelled"):
+            break
+    await call_.done_writing()
+    assert events[-1].run_completed.final_output.string_value == "Refund handled."

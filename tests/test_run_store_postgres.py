@@ -13,7 +13,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agentd.server.runs.postgres_backend import LATEST_VERSION, PostgresControlBus, PostgresRunStore, channel_name
+from agentd.server.runs.codec import encode_checkpoint, encode_event, encode_payload, encode_spec
+from agentd.server.runs.postgres_backend import (
+    LATEST_VERSION,
+    MIGRATIONS,
+    PostgresControlBus,
+    PostgresRunStore,
+    channel_name,
+)
 from agentd.server.runs.records import Control, LeaseLostError, RunStatus, SessionBusyError, SessionPolicy
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.errors import StoreUnavailableError
@@ -93,6 +100,72 @@ async def test_migrations_are_idempotent_and_replicas_may_start_together() -> No
         raw = await raw_connection()
         try:
             assert await raw.fetchval("SELECT to_regnamespace($1)", empty) is None  # nothing created
+        finally:
+            await raw.close()
+
+
+async def test_a_schema_at_version_1_upgrades_to_2_with_its_runs_intact() -> None:
+    schema = new_schema()
+    q = f'"{schema}"'
+    async with dropped_afterwards(schema):
+        raw = await raw_connection()
+        try:
+            # What an agentd of version 1 left: its tables and functions, a running run with
+            # events and a checkpoint, and an ended one.
+            async with raw.transaction():
+                await raw.execute(f"CREATE SCHEMA {q}")
+                await raw.execute(f"SET LOCAL search_path TO {q}, pg_temp")
+                await raw.execute(
+                    f"CREATE TABLE {q}.run_schema_version"
+                    " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                await raw.execute(MIGRATIONS[0])
+                await raw.execute(f"INSERT INTO {q}.run_schema_version (version) VALUES (1)")
+            now = time.time()
+            running, ended = spec(session="old"), spec(request_id="req-old")
+            for s in (running, ended):
+                await raw.fetchrow(f"SELECT * FROM {q}.agentd_run_create($1, $2, $3, $4, true, 'r1', $5, 10, $6)",
+                                   s.run_id, s.session_id, s.request_id or None, encode_spec(s), now + LEASE, now)
+            cp = Checkpoint(agent="a", turns=1, usage=Usage(1, 2, 1), history_items=0, run_items=(),
+                            step_items=(), step_request_id="s", sequence=2, awaiting=("output:call_1",))
+            await raw.execute(f"SELECT {q}.agentd_run_progress($1, 1, 1, $2, $3, $4, $5)", running.run_id,
+                              [encode_event(e) for e in deltas(running.run_id, 1, 2)], "t" * 32,
+                              encode_checkpoint(cp), now)
+            final = done(ended.run_id, 1)
+            await raw.execute(f"SELECT {q}.agentd_run_finish($1, 1, 1, $2, $3, 'completed', $4, $5, $6)",
+                              ended.run_id, [encode_event(final)], "t" * 32, encode_payload(final.payload),
+                              now + 60, now)
+
+            # This agentd needs version 2: refused without auto-migration, upgraded with it.
+            with pytest.raises(StoreUnavailableError, match="agentd db migrate"):
+                await run_store(schema, auto_migrate=False).open()
+            store = run_store(schema)
+            await store.open()
+            try:
+                versions = await raw.fetch(f"SELECT version FROM {q}.run_schema_version ORDER BY version")
+                assert [r["version"] for r in versions] == list(range(1, LATEST_VERSION + 1))
+                got = await store.get_run(running.run_id)
+                assert got is not None and got.spec == running
+                assert (got.status, got.owner, got.attempt, got.last_sequence) == (RunStatus.RUNNING, "r1", 1, 2)
+                assert got.checkpoint == cp and got.actions == {} and got.awaiting == ("output:call_1",)
+                assert [e.sequence for e in await store.read_events(running.run_id, 0, 10)] == [1, 2]
+                old = await store.get_run(ended.run_id)
+                assert old is not None and old.status is RunStatus.COMPLETED and old.actions == {}
+
+                # The upgraded run takes answers; they go with the run when it is swept.
+                answer = {"output": "nul \x00 ü", "is_error": False}
+                got = await store.submit_action(running.run_id, "output:call_1", answer, now=now + 1)
+                assert got is not None and got.actions == {"output:call_1": answer} and got.awaiting == ()
+                assert got.update_time == now + 1
+                assert (await store.submit_action(ended.run_id, "output:x", answer, now=now + 1)).actions == {}
+                page, _ = await store.list_runs("old", 10)
+                assert [r.actions for r in page] == [{"output:call_1": answer}]
+                await store.finish(running.run_id, 1, [done(running.run_id, 3)], retention_s=1, now=now + 2)
+                assert await store.sweep(now=now + 100) == 2
+                assert await raw.fetchval(f"SELECT count(*) FROM {q}.run_actions") == 0
+                assert await raw.fetchval(f"SELECT count(*) FROM {q}.runs") == 0
+            finally:
+                await store.close()
         finally:
             await raw.close()
 

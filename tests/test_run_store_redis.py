@@ -124,6 +124,32 @@ async def test_ended_runs_carry_a_ttl_and_sweep_removes_them() -> None:
         assert again.created
 
 
+async def test_caller_actions_live_in_the_record_and_share_its_ttl() -> None:
+    async with redis_run_replicas() as replica, raw_redis() as raw:
+        store, _ = await replica()
+        assert isinstance(store, RedisRunStore)
+        now = time.time()
+        s = spec()
+        await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=now)
+        before = set(await prefix_keys(raw, store.prefix))
+        answer = {"output": "nul \x00 ü", "is_error": False}
+        got = await store.submit_action(s.run_id, "output:call_{1}", answer, now=now + 1)
+        assert got is not None and got.actions == {"output:call_{1}": answer} and got.update_time == now + 1
+        # A field of the run's hash: no other key, and no TTL while the run is active.
+        assert set(await prefix_keys(raw, store.prefix)) == before
+        run_key = store.key_base.encode() + b"run:" + s.run_id.encode()
+        assert await raw.hexists(run_key, b"action:output:call_{1}")
+        assert await raw.pttl(run_key) == -1
+
+        await store.finish(s.run_id, 1, events(s.run_id, 1, 0, completed()), retention_s=30, now=now + 2)
+        assert 25_000 < await raw.pttl(run_key) <= 30_000
+        late = await store.submit_action(s.run_id, "output:call_2", answer, now=now + 3)
+        assert late is not None and late.actions == {"output:call_{1}": answer} and late.update_time == now + 2
+        assert await store.sweep(now=now + 40) == 1
+        assert not await raw.exists(run_key)
+        assert await store.submit_action(s.run_id, "output:call_2", answer, now=now + 41) is None
+
+
 async def test_cancelled_queued_run_frees_its_queue_slot() -> None:
     async with redis_run_replicas() as replica, raw_redis() as raw:
         store, _ = await replica()

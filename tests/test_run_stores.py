@@ -343,3 +343,26 @@ async def test_control_reaches_other_replicas(replicas: Replica) -> None:
         assert at - sent < 0.1
     finally:
         listener.cancel()
+
+
+async def test_caller_actions_are_recorded_once_and_travel_with_the_run(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    s = spec()
+    t0 = time.time()
+    await one.create_run(s, policy=REJECT, owner="ra", lease_s=0.5, max_queued=10, now=t0)
+    answer = {"output": "42 ü \u0000", "is_error": False}
+    got = await two.submit_action(s.run_id, "output:call_1", answer, now=t0)
+    assert got is not None and got.actions == {"output:call_1": answer}
+    again = await two.submit_action(s.run_id, "output:call_1", {"output": "other", "is_error": True}, now=t0)
+    assert again is not None and again.actions == {"output:call_1": answer}  # the first answer wins
+    approval = {"approved": False, "reason": "too expensive"}
+    await one.submit_action(s.run_id, "approval:call_2", approval, now=t0)
+    # A replica taking the run over sees the answers.
+    await two.requeue_expired(now=t0 + 1)
+    claimed = await two.claim("rb", 5, lease_s=LEASE, now=t0 + 1, wait_s=1)
+    assert claimed[0].actions == {"output:call_1": answer, "approval:call_2": approval}
+    await two.finish(s.run_id, 2, events(s.run_id, 1, 0, completed()), retention_s=60, now=t0 + 2)
+    late = await one.submit_action(s.run_id, "output:call_3", answer, now=t0 + 2)
+    assert late is not None and "output:call_3" not in late.actions  # an ended run takes no answers
+    assert (await one.get_run(s.run_id)).actions == {"output:call_1": answer, "approval:call_2": approval}
+    assert await one.submit_action("run_missing", "output:x", answer, now=t0) is None

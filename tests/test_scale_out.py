@@ -146,13 +146,42 @@ async def test_a_dropped_stream_resumes_on_another_replica(model_server, tmp_pat
                 await client.close()
 
 
-async def test_cancel_on_one_replica_stops_a_run_on_another(model_server, tmp_path) -> None:
+async def test_control_from_one_replica_reaches_a_run_on_another(model_server, tmp_path) -> None:
+    """Cancel, tool outputs and approvals sent to replica 2 reach the run executing on replica 1."""
     model_server.set_script("assistant", Script.of(calls(call("wait", seconds=10, label="long")), say("never")))
+    model_server.set_script("operator", Script.of(
+        calls(call("lookup_customer", customer_id="c-7"), call("issue_refund", order_id="A-1", amount_eur=5)),
+        say("Refund handled."),
+    ))
     async with cluster(model_server, tmp_path, replicas=2) as c:
         a, b = (AgentdClient(r.target, resume=False) for r in c.replicas)
         try:
-            run = await a.create_run("assistant", "wait")
+            # Caller-executed tool output and approval.
+            run = await a.create_run("operator", "refund A-1")
             assert run.replica == c.replicas[0].name  # executes where it was created
+            run_id = run.name.removeprefix("runs/")
+            watching = asyncio.create_task(watch_all(b, run_id))
+            deadline = time.monotonic() + 5
+            while len((info := await b.get_run(run_id)).required_actions) < 2:
+                assert time.monotonic() < deadline, info
+                await asyncio.sleep(0.02)
+            assert info.status == pb.RUN_STATUS_REQUIRES_ACTION
+            calls_ = {r.item.tool_call.tool_name: r.item.tool_call.call_id for r in info.required_actions}
+            await b.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(name=run.name, outputs=[
+                pb.ToolOutputSubmission(call_id=calls_["lookup_customer"], output="gold")]))
+            sent_ns = time.time_ns()
+            await b.agents.ApproveToolCall(pb.ApproveToolCallRequest(
+                name=run.name, approval=pb.ToolApproval(call_id=calls_["issue_refund"], approved=True)))
+            events = await asyncio.wait_for(watching, 5)
+            assert events[-1].run_completed.final_output.string_value == "Refund handled."
+            refund = next(e for e in events if e.WhichOneof("payload") == "tool_output"
+                          and e.tool_output.item.tool_result.tool_name == "issue_refund")
+            assert refund.tool_output.item.tool_result.output == "refunded 5.00 EUR for A-1"
+            approval_ms = (refund.create_time.ToNanoseconds() - sent_ns) / 1e6
+            assert approval_ms < 100, f"the approval took {approval_ms:.1f} ms to reach the other replica"
+
+            # Cancel.
+            run = await a.create_run("assistant", "wait")
             run_id = run.name.removeprefix("runs/")
             watching = asyncio.create_task(watch_all(b, run_id))
             await asyncio.sleep(0.5)  # the tool is running on replica 1
@@ -161,9 +190,9 @@ async def test_cancel_on_one_replica_stops_a_run_on_another(model_server, tmp_pa
             assert info.status in (pb.RUN_STATUS_RUNNING, pb.RUN_STATUS_CANCELLED)
             events = await asyncio.wait_for(watching, 5)
             assert events[-1].run_cancelled.reason == "stop from b"
-            reached_ms = (events[-1].create_time.ToNanoseconds() - sent_ns) / 1e6
-            assert reached_ms < 100, f"the cancel took {reached_ms:.1f} ms to end the run on the other replica"
-            print(f"\ncancel from replica 2 ended the run on replica 1 after {reached_ms:.1f} ms")
+            cancel_ms = (events[-1].create_time.ToNanoseconds() - sent_ns) / 1e6
+            assert cancel_ms < 100, f"the cancel took {cancel_ms:.1f} ms to end the run on the other replica"
+            print(f"\nfrom replica 2 to the run on replica 1: approval {approval_ms:.1f} ms, cancel {cancel_ms:.1f} ms")
         finally:
             await a.close()
             await b.close()

@@ -52,7 +52,7 @@ async def test_reflection_lists_the_services(harness):
 
 async def test_agents_are_discoverable_with_tool_schemas_and_handoffs(harness):
     agents = {a.name: a for a in await harness.client.list_agents()}
-    assert set(agents) == {"agents/assistant", "agents/specialist", "agents/reporter"}
+    assert set(agents) == {"agents/assistant", "agents/specialist", "agents/reporter", "agents/operator"}
     assistant = agents["agents/assistant"]
     assert list(assistant.handoffs) == ["agents/specialist"]
     tools = {t.name: t for t in assistant.tools}
@@ -61,6 +61,10 @@ async def test_agents_are_discoverable_with_tool_schemas_and_handoffs(harness):
     assert weather.description == "Current weather for a city."
     assert weather.strict
     assert weather.parameters["properties"]["city"]["description"] == "City name."
+    assert not weather.caller_executed and not weather.needs_approval
+    operator = {t.name: t for t in agents["agents/operator"].tools}
+    assert operator["lookup_customer"].caller_executed and not operator["lookup_customer"].needs_approval
+    assert operator["issue_refund"].needs_approval and not operator["issue_refund"].caller_executed
     first = await harness.client.agents.ListAgents(agent_service_pb2.ListAgentsRequest(page_size=1))
     assert len(first.agents) == 1 and first.next_page_token
 

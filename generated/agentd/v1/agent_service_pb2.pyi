@@ -57,16 +57,20 @@ class Agent(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., handoffs: _Optional[_Iterable[str]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ...) -> None: ...
 
 class Tool(_message.Message):
-    __slots__ = ("name", "description", "parameters", "strict")
+    __slots__ = ("name", "description", "parameters", "strict", "caller_executed", "needs_approval")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_EXECUTED_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     parameters: _struct_pb2.Struct
     strict: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
+    caller_executed: bool
+    needs_approval: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., strict: _Optional[bool] = ..., caller_executed: _Optional[bool] = ..., needs_approval: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -119,7 +123,7 @@ class StartRun(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., session: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[TraceOptions, _Mapping]] = ..., session_policy: _Optional[_Union[SessionPolicy, str]] = ..., detached: _Optional[bool] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("name", "status", "agent", "session", "request_id", "create_time", "update_time", "replica", "attempt", "last_sequence", "completed", "failed", "cancelled")
+    __slots__ = ("name", "status", "agent", "session", "request_id", "create_time", "update_time", "replica", "attempt", "last_sequence", "completed", "failed", "cancelled", "required_actions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,7 @@ class RunInfo(_message.Message):
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: RunStatus
     agent: str
@@ -146,7 +151,8 @@ class RunInfo(_message.Message):
     completed: _run_event_pb2.RunCompleted
     failed: _run_event_pb2.RunFailed
     cancelled: _run_event_pb2.RunCancelled
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., agent: _Optional[str] = ..., session: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., attempt: _Optional[int] = ..., last_sequence: _Optional[int] = ..., completed: _Optional[_Union[_run_event_pb2.RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[_run_event_pb2.RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[_run_event_pb2.RunCancelled, _Mapping]] = ...) -> None: ...
+    required_actions: _containers.RepeatedCompositeFieldContainer[_run_event_pb2.ActionRequired]
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., agent: _Optional[str] = ..., session: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., attempt: _Optional[int] = ..., last_sequence: _Optional[int] = ..., completed: _Optional[_Union[_run_event_pb2.RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[_run_event_pb2.RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[_run_event_pb2.RunCancelled, _Mapping]] = ..., required_actions: _Optional[_Iterable[_Union[_run_event_pb2.ActionRequired, _Mapping]]] = ...) -> None: ...
 
 class TraceOptions(_message.Message):
     __slots__ = ("workflow_name", "group_id", "metadata")
@@ -172,12 +178,42 @@ class CancelRun(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("start", "cancel")
+    __slots__ = ("start", "cancel", "tool_outputs", "approval")
     START_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     start: StartRun
     cancel: CancelRun
-    def __init__(self, start: _Optional[_Union[StartRun, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ...) -> None: ...
+    tool_outputs: ToolOutputs
+    approval: ToolApproval
+    def __init__(self, start: _Optional[_Union[StartRun, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ..., tool_outputs: _Optional[_Union[ToolOutputs, _Mapping]] = ..., approval: _Optional[_Union[ToolApproval, _Mapping]] = ...) -> None: ...
+
+class ToolOutputs(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[ToolOutputSubmission]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[ToolOutputSubmission, _Mapping]]] = ...) -> None: ...
+
+class ToolOutputSubmission(_message.Message):
+    __slots__ = ("call_id", "output", "is_error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    output: str
+    is_error: bool
+    def __init__(self, call_id: _Optional[str] = ..., output: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+
+class ToolApproval(_message.Message):
+    __slots__ = ("call_id", "approved", "reason")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    approved: bool
+    reason: str
+    def __init__(self, call_id: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("event",)
@@ -248,6 +284,34 @@ class CancelRunRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: RunInfo
+    def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+
+class SubmitToolOutputsRequest(_message.Message):
+    __slots__ = ("name", "outputs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    outputs: _containers.RepeatedCompositeFieldContainer[ToolOutputSubmission]
+    def __init__(self, name: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[ToolOutputSubmission, _Mapping]]] = ...) -> None: ...
+
+class SubmitToolOutputsResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: RunInfo
+    def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+
+class ApproveToolCallRequest(_message.Message):
+    __slots__ = ("name", "approval")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    approval: ToolApproval
+    def __init__(self, name: _Optional[str] = ..., approval: _Optional[_Union[ToolApproval, _Mapping]] = ...) -> None: ...
+
+class ApproveToolCallResponse(_message.Message):
     __slots__ = ("run",)
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: RunInfo

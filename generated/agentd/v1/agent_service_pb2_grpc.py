@@ -113,6 +113,16 @@ class AgentServiceStub:
                 request_serializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.FromString,
                 _registered_method=True)
+        self.SubmitToolOutputs = channel.unary_unary(
+                '/agentd.v1.AgentService/SubmitToolOutputs',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsResponse.FromString,
+                _registered_method=True)
+        self.ApproveToolCall = channel.unary_unary(
+                '/agentd.v1.AgentService/ApproveToolCall',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -219,6 +229,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitToolOutputs(self, request, context):
+        """Hands the run the outputs of caller-executed tool calls it asked for
+        (`action_required` events with TOOL_OUTPUT), from any replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveToolCall(self, request, context):
+        """Approves or denies a tool call the run asked approval for
+        (`action_required` events with APPROVAL), from any replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +292,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.SerializeToString,
+            ),
+            'SubmitToolOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitToolOutputs,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsResponse.SerializeToString,
+            ),
+            'ApproveToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveToolCall,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -545,6 +581,60 @@ class AgentService:
             '/agentd.v1.AgentService/WatchRun',
             agentd_dot_v1_dot_agent__service__pb2.WatchRunRequest.SerializeToString,
             agentd_dot_v1_dot_agent__service__pb2.WatchRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitToolOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/SubmitToolOutputs',
+            agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.SubmitToolOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/ApproveToolCall',
+            agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.ApproveToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

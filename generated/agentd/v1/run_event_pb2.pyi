@@ -21,6 +21,12 @@ class RunErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_ERROR_CODE_INVALID_OUTPUT: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_SESSION_UNAVAILABLE: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_INTERNAL: _ClassVar[RunErrorCode]
+
+class RequiredAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUIRED_ACTION_UNSPECIFIED: _ClassVar[RequiredAction]
+    REQUIRED_ACTION_TOOL_OUTPUT: _ClassVar[RequiredAction]
+    REQUIRED_ACTION_APPROVAL: _ClassVar[RequiredAction]
 RUN_ERROR_CODE_UNSPECIFIED: RunErrorCode
 RUN_ERROR_CODE_MAX_TURNS_EXCEEDED: RunErrorCode
 RUN_ERROR_CODE_MODEL_UNAVAILABLE: RunErrorCode
@@ -28,9 +34,12 @@ RUN_ERROR_CODE_MODEL_ERROR: RunErrorCode
 RUN_ERROR_CODE_INVALID_OUTPUT: RunErrorCode
 RUN_ERROR_CODE_SESSION_UNAVAILABLE: RunErrorCode
 RUN_ERROR_CODE_INTERNAL: RunErrorCode
+REQUIRED_ACTION_UNSPECIFIED: RequiredAction
+REQUIRED_ACTION_TOOL_OUTPUT: RequiredAction
+REQUIRED_ACTION_APPROVAL: RequiredAction
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed")
+    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed", "action_required")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +56,7 @@ class RunEvent(_message.Message):
     RUN_FAILED_FIELD_NUMBER: _ClassVar[int]
     RUN_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     RUN_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    ACTION_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -63,7 +73,8 @@ class RunEvent(_message.Message):
     run_failed: RunFailed
     run_cancelled: RunCancelled
     run_resumed: RunResumed
-    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ...) -> None: ...
+    action_required: ActionRequired
+    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests")
@@ -196,3 +207,13 @@ class RunResumed(_message.Message):
     reason: str
     turns: int
     def __init__(self, attempt: _Optional[int] = ..., reason: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
+
+class ActionRequired(_message.Message):
+    __slots__ = ("action", "agent", "item")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    action: RequiredAction
+    agent: str
+    item: _item_pb2.Item
+    def __init__(self, action: _Optional[_Union[RequiredAction, str]] = ..., agent: _Optional[str] = ..., item: _Optional[_Union[_item_pb2.Item, _Mapping]] = ...) -> None: ...

@@ -91,7 +91,7 @@ class RunningServer:
         await self.runs.drain(grace)
         await stopping
         await self.runs.close()
-        await self.runs.bus_close()
+        await self.runs.close_stores()
         await self.models.aclose()
         # Runs are drained: every trace has ended; write them out before closing.
         await self.traces.close()
@@ -179,6 +179,7 @@ async def start_server(
         ("", *SERVICE_NAMES),
         ping_interval_s=settings.store_health_interval_s,
         sweep_interval_s=settings.session_sweep_interval_s,
+        also_ping=run_store.ping,
     )
     for name in ("", *SERVICE_NAMES):
         await set_health(name, True)

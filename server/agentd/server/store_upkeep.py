@@ -1,7 +1,7 @@
-"""Background upkeep of the session store while the server runs.
+"""Background upkeep of the stores while the server runs.
 
-Two loops, both cheap: one pings the store and mirrors its reachability into gRPC
-health checking, so a load balancer stops sending calls to a replica whose database
+Two loops, both cheap: one pings the session store and the run store and mirrors
+their reachability into gRPC health checking, so a load balancer stops sending calls to a replica whose database
 is down and resumes when it is back; the other deletes expired sessions. Neither can
 fail the server: errors are logged and retried on the next tick.
 """
@@ -30,8 +30,10 @@ class StoreUpkeep:
         *,
         ping_interval_s: float,
         sweep_interval_s: float,
+        also_ping: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        self._also_ping = also_ping  # the run store's ping: a replica that cannot reach it cannot run
         self._set_health = set_health
         self._services = tuple(services)
         self._ping_interval_s = ping_interval_s
@@ -55,19 +57,24 @@ class StoreUpkeep:
         """Ping once and publish the result; returns whether the store is reachable."""
         try:
             # A hung connection must not hang health checking: bound the ping by the interval.
-            await asyncio.wait_for(self._store.ping(), timeout=max(self._ping_interval_s, 1.0))
+            await asyncio.wait_for(self._ping(), timeout=max(self._ping_interval_s, 1.0))
             reachable, problem = True, ""
         except (StoreUnavailableError, asyncio.TimeoutError) as exc:
             reachable, problem = False, str(exc) or "ping timed out"
         if reachable != self.healthy:
             self.healthy = reachable
             if reachable:
-                log.info("session store is reachable again; serving")
+                log.info("stores are reachable again; serving")
             else:
-                log.error("session store unreachable; health is NOT_SERVING until it is back: %s", problem)
+                log.error("a store is unreachable; health is NOT_SERVING until it is back: %s", problem)
             for service in self._services:
                 await self._set_health(service, reachable)
         return reachable
+
+    async def _ping(self) -> None:
+        await self._store.ping()
+        if self._also_ping is not None:
+            await self._also_ping()
 
     async def _watch_health(self) -> None:
         while True:

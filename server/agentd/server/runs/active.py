@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from agentd.server.runs.base import RunStore
 from agentd.server.runs.records import LeaseLostError, RunRecord
@@ -30,6 +30,9 @@ log = logging.getLogger("agentd.runs")
 
 # A store write that fails is retried (events keep their order) until this long before the lease ends.
 WRITE_RETRY_DELAY_S = 0.2
+# A run waiting for the caller re-reads its answers from the store this often (in case a
+# control message was lost).
+ACTION_POLL_S = 2.0
 
 
 class ActiveRun:
@@ -55,6 +58,8 @@ class ActiveRun:
         self._wakeup = asyncio.Event()
         self._stopped = False  # lease lost or handed off: drop everything from now on
         self.ended = False  # the terminal event is durable
+        self._actions: dict[str, dict[str, Any]] = dict(record.actions)  # the caller's answers so far
+        self._action_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.run_id}")
 
     @property
@@ -83,18 +88,46 @@ class ActiveRun:
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         if self._stopped:
             raise asyncio.CancelledError()
-        if not self._store.shared:
-            return  # nobody could resume it: skip the write
         self._pending_checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
         self._wakeup.set()
-        if self.input.session_id is None or not checkpoint.step_items:
-            # No session write follows this checkpoint, so nothing outside the run store depends
-            # on it: it rides with the next write instead of holding the run up for a round trip.
+        if not self._store.shared or self.input.session_id is None or not checkpoint.step_items:
+            # No session write follows this checkpoint (or no other process could resume the run),
+            # so nothing depends on it being durable now: it rides with the next write instead of
+            # holding the run up for a round trip.
             return
         waiter = asyncio.get_running_loop().create_future()
         self._checkpoint_waiters.append(waiter)
         self._wakeup.set()
         await waiter
+
+    async def wait_action(self, key: str) -> dict[str, Any]:
+        while key not in self._actions:
+            waiter = asyncio.get_running_loop().create_future()
+            self._action_waiters.setdefault(key, []).append(waiter)
+            try:
+                # The answer normally arrives by the control bus; re-reading the run now and then
+                # covers a lost message.
+                await asyncio.wait_for(waiter, ACTION_POLL_S)
+            except asyncio.TimeoutError:
+                await self.refresh_actions()
+        return self._actions[key]
+
+    def action_arrived(self, key: str, action: dict[str, Any]) -> None:
+        self._actions.setdefault(key, action)  # the first answer wins, as in the store
+        for waiter in self._action_waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def refresh_actions(self) -> None:
+        """Pick up answers recorded in the run store (sent to another replica)."""
+        try:
+            record = await self._store.get_run(self.run_id)
+        except StoreUnavailableError as exc:
+            log.warning("run %s: cannot read the caller's answers: %s", self.run_id, exc)
+            return
+        if record is not None:
+            for key, action in record.actions.items():
+                self.action_arrived(key, action)
 
     # -- control -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ so every replica's decisions use the same clock semantics as the session stores.
 from __future__ import annotations
 
 import abc
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from agentd.server.runs.records import Control, CreatedRun, RenewOutcome, RunRecord, SessionPolicy
 from agentd.server.runtime.checkpoint import Checkpoint
@@ -136,6 +136,13 @@ class RunStore(abc.ABC):
         - RUNNING: ``cancel_reason`` recorded (first reason wins); its owner sees it in ``renew`` (the caller
           also publishes a ``Control`` for a prompt stop).
         """
+
+    @abc.abstractmethod
+    async def submit_action(self, run_id: str, key: str, action: dict[str, Any], *, now: float) -> RunRecord | None:
+        """Record the caller's answer ``action`` under ``key`` in ``RunRecord.actions`` when the run is
+        active (QUEUED or RUNNING) and has no answer under ``key`` yet; otherwise change nothing (the
+        first answer wins). Return the run afterwards (None if unknown). ``get_run``, ``claim`` and
+        every other record read return the recorded actions; they go with the run's retention."""
 
     @abc.abstractmethod
     async def sweep(self, *, now: float) -> int:

@@ -75,6 +75,7 @@ def encode_checkpoint(cp: Checkpoint) -> str:
             "done": cp.done,
             "pending": _items(cp.pending),
             "unsaved": _items(cp.unsaved),
+            "awaiting": list(cp.awaiting),
         }
     )
 
@@ -96,6 +97,7 @@ def decode_checkpoint(text: str | bytes) -> Checkpoint:
         done=d.get("done", False),
         pending=_items_from(d.get("pending", [])),
         unsaved=_items_from(d.get("unsaved", [])),
+        awaiting=tuple(d.get("awaiting", ())),
     )
 
 
@@ -133,6 +135,8 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
         return {"t": "run_cancelled", "reason": p.reason, "usage": _usage(p.usage), "turns": p.turns}
     if t is ev.RunResumed:
         return {"t": "run_resumed", "attempt": p.attempt, "reason": p.reason, "turns": p.turns}
+    if t is ev.ActionRequired:
+        return {"t": "action_required", "kind": p.kind, "agent": p.agent, "item": p.item.to_dict()}
     raise ValueError(f"cannot encode event payload {t.__name__}")
 
 
@@ -162,6 +166,8 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
         return ev.RunCancelled(d["reason"], _usage_from(d["usage"]), d["turns"])
     if t == "run_resumed":
         return ev.RunResumed(d["attempt"], d["reason"], d["turns"])
+    if t == "action_required":
+        return ev.ActionRequired(d["kind"], d["agent"], item_from_dict(d["item"]))  # type: ignore[arg-type]
     raise ValueError(f"unknown event payload type {t!r}")
 
 
@@ -185,3 +191,13 @@ def encode_event(e: ev.RunEvent) -> str:
 def decode_event(run_id: str, text: str | bytes) -> ev.RunEvent:
     d = _loads(text)
     return ev.RunEvent(run_id, d["seq"], d["ts"], d["trace"], payload_from_dict(d))
+
+
+# -- caller actions -------------------------------------------------------------------------
+
+def encode_action(action: dict[str, Any]) -> str:
+    return _dumps(action)
+
+
+def decode_action(text: str | bytes) -> dict[str, Any]:
+    return _loads(text)

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from agentd.server.runs.active import ActiveRun
 from agentd.server.runs.base import ControlBus, RunStore
@@ -24,6 +24,7 @@ from agentd.server.runs.records import (
     CreatedRun,
     RunNotFoundError,
     RunRecord,
+    RunNotWaitingError,
     RunStatus,
     ServerDrainingError,
     SessionPolicy,
@@ -114,7 +115,7 @@ class RunManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def bus_close(self) -> None:
+    async def close_stores(self) -> None:
         """Close the control bus and the run store (last, after every RPC ended)."""
         await self._bus.close()
         await self.store.close()
@@ -274,10 +275,13 @@ class RunManager:
         while True:
             try:
                 async for message in self._bus.subscribe():
+                    run = self._local.get(message.run_id)
+                    if run is None:
+                        continue
                     if message.kind == "cancel":
-                        run = self._local.get(message.run_id)
-                        if run is not None:
-                            run.cancel(message.reason or "cancelled")
+                        run.cancel(message.reason or "cancelled")
+                    elif message.kind == "action":
+                        asyncio.create_task(run.refresh_actions())
                 return
             except asyncio.CancelledError:
                 raise
@@ -293,7 +297,7 @@ class RunManager:
             raise RunNotFoundError(run_id)
         return record
 
-    async def list(self, session_id: str, limit: int, cursor: str | None) -> tuple[list[RunRecord], str | None]:
+    async def list_runs(self, session_id: str, limit: int, cursor: str | None) -> tuple[list[RunRecord], str | None]:
         return await self.store.list_runs(session_id, limit, cursor)
 
     async def active_run_for_session(self, session_id: str) -> str | None:
@@ -311,6 +315,38 @@ class RunManager:
             local.cancel(reason)
         elif record.status is RunStatus.RUNNING:
             await self._bus.publish(Control(run_id, "cancel", reason))
+        return record
+
+    async def answer(self, run_id: str, answers: list[tuple[str, dict[str, Any]]]) -> RunRecord:
+        """Record the caller's answers (``(action key, action)``) and get them to the executing replica.
+
+        Only answers the run asked for are taken; a repeated answer is ignored (the first wins), so
+        a retried call is harmless.
+        """
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        if record.status.is_terminal:
+            raise RunNotWaitingError(f"run {run_id} has ended ({record.status.value}); it takes no more answers")
+        asked = record.checkpoint.awaiting if record.checkpoint is not None else ()
+        for key, _ in answers:
+            if key not in asked:
+                kind, _, call_id = key.partition(":")
+                what = "an approval" if kind == "approval" else "a tool output"
+                waits = ", ".join(asked) or "nothing"
+                raise RunNotWaitingError(
+                    f"run {run_id} is not waiting for {what} for call {call_id!r}; it waits for: {waits}"
+                )
+        local = self._local.get(run_id)
+        for key, action in answers:
+            updated = await self.store.submit_action(run_id, key, action, now=time.time())
+            if updated is None:
+                raise RunNotFoundError(run_id)
+            record = updated
+            if local is not None:
+                local.action_arrived(key, record.actions.get(key, action))
+            else:
+                await self._bus.publish(Control(run_id, "action", key))
         return record
 
     async def cancel_attached(self, run_id: str, reason: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
@@ -183,6 +183,15 @@ class MemoryRunStore(RunStore):
             self._end(record, payload, retention_s, now)
         elif not record.status.is_terminal and not record.cancel_reason:
             record.cancel_reason = reason
+            record.update_time = now
+        return _copy(record)
+
+    async def submit_action(self, run_id: str, key: str, action: dict[str, Any], *, now: float) -> RunRecord | None:
+        record = self._runs.get(run_id)
+        if record is None:
+            return None
+        if not record.status.is_terminal and key not in record.actions:
+            record.actions = {**record.actions, key: dict(action)}
             record.update_time = now
         return _copy(record)
 

@@ -18,6 +18,11 @@ Times are the caller's unix seconds stored as ``double precision``, so they read
 exactly as written. Specs, checkpoints, results and events are the codec's JSON stored
 as ``json`` (verbatim, and unlike ``jsonb`` it accepts ``\\u0000``).
 
+The caller's answers (``submit_action``) are rows of ``run_actions`` (migration 2), one
+per action key, inserted ``ON CONFLICT DO NOTHING`` (the first answer wins) by a function
+that holds the run's row lock; every record read returns them as one JSON object, and
+they are deleted with their run (``ON DELETE CASCADE``).
+
 The migrations have their own version table (``run_schema_version``) in the session
 store's schema and run under the same advisory lock as every other migration there.
 """
@@ -37,10 +42,12 @@ import asyncpg
 from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.codec import (
+    decode_action,
     decode_checkpoint,
     decode_event,
     decode_payload,
     decode_spec,
+    encode_action,
     encode_checkpoint,
     encode_event,
     encode_payload,
@@ -409,10 +416,61 @@ MIGRATIONS: tuple[str, ...] = (
             FROM runs r WHERE r.run_id = p_run;
     END $$;
     """,
+    # 2: the caller's answers (caller-executed tool outputs, approvals), first answer per key
+    r"""
+    CREATE TABLE run_actions (
+        -- Deleted with its run (sweep, a request id past retention), by any agentd version.
+        run_id text COLLATE "C" NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+        key text COLLATE "C" NOT NULL,
+        data json NOT NULL,  -- the codec's action text (json: a tool output may hold \u0000)
+        PRIMARY KEY (run_id, key)
+    );
+
+    -- The run's answers as one JSON object (NULL: none). VOLATILE: it reads with its own
+    -- snapshot, so after a statement that locked or wrote the run it sees every answer
+    -- committed before that (the statement's snapshot may be older).
+    CREATE FUNCTION agentd_run_actions(p_run text) RETURNS json
+    LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
+    BEGIN
+        RETURN (SELECT json_object_agg(a.key, a.data ORDER BY a.key) FROM run_actions a WHERE a.run_id = p_run);
+    END $$;
+
+    -- submit_action: record the answer when the run is active and the key unanswered
+    -- (the row lock orders it against finish and cancel). Returns the run afterwards
+    -- (no row: unknown or past retention).
+    CREATE FUNCTION agentd_run_submit_action(p_run text, p_key text, p_data text, p_now double precision)
+    RETURNS TABLE (
+        o_run_id text, o_status text, o_spec json, o_owner text, o_attempt integer,
+        o_lease double precision, o_last bigint, o_checkpoint json, o_result json, o_cancel text,
+        o_trace text, o_create double precision, o_update double precision, o_actions json
+    ) LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+    DECLARE
+        v_status text;
+    BEGIN
+        SELECT r.status INTO v_status FROM runs r
+        WHERE r.run_id = p_run AND (r.expire_time IS NULL OR r.expire_time > p_now)
+        FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        IF v_status IN ('queued', 'running', 'requires_action') THEN
+            INSERT INTO run_actions (run_id, key, data) VALUES (p_run, p_key, p_data::json)
+            ON CONFLICT DO NOTHING;
+            IF FOUND THEN
+                UPDATE runs r SET update_time = p_now WHERE r.run_id = p_run;
+            END IF;
+        END IF;
+        RETURN QUERY
+            SELECT r.run_id, r.status, r.spec, r.owner, r.attempt, r.lease_expires, r.last_sequence,
+                   r.checkpoint, r.result, r.cancel_reason, r.trace_id, r.create_time, r.update_time,
+                   agentd_run_actions(p_run)
+            FROM runs r WHERE r.run_id = p_run;
+    END $$;
+    """,
 )
 LATEST_VERSION = len(MIGRATIONS)
 
-# A run row as RunRecord fields, in the order _record() reads them.
+# A run row as RunRecord fields, in the order _record() reads them (then its actions).
 _COLUMNS = (
     "r.run_id, r.status, r.spec, r.owner, r.attempt, r.lease_expires, r.last_sequence, r.checkpoint,"
     " r.result, r.cancel_reason, r.trace_id, r.create_time, r.update_time"
@@ -448,17 +506,28 @@ def channel_name(schema: str, kind: str) -> str:
 
 def _statements(q: str) -> dict[str, str]:
     """Every statement the store sends, for schema ``q`` (quoted): constant per store, so
-    asyncpg prepares each once per connection."""
+    asyncpg prepares each once per connection.
+
+    Every record read ends with the run's actions: in a plain read from the same snapshot
+    as the row; after a write (claim, and the functions' results) by agentd_run_actions(),
+    which reads with a fresh snapshot, once the run's row is locked or written."""
+    # The run ``r``'s actions, as of the statement's snapshot (consistent with the row).
+    actions = (
+        f"(SELECT json_object_agg(a.key, a.data ORDER BY a.key) FROM {q}.run_actions a WHERE a.run_id = r.run_id)"
+    )
     return {
-        "create": f"SELECT * FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        "get": f"SELECT {_COLUMNS} FROM {q}.runs r WHERE r.run_id = $1 AND {_LIVE}",
+        "create": (
+            f"SELECT c.*, CASE WHEN c.o_created THEN NULL ELSE {q}.agentd_run_actions(c.o_run_id) END"
+            f" FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9) c"
+        ),
+        "get": f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.run_id = $1 AND {_LIVE}",
         "list_first": (
-            f"SELECT {_COLUMNS} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
+            f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
             " ORDER BY r.create_time DESC, r.run_id DESC LIMIT $3"
         ),
         # A cursor naming no run of the session (swept) gives an empty page, as in memory.
         "list_after": (
-            f"SELECT {_COLUMNS} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
+            f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
             f" AND (r.create_time, r.run_id) < (SELECT c.create_time, c.run_id FROM {q}.runs c"
             " WHERE c.run_id = $4 AND c.session_id = $1)"
             " ORDER BY r.create_time DESC, r.run_id DESC LIMIT $3"
@@ -473,7 +542,7 @@ def _statements(q: str) -> dict[str, str]:
             " lease_expires = $3, update_time = $4"
             f" WHERE r.run_id = ANY (ARRAY(SELECT c.run_id FROM {q}.runs c WHERE c.claimable"
             " ORDER BY c.pos LIMIT $2 FOR UPDATE SKIP LOCKED)) AND r.claimable"
-            f" RETURNING r.pos, {_COLUMNS}"
+            f" RETURNING r.pos, {_COLUMNS}, {q}.agentd_run_actions(r.run_id)"
         ),
         "renew": (
             f"UPDATE {q}.runs r SET lease_expires = $4"
@@ -485,8 +554,10 @@ def _statements(q: str) -> dict[str, str]:
         "finish": f"SELECT {q}.agentd_run_finish($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         "release": f"SELECT {q}.agentd_run_release($1, $2, $3)",
         "requeue": f"SELECT * FROM {q}.agentd_run_requeue_expired($1)",
-        "cancel": f"SELECT * FROM {q}.agentd_run_cancel($1, $2, $3, $4, $5)",
+        "cancel": f"SELECT c.*, {q}.agentd_run_actions(c.o_run_id) FROM {q}.agentd_run_cancel($1, $2, $3, $4, $5) c",
+        "submit_action": f"SELECT * FROM {q}.agentd_run_submit_action($1, $2, $3, $4)",
         # SKIP LOCKED: a run some write holds is left for the next batch, never waited on.
+        # A run's actions go with it (ON DELETE CASCADE).
         "sweep": (
             f"WITH gone AS (DELETE FROM {q}.runs r WHERE r.run_id = ANY (ARRAY("
             f"SELECT x.run_id FROM {q}.runs x WHERE x.expire_time <= $1"
@@ -506,7 +577,8 @@ def _statements(q: str) -> dict[str, str]:
 
 
 def _record(row: Sequence[Any], spec: RunInput | None = None) -> RunRecord:
-    (run_id, status, spec_text, owner, attempt, lease, last, checkpoint, result, cancel, trace, created, updated) = row
+    (run_id, status, spec_text, owner, attempt, lease, last, checkpoint, result, cancel, trace, created, updated,
+     actions) = row
     return RunRecord(
         run_id=run_id,
         spec=spec if spec is not None else decode_spec(spec_text),
@@ -521,6 +593,8 @@ def _record(row: Sequence[Any], spec: RunInput | None = None) -> RunRecord:
         result=decode_payload(result) if result is not None else None,
         cancel_reason=cancel,
         trace_id=trace,
+        # {key: action}: each value is the codec's action text, so the object decodes as one.
+        actions=decode_action(actions) if actions is not None else {},
     )
 
 
@@ -1088,6 +1162,12 @@ class PostgresRunStore(_Common, RunStore):
             self._on_appended(run_id)
             self._work.fire()
         return record
+
+    async def submit_action(self, run_id: str, key: str, action: dict[str, Any], *, now: float) -> RunRecord | None:
+        args = (run_id, key, encode_action(action), now)
+        # A repeat (the connection died after the commit) changes nothing: the first answer stays.
+        row = await self._call(lambda conn: conn.fetchrow(self._sql["submit_action"], *args), idempotent=True)
+        return _record(row) if row is not None else None
 
     async def sweep(self, *, now: float) -> int:
         removed = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import Payload
@@ -48,10 +49,31 @@ class RunRecord:
     result: Payload | None = None  # the terminal payload once the run ended
     cancel_reason: str = ""  # set by CancelRun; the executing replica ends the run
     trace_id: str = ""
+    # What the caller sent for the run's tool calls, by action key (see ``action_key``):
+    # {"output": str, "is_error": bool} for a caller-executed tool, {"approved": bool,
+    # "reason": str} for an approval. The first answer for a key wins.
+    actions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def awaiting(self) -> tuple[str, ...]:
+        """Action keys the run waits for and has not received (empty unless it requires action)."""
+        if self.status is not RunStatus.RUNNING or self.checkpoint is None:
+            return ()
+        return tuple(key for key in self.checkpoint.awaiting if key not in self.actions)
+
+    @property
+    def visible_status(self) -> RunStatus:
+        """The status callers see: a running run waiting for them requires action."""
+        return RunStatus.REQUIRES_ACTION if self.awaiting else self.status
 
     @property
     def session_id(self) -> str | None:
         return self.spec.session_id
+
+
+def action_key(kind: str, call_id: str) -> str:
+    """The key of one answer the caller owes a run: ``approval:<call id>`` or ``output:<call id>``."""
+    return f"{kind}:{call_id}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +93,7 @@ class Control:
     """A message for whichever replica executes ``run_id`` (published on the ControlBus)."""
 
     run_id: str
-    kind: str  # "cancel"
+    kind: str  # "cancel", or "action" (the caller answered; ``reason`` holds the action key)
     reason: str = ""
 
 
@@ -102,6 +124,10 @@ class RunNotFoundError(Exception):
 
 class LeaseLostError(Exception):
     """This replica no longer owns the run (its lease expired and another replica took it, or it was released)."""
+
+
+class RunNotWaitingError(Exception):
+    """An answer for a tool call the run is not waiting for (ended run, unknown call, answered twice)."""
 
 
 class ServerDrainingError(Exception):

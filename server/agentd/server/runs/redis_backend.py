@@ -8,7 +8,9 @@ trip, atomic, with its checks and its writes together. All run keys share one ha
                                                       lease_expires, last_sequence, create_time,
                                                       update_time, spec, checkpoint, result (JSON
                                                       from ``runs.codec``), cancel_reason, trace_id,
-                                                      session, request_id, queue_entry
+                                                      session, request_id, queue_entry, and one
+                                                      field ``action:<key>`` per answer of the
+                                                      caller (``codec.encode_action`` JSON)
     <prefix>:{<prefix>:runs}:events:<id>      STREAM  the event log; entry ``0-<sequence>``,
                                                       field ``e`` = ``codec.encode_event`` JSON
     <prefix>:{<prefix>:runs}:queue            STREAM  claimable runs (field ``r`` = run id), oldest
@@ -41,24 +43,30 @@ separate client (so waiting claimers and event watchers never starve the pool of
 short commands), and then claims what it got with the same script: a wake-up costs two
 more round trips. A run created RUNNING never touches the queue; requeues XADD again.
 
-Retention. ``finish`` and a queued ``cancel`` PEXPIRE the record, its log and its request
-id (Redis reclaims them by itself) and note the run in ``expiries``; ``sweep`` deletes
-what is due there and drops the runs from their session's listing, which also skips and
-removes entries whose record is gone.
+Caller actions. ``submit_action`` runs one script: HSETNX of the answer's field in the
+record, when the record exists and is not terminal (the first answer wins). Being fields
+of the record, the answers come back with every HGETALL (``get_run``, ``claim``,
+``list_runs``, ``cancel``, ``create_run``'s existing run) and share its TTL and deletion.
+
+Retention. ``finish`` and a queued ``cancel`` PEXPIRE the record (answers included), its
+log and its request id (Redis reclaims them by itself) and note the run in ``expiries``;
+``sweep`` deletes what is due there and drops the runs from their session's listing,
+which also skips and removes entries whose record is gone.
 
 Round trips: one for ``create_run``, ``get_run``, ``list_runs``, ``active_run``, ``renew``,
-``record_progress``, ``finish``, ``release``, ``read_events``, ``wait_events`` (XREAD BLOCK),
-``requeue_expired`` and ``sweep`` (per 500 due runs), and ``cancel`` of a running, ended or
-unknown run; two for ``cancel`` of a queued run (its RunCancelled event is built from the
-record by ``codec`` and written by a second script that re-checks the record is unchanged);
-``claim`` one when a run is claimable, else one plus the blocking read plus one on wake-up.
+``record_progress``, ``finish``, ``release``, ``submit_action``, ``read_events``,
+``wait_events`` (XREAD BLOCK), ``requeue_expired`` and ``sweep`` (per 500 due runs), and
+``cancel`` of a running, ended or unknown run; two for ``cancel`` of a queued run (its
+RunCancelled event is built from the record by ``codec`` and written by a second script
+that re-checks the record is unchanged); ``claim`` one when a run is claimable, else one
+plus the blocking read plus one on wake-up.
 
 Retries follow the session store (``sessions.redis_store``): reads, ``renew``,
 ``create_run`` (a retry finds its own run id and reports it created), ``cancel``,
-``requeue_expired`` and ``sweep`` are retried on connection errors and once on a timeout;
-``claim``, ``record_progress``, ``finish`` and ``release`` only on errors proving Redis
-refused them unexecuted. Everything else surfaces as ``StoreUnavailableError`` naming the
-location.
+``submit_action`` (HSETNX: a repeat changes nothing), ``requeue_expired`` and ``sweep`` are
+retried on connection errors and once on a timeout; ``claim``, ``record_progress``,
+``finish`` and ``release`` only on errors proving Redis refused them unexecuted. Everything
+else surfaces as ``StoreUnavailableError`` naming the location.
 """
 
 from __future__ import annotations
@@ -381,6 +389,19 @@ end
 return {1, redis.call('HGETALL', key)}
 """
 
+_SUBMIT = r"""
+-- KEYS: run. ARGV: base, the answer's field ('action:' .. key), action JSON, now.
+-- 0 unknown; else the record afterwards (the answer recorded unless the run ended or
+-- the key was answered before).
+local key = KEYS[1]
+local status = redis.call('HGET', key, 'status')
+if not status then return 0 end
+if not TERMINAL[status] and redis.call('HSETNX', key, ARGV[2], ARGV[3]) == 1 then
+  redis.call('HSET', key, 'update_time', ARGV[4])
+end
+return redis.call('HGETALL', key)
+"""
+
 _LIST = r"""
 -- KEYS: the session's index. ARGV: base, limit, cursor create_time ('' = first page),
 -- cursor run id. {more (0/1), run id, record, ...} newest first; entries whose record is
@@ -461,14 +482,27 @@ _S_FINISH = _script(_FINISH)
 _S_RELEASE = _script(_RELEASE)
 _S_REQUEUE = _script(_REQUEUE)
 _S_CANCEL = _script(_CANCEL)
+_S_SUBMIT = _script(_SUBMIT)
 _S_LIST = _script(_LIST)
 _S_SWEEP = _script(_SWEEP)
-_SCRIPTS = (_S_CREATE, _S_CLAIM, _S_RENEW, _S_PROGRESS, _S_FINISH, _S_RELEASE, _S_REQUEUE, _S_CANCEL, _S_LIST, _S_SWEEP)
+_SCRIPTS = (
+    _S_CREATE, _S_CLAIM, _S_RENEW, _S_PROGRESS, _S_FINISH, _S_RELEASE, _S_REQUEUE, _S_CANCEL, _S_SUBMIT, _S_LIST,
+    _S_SWEEP,
+)
 
 
 # --- values ------------------------------------------------------------------------
 
 _STATUS = {status.value.encode(): status for status in RunStatus}
+_ACTION = b"action:"  # the record field of an answer of the caller: this, then its key
+
+
+def _actions(fields: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    return {
+        _text(name[len(_ACTION):]): codec.decode_action(_text(value))
+        for name, value in fields.items()
+        if name.startswith(_ACTION)
+    }
 
 
 def _record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
@@ -488,6 +522,7 @@ def _record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
         result=codec.decode_payload(_text(result)) if result else None,
         cancel_reason=_text(fields.get(b"cancel_reason", b"")),
         trace_id=_text(fields.get(b"trace_id", b"")),
+        actions=_actions(fields),
     )
 
 
@@ -920,6 +955,12 @@ class RedisRunStore(_RedisOps, RunStore):
             args = [*base_args, str(record.attempt), str(record.last_sequence), sequence,
                     _utf8(codec.encode_event(event)), _utf8(codec.encode_payload(payload))]
         raise StoreUnavailableError(f"redis run store at {self._location}: run {run_id} kept changing during cancel")
+
+    async def submit_action(self, run_id: str, key: str, action: dict[str, Any], *, now: float) -> RunRecord | None:
+        args = (self._base, _ACTION + _utf8(key), _utf8(codec.encode_action(action)), repr(now))
+        keys = (self._run_key(run_id),)
+        reply = await self._run(lambda: self._eval(_S_SUBMIT, keys, args), idempotent=True)
+        return _flat_record(run_id, reply) if reply != 0 else None
 
     async def sweep(self, *, now: float) -> int:
         args = (self._base, repr(now), _BATCH)

@@ -36,3 +36,4 @@ class Checkpoint:
     done: bool = False  # True when the step was the last (final_output is the result)
     pending: tuple[Item, ...] = ()  # the current turn's message and tool calls, whose tools have not finished
     unsaved: tuple[Item, ...] = ()  # run items not in the session yet (the input, until the first step is saved)
+    awaiting: tuple[str, ...] = ()  # action keys the pending calls need from the caller (approvals, outputs)

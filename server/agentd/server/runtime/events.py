@@ -109,6 +109,15 @@ class RunResumed:
     turns: int
 
 
+@dataclass(slots=True, frozen=True)
+class ActionRequired:
+    """The run waits for the caller on a tool call: ``kind`` is "tool_output" or "approval"."""
+
+    kind: str
+    agent: str
+    item: ToolCallItem
+
+
 Payload = Union[
     RunStarted,
     AgentUpdated,
@@ -122,6 +131,7 @@ Payload = Union[
     RunFailed,
     RunCancelled,
     RunResumed,
+    ActionRequired,
 ]
 
 TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)

@@ -36,6 +36,7 @@ from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
 from agentd.server.runtime.errors import ModelError, ModelUnavailableError, StoreUnavailableError
 from agentd.server.runtime.events import (
+    ActionRequired,
     AgentUpdated,
     Handoff,
     MessageOutput,
@@ -52,6 +53,7 @@ from agentd.server.runtime.events import (
     UsageUpdated,
 )
 from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.tools import FunctionTool
 from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import SessionStore
 from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
@@ -88,6 +90,10 @@ class EventSink(Protocol):
 
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         """Make the checkpoint (and every event emitted before it) durable; the sink fills in ``sequence``."""
+        ...
+
+    async def wait_action(self, key: str) -> dict[str, Any]:
+        """The caller's answer for ``key`` (``approval:<call id>`` or ``output:<call id>``), once it came."""
         ...
 
 
@@ -214,6 +220,7 @@ class AgentRunner:
                     await sink.checkpoint(Checkpoint(
                         agent.name, turns, usage.copy(), history_len, tuple(run_items), (), "", 0,
                         trace.trace_id, run_span.span_id, pending=tuple(step), unsaved=tuple(unsaved),
+                        awaiting=_awaited_actions(agent, step),
                     ))
                 step_id = f"{run.run_id}/{turns}"
                 next_agent = await self._tool_step(agent, ctx, step, sink, trace, agent_span)
@@ -374,15 +381,45 @@ class AgentRunner:
                     ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, call.call_id, tool.name
                 )
                 try:
-                    result = await tool.invoke(tool_ctx, call.arguments, self._tool_timeout_s)
+                    output, is_error = await self._call_tool(agent, tool, tool_ctx, call, sink)
                 except BaseException:
                     span.end(error="cancelled")
                     raise
-                output, is_error = result.output, result.is_error
                 span.end(error=output if is_error else "", output=output)
         item = ToolResultItem(call.call_id, call.tool_name, output, is_error, agent.name)
         sink.emit(ToolOutput(agent.name, item, time.perf_counter() - started))
         return item
+
+    async def _call_tool(
+        self, agent: CompiledAgent, tool: FunctionTool, ctx: ToolContext, call: ToolCallItem, sink: EventSink
+    ) -> tuple[str, bool]:
+        """Execute one call: after the caller's approval when the tool needs it, by the caller when
+        the caller executes it, else here."""
+        if tool.needs_approval:
+            sink.emit(ActionRequired("approval", agent.name, call))
+            answer = await self._wait_action(sink, f"approval:{call.call_id}", tool)
+            if answer is None:
+                return f"Error: no approval for {tool.name!r} arrived within {tool.timeout_s:g}s", True
+            if not answer.get("approved"):
+                reason = answer.get("reason") or "no reason given"
+                return f"Error: the call of {tool.name!r} was not approved: {reason}", True
+        if tool.caller_executed:
+            sink.emit(ActionRequired("tool_output", agent.name, call))
+            answer = await self._wait_action(sink, f"output:{call.call_id}", tool)
+            if answer is None:
+                return f"Error: tool {tool.name!r} timed out after {tool.timeout_s:g}s waiting for the caller", True
+            return str(answer.get("output", "")), bool(answer.get("is_error", False))
+        result = await tool.invoke(ctx, call.arguments, self._tool_timeout_s)
+        return result.output, result.is_error
+
+    @staticmethod
+    async def _wait_action(sink: EventSink, key: str, tool: FunctionTool) -> dict[str, Any] | None:
+        """The caller's answer; None after the tool's own timeout (caller tools have none by default)."""
+        try:
+            async with asyncio.timeout(tool.timeout_s):
+                return await sink.wait_action(key)
+        except TimeoutError:
+            return None
 
     def _final_output(self, agent: CompiledAgent, text: str) -> Any:
         output_type = agent.agent.output_type
@@ -403,6 +440,19 @@ class AgentRunner:
             agent_span.end(error=error)
         run_span.end(error=error)
         trace.end(error=error)
+
+
+def _awaited_actions(agent: CompiledAgent, step: list[Item]) -> tuple[str, ...]:
+    """The answers this step's calls need from the caller, as action keys."""
+    keys: list[str] = []
+    for item in step:
+        if isinstance(item, ToolCallItem):
+            tool = agent.tools_by_name.get(item.tool_name)
+            if tool is not None and tool.needs_approval:
+                keys.append(f"approval:{item.call_id}")
+            if tool is not None and tool.caller_executed:
+                keys.append(f"output:{item.call_id}")
+    return tuple(keys)
 
 
 def _usage_attributes(usage: Usage) -> dict[str, int]:

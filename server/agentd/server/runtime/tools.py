@@ -45,6 +45,10 @@ class FunctionTool:
     # Parameters with a default whose type does not admit None: a strict schema makes
     # them nullable, and a null from the model means "use the default".
     null_means_default: frozenset[str]
+    # The caller executes the tool (the function only declares its schema); the run waits
+    # for the output. ``needs_approval``: each call waits for the caller's approval first.
+    caller_executed: bool = False
+    needs_approval: bool = False
 
     async def invoke(self, ctx: ToolContext, raw_arguments: str, default_timeout_s: float | None) -> ToolResult:
         try:
@@ -108,7 +112,12 @@ def function_tool(fn: Callable[..., Any], /) -> FunctionTool: ...
 
 @overload
 def function_tool(
-    *, name: str | None = None, description: str | None = None, timeout_s: float | None = None
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout_s: float | None = None,
+    caller_executed: bool = False,
+    needs_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], FunctionTool]: ...
 
 
@@ -119,6 +128,8 @@ def function_tool(
     name: str | None = None,
     description: str | None = None,
     timeout_s: float | None = None,
+    caller_executed: bool = False,
+    needs_approval: bool = False,
 ) -> FunctionTool | Callable[[Callable[..., Any]], FunctionTool]:
     """Turn a sync or async function into a tool the model can call.
 
@@ -126,10 +137,19 @@ def function_tool(
     run's context; it is not part of the schema. Argument descriptions come from the
     docstring (Google, Sphinx or NumPy style). ``timeout_s`` overrides the server's
     default tool timeout.
+
+    ``caller_executed=True``: the service calling agentd runs the tool (it owns the
+    data or the side effect); the function only declares the schema and is never
+    called. The run emits ``action_required`` and waits for ``SubmitToolOutputs``
+    (without a timeout unless ``timeout_s`` is given). ``needs_approval=True``: every
+    call waits for ``ApproveToolCall``; a denied call gives the model an error output.
     """
 
     def build(f: Callable[..., Any]) -> FunctionTool:
-        return build_function_tool(f, name=name, description=description, timeout_s=timeout_s)
+        tool = build_function_tool(f, name=name, description=description, timeout_s=timeout_s)
+        tool.caller_executed = caller_executed
+        tool.needs_approval = needs_approval
+        return tool
 
     return build(fn) if fn is not None else build
 

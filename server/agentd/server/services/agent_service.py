@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Sequence, TypeVar
 
 import grpc
 
 from agentd.server.app import App
 from agentd.server.runs.manager import RunManager
-from agentd.server.runs.records import DuplicateRunError, RunRecord, SessionPolicy
+from agentd.server.runs.records import DuplicateRunError, RunRecord, SessionPolicy, action_key
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import validation
@@ -93,7 +93,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         session_id = validation.session_id("session", request.session, allow_bare=True)
         size = validation.page_size(request.page_size, DEFAULT_RUN_PAGE)
         cursor = validation.decode_page_token("runs", request.page_token)
-        records, next_cursor = await self._runs.list(session_id, size, cursor)
+        records, next_cursor = await self._runs.list_runs(session_id, size, cursor)
         response = pb.ListRunsResponse(runs=[run_to_proto(r) for r in records])
         if next_cursor is not None:
             response.next_page_token = validation.encode_page_token("runs", next_cursor)
@@ -104,6 +104,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
         run_id = _run_id("name", request.name)
         record = await self._runs.cancel(run_id, request.reason or "cancelled by the client")
         return pb.CancelRunResponse(run=run_to_proto(record))
+
+    @unary_errors
+    async def SubmitToolOutputs(
+        self, request: pb.SubmitToolOutputsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitToolOutputsResponse:
+        run_id = _run_id("name", request.name)
+        answers = _output_answers(request.outputs, "outputs")
+        return pb.SubmitToolOutputsResponse(run=run_to_proto(await self._runs.answer(run_id, answers)))
+
+    @unary_errors
+    async def ApproveToolCall(
+        self, request: pb.ApproveToolCallRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApproveToolCallResponse:
+        run_id = _run_id("name", request.name)
+        answers = [_approval_answer(request.approval, "approval")]
+        return pb.ApproveToolCallResponse(run=run_to_proto(await self._runs.answer(run_id, answers)))
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
@@ -216,6 +232,23 @@ def new_run_id() -> str:
     return f"run_{uuid.uuid4().hex}"
 
 
+def _output_answers(outputs: Sequence[pb.ToolOutputSubmission], field: str) -> list[tuple[str, dict[str, Any]]]:
+    if not outputs:
+        raise InvalidArgument(field, "needs at least one output")
+    answers = []
+    for index, output in enumerate(outputs):
+        if not output.call_id:
+            raise InvalidArgument(f"{field}[{index}].call_id", "is required: the call_id of the action_required event")
+        answers.append((action_key("output", output.call_id), {"output": output.output, "is_error": output.is_error}))
+    return answers
+
+
+def _approval_answer(approval: pb.ToolApproval, field: str) -> tuple[str, dict[str, Any]]:
+    if not approval.call_id:
+        raise InvalidArgument(f"{field}.call_id", "is required: the call_id of the action_required event")
+    return action_key("approval", approval.call_id), {"approved": approval.approved, "reason": approval.reason}
+
+
 def _run_id(field: str, name: str) -> str:
     run_id = validation.resource_id(field, name, "runs", allow_bare=True)
     if not run_id or len(run_id) > 200:
@@ -227,17 +260,26 @@ async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run_id:
     """Apply control messages the caller sends while the run streams."""
     try:
         async for message in request_iterator:
-            action = message.WhichOneof("action")
-            if action == "cancel":
-                await runs.cancel(run_id, message.cancel.reason or "cancelled by the client")
-            elif action == "start":
-                await runs.cancel(
-                    run_id, "protocol error: a Run stream carries one run; 'start' may only be the first message"
-                )
+            try:
+                await _apply_control(message, run_id, runs)
+            except HANDLED as exc:  # the stream has no reply for a control message: log it, keep reading
+                log.warning("run %s: %s message refused: %s", run_id, message.WhichOneof("action"), exc)
     except (asyncio.CancelledError, grpc.aio.AioRpcError):
         pass
     except Exception:  # a broken request stream must not take the run down with an unhandled error
         log.debug("request stream of %s ended with an error", run_id, exc_info=True)
+
+
+async def _apply_control(message: pb.RunRequest, run_id: str, runs: RunManager) -> None:
+    action = message.WhichOneof("action")
+    if action == "cancel":
+        await runs.cancel(run_id, message.cancel.reason or "cancelled by the client")
+    elif action == "tool_outputs":
+        await runs.answer(run_id, _output_answers(message.tool_outputs.outputs, "tool_outputs.outputs"))
+    elif action == "approval":
+        await runs.answer(run_id, [_approval_answer(message.approval, "approval")])
+    elif action == "start":
+        await runs.cancel(run_id, "protocol error: a Run stream carries one run; 'start' may only be the first message")
 
 
 def _agent_to_proto(compiled: CompiledAgent) -> pb.Agent:
@@ -252,7 +294,7 @@ def _agent_to_proto(compiled: CompiledAgent) -> pb.Agent:
     for tool in compiled.agent.tools:
         message.tools.append(
             pb.Tool(name=tool.name, description=tool.description, parameters=struct_from_dict(tool.parameters),
-                    strict=tool.strict)
+                    strict=tool.strict, caller_executed=tool.caller_executed, needs_approval=tool.needs_approval)
         )
     if compiled.output_schema is not None:
         message.output_schema.update(compiled.output_schema.schema)

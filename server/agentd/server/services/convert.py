@@ -230,6 +230,19 @@ def _run_resumed(p: ev.RunResumed, out: run_event_pb2.RunEvent) -> None:
     m.turns = p.turns
 
 
+_ACTIONS = {
+    "tool_output": run_event_pb2.REQUIRED_ACTION_TOOL_OUTPUT,
+    "approval": run_event_pb2.REQUIRED_ACTION_APPROVAL,
+}
+
+
+def _action_required(p: ev.ActionRequired, out: run_event_pb2.RunEvent) -> None:
+    m = out.action_required
+    m.action = _ACTIONS[p.kind]
+    m.agent = p.agent
+    m.item.CopyFrom(item_to_proto(p.item))
+
+
 _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunStarted: _run_started,
     ev.AgentUpdated: _agent_updated,
@@ -243,6 +256,7 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunFailed: _run_failed,
     ev.RunCancelled: _run_cancelled,
     ev.RunResumed: _run_resumed,
+    ev.ActionRequired: _action_required,
 }
 
 
@@ -270,7 +284,7 @@ def run_to_proto(record: RunRecord) -> agent_service_pb2.RunInfo:
     spec = record.spec
     info = agent_service_pb2.RunInfo(
         name=f"runs/{record.run_id}",
-        status=_RUN_STATUS[record.status],
+        status=_RUN_STATUS[record.visible_status],
         agent=f"agents/{spec.agent}",
         session=f"sessions/{spec.session_id}" if spec.session_id else "",
         request_id=spec.request_id,
@@ -285,4 +299,15 @@ def run_to_proto(record: RunRecord) -> agent_service_pb2.RunInfo:
         _PAYLOAD_WRITERS[type(record.result)](record.result, event)
         field = _RESULT_FIELD[type(record.result)]  # type: ignore[index]
         getattr(info, field).CopyFrom(getattr(event, f"run_{field}"))
+    if record.checkpoint is not None:
+        calls = {i.call_id: i for i in record.checkpoint.pending if isinstance(i, ToolCallItem)}
+        for key in record.awaiting:
+            kind, _, call_id = key.partition(":")
+            if call_id in calls:
+                required = info.required_actions.add(action=_ACTIONS[_ACTION_KINDS[kind]],
+                                                     agent=record.checkpoint.agent)
+                required.item.CopyFrom(item_to_proto(calls[call_id]))
     return info
+
+
+_ACTION_KINDS = {"approval": "approval", "output": "tool_output"}

@@ -11,6 +11,7 @@ from agentd.server.runs.records import (
     DuplicateRunError,
     QueueFullError,
     RunNotFoundError,
+    RunNotWaitingError,
     ServerDrainingError,
     SessionBusyError,
 )
@@ -38,6 +39,7 @@ STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     ServerDrainingError: grpc.StatusCode.UNAVAILABLE,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RunNotFoundError: grpc.StatusCode.NOT_FOUND,
+    RunNotWaitingError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 HANDLED = tuple(STATUS_FOR)
 
