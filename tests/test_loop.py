@@ -22,12 +22,18 @@ class ListSink:
     cancel_reason: str = ""
     payloads: list = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
+    actions: dict = field(default_factory=dict)  # the caller's answers, by action key
 
     def emit(self, payload) -> None:
         self.payloads.append(payload)
 
     async def checkpoint(self, checkpoint) -> None:
         self.checkpoints.append(checkpoint)
+
+    async def wait_action(self, key: str) -> dict:
+        while key not in self.actions:
+            await asyncio.sleep(0.005)
+        return self.actions[key]
 
     def of(self, kind: type) -> list:
         return [p for p in self.payloads if isinstance(p, kind)]
@@ -213,3 +219,47 @@ async def test_resuming_from_any_checkpoint_finishes_the_run_the_same_way():
 
 def _without_call_ids(items: list) -> list:
     return [dataclasses.replace(i, call_id="") if hasattr(i, "call_id") else i for i in items]
+
+
+async def test_a_run_waiting_for_the_caller_resumes_with_the_answers_it_already_has():
+    """A takeover while a run waits for a caller-executed tool and an approval: the new execution
+    re-announces the calls (same call ids) and goes on with the answers already given."""
+
+    @function_tool(caller_executed=True)
+    def crm(customer: str) -> str:
+        """Caller's CRM lookup."""
+        raise AssertionError("never runs here")
+
+    executed: list[str] = []
+
+    @function_tool(needs_approval=True)
+    def refund(order: str) -> str:
+        """Refund an order."""
+        executed.append(order)
+        return f"refunded {order}"
+
+    agent = Agent(name="ops", instructions="ops", tools=[crm, refund])
+    ops_app = App(agents=[agent])
+    script = Script.of(calls(call("crm", customer="c1"), call("refund", order="A-1")), say("done"))
+    loop = AgentRunner(ops_app, ScriptedProvider(default=script), MemorySessionStore(), InMemoryTraceStore(),
+                       tool_timeout_s=1)
+    first = ListSink()
+    run = RunInput("run_w", "ops", "help c1")
+    task = asyncio.create_task(loop.run(run, first))
+    while len(first.of(ev.ActionRequired)) < 2:
+        await asyncio.sleep(0.005)
+    task.cancel()  # the replica dies while waiting
+    await asyncio.gather(task, return_exceptions=True)
+    waiting = next(cp for cp in first.checkpoints if cp.pending)
+    calls_ = {i.tool_name: i.call_id for i in waiting.pending if isinstance(i, ToolCallItem)}
+    assert set(waiting.awaiting) == {f"output:{calls_['crm']}", f"approval:{calls_['refund']}"}
+    assert executed == []
+
+    resumed = ListSink(actions={f"output:{calls_['crm']}": {"output": "gold", "is_error": False},
+                                f"approval:{calls_['refund']}": {"approved": True, "reason": ""}})
+    await loop.run(run, resumed, Resume(2, "taken over", waiting))
+    assert {a.item.call_id for a in resumed.of(ev.ActionRequired)} == set(calls_.values())
+    outputs = {o.item.tool_name: o.item for o in resumed.of(ev.ToolOutput)}
+    assert outputs["crm"].output == "gold" and outputs["crm"].call_id == calls_["crm"]
+    assert outputs["refund"].output == "refunded A-1" and executed == ["A-1"]
+    assert resumed.of(ev.RunCompleted)[0].final_output == "done"
