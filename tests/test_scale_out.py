@@ -167,11 +167,9 @@ async def test_control_from_one_replica_reaches_a_run_on_another(model_server, t
                 await asyncio.sleep(0.02)
             assert info.status == pb.RUN_STATUS_REQUIRES_ACTION
             calls_ = {r.item.tool_call.tool_name: r.item.tool_call.call_id for r in info.required_actions}
-            await b.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(name=run.name, outputs=[
-                pb.ToolOutputSubmission(call_id=calls_["lookup_customer"], output="gold")]))
+            await b.submit_tool_output(run_id, calls_["lookup_customer"], "gold")
             sent_ns = time.time_ns()
-            await b.agents.ApproveToolCall(pb.ApproveToolCallRequest(
-                name=run.name, approval=pb.ToolApproval(call_id=calls_["issue_refund"], approved=True)))
+            await b.approve_tool_call(run_id, calls_["issue_refund"], approved=True)
             events = await asyncio.wait_for(watching, 5)
             assert events[-1].run_completed.final_output.string_value == "Refund handled."
             refund = next(e for e in events if e.WhichOneof("payload") == "tool_output"

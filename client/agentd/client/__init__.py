@@ -1,8 +1,12 @@
-"""The thin agentd client: typed run events, sessions and traces over gRPC (grpcio + protobuf only)."""
+"""The thin agentd client: typed run events, sessions and traces over gRPC (grpcio + protobuf only).
+
+One client can address several replicas (round-robin, retries of idempotent calls)
+and its run streams resume across broken connections; see ``AgentdClient``.
+"""
 
 from agentd.client._requests import python_value
 from agentd.client.async_client import AgentdClient, RunStream
-from agentd.client.errors import RunCancelledError, RunError, RunFailedError
+from agentd.client.errors import RunCancelledError, RunError, RunFailedError, RunStreamError, RunStreamGapError
 from agentd.client.sync_client import SyncAgentdClient, SyncRunStream
 
 __all__ = [
@@ -13,5 +17,7 @@ __all__ = [
     "RunError",
     "RunFailedError",
     "RunCancelledError",
+    "RunStreamError",
+    "RunStreamGapError",
     "python_value",
 ]

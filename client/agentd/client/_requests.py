@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Mapping
 
 from google.protobuf import json_format, struct_pb2
 
 from agentd.client.errors import RunCancelledError, RunFailedError
 from agentd.v1 import agent_service_pb2, run_event_pb2
+
+
+SessionPolicyLike = str | int | None
+"""``"reject"``, ``"enqueue"``, a ``agent_service_pb2.SESSION_POLICY_*`` value, or None (server default: reject)."""
+
+
+def session_policy_value(policy: SessionPolicyLike) -> int:
+    """The ``SessionPolicy`` enum value for ``"reject"``/``"enqueue"`` (any case), an enum value or None."""
+    if policy is None:
+        return agent_service_pb2.SESSION_POLICY_UNSPECIFIED
+    if isinstance(policy, str):
+        name = policy.strip().upper()
+        if not name.startswith("SESSION_POLICY_"):
+            name = f"SESSION_POLICY_{name}"
+        try:
+            return agent_service_pb2.SessionPolicy.Value(name)
+        except ValueError:
+            raise ValueError(f"session_policy: expected 'reject' or 'enqueue', got {policy!r}") from None
+    agent_service_pb2.SessionPolicy.Name(policy)  # raises ValueError for an unknown number
+    return int(policy)
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key (uuid4): what makes retrying a run's creation safe."""
+    return str(uuid.uuid4())
 
 
 def start_run(
@@ -21,6 +47,8 @@ def start_run(
     workflow_name: str = "",
     group_id: str = "",
     trace_metadata: Mapping[str, str] | None = None,
+    session_policy: SessionPolicyLike = None,
+    detached: bool = False,
 ) -> agent_service_pb2.StartRun:
     start = agent_service_pb2.StartRun(
         agent=agent if agent.startswith("agents/") else f"agents/{agent}",
@@ -31,6 +59,8 @@ def start_run(
         trace=agent_service_pb2.TraceOptions(
             workflow_name=workflow_name, group_id=group_id, metadata=dict(trace_metadata or {})
         ),
+        session_policy=session_policy_value(session_policy),
+        detached=detached,
     )
     if context:
         start.context.update(dict(context))
@@ -52,6 +82,16 @@ def final_output_of(event: run_event_pb2.RunEvent) -> tuple[bool, Any]:
     if kind == "run_cancelled":
         raise RunCancelledError(event.run_id, event.run_cancelled)
     return False, None
+
+
+def run_name(run_id: str) -> str:
+    """``runs/{run}`` for a bare run id (as events carry it) or a resource name."""
+    return run_id if run_id.startswith("runs/") else f"runs/{run_id}"
+
+
+def run_id_of(name: str) -> str:
+    """The bare run id (``run_…``, as in ``RunEvent.run_id``) of ``runs/{run}``."""
+    return name.removeprefix("runs/")
 
 
 def session_name(session_id: str) -> str:

@@ -152,7 +152,8 @@ class RunManager:
         self._local[run.run_id] = run
         resume = None
         if record.last_sequence > 0 or record.checkpoint is not None:  # an earlier execution got somewhere
-            resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint)
+            resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint,
+                            record.trace_id)
         run.task = asyncio.create_task(self._execute(run, resume), name=run.run_id)
         if record.cancel_reason:
             run.cancel(record.cancel_reason)

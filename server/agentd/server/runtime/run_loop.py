@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -104,6 +105,7 @@ class Resume:
     attempt: int
     reason: str
     checkpoint: Checkpoint | None  # None: the first execution died before its first completed step
+    trace_id: str = ""  # the trace earlier executions recorded (kept when there is no checkpoint)
 
 
 class _RunFailure(Exception):
@@ -140,6 +142,9 @@ class AgentRunner:
         traceparent = run.traceparent
         if cp is not None and cp.trace_id and cp.span_id:
             traceparent = f"00-{cp.trace_id}-{cp.span_id}-01"  # the resumed execution joins the run's trace
+        elif resume is not None and resume.trace_id:
+            # No checkpoint names the run's root span: join the same trace under a fresh parent id.
+            traceparent = f"00-{resume.trace_id}-{os.urandom(8).hex()}-01"
         trace = self._tracer.start_trace(
             run_id=run.run_id,
             workflow_name=run.workflow_name,
