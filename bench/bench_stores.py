@@ -243,7 +243,8 @@ def postgres_pair() -> tuple[Backend, Backend]:
 
 
 def redis_pair() -> tuple[Backend, Backend]:
-    from agentd.server.sessions.redis_store import RedisSessionStore, connect_redis
+    from agentd.server.redis_common import connect_redis
+    from agentd.server.sessions.redis_store import RedisSessionStore
 
     prefix = f"bench-agentd-{uuid.uuid4().hex[:8]}"
     agentd = AgentdBackend(

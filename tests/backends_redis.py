@@ -18,7 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.sessions.redis_store import RedisSessionStore, connect_redis
+from agentd.server.redis_common import connect_redis
+from agentd.server.sessions.redis_store import RedisSessionStore
 
 REDIS_URL = os.environ.get("AGENTD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path

@@ -23,7 +23,8 @@ from redis.crc import key_slot
 from agentd.server.runtime.errors import SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import MessageItem
 from agentd.server.sessions import redis_store as module
-from agentd.server.sessions.redis_store import RedisSessionStore, connect_redis
+from agentd.server.redis_common import connect_redis
+from agentd.server.sessions.redis_store import RedisSessionStore
 from tests.backends_redis import REDIS_URL, fail_unreachable, make_store, redis_store
 
 KINDS = ("info", "items", "state", "meta", "requests")

@@ -17,7 +17,6 @@ from agentd.server.runs.codec import encode_checkpoint, encode_event, encode_pay
 from agentd.server.runs.postgres_backend import (
     LATEST_VERSION,
     MIGRATIONS,
-    PostgresControlBus,
     PostgresRunStore,
     channel_name,
 )

@@ -15,7 +15,7 @@ import pytest
 from agentd.client import AgentdClient
 from agentd.server import Script, call, calls, say
 from agentd.v1 import agent_service_pb2 as pb
-from tests.cluster import Cluster, cluster
+from tests.cluster import cluster
 from tests.conftest import start_harness
 from tests.runs_util import TERMINAL, kinds
 

@@ -24,22 +24,12 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
-from agentd.server.runtime.events import RunCancelled, RunCompleted, RunEvent, RunFailed, Payload
+from agentd.server.runtime.events import Payload, RunCancelled, RunEvent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.runtime.usage import Usage
-
-_STATUS_OF = {RunCompleted: RunStatus.COMPLETED, RunFailed: RunStatus.FAILED, RunCancelled: RunStatus.CANCELLED}
-
-
-def terminal_status(payload: Payload) -> RunStatus:
-    """The status a terminal payload gives its run."""
-    try:
-        return _STATUS_OF[type(payload)]  # type: ignore[index]
-    except KeyError:
-        raise ValueError(f"{type(payload).__name__} is not a terminal event") from None
-
 
 class MemoryRunStore(RunStore):
     shared = False

@@ -53,7 +53,6 @@ from agentd.server.runs.codec import (
     encode_payload,
     encode_spec,
 )
-from agentd.server.runs.memory import terminal_status
 from agentd.server.runs.records import (
     Control,
     CreatedRun,
@@ -64,6 +63,7 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.errors import StoreUnavailableError

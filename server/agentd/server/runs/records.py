@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentd.server.runtime.checkpoint import Checkpoint
-from agentd.server.runtime.events import Payload
+from agentd.server.runtime.events import Payload, RunCancelled, RunCompleted, RunFailed
 from agentd.server.runtime.run_loop import RunInput
 
 
@@ -25,6 +25,17 @@ class RunStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+_STATUS_OF = {RunCompleted: RunStatus.COMPLETED, RunFailed: RunStatus.FAILED, RunCancelled: RunStatus.CANCELLED}
+
+
+def terminal_status(payload: Payload) -> RunStatus:
+    """The status a terminal payload gives its run."""
+    try:
+        return _STATUS_OF[type(payload)]  # type: ignore[index]
+    except KeyError:
+        raise ValueError(f"{type(payload).__name__} is not a terminal event") from None
 
 
 class SessionPolicy(str, enum.Enum):

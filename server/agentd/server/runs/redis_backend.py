@@ -61,7 +61,7 @@ RunCancelled event is built from the record by ``codec`` and written by a second
 that re-checks the record is unchanged); ``claim`` one when a run is claimable, else one
 plus the blocking read plus one on wake-up.
 
-Retries follow the session store (``sessions.redis_store``): reads, ``renew``,
+Retries follow ``redis_common.RetryPolicy``, as in the session store: reads, ``renew``,
 ``create_run`` (a retry finds its own run id and reports it created), ``cancel``,
 ``submit_action`` (HSETNX: a repeat changes nothing), ``requeue_expired`` and ``sweep`` are
 retried on connection errors and once on a timeout; ``claim``, ``record_progress``,
@@ -74,16 +74,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError, ResponseError
+
+from agentd.server.redis_common import (
+    FAILURES,
+    LuaScript,
+    RedisClient,
+    RetryPolicy,
+    connect_redis,
+    describe_client,
+    text,
+    utf8,
+)
 
 from agentd.server.runs import codec
 from agentd.server.runs.base import ControlBus, RunStore
-from agentd.server.runs.memory import terminal_status
 from agentd.server.runs.records import (
     Control,
     CreatedRun,
@@ -94,25 +101,13 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.runtime.events import RunCancelled, RunEvent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.runtime.usage import Usage
-from agentd.server.sessions.redis_store import (
-    _FAILURES,
-    _REFUSED,
-    _TRANSIENT,
-    RedisClient,
-    _one_timeout,
-    _no_cleanup,
-    _Script,
-    _text,
-    _utf8,
-    connect_redis,
-    describe_client,
-)
 from agentd.server.settings import Settings
 
 __all__ = ["RedisControlBus", "RedisRunStore", "build_redis_runs"]
@@ -470,8 +465,8 @@ return #due
 """
 
 
-def _script(body: str) -> _Script:
-    return _Script(_PRELUDE + body, session=False)
+def _script(body: str) -> LuaScript:
+    return LuaScript(_PRELUDE + body)
 
 
 _S_CREATE = _script(_CREATE)
@@ -499,7 +494,7 @@ _ACTION = b"action:"  # the record field of an answer of the caller: this, then 
 
 def _actions(fields: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     return {
-        _text(name[len(_ACTION):]): codec.decode_action(_text(value))
+        text(name[len(_ACTION):]): codec.decode_action(text(value))
         for name, value in fields.items()
         if name.startswith(_ACTION)
     }
@@ -510,25 +505,25 @@ def _record(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
     result = fields.get(b"result")
     return RunRecord(
         run_id=run_id,
-        spec=codec.decode_spec(_text(fields[b"spec"])),
+        spec=codec.decode_spec(text(fields[b"spec"])),
         status=_STATUS[fields[b"status"]],
         create_time=float(fields[b"create_time"]),
         update_time=float(fields[b"update_time"]),
-        owner=_text(fields.get(b"owner", b"")),
+        owner=text(fields.get(b"owner", b"")),
         attempt=int(fields.get(b"attempt", 0)),
         lease_expires=float(fields.get(b"lease_expires", 0)),
         last_sequence=int(fields.get(b"last_sequence", 0)),
-        checkpoint=codec.decode_checkpoint(_text(checkpoint)) if checkpoint else None,
-        result=codec.decode_payload(_text(result)) if result else None,
-        cancel_reason=_text(fields.get(b"cancel_reason", b"")),
-        trace_id=_text(fields.get(b"trace_id", b"")),
+        checkpoint=codec.decode_checkpoint(text(checkpoint)) if checkpoint else None,
+        result=codec.decode_payload(text(result)) if result else None,
+        cancel_reason=text(fields.get(b"cancel_reason", b"")),
+        trace_id=text(fields.get(b"trace_id", b"")),
         actions=_actions(fields),
     )
 
 
 def _flat_record(run_id: bytes | str, flat: list[bytes]) -> RunRecord:
     """A record from a script's HGETALL reply (a flat field/value list)."""
-    rid = run_id if isinstance(run_id, str) else _text(run_id)
+    rid = run_id if isinstance(run_id, str) else text(run_id)
     return _record(rid, dict(zip(flat[::2], flat[1::2])))
 
 
@@ -542,7 +537,7 @@ def _event_args(events: Sequence[RunEvent]) -> list[Any]:
         if event.sequence != first + i:
             raise ValueError(f"run {event.run_id}: event {event.sequence} does not follow {first + i - 1}")
         args.append(event.sequence)
-        args.append(_utf8(codec.encode_event(event)))
+        args.append(utf8(codec.encode_event(event)))
     return args
 
 
@@ -572,10 +567,7 @@ class _RedisOps:
     _location: str
 
     def __init__(self) -> None:
-        backoff = ExponentialBackoff(cap=0.5, base=0.05)
-        self._backoff = backoff
-        self._retry_rest = Retry(backoff, retries=1, supported_errors=_TRANSIENT)
-        self._refused_retry_rest = Retry(backoff, retries=1, supported_errors=_REFUSED)
+        self._retries = RetryPolicy()
         self._open = False
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
@@ -586,19 +578,7 @@ class _RedisOps:
         """One operation with the retry policy its idempotency allows (as the session store)."""
         if not self._open:
             raise StoreUnavailableError(f"redis run store at {self._location}: not open")
-        try:
-            return await op()  # the hot path: no retry machinery until something fails
-        except _FAILURES as exc:
-            first_error = exc
-        retryable = _one_timeout()
-        if not isinstance(first_error, _TRANSIENT if idempotent else _REFUSED) or not retryable(first_error):
-            raise self._unavailable(first_error) from first_error
-        await asyncio.sleep(self._backoff.compute(1))
-        retry = self._retry_rest if idempotent else self._refused_retry_rest
-        try:
-            return await retry.call_with_retry(op, _no_cleanup, is_retryable=retryable)
-        except _FAILURES as exc:
-            raise self._unavailable(exc) from exc
+        return await self._retries.run(op, idempotent=idempotent, unavailable=self._unavailable)
 
 
 async def _close_client(client: RedisClient) -> None:
@@ -644,7 +624,7 @@ class RedisRunStore(_RedisOps, RunStore):
         self._reclaim_idle_ms = max(1, int(reclaim_idle_s * 1000))
         base = f"{prefix}:{{{prefix}:runs}}:"
         self._base_str = base
-        self._base = _utf8(base)
+        self._base = utf8(base)
         self._queue = self._base + b"queue"
         self._leases = self._base + b"leases"
         self._expiries = self._base + b"expiries"
@@ -666,10 +646,10 @@ class RedisRunStore(_RedisOps, RunStore):
         return self._base_str
 
     def _run_key(self, run_id: str) -> bytes:
-        return self._base + b"run:" + _utf8(run_id)
+        return self._base + b"run:" + utf8(run_id)
 
     def _events_key(self, run_id: str) -> bytes:
-        return self._base + b"events:" + _utf8(run_id)
+        return self._base + b"events:" + utf8(run_id)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -677,7 +657,7 @@ class RedisRunStore(_RedisOps, RunStore):
         for script in _SCRIPTS:
             await self._client.script_load(script.source)
 
-    async def _eval(self, script: _Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    async def _eval(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted or failed-over server; the script did not run
@@ -723,10 +703,8 @@ class RedisRunStore(_RedisOps, RunStore):
             await self._ensure_group()
 
         try:
-            await Retry(self._backoff, retries=2, supported_errors=_TRANSIENT).call_with_retry(
-                connect, _no_cleanup, is_retryable=_one_timeout()
-            )
-        except _FAILURES as exc:
+            await self._retries.connect(connect)
+        except FAILURES as exc:
             raise self._unavailable(exc) from exc
         self._open = True
 
@@ -744,7 +722,7 @@ class RedisRunStore(_RedisOps, RunStore):
             raise StoreUnavailableError(f"redis run store at {self._location}: not open")
         try:
             await asyncio.wait_for(self._client.ping(), self._timeout_s)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     # --- records ----------------------------------------------------------------------
@@ -755,9 +733,9 @@ class RedisRunStore(_RedisOps, RunStore):
         sid = spec.session_id
         lease_expires = now + lease_s
         args = (
-            self._base, spec.run_id, "" if sid is None else _utf8(sid), "0" if sid is None else "1",
-            _utf8(spec.request_id), "reject" if policy is SessionPolicy.REJECT else "enqueue", owner or "",
-            repr(lease_expires), max_queued, repr(now), _utf8(codec.encode_spec(spec)),
+            self._base, spec.run_id, "" if sid is None else utf8(sid), "0" if sid is None else "1",
+            utf8(spec.request_id), "reject" if policy is SessionPolicy.REJECT else "enqueue", owner or "",
+            repr(lease_expires), max_queued, repr(now), utf8(codec.encode_spec(spec)),
         )
         keys = (self._run_key(spec.run_id),)
         reply = await self._run(lambda: self._eval(_S_CREATE, keys, args), idempotent=True)
@@ -773,7 +751,7 @@ class RedisRunStore(_RedisOps, RunStore):
             # Our own run id: an earlier attempt of this very call created it.
             return CreatedRun(record, record.run_id == spec.run_id)
         if code == 1:
-            raise SessionBusyError(sid or "", _text(reply[1]))
+            raise SessionBusyError(sid or "", text(reply[1]))
         raise QueueFullError(max_queued)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -789,8 +767,8 @@ class RedisRunStore(_RedisOps, RunStore):
             text_score, sep, run_id = cursor.partition("|")
             if not sep:
                 raise ValueError(f"invalid cursor {cursor!r}")
-            score, member = repr(float(text_score)), _utf8(run_id)
-        keys = (self._base + b"session:" + _utf8(session_id),)
+            score, member = repr(float(text_score)), utf8(run_id)
+        keys = (self._base + b"session:" + utf8(session_id),)
         args = (self._base, limit, score, member)
         reply = await self._run(lambda: self._eval(_S_LIST, keys, args), idempotent=True)
         records = [_flat_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
@@ -798,9 +776,9 @@ class RedisRunStore(_RedisOps, RunStore):
         return records, next_cursor
 
     async def active_run(self, session_id: str) -> str | None:
-        key = self._base + b"active:" + _utf8(session_id)
+        key = self._base + b"active:" + utf8(session_id)
         head = await self._run(lambda: self._client.lindex(key, 0), idempotent=True)
-        return _text(head) if head is not None else None
+        return text(head) if head is not None else None
 
     # --- execution --------------------------------------------------------------------
 
@@ -811,7 +789,7 @@ class RedisRunStore(_RedisOps, RunStore):
         started = loop.time()
         deadline = started + max(wait_s, 0.0)
         keys = (self._queue,)
-        head = [self._base, _utf8(owner), max_runs]
+        head = [self._base, utf8(owner), max_runs]
 
         def args_at(*entries: Any) -> list[Any]:
             # The caller's clock moved on while we waited: leases count from the claim.
@@ -873,14 +851,14 @@ class RedisRunStore(_RedisOps, RunStore):
     async def renew(self, owner: str, leases: dict[str, int], *, lease_s: float, now: float) -> RenewOutcome:
         if not leases:
             return RenewOutcome(frozenset(), {})
-        args: list[Any] = [self._base, _utf8(owner), repr(now + lease_s)]
+        args: list[Any] = [self._base, utf8(owner), repr(now + lease_s)]
         for run_id, attempt in leases.items():
-            args.append(_utf8(run_id))
+            args.append(utf8(run_id))
             args.append(str(attempt))
         lost, cancel = await self._run(lambda: self._eval(_S_RENEW, (self._leases,), args), idempotent=True)
         return RenewOutcome(
-            frozenset(_text(run_id) for run_id in lost),
-            {_text(cancel[i]): _text(cancel[i + 1]) for i in range(0, len(cancel), 2)},
+            frozenset(text(run_id) for run_id in lost),
+            {text(cancel[i]): text(cancel[i + 1]) for i in range(0, len(cancel), 2)},
         )
 
     async def record_progress(
@@ -888,7 +866,7 @@ class RedisRunStore(_RedisOps, RunStore):
     ) -> None:
         args = [
             self._base, str(attempt), repr(now),
-            _utf8(codec.encode_checkpoint(checkpoint)) if checkpoint is not None else b"",
+            utf8(codec.encode_checkpoint(checkpoint)) if checkpoint is not None else b"",
             events[0].trace_id if events else "",
             *_event_args(events),
         ]
@@ -902,8 +880,8 @@ class RedisRunStore(_RedisOps, RunStore):
             raise ValueError("finish needs the run's terminal event last")
         payload = events[-1].payload
         args = [
-            self._base, _utf8(run_id), str(attempt), repr(now), _retention_ms(retention_s), repr(now + retention_s),
-            terminal_status(payload).value, _utf8(codec.encode_payload(payload)), events[0].trace_id,
+            self._base, utf8(run_id), str(attempt), repr(now), _retention_ms(retention_s), repr(now + retention_s),
+            terminal_status(payload).value, utf8(codec.encode_payload(payload)), events[0].trace_id,
             *_event_args(events),
         ]
         keys = (self._run_key(run_id), self._events_key(run_id))
@@ -918,7 +896,7 @@ class RedisRunStore(_RedisOps, RunStore):
         raise ValueError(f"run {run_id}: event {events[0].sequence} does not follow {int(reply[0])}")
 
     async def release(self, run_id: str, attempt: int, *, now: float) -> bool:
-        args = (self._base, _utf8(run_id), str(attempt), repr(now))
+        args = (self._base, utf8(run_id), str(attempt), repr(now))
         reply = await self._run(lambda: self._eval(_S_RELEASE, (self._run_key(run_id),), args), idempotent=False)
         return reply == 1
 
@@ -927,7 +905,7 @@ class RedisRunStore(_RedisOps, RunStore):
         requeued: list[str] = []
         for _ in range(100):  # bounded, even if leases keep expiring under us
             reply = await self._run(lambda: self._eval(_S_REQUEUE, (self._leases,), args), idempotent=True)
-            requeued += [_text(run_id) for run_id in reply[1:]]
+            requeued += [text(run_id) for run_id in reply[1:]]
             if reply[0] < _BATCH:
                 break
         return requeued
@@ -936,7 +914,7 @@ class RedisRunStore(_RedisOps, RunStore):
         self, run_id: str, reason: str, *, event_time_ns: int, retention_s: float, now: float
     ) -> RunRecord | None:
         keys = (self._run_key(run_id), self._events_key(run_id))
-        base_args = [self._base, _utf8(run_id), _utf8(reason), repr(now), _retention_ms(retention_s),
+        base_args = [self._base, utf8(run_id), utf8(reason), repr(now), _retention_ms(retention_s),
                      repr(now + retention_s)]
         args = base_args
         for _ in range(20):
@@ -953,11 +931,11 @@ class RedisRunStore(_RedisOps, RunStore):
             sequence = record.last_sequence + 1
             event = RunEvent(run_id, sequence, event_time_ns, record.trace_id, payload)
             args = [*base_args, str(record.attempt), str(record.last_sequence), sequence,
-                    _utf8(codec.encode_event(event)), _utf8(codec.encode_payload(payload))]
+                    utf8(codec.encode_event(event)), utf8(codec.encode_payload(payload))]
         raise StoreUnavailableError(f"redis run store at {self._location}: run {run_id} kept changing during cancel")
 
     async def submit_action(self, run_id: str, key: str, action: dict[str, Any], *, now: float) -> RunRecord | None:
-        args = (self._base, _ACTION + _utf8(key), _utf8(codec.encode_action(action)), repr(now))
+        args = (self._base, _ACTION + utf8(key), utf8(codec.encode_action(action)), repr(now))
         keys = (self._run_key(run_id),)
         reply = await self._run(lambda: self._eval(_S_SUBMIT, keys, args), idempotent=True)
         return _flat_record(run_id, reply) if reply != 0 else None
@@ -980,7 +958,7 @@ class RedisRunStore(_RedisOps, RunStore):
         key = self._events_key(run_id)
         low = f"(0-{after_sequence}" if after_sequence > 0 else "-"
         entries = await self._run(lambda: self._client.xrange(key, min=low, max="+", count=limit), idempotent=True)
-        return [codec.decode_event(run_id, _text(fields[b"e"])) for _, fields in entries]
+        return [codec.decode_event(run_id, text(fields[b"e"])) for _, fields in entries]
 
     async def wait_events(self, run_id: str, after_sequence: int, *, limit: int, timeout_s: float) -> list[RunEvent]:
         if limit <= 0:
@@ -1002,7 +980,7 @@ class RedisRunStore(_RedisOps, RunStore):
             if not self._open:  # closed while waiting
                 return []
             raise
-        return [codec.decode_event(run_id, _text(fields[b"e"])) for _, fields in _stream_entries(reply)]
+        return [codec.decode_event(run_id, text(fields[b"e"])) for _, fields in _stream_entries(reply)]
 
 
 # --- the control bus ---------------------------------------------------------------
@@ -1031,7 +1009,7 @@ class RedisControlBus(_RedisOps, ControlBus):
             raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
         self._client = client
         self._location = location or describe_client(client)
-        self._channel = _utf8(f"{prefix}:runs:control")
+        self._channel = utf8(f"{prefix}:runs:control")
         self._timeout_s = timeout_s
         self._idle_ping_s = idle_ping_s
         self._subscribers: set[asyncio.Queue[Control | None]] = set()
@@ -1042,7 +1020,7 @@ class RedisControlBus(_RedisOps, ControlBus):
 
     @property
     def channel(self) -> str:
-        return _text(self._channel)
+        return text(self._channel)
 
     async def open(self) -> None:
         if self._reader is not None:
@@ -1076,7 +1054,7 @@ class RedisControlBus(_RedisOps, ControlBus):
                 pass
 
     async def publish(self, message: Control) -> None:
-        data = _utf8(_encode_json({"run_id": message.run_id, "kind": message.kind, "reason": message.reason}))
+        data = utf8(_encode_json({"run_id": message.run_id, "kind": message.kind, "reason": message.reason}))
         await self._run(lambda: self._client.publish(self._channel, data), idempotent=False)
 
     async def subscribe(self) -> AsyncIterator[Control]:  # type: ignore[override]
@@ -1092,7 +1070,7 @@ class RedisControlBus(_RedisOps, ControlBus):
 
     def _dispatch(self, data: bytes) -> None:
         try:
-            d = _decode_json(_text(data))
+            d = _decode_json(text(data))
             message = Control(str(d["run_id"]), str(d["kind"]), str(d.get("reason", "")))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed run control message: %s", exc)
@@ -1129,7 +1107,7 @@ class RedisControlBus(_RedisOps, ControlBus):
                             self._ready.set()
             except asyncio.CancelledError:
                 raise
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 self._last_error = exc
                 if not self._closed:
                     log.warning(

@@ -49,7 +49,8 @@ def build_store(settings: Settings) -> SessionStore:
 
 
 def _build_redis(settings: Settings, ttl: float | None) -> SessionStore:
-    from agentd.server.sessions.redis_store import RedisSessionStore, connect_redis
+    from agentd.server.redis_common import connect_redis
+    from agentd.server.sessions.redis_store import RedisSessionStore
 
     cluster = parse_nodes("AGENTD_REDIS_CLUSTER_NODES", settings.redis_cluster_nodes)
     sentinels = parse_nodes("AGENTD_REDIS_SENTINELS", settings.redis_sentinels)

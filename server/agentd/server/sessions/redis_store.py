@@ -57,28 +57,22 @@ against a partitioned server every attempt costs a full socket timeout.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterDownError,
-    ConnectionError as RedisConnectionError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    TimeoutError as RedisTimeoutError,
-    TryAgainError,
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
+
+from agentd.server.redis_common import (
+    FAILURES,
+    LuaScript,
+    RedisClient,
+    RetryPolicy,
+    describe_client,
+    text,
+    utf8,
 )
-
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
@@ -93,17 +87,9 @@ from agentd.server.sessions.base import (
     resolve_ttl,
 )
 
-__all__ = ["RedisSessionStore", "connect_redis"]
+__all__ = ["RedisSessionStore"]
 
-RedisClient = Union[Redis, RedisCluster]
 T = TypeVar("T")
-
-# Anything that means "Redis could not serve this" (script-logic outcomes are return values).
-_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
-# Retried only for operations that are safe to repeat.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
-# Refused before executing: safe to retry for any operation.
-_REFUSED = (ClusterDownError, TryAgainError, BusyLoadingError)
 
 _CHUNK = 1000  # values per command inside scripts: Lua's unpack() has a stack limit
 _SWEEP_BATCH = 500
@@ -113,17 +99,8 @@ _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encod
 _decode_json = json.JSONDecoder().decode
 
 
-def _utf8(text: str) -> bytes:
-    """Lone surrogates survive, like they do in the in-memory store."""
-    return text.encode("utf-8", "surrogatepass")
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogatepass")
-
-
 def _dumps(value: Any) -> bytes:
-    return _utf8(_encode_json(value))
+    return utf8(_encode_json(value))
 
 
 def _ttl_arg(ttl_s: float | None) -> str:
@@ -369,14 +346,9 @@ return changed
 """
 
 
-class _Script:
-    """A Lua script called by SHA; loaded at open and again whenever Redis says NOSCRIPT."""
-
-    __slots__ = ("source", "sha")
-
-    def __init__(self, body: str, *, session: bool = True) -> None:
-        self.source = (_PRELUDE + body) if session else body
-        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+def _Script(body: str, *, session: bool = True) -> LuaScript:
+    """A session script: the shared prelude, then ``body`` (``session=False``: ``body`` alone)."""
+    return LuaScript((_PRELUDE + body) if session else body)
 
 
 _S_CREATE = _Script(_CREATE)
@@ -401,7 +373,7 @@ def _metadata_args(metadata: dict[str, str]) -> list[bytes]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"session metadata must map strings to strings, got {key!r}: {value!r}")
-        args += (_utf8(key), _utf8(value))
+        args += (utf8(key), utf8(value))
     return args
 
 
@@ -410,16 +382,16 @@ def _state_args(state: dict[str, Any]) -> list[bytes]:
     for key, value in state.items():
         if not isinstance(key, str):  # the key JSON would write for it (1 -> "1", True -> "true")
             key = next(iter(json.loads(_encode_json({key: None}))))
-        args += (_utf8(key), _dumps(value))
+        args += (utf8(key), _dumps(value))
     return args
 
 
 def _pairs(flat: list[bytes]) -> dict[str, str]:
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _state_from(flat: list[bytes]) -> dict[str, Any]:
-    return {_text(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {text(flat[i]): json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _record(session_id: str, reply: list[Any]) -> SessionRecord:
@@ -439,35 +411,17 @@ def _record(session_id: str, reply: list[Any]) -> SessionRecord:
 
 
 def _stored(session_id: str, record: bytes) -> StoredItem:
-    seq, created_at, data = _text(record).split("|", 2)  # one decode; JSON parses fastest from str
+    seq, created_at, data = text(record).split("|", 2)  # one decode; JSON parses fastest from str
     return StoredItem(session_id, int(seq), float(created_at), item_from_dict(_decode_json(data)))
 
 
 def _item(record: bytes) -> Item:
-    return item_from_dict(_decode_json(_text(record).split("|", 2)[2]))
+    return item_from_dict(_decode_json(text(record).split("|", 2)[2]))
 
 
 def _score_pairs(reply: list[Any]) -> list[tuple[bytes, float]]:
     """ZRANGE ... WITHSCORES as redis-py parses it: (member, score) pairs."""
     return [(member, float(score)) for member, score in reply]
-
-
-def _one_timeout() -> Callable[[Exception], bool]:
-    """A retry filter for one operation: connection errors as the policy allows, timeouts once."""
-    timeouts = 0
-
-    def retryable(error: Exception) -> bool:
-        nonlocal timeouts
-        if isinstance(error, RedisTimeoutError):
-            timeouts += 1
-            return timeouts <= 1
-        return True
-
-    return retryable
-
-
-async def _no_cleanup(error: Exception) -> None:
-    """redis-py has already dropped the failed connection; the retry takes a fresh one."""
 
 
 # --- the store ---------------------------------------------------------------------
@@ -497,19 +451,14 @@ class RedisSessionStore(SessionStore):
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self._prefix = prefix
-        self._key_head = _utf8(f"{prefix}:session:")
-        self._index = _utf8(f"{prefix}:sessions")
-        self._expiries = _utf8(f"{prefix}:expiries")
+        self._key_head = utf8(f"{prefix}:session:")
+        self._index = utf8(f"{prefix}:sessions")
+        self._expiries = utf8(f"{prefix}:expiries")
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._location = location or describe_client(client)
         self._ping_timeout_s = ping_timeout_s
         self._open = False
-        backoff = ExponentialBackoff(cap=0.5, base=0.05)
-        self._backoff = backoff
-        self._retry = Retry(backoff, retries=2, supported_errors=_TRANSIENT)
-        # After a failed first attempt (made outside redis-py's Retry): the remaining tries.
-        self._retry_rest = Retry(backoff, retries=1, supported_errors=_TRANSIENT)
-        self._refused_retry_rest = Retry(backoff, retries=1, supported_errors=_REFUSED)
+        self._retries = RetryPolicy()
 
     @property
     def prefix(self) -> str:
@@ -524,7 +473,7 @@ class RedisSessionStore(SessionStore):
     def _keys(self, session_id: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
         """info, items, state, meta, requests: one hash tag, so one Cluster slot."""
         tag = session_id.replace("%", "%25").replace("}", "%7D") or "%"
-        base = self._key_head + b"{" + _utf8(tag) + b"}:"
+        base = self._key_head + b"{" + utf8(tag) + b"}:"
         return base + b"info", base + b"items", base + b"state", base + b"meta", base + b"requests"
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
@@ -535,19 +484,7 @@ class RedisSessionStore(SessionStore):
         """One store operation with the retry policy its idempotency allows."""
         if not self._open:
             raise StoreUnavailableError(f"redis store at {self._location}: not open")
-        try:
-            return await op()  # the hot path: no retry machinery until something fails
-        except _FAILURES as exc:
-            first_error = exc
-        retryable = _one_timeout()
-        if not isinstance(first_error, _TRANSIENT if idempotent else _REFUSED) or not retryable(first_error):
-            raise self._unavailable(first_error) from first_error
-        await asyncio.sleep(self._backoff.compute(1))
-        retry = self._retry_rest if idempotent else self._refused_retry_rest
-        try:
-            return await retry.call_with_retry(op, _no_cleanup, is_retryable=retryable)
-        except _FAILURES as exc:
-            raise self._unavailable(exc) from exc
+        return await self._retries.run(op, idempotent=idempotent, unavailable=self._unavailable)
 
     async def _load_scripts(self) -> None:
         for script in _SCRIPTS:
@@ -607,8 +544,8 @@ class RedisSessionStore(SessionStore):
             await self._load_scripts()
 
         try:
-            await self._retry.call_with_retry(connect, _no_cleanup, is_retryable=_one_timeout())
-        except _FAILURES as exc:
+            await self._retries.connect(connect)
+        except FAILURES as exc:
             raise self._unavailable(exc) from exc
         self._open = True
 
@@ -626,7 +563,7 @@ class RedisSessionStore(SessionStore):
             raise StoreUnavailableError(f"redis store at {self._location}: not open")
         try:
             await asyncio.wait_for(self._client.ping(), self._ping_timeout_s)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     # --- sessions -------------------------------------------------------------------
@@ -644,7 +581,7 @@ class RedisSessionStore(SessionStore):
         state_args = _state_args(state or {})
         now = time.time()
         now_arg = repr(now)
-        keys, member = self._keys(session_id), _utf8(session_id)
+        keys, member = self._keys(session_id), utf8(session_id)
         args = [now_arg, _ttl_arg(ttl), len(meta_args) // 2, *meta_args, *state_args]
         attempts = 0
 
@@ -690,7 +627,7 @@ class RedisSessionStore(SessionStore):
         check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         now = repr(time.time())
-        position = (after[0], _utf8(after[1])) if after is not None else None
+        position = (after[0], utf8(after[1])) if after is not None else None
         return await self._run(lambda: self._list(limit, position, now), idempotent=True)
 
     async def _index_page(self, position: tuple[float, bytes] | None, count: int) -> list[tuple[bytes, float]]:
@@ -722,7 +659,7 @@ class RedisSessionStore(SessionStore):
             entries = await self._index_page(position, batch)
             if not entries:
                 break
-            ids = [_text(member) for member, _ in entries]
+            ids = [text(member) for member, _ in entries]
             replies = await self._pipeline(
                 lambda pipe: [self._evalsha(pipe, _S_GET, self._keys(sid), (now,)) for sid in ids], atomic=False
             )
@@ -758,7 +695,7 @@ class RedisSessionStore(SessionStore):
         meta_args = _metadata_args(metadata) if metadata is not None else None
         state_args = _state_args(state) if state is not None else None
         now = time.time()
-        keys, member = self._keys(session_id), _utf8(session_id)
+        keys, member = self._keys(session_id), utf8(session_id)
         args: list[Any] = [repr(now), ttl_arg]
         for pairs in (meta_args, state_args):
             args += [-1] if pairs is None else [len(pairs) // 2, *pairs]
@@ -781,7 +718,7 @@ class RedisSessionStore(SessionStore):
         return _record(session_id, reply)
 
     async def delete_session(self, session_id: str) -> None:
-        keys, member = self._keys(session_id), _utf8(session_id)
+        keys, member = self._keys(session_id), utf8(session_id)
         created_at = await self._run(lambda: self._eval(_S_DELETE, keys, (repr(time.time()),)), idempotent=False)
         if created_at is None:
             raise SessionNotFoundError(session_id)
@@ -795,7 +732,7 @@ class RedisSessionStore(SessionStore):
                 ),
                 atomic=False,
             )
-        except _FAILURES:
+        except FAILURES:
             pass
 
     async def sweep_expired(self) -> int:
@@ -815,7 +752,7 @@ class RedisSessionStore(SessionStore):
 
             def build(pipe: Any) -> None:
                 for member, _ in entries:
-                    self._evalsha(pipe, _S_REAP, self._keys(_text(member)), (now_arg,))
+                    self._evalsha(pipe, _S_REAP, self._keys(text(member)), (now_arg,))
                     pipe.zscore(self._index, member)
 
             results = await self._pipeline(build, atomic=False)
@@ -890,7 +827,7 @@ class RedisSessionStore(SessionStore):
     async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
         now = time.time()
         now_arg = repr(now)
-        keys, member = self._keys(session_id), _utf8(session_id)
+        keys, member = self._keys(session_id), utf8(session_id)
         ttl = self._default_ttl_s
         args = (now_arg, "1" if create else "0", _ttl_arg(ttl))
 
@@ -932,119 +869,3 @@ class RedisSessionStore(SessionStore):
         return removed
 
 
-# --- clients -----------------------------------------------------------------------
-
-
-def describe_client(client: RedisClient) -> str:
-    """Where a client points, for messages: never includes credentials."""
-    if isinstance(client, RedisCluster):
-        return "cluster " + ",".join(client.nodes_manager.startup_nodes)
-    pool = client.connection_pool
-    manager = getattr(pool, "sentinel_manager", None)
-    if manager is not None:
-        sentinels = ",".join(
-            f"{s.connection_pool.connection_kwargs.get('host')}:{s.connection_pool.connection_kwargs.get('port')}"
-            for s in manager.sentinels
-        )
-        return f"sentinel service {pool.service_name} via {sentinels}"
-    kwargs = pool.connection_kwargs
-    if kwargs.get("path"):
-        return f"unix:{kwargs['path']} db {kwargs.get('db', 0)}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
-
-def connect_redis(
-    *,
-    url: str | None = None,
-    sentinels: list[tuple[str, int]] | None = None,
-    sentinel_service: str | None = None,
-    cluster_nodes: list[tuple[str, int]] | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    sentinel_password: str | None = None,
-    ssl: bool = False,
-    socket_timeout_s: float = 5.0,
-    connect_timeout_s: float = 5.0,
-    max_connections: int = 50,
-    health_check_interval_s: float = 30.0,
-    client_name: str | None = "agentd",
-) -> RedisClient:
-    """A client for exactly one of: a URL, a Sentinel-managed master, or a Cluster.
-
-    ``url``: ``redis://``, ``rediss://`` (TLS) or ``unix://``; credentials in it win over
-    ``username``/``password``. ``ssl`` applies to Sentinel and Cluster (use ``rediss://``
-    for a URL). Nothing connects until first use (``RedisSessionStore.open``).
-
-    Per-command retries are off (``retries=0``): the store retries what is safe to retry.
-    A pooled connection the server has closed is noticed and replaced on checkout (URL
-    and Sentinel; redis-py's Cluster client only notices on use, so there the first
-    non-retryable call after e.g. a node restart fails once). TCP keepalive notices dead
-    peers, and a connection idle longer than ``health_check_interval_s`` is PINGed before
-    reuse (a failed PING fails that call, before its command was sent).
-    """
-    given = [name for name, value in (("url", url), ("sentinels", sentinels), ("cluster_nodes", cluster_nodes)) if value]
-    if len(given) != 1:
-        raise ValueError(
-            "configure exactly one Redis deployment: a url, sentinels (with sentinel_service) or cluster_nodes;"
-            f" got {', '.join(given) if given else 'none'}"
-        )
-    if bool(sentinels) != bool(sentinel_service):
-        raise ValueError("sentinels and sentinel_service go together: name the master's service in Sentinel")
-    if url and ssl:
-        raise ValueError("for TLS with a URL use the rediss:// scheme")
-
-    common: dict[str, Any] = {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": connect_timeout_s,
-        "health_check_interval": health_check_interval_s,
-        "client_name": client_name,
-        "decode_responses": False,
-        # RESP3-only push notifications we do not use. Left at redis-py's "auto", the pool
-        # also skips its check for connections the server has closed (CLIENT KILL, idle
-        # timeout, restart), so the next command, even a pop, would be sent into a dead
-        # socket and fail, although nothing reached Redis.
-        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-    }
-    credentials = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
-
-    if url:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=connect_timeout_s,  # how long a call may wait for a free connection
-            retry=Retry(NoBackoff(), 0),
-            **common,
-            **credentials,
-        )
-        return Redis.from_pool(pool)
-
-    if sentinels:
-        sentinel_kwargs: dict[str, Any] = {
-            "socket_timeout": socket_timeout_s,
-            "socket_connect_timeout": connect_timeout_s,
-            "ssl": ssl,
-        }
-        if sentinel_password is not None:
-            sentinel_kwargs["password"] = sentinel_password
-        manager = Sentinel(
-            [(host, int(port)) for host, port in sentinels],
-            sentinel_kwargs=sentinel_kwargs,
-            ssl=ssl,
-            max_connections=max_connections,
-            retry=Retry(NoBackoff(), 0),
-            **common,
-            **credentials,
-        )
-        assert sentinel_service is not None
-        client: Redis = manager.master_for(sentinel_service)
-        return client
-
-    assert cluster_nodes is not None
-    return RedisCluster(
-        startup_nodes=[ClusterNode(host, int(port)) for host, port in cluster_nodes],
-        ssl=ssl,
-        max_connections=max_connections,
-        retry=Retry(NoBackoff(), 0),
-        **common,
-        **credentials,
-    )
