@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import asyncpg
 
-from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
+from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.codec import (
     decode_action,
@@ -982,39 +982,13 @@ class PostgresRunStore(_Common, RunStore):
 
     async def schema_version(self) -> int:
         """The run tables' version in the schema (0: none yet)."""
-        table = f"{self._quoted}.run_schema_version"
-
-        async def op(conn: asyncpg.Connection) -> int:
-            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-                return 0
-            return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
-
-        return await self._admin(op)
+        return await self._admin(lambda conn: schema_version(conn, self._quoted, "run_schema_version"))
 
     async def migrate(self) -> int:
-        """Bring the run tables to ``LATEST_VERSION`` in one transaction and return the
-        version. Replicas starting together queue on the schema's migration lock (shared
-        with the session store and the trace archive); the later ones find nothing to do."""
-        q = self._quoted
-
-        async def op(conn: asyncpg.Connection) -> int:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(self._schema))
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
-                # pg_temp last so nothing temporary shadows our tables; functions keep this path.
-                await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")
-                await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {q}.run_schema_version"
-                    " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                current: int = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {q}.run_schema_version")
-                for version in range(current + 1, LATEST_VERSION + 1):
-                    await conn.execute(MIGRATIONS[version - 1])
-                    await conn.execute(f"INSERT INTO {q}.run_schema_version (version) VALUES ($1)", version)
-                    log.info("postgres schema %s: run tables migrated to version %d", self._schema, version)
-                return max(current, LATEST_VERSION)
-
-        return await self._admin(op)
+        """Bring the run tables to ``LATEST_VERSION`` and return the version."""
+        return await self._admin(
+            lambda conn: apply_migrations(conn, self._schema, "run_schema_version", MIGRATIONS, "run tables")
+        )
 
     # --- records --------------------------------------------------------------------
 

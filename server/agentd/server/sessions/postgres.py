@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import asyncpg
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
-from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
+from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
     SchemaStatus,
@@ -566,32 +566,14 @@ class PostgresSessionStore(SessionStore):
 
     async def schema_status(self) -> SchemaStatus:
         async with self._connection(admin=True) as conn:
-            table = f"{self._quoted}.schema_version"
-            current = 0
-            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-                current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
+            current = await schema_version(conn, self._quoted, "schema_version")
         return self._status(current)
 
     async def migrate(self) -> SchemaStatus:
-        """Bring the schema to ``LATEST_VERSION`` in one transaction; replicas starting
-        together queue on an advisory lock, and the later ones find nothing to do."""
-        q = self._quoted
-        async with self._connection(admin=True) as conn, conn.transaction():
-            # Before CREATE SCHEMA: concurrent IF NOT EXISTS creations can still collide.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(self._schema))
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
-            # pg_temp last so nothing temporary shadows our tables; functions keep this path.
-            await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {q}.schema_version"
-                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            current: int = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {q}.schema_version")
-            for version in range(current + 1, LATEST_VERSION + 1):
-                await conn.execute(MIGRATIONS[version - 1])
-                await conn.execute(f"INSERT INTO {q}.schema_version (version) VALUES ($1)", version)
-                log.info("postgres schema %s migrated to version %d", self._schema, version)
-        return self._status(max(current, LATEST_VERSION))
+        """Bring the schema to ``LATEST_VERSION`` (see ``postgres_common.apply_migrations``)."""
+        async with self._connection(admin=True) as conn:
+            current = await apply_migrations(conn, self._schema, "schema_version", MIGRATIONS, "session tables")
+        return self._status(current)
 
     async def sweep_expired(self) -> int:
         removed = 0

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import asyncpg
 
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.postgres_common import ErrorText, check_schema, location, migration_lock_key
+from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
 from agentd.server.tracing.archive import (
     ArchivedTrace,
     Retention,
@@ -240,27 +240,9 @@ class PostgresTraceArchive(TraceArchive):
         self._pool = pool
 
     async def _migrate_or_check(self, conn: asyncpg.Connection) -> int:
-        q = self._q
         if not self._auto_migrate:
-            table = f"{q}.trace_schema_version"
-            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-                return 0
-            return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
-        async with conn.transaction():
-            # The session store's lock: all migrations of this schema queue on it.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(self._schema))
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
-            await conn.execute(f"SET LOCAL search_path TO {q}, pg_temp")
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {q}.trace_schema_version"
-                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            current: int = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {q}.trace_schema_version")
-            for version in range(current + 1, LATEST_VERSION + 1):
-                await conn.execute(MIGRATIONS[version - 1])
-                await conn.execute(f"INSERT INTO {q}.trace_schema_version (version) VALUES ($1)", version)
-                log.info("postgres schema %s: trace tables migrated to version %d", self._schema, version)
-        return max(current, LATEST_VERSION)
+            return await schema_version(conn, self._q, "trace_schema_version")
+        return await apply_migrations(conn, self._schema, "trace_schema_version", MIGRATIONS, "trace tables")
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
