@@ -47,7 +47,7 @@ proto-check: $(VENV)/.dev
 	if diff -r -x __pycache__ $$tmp/agentd generated/agentd >/dev/null; then echo "generated/ is up to date"; rm -rf $$tmp; \
 	else echo "generated/ is stale: run 'make proto' and commit the result"; diff -r -q -x __pycache__ $$tmp/agentd generated/agentd; rm -rf $$tmp; exit 1; fi
 
-## Benchmark: latency, overhead per turn, throughput, RSS (see bench/README.md).
+## Benchmark: latency, overhead per turn, throughput, RSS, stores, replicas (see README, Performance).
 bench: $(VENV)/.dev
 	$(PY) bench/bench_runs.py
 	$(PY) bench/bench_stores.py

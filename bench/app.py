@@ -23,3 +23,14 @@ app = App(
         say("pong: the tool answered ping"),
     ),
 )
+
+
+# The same agent with a model that takes 20 ms per turn: replicas are then bound by their
+# run capacity (AGENTD_MAX_ACTIVE_RUNS), not the CPU, which is how work distribution shows.
+slow_app = App(
+    agents=[bench],
+    offline_script=Script.of(
+        calls(call("echo_async", text="ping"), delay_s=0.02),
+        say("pong: the tool answered ping", delay_s=0.02),
+    ),
+)

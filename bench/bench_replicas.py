@@ -4,10 +4,14 @@
   whose runs stay in process (AGENTD_RUN_STORE=memory) and on one whose events and
   checkpoints go through Redis (AGENTD_RUN_STORE=redis), alternated round by round:
   time to first event (TTFE) and run latency, p50.
-- Scaling: N replicas (separate processes) behind one balancing client; load comes from
-  separate client processes at a fixed total concurrency, for a fixed time: runs/s and
-  TTFE p50/p99. CPU-bound by design (the model answers at once), so the figure says how
-  far replicas scale on this machine's cores; the report prints the core count.
+- Scaling, CPU-bound: N replicas (separate processes) behind one balancing client; load
+  comes from separate client processes at a fixed total concurrency, for a fixed time:
+  runs/s and TTFE p50/p99. The model answers at once, so the figure says how far
+  replicas scale on this machine's cores; the report prints the core count.
+- Scaling, capacity-bound: the same with a model taking 20 ms per turn and each replica
+  limited to AGENTD_MAX_ACTIVE_RUNS=8. Runs beyond a replica's 8 are queued in Redis and
+  claimed by whichever replica has room, so runs/s should grow with replicas until the
+  CPU is the limit.
 
     python bench/bench_replicas.py [--seconds 5] [--concurrency 48] [--clients 2]
 """
@@ -107,11 +111,17 @@ def load_process(targets: list[str], concurrency: int, seconds: float, start_at:
     asyncio.run(main())
 
 
-def scaling(logs: Path, replicas: int, prefix: str, args: argparse.Namespace) -> dict[str, float]:
+def scaling(
+    logs: Path, replicas: int, prefix: str, args: argparse.Namespace, *, app: str = "bench.app:app",
+    capacity: int | None = None,
+) -> dict[str, float]:
     ports = [free_port() for _ in range(replicas)]
-    env = {"AGENTD_RUN_STORE": "redis", "AGENTD_REDIS_URL": REDIS_URL, "AGENTD_REDIS_PREFIX": prefix}
+    env = {"AGENTD_RUN_STORE": "redis", "AGENTD_REDIS_URL": REDIS_URL, "AGENTD_REDIS_PREFIX": prefix,
+           "AGENTD_APP": app}
+    if capacity is not None:
+        env["AGENTD_MAX_ACTIVE_RUNS"] = str(capacity)
     servers = [start_server(port, debug=False, stderr_path=logs / f"scale{replicas}-{i}.log",
-                            extra_env={**env, "AGENTD_REPLICA_ID": f"replica-{i}"})
+                            extra_env={**env, "AGENTD_REPLICA_ID": f"replica-{i}"}, app=app)
                for i, port in enumerate(ports)]
     try:
         for port in ports:
@@ -164,12 +174,18 @@ def main() -> None:
         print(f"  in-process runs: TTFE {log['memory_ttfe_p50_ms']:.2f} ms, run {log['memory_run_p50_ms']:.2f} ms")
         print(f"  Redis run store: TTFE {log['redis_ttfe_p50_ms']:.2f} ms, run {log['redis_run_p50_ms']:.2f} ms")
         print(f"  added by the shared log: TTFE +{log['ttfe_added_p50_ms']:.2f} ms, run +{log['run_added_p50_ms']:.2f} ms")
-        base = None
-        for replicas in (1, 2, 3):
-            point = scaling(logs, replicas, f"{prefix}-{replicas}", args)
-            base = base or point["runs_per_s"]
-            print(f"{replicas} replica(s): {point['runs_per_s']:.0f} runs/s ({point['runs_per_s'] / base:.2f}x), "
-                  f"TTFE p50 {point['ttfe_p50_ms']:.2f} ms, p99 {point['ttfe_p99_ms']:.2f} ms")
+        for label, options in (
+            ("CPU-bound (zero-latency model)", {}),
+            ("capacity-bound (20 ms per model turn, 8 runs per replica)", {"app": "bench.app:slow_app", "capacity": 8}),
+        ):
+            print(f"{label}:")
+            base = None
+            for replicas in (1, 2, 3):
+                point = scaling(logs, replicas, f"{prefix}-{replicas}", args, **options)  # type: ignore[arg-type]
+                base = base or point["runs_per_s"]
+                print(f"  {replicas} replica(s): {point['runs_per_s']:.0f} runs/s ({point['runs_per_s'] / base:.2f}x), "
+                      f"TTFE p50 {point['ttfe_p50_ms']:.2f} ms, p99 {point['ttfe_p99_ms']:.2f} ms")
+                asyncio.run(drop_prefix(f"{prefix}-{replicas}"))
     finally:
         for suffix in ("-log", "-1", "-2", "-3"):
             asyncio.run(drop_prefix(prefix + suffix))

@@ -40,13 +40,19 @@ def free_port() -> int:
 
 
 def start_server(
-    port: int, *, debug: bool, stderr_path: Path, store: str = "memory", extra_env: dict[str, str] | None = None
+    port: int,
+    *,
+    debug: bool,
+    stderr_path: Path,
+    store: str = "memory",
+    extra_env: dict[str, str] | None = None,
+    app: str = "bench.app:app",
 ) -> subprocess.Popen:
     env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false",
            "AGENTD_SQLITE_PATH": str(stderr_path.with_suffix(".db")), **(extra_env or {})}
     env.pop("OPENAI_API_KEY", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "agentd.cli.main", "serve", "--app", "bench.app:app", "--port", str(port),
+        [sys.executable, "-m", "agentd.cli.main", "serve", "--app", app, "--port", str(port),
          "--store", store, "--model-provider", "scripted", "--log-level", "WARNING"],
         cwd=ROOT, env=env, stderr=stderr_path.open("w"), stdout=subprocess.DEVNULL,
     )

@@ -171,3 +171,33 @@ async def test_serve_refuses_to_start_without_its_database(tmp_path):
                                   "--model-provider", "scripted", timeout=30)
     assert code == 2
     assert "redis store at redis://127.0.0.1:1/0" in err and "Traceback" not in err
+
+
+async def test_runs_commands_show_watch_and_approve(harness):
+    harness.model.set_script("operator", Script.of(
+        calls(call("issue_refund", order_id="A-9", amount_eur=3)),
+        say("Refunded."),
+    ))
+    run = await harness.client.create_run("operator", "refund A-9", session_id="cli-runs")
+    run_id = run.name.removeprefix("runs/")
+    for _ in range(200):
+        info = await harness.client.get_run(run_id)
+        if info.required_actions:
+            break
+        await asyncio.sleep(0.02)
+    call_id = info.required_actions[0].item.tool_call.call_id
+    code, out, err = await agentd("runs", "list", "cli-runs", "--target", harness.target)
+    assert code == 0, err
+    assert run.name in out and "requires_action" in out and f"approve issue_refund ({call_id})" in out
+    code, out, err = await agentd("runs", "approve", run_id, call_id, "--target", harness.target)
+    assert code == 0, err
+    code, out, err = await agentd("runs", "watch", run_id, "--target", harness.target)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any("⏸ waiting for the caller to approve issue_refund" in line and call_id in line for line in lines)
+    assert any("← issue_refund: refunded 3.00 EUR for A-9" in line for line in lines)
+    assert any(line.startswith("✔ completed by operator") for line in lines)
+    code, out, err = await agentd("runs", "show", run_id, "--target", harness.target)
+    assert code == 0 and "completed" in out and "Refunded." in out
+    code, out, err = await agentd("runs", "cancel", "run_nope", "--target", harness.target)
+    assert code == 1 and "NOT_FOUND" in err and "run_nope" in err

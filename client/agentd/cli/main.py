@@ -177,6 +177,35 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Runs as resources, from any replica: list a session's, show one, follow one, cancel or approve."""
+    from agentd.cli.render import RunRenderer, runs_table
+    from agentd.client import SyncAgentdClient
+
+    console = _console()
+    with SyncAgentdClient(args.target) as client:
+        try:
+            if args.action == "list":
+                console.print(runs_table(client.list_runs(args.session_id, page_size=args.limit).runs))
+            elif args.action == "show":
+                console.print(runs_table([client.get_run(args.run_id)]))
+            elif args.action == "watch":
+                renderer = RunRenderer(console)
+                for event in client.watch_run(args.run_id, after_sequence=args.after):
+                    renderer.event(event)
+                return renderer.exit_code
+            elif args.action == "cancel":
+                console.print(runs_table([client.cancel_run(args.run_id, args.reason)]))
+            elif args.action in ("approve", "deny"):
+                run = client.approve_tool_call(args.run_id, args.call_id, args.action == "approve", args.reason)
+                console.print(runs_table([run]))
+        except KeyboardInterrupt:
+            return 130  # watching only: the run goes on
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    return 0
+
+
 def cmd_traces(args: argparse.Namespace) -> int:
     from agentd.cli.render import trace_timeline, traces_table
     from agentd.client import SyncAgentdClient
@@ -297,6 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=100)
         p.add_argument("--newest-first", action="store_true")
     sessions.set_defaults(func=cmd_sessions)
+
+    runs = sub.add_parser("runs", help="list a session's runs; show, watch, cancel, approve or deny one")
+    runs_sub = runs.add_subparsers(dest="action", required=True)
+    rlist = with_target(runs_sub.add_parser("list"))
+    rlist.add_argument("session_id")
+    rlist.add_argument("--limit", type=int, default=50)
+    for action in ("show", "watch", "cancel"):
+        p = with_target(runs_sub.add_parser(action))
+        p.add_argument("run_id")
+        p.add_argument("--after", type=int, default=0, help="watch: stream the events after this sequence")
+        p.add_argument("--reason", default="cancelled from the agentd CLI")
+    for action in ("approve", "deny"):
+        p = with_target(runs_sub.add_parser(action, help=f"{action} a tool call the run waits on"))
+        p.add_argument("run_id")
+        p.add_argument("call_id")
+        p.add_argument("--reason", default="")
+    runs.set_defaults(func=cmd_runs)
 
     traces = sub.add_parser("traces", help="list traces or show one as a timeline")
     traces_sub = traces.add_subparsers(dest="action", required=True)

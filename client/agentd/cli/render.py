@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agentd.client._requests import python_value
-from agentd.v1 import item_pb2, run_event_pb2, session_service_pb2, trace_service_pb2
+from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2, trace_service_pb2
 
 
 def _arguments(call: item_pb2.ToolCall) -> str:
@@ -91,6 +91,20 @@ class RunRenderer:
         elif kind == "run_cancelled":
             self.line(Text(f"✘ cancelled: {event.run_cancelled.reason}", style="bold red"))
             self.exit_code = 130
+        elif kind == "run_resumed":
+            resumed = event.run_resumed
+            self.line(Text(
+                f"↻ resumed (attempt {resumed.attempt}, {resumed.turns} turn(s) kept): {resumed.reason}",
+                style="bold yellow",
+            ))
+        elif kind == "action_required":
+            required = event.action_required
+            call = required.item.tool_call
+            what = "approve" if required.action == run_event_pb2.REQUIRED_ACTION_APPROVAL else "send the output of"
+            self.line(Text(
+                f"  ⏸ waiting for the caller to {what} {call.tool_name}({_arguments(call)}) · call {call.call_id}",
+                style="bold yellow",
+            ))
 
 
 def _item_text(item: item_pb2.Item) -> tuple[str, str]:
@@ -124,6 +138,32 @@ def sessions_table(sessions: Iterable[session_service_pb2.Session]) -> Table:
         metadata = ", ".join(f"{k}={v}" for k, v in session.metadata.items())
         table.add_row(session.name, str(session.item_count), updated, metadata)
     return table
+
+
+def runs_table(runs: Iterable[agent_service_pb2.RunInfo]) -> Table:
+    table = Table(title="runs")
+    for column in ("run", "status", "agent", "replica", "attempt", "events", "created", "result"):
+        table.add_column(column, overflow="fold")
+    for run in runs:
+        status = agent_service_pb2.RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
+        created = run.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(run.name, status, run.agent.removeprefix("agents/"), run.replica, str(run.attempt),
+                      str(run.last_sequence), created, _run_result(run))
+    return table
+
+
+def _run_result(run: agent_service_pb2.RunInfo) -> str:
+    kind = run.WhichOneof("result")
+    if kind == "completed":
+        output = python_value(run.completed.final_output)
+        return _short(output if isinstance(output, str) else json.dumps(output, ensure_ascii=False), 80)
+    if kind == "failed":
+        return run_event_pb2.RunErrorCode.Name(run.failed.code).removeprefix("RUN_ERROR_CODE_") + ": " + run.failed.message
+    if kind == "cancelled":
+        return "cancelled: " + run.cancelled.reason
+    waiting = [f"{'approve' if a.action == run_event_pb2.REQUIRED_ACTION_APPROVAL else 'output'} "
+               f"{a.item.tool_call.tool_name} ({a.item.tool_call.call_id})" for a in run.required_actions]
+    return "waits for: " + ", ".join(waiting) if waiting else ""
 
 
 def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> Table:
