@@ -37,7 +37,6 @@ ACTION_POLL_S = 2.0
 
 class ActiveRun:
     def __init__(self, record: RunRecord, store: RunStore, *, retention_s: float, lease_s: float) -> None:
-        self.record = record
         self.input = record.spec
         self.run_id = record.run_id
         self.attempt = record.attempt
@@ -59,7 +58,7 @@ class ActiveRun:
         self._stopped = False  # lease lost or handed off: drop everything from now on
         self.ended = False  # the terminal event is durable
         self._actions: dict[str, dict[str, Any]] = dict(record.actions)  # the caller's answers so far
-        self._action_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._action_waiters: dict[str, asyncio.Future[None]] = {}
         self.flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.run_id}")
 
     @property
@@ -97,26 +96,25 @@ class ActiveRun:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._checkpoint_waiters.append(waiter)
-        self._wakeup.set()
         await waiter
 
     async def wait_action(self, key: str) -> dict[str, Any]:
         while key not in self._actions:
-            waiter = asyncio.get_running_loop().create_future()
-            self._action_waiters.setdefault(key, []).append(waiter)
-            try:
-                # The answer normally arrives by the control bus; re-reading the run now and then
-                # covers a lost message.
-                await asyncio.wait_for(waiter, ACTION_POLL_S)
-            except asyncio.TimeoutError:
+            waiter = self._action_waiters.get(key)
+            if waiter is None:
+                waiter = self._action_waiters[key] = asyncio.get_running_loop().create_future()
+            # The answer normally arrives by the control bus; re-reading the run now and then
+            # covers a lost message.
+            done, _ = await asyncio.wait({waiter}, timeout=ACTION_POLL_S)
+            if not done:
                 await self.refresh_actions()
         return self._actions[key]
 
     def action_arrived(self, key: str, action: dict[str, Any]) -> None:
         self._actions.setdefault(key, action)  # the first answer wins, as in the store
-        for waiter in self._action_waiters.pop(key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter = self._action_waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def refresh_actions(self) -> None:
         """Pick up answers recorded in the run store (sent to another replica)."""
@@ -183,6 +181,9 @@ class ActiveRun:
                         return
                 if self._stopped or self.ended:
                     return
+        except Exception:  # a bug: stop writing; the lease lapses and another replica resumes the run
+            log.exception("run %s: writing its events failed; giving the run up", self.run_id)
+            self._stop_and_cancel("internal error while writing the run's events")
         finally:
             for waiter in self._checkpoint_waiters:
                 if not waiter.done():
@@ -197,8 +198,11 @@ class ActiveRun:
         waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
         terminal = bool(batch) and batch[-1].is_terminal
         deadline = time.monotonic() + self._lease_s
+        retrying = False
         while True:
             try:
+                if retrying and batch and await self._already_written(batch[-1].sequence):
+                    break  # the failed attempt had written it; only its reply was lost
                 if terminal:
                     await self._store.finish(
                         self.run_id, self.attempt, batch, retention_s=self._retention_s, now=time.time()
@@ -218,6 +222,7 @@ class ActiveRun:
                     self._stop_and_cancel(f"the run store is unavailable: {exc}")
                     return False
                 await asyncio.sleep(WRITE_RETRY_DELAY_S)
+                retrying = True
         if batch:
             self._delivered.extend(batch)
             self._wake_watchers()
@@ -228,6 +233,10 @@ class ActiveRun:
             self.ended = True
             return False
         return True
+
+    async def _already_written(self, sequence: int) -> bool:
+        record = await self._store.get_run(self.run_id)
+        return record is not None and record.last_sequence >= sequence and record.attempt == self.attempt
 
     def _stop_and_cancel(self, why: str) -> None:
         self._stopped = True
