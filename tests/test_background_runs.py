@@ -307,3 +307,25 @@ async def test_answers_on_the_run_stream(h: Harness) -> None:
             break
     await call_.done_writing()
     assert events[-1].run_completed.final_output.string_value == "Refund handled."
+
+
+@pytest.mark.parametrize("engine", ["redis", "postgres"])
+async def test_a_cancel_sent_to_a_dead_replica_still_ends_the_run(engine, model_server, tmp_path) -> None:
+    """The cancel is recorded on the run: the replica that takes the run over ends it at once."""
+    from agentd.server.runs.records import SessionPolicy
+    from agentd.server.runtime.run_loop import RunInput
+
+    model_server.set_script("assistant", Script.of(calls(call("wait", seconds=10, label="x")), say("never")))
+    async with engine_harness(engine, model_server, tmp_path, run_lease_s=1.0) as harness:
+        store = harness.server.runs.store
+        spec = RunInput(run_id="run_ghost_" + engine, agent="assistant", input="hi")
+        # A run another replica started and then died with (it never renews its lease).
+        await store.create_run(spec, policy=SessionPolicy.REJECT, owner="ghost", lease_s=1.0, max_queued=10,
+                               now=time.time())
+        info = (await harness.client.agents.CancelRun(pb.CancelRunRequest(name=f"runs/{spec.run_id}",
+                                                                          reason="stop ghost"))).run
+        assert info.status == pb.RUN_STATUS_RUNNING and info.replica == "ghost"
+        events = await asyncio.wait_for(watch(harness, spec.run_id), 10)
+        assert events[-1].run_cancelled.reason == "stop ghost"
+        done = await wait_status(harness, spec.run_id, pb.RUN_STATUS_CANCELLED)
+        assert done.attempt == 2 and done.cancelled.reason == "stop ghost"

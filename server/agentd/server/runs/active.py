@@ -132,7 +132,19 @@ class ActiveRun:
     def cancel(self, reason: str) -> None:
         if self.task is not None and not self.task.done() and self.last_payload is None and not self._stopped:
             self.cancel_reason = self.cancel_reason or reason
+            # On the next loop iteration: a task cancelled before its first step never runs its
+            # coroutine, so the run would end without its run_cancelled event.
+            self.task.get_loop().call_soon(self._cancel_task)
+
+    def _cancel_task(self) -> None:
+        if self.task is not None and not self.task.done() and self.last_payload is None:
             self.task.cancel()
+
+    def release_flusher(self) -> None:
+        """The execution is over: let the flusher write what is pending and end."""
+        if not self.flusher.done() and not self.ended:
+            self._stopped = True
+            self._wakeup.set()
 
     async def stop(self, why: str) -> None:
         """Stop executing without ending the run (to hand it off): what was emitted so far is
@@ -141,7 +153,7 @@ class ActiveRun:
         self._wakeup.set()
         if self.task is not None and not self.task.done():
             self.cancel_reason = why
-            self.task.cancel()
+            self.task.get_loop().call_soon(self._cancel_task)
         await self.wait()
 
     async def wait(self) -> None:
@@ -243,7 +255,7 @@ class ActiveRun:
         self._pending = []
         if self.task is not None and not self.task.done():
             self.cancel_reason = why
-            self.task.cancel()
+            self.task.get_loop().call_soon(self._cancel_task)
 
     @staticmethod
     def _fail_waiters(waiters: list[asyncio.Future[None]]) -> None:

@@ -154,36 +154,37 @@ class RunManager:
         if record.last_sequence > 0 or record.checkpoint is not None:  # an earlier execution got somewhere
             resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint,
                             record.trace_id)
+        started = time.perf_counter()
         run.task = asyncio.create_task(self._execute(run, resume), name=run.run_id)
+        # A done callback, not a finally: it also runs for a task cancelled before it started.
+        run.task.add_done_callback(lambda _: self._executed(run, started))
         if record.cancel_reason:
             run.cancel(record.cancel_reason)
         return run
 
     async def _execute(self, run: ActiveRun, resume: Resume | None) -> None:
-        started = time.perf_counter()
-        try:
-            await self._runner.run(run.input, run, resume)
-            await asyncio.wait({run.flusher})
-        finally:
-            if log.isEnabledFor(logging.INFO):
-                outcome = type(run.last_payload).__name__ if run.last_payload is not None else "stopped"
-                if run.stopped and not run.ended:
-                    outcome = "stopped"
-                log.info(
-                    "run %s %s", run.run_id, outcome,
-                    extra={
-                        "run_id": run.run_id,
-                        "agent": run.input.agent,
-                        "session_id": run.input.session_id,
-                        "outcome": outcome,
-                        "attempt": run.attempt,
-                        "events": run.event_count,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                    },
-                )
-            if self._local.get(run.run_id) is run:
-                del self._local[run.run_id]
-            self._slot_freed.set()
+        await self._runner.run(run.input, run, resume)
+        await asyncio.wait({run.flusher})
+
+    def _executed(self, run: ActiveRun, started: float) -> None:
+        run.release_flusher()
+        if log.isEnabledFor(logging.INFO):
+            outcome = type(run.last_payload).__name__ if run.ended and run.last_payload is not None else "stopped"
+            log.info(
+                "run %s %s", run.run_id, outcome,
+                extra={
+                    "run_id": run.run_id,
+                    "agent": run.input.agent,
+                    "session_id": run.input.session_id,
+                    "outcome": outcome,
+                    "attempt": run.attempt,
+                    "events": run.event_count,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+        if self._local.get(run.run_id) is run:
+            del self._local[run.run_id]
+        self._slot_freed.set()
 
     async def _claim_loop(self) -> None:
         while not self._draining:
