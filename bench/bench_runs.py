@@ -288,7 +288,7 @@ async def main() -> None:
     for store in ("sqlite", "postgres", "redis"):
         res = results[f"{store}_with_session"]
         print(f"  …with the {store + ' store':15} p50 {res['run_p50_ms']:.2f} ms   ttfe p50 {res['ttfe_p50_ms']:.2f} ms"
-              "   (history read + 2 step appends per run)")
+              f"   (history read + 2 step appends{'; runs and events on it too' if store != 'sqlite' else ''})")
     tr = results["tracing"]
     overhead = tr["run_p50_ms_otlp"] / tr["run_p50_ms_off"] - 1
     print(f"  tracing over OTLP        run p50 {tr['run_p50_ms_otlp']:.2f} ms vs {tr['run_p50_ms_off']:.2f} ms off"
