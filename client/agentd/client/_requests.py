@@ -96,3 +96,19 @@ def run_id_of(name: str) -> str:
 
 def session_name(session_id: str) -> str:
     return session_id if session_id.startswith("sessions/") else f"sessions/{session_id}"
+
+
+def tool_output_request(
+    run_id: str, call_id: str, output: str, is_error: bool
+) -> agent_service_pb2.SubmitToolOutputsRequest:
+    return agent_service_pb2.SubmitToolOutputsRequest(
+        name=run_name(run_id),
+        outputs=[agent_service_pb2.ToolOutputSubmission(call_id=call_id, output=output, is_error=is_error)],
+    )
+
+
+def approval_request(run_id: str, call_id: str, approved: bool, reason: str) -> agent_service_pb2.ApproveToolCallRequest:
+    return agent_service_pb2.ApproveToolCallRequest(
+        name=run_name(run_id),
+        approval=agent_service_pb2.ToolApproval(call_id=call_id, approved=approved, reason=reason),
+    )

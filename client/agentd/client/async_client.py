@@ -12,7 +12,16 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence, T
 import grpc
 
 from agentd.client._channel import INITIAL_BACKOFF_S, MAX_ATTEMPTS, MAX_BACKOFF_S, channel_options, channel_target
-from agentd.client._requests import final_output_of, new_request_id, run_id_of, run_name, session_name, start_run
+from agentd.client._requests import (
+    approval_request,
+    final_output_of,
+    new_request_id,
+    run_id_of,
+    run_name,
+    session_name,
+    start_run,
+    tool_output_request,
+)
 from agentd.client._resume import (
     CANCEL_TIMEOUT_S,
     DEFAULT_RESUME_TIMEOUT_S,
@@ -530,20 +539,14 @@ class AgentdClient:
         self, run_id: str, call_id: str, output: str, *, is_error: bool = False
     ) -> agent_service_pb2.RunInfo:
         """Answer an ``action_required`` TOOL_OUTPUT: the result of a caller-executed tool call."""
-        request = agent_service_pb2.SubmitToolOutputsRequest(
-            name=run_name(run_id),
-            outputs=[agent_service_pb2.ToolOutputSubmission(call_id=call_id, output=output, is_error=is_error)],
-        )
+        request = tool_output_request(run_id, call_id, output, is_error)
         return (await self.agents.SubmitToolOutputs(request)).run
 
     async def approve_tool_call(
         self, run_id: str, call_id: str, approved: bool, reason: str = ""
     ) -> agent_service_pb2.RunInfo:
         """Answer an ``action_required`` APPROVAL; a denied call gives the model an error naming ``reason``."""
-        request = agent_service_pb2.ApproveToolCallRequest(
-            name=run_name(run_id),
-            approval=agent_service_pb2.ToolApproval(call_id=call_id, approved=approved, reason=reason),
-        )
+        request = approval_request(run_id, call_id, approved, reason)
         return (await self.agents.ApproveToolCall(request)).run
 
     def watch_run(

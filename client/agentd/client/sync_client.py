@@ -11,7 +11,16 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from agentd.client._channel import channel_options, channel_target
-from agentd.client._requests import final_output_of, new_request_id, run_id_of, run_name, session_name, start_run
+from agentd.client._requests import (
+    approval_request,
+    final_output_of,
+    new_request_id,
+    run_id_of,
+    run_name,
+    session_name,
+    start_run,
+    tool_output_request,
+)
 from agentd.client._resume import CANCEL_TIMEOUT_S, DEFAULT_RESUME_TIMEOUT_S, EventLog, Reconnects, is_stream_break
 from agentd.v1 import (
     agent_service_pb2,
@@ -268,17 +277,11 @@ class SyncAgentdClient:
     def submit_tool_output(
         self, run_id: str, call_id: str, output: str, *, is_error: bool = False
     ) -> agent_service_pb2.RunInfo:
-        request = agent_service_pb2.SubmitToolOutputsRequest(
-            name=run_name(run_id),
-            outputs=[agent_service_pb2.ToolOutputSubmission(call_id=call_id, output=output, is_error=is_error)],
-        )
+        request = tool_output_request(run_id, call_id, output, is_error)
         return self.agents.SubmitToolOutputs(request).run
 
     def approve_tool_call(self, run_id: str, call_id: str, approved: bool, reason: str = "") -> agent_service_pb2.RunInfo:
-        request = agent_service_pb2.ApproveToolCallRequest(
-            name=run_name(run_id),
-            approval=agent_service_pb2.ToolApproval(call_id=call_id, approved=approved, reason=reason),
-        )
+        request = approval_request(run_id, call_id, approved, reason)
         return self.agents.ApproveToolCall(request).run
 
     def watch_run(self, run_id: str, after_sequence: int = 0, *, timeout: float | None = None) -> SyncRunStream:
