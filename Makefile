@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/agentd/v1/*.proto)
 
-.PHONY: demo serve replicas test proto proto-check bench clean
+.PHONY: demo serve replicas test test-throwaway proto proto-check bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,19 @@ serve: $(VENV)/.server
 replicas: $(VENV)/.server
 	$(PY) scripts/replicas.py --count $(or $(N),3) --base-port 50051
 
-## Install the dev dependencies and run the whole suite.
+## Install the dev dependencies and run the whole suite. Postgres and Redis: the servers
+## in AGENTD_TEST_POSTGRES_URL / AGENTD_TEST_REDIS_URL, else the local defaults when they
+## answer, else throwaway ones started from the local binaries (tests/servers.py).
 test: $(VENV)/.dev
 	$(PY) -m pytest
+
+## The store and scale-out tests on throwaway Postgres and Redis servers, even when local
+## ones answer (CI runs this so the fresh-machine path cannot rot).
+STORE_TESTS := tests/test_test_servers.py tests/test_run_stores.py tests/test_session_stores.py \
+	tests/test_postgres_store.py tests/test_redis_store.py tests/test_run_store_postgres.py \
+	tests/test_run_store_redis.py tests/test_store_faults.py tests/test_scale_out.py
+test-throwaway: $(VENV)/.dev
+	AGENTD_TEST_THROWAWAY_SERVERS=1 $(PY) -m pytest $(STORE_TESTS)
 
 ## Regenerate generated/ from protos/.
 proto: $(VENV)/.dev

@@ -20,9 +20,8 @@ from agentd.server.sessions.postgres import PostgresSessionStore
 POSTGRES_URL = os.environ.get("AGENTD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 _HOW_TO_PROVIDE = (
-    "these tests need a Postgres server at {url}: start the local one"
-    " (`pg_ctlcluster 15 main start`, database `test` owned by `postgres` with trust auth on 127.0.0.1)"
-    " or point AGENTD_TEST_POSTGRES_URL at another server ({exc})"
+    "these tests need a Postgres server at {url}, which failed ({exc}): point AGENTD_TEST_POSTGRES_URL at a"
+    " running server, or unset it to let the suite use 127.0.0.1:5432 or start its own (tests/servers.py)"
 )
 
 

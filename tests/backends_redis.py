@@ -27,8 +27,8 @@ REDIS_URL = os.environ.get("AGENTD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def fail_unreachable(exc: BaseException) -> NoReturn:
     pytest.fail(
         f"the Redis tests need a Redis server at {REDIS_URL}, which failed: {exc}\n"
-        "Start one with `redis-server --daemonize yes --save '' --appendonly no`"
-        " or point AGENTD_TEST_REDIS_URL at one (e.g. redis://host:6379/0).",
+        "Point AGENTD_TEST_REDIS_URL at a running server, or unset it to let the suite use"
+        " 127.0.0.1:6379 or start its own (tests/servers.py).",
         pytrace=False,
     )
 

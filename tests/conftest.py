@@ -13,7 +13,32 @@ from agentd.server.models.openai_chat import OpenAIProvider
 from agentd.server.serve import RunningServer, start_server
 from agentd.server.settings import Settings
 from agentd.testing import ScriptedOpenAIServer
+from tests import servers
 from tests.apps import app, tool_log
+
+_servers: servers.Servers | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find or start Postgres and Redis before any test module reads their URLs (tests/servers.py)."""
+    global _servers
+    try:
+        _servers = servers.provision()
+    except servers.NoServerError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _servers is not None:
+        _servers.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if _servers is None:
+        return []
+    started = {server.name for server in _servers.started}
+    where = lambda name, url: f"{name}: {url}" + (" (throwaway, started for this session)" if name in started else "")
+    return [where("postgres", _servers.postgres_url), where("redis", _servers.redis_url)]
 
 
 @dataclass

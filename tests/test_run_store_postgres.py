@@ -438,7 +438,7 @@ async def test_outage_gives_store_unavailable_and_recovers() -> None:
             await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
 
             def check(exc: StoreUnavailableError) -> None:
-                assert f"127.0.0.1:{proxy.port}/test" in str(exc) and "s3cret" not in str(exc)
+                assert f"127.0.0.1:{proxy.port}{upstream.path}" in str(exc) and "s3cret" not in str(exc)
 
             # A silent partition: calls time out instead of hanging.
             proxy.stall()

@@ -25,6 +25,7 @@ from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TimeoutError as RedisTimeoutError,
     TryAgainError,
 )
@@ -39,6 +40,49 @@ FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
 # Refused before executing: safe to retry for any operation.
 REFUSED = (ClusterDownError, TryAgainError, BusyLoadingError)
+
+
+# The oldest Redis agentd runs on: 6.2 brought every command the stores use beyond the
+# basics — ZRANGE ... BYSCORE/REV (session listing, lease and expiry sweeps), XAUTOCLAIM
+# (reclaiming a crashed replica's queue entries) and exclusive XRANGE ranges ("(0-<n>",
+# replaying a run's events after a sequence). Valkey reports a compatible redis_version.
+MIN_REDIS_VERSION = (6, 2, 0)
+
+
+class RedisTooOldError(Exception):
+    """The server answers but lacks commands agentd needs; retrying cannot help."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` -> ``(7, 0, 15)``; a suffix like ``"-rc1"`` is ignored."""
+    parts: list[int] = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+async def check_server_version(client: "RedisClient", location: str) -> None:
+    """Raise ``RedisTooOldError`` unless every server behind ``client`` is MIN_REDIS_VERSION or newer.
+
+    A cluster client answers INFO per node; the oldest node decides. A server whose ACL
+    forbids INFO (some managed services) is trusted: refusing to start would be worse.
+    """
+    try:
+        info: Any = await client.info("server")
+    except ResponseError:
+        return
+    found = [info] if "redis_version" in info else [v for v in info.values() if isinstance(v, dict)]
+    versions = [str(node.get("redis_version", "")) for node in found]
+    oldest = min(versions, key=parse_version, default="")
+    if not versions or parse_version(oldest) < MIN_REDIS_VERSION:
+        need = ".".join(map(str, MIN_REDIS_VERSION))
+        raise RedisTooOldError(
+            f"redis at {location} is version {oldest or 'unknown'}; agentd needs Redis {need} or newer"
+            " (ZRANGE BYSCORE/REV, XAUTOCLAIM, exclusive XRANGE): upgrade the server"
+        )
 
 
 def utf8(text: str) -> bytes:

@@ -82,7 +82,9 @@ from agentd.server.redis_common import (
     FAILURES,
     LuaScript,
     RedisClient,
+    RedisTooOldError,
     RetryPolicy,
+    check_server_version,
     connect_redis,
     describe_client,
     text,
@@ -699,11 +701,14 @@ class RedisRunStore(_RedisOps, RunStore):
 
         async def connect() -> None:
             await asyncio.wait_for(self._client.ping(), self._timeout_s)
+            await check_server_version(self._client, self._location)
             await self._load_scripts()
             await self._ensure_group()
 
         try:
             await self._retries.connect(connect)
+        except RedisTooOldError as exc:
+            raise StoreUnavailableError(str(exc)) from None
         except FAILURES as exc:
             raise self._unavailable(exc) from exc
         self._open = True

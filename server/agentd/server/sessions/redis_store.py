@@ -68,7 +68,9 @@ from agentd.server.redis_common import (
     FAILURES,
     LuaScript,
     RedisClient,
+    RedisTooOldError,
     RetryPolicy,
+    check_server_version,
     describe_client,
     text,
     utf8,
@@ -541,10 +543,13 @@ class RedisSessionStore(SessionStore):
 
         async def connect() -> None:
             await asyncio.wait_for(self._client.ping(), self._ping_timeout_s)
+            await check_server_version(self._client, self._location)
             await self._load_scripts()
 
         try:
             await self._retries.connect(connect)
+        except RedisTooOldError as exc:
+            raise StoreUnavailableError(str(exc)) from None
         except FAILURES as exc:
             raise self._unavailable(exc) from exc
         self._open = True
