@@ -1,7 +1,7 @@
 # agentd server image: small, non-root, health-checked with the gRPC health protocol.
 #
 #   docker build -t agentd .
-#   docker run --rm -p 50051:50051 agentd                  # examples.support:app, scripted model
+#   docker run --rm -p 50051:50051 agentd                  # agentd.examples.support:app, scripted model
 #   docker run --rm agentd agentd db migrate               # same image, one-shot migration
 #
 # Settings are AGENTD_* variables (see README.md); OTLP export uses the standard OTEL_* ones.
@@ -19,7 +19,7 @@ COPY server server
 COPY client client
 RUN /opt/agentd/bin/pip install '.[server]'
 
-# --- runtime: the venv, the example app, a numeric non-root user --------------------------
+# --- runtime: the venv (the example app ships inside it), a numeric non-root user ---------
 FROM ${PYTHON_IMAGE}
 # A numeric USER lets Kubernetes verify runAsNonRoot without a runAsUser of its own.
 RUN groupadd --system --gid 10001 agentd \
@@ -27,12 +27,12 @@ RUN groupadd --system --gid 10001 agentd \
  && mkdir -p /data \
  && chown 10001:10001 /data
 COPY --from=build /opt/agentd /opt/agentd
+# The working directory is importable: copy your own app module here and set AGENTD_APP.
 WORKDIR /app
-COPY examples examples
 ENV PATH=/opt/agentd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    AGENTD_APP=examples.support:app \
+    AGENTD_APP=agentd.examples.support:app \
     AGENTD_HOST=0.0.0.0 \
     AGENTD_PORT=50051 \
     AGENTD_SQLITE_PATH=/data/agentd.db \

@@ -22,7 +22,7 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 demo: $(VENV)/.server
 	$(VENV)/bin/agentd demo
 
-## Serve examples.support:app on 127.0.0.1:50051 until Ctrl-C.
+## Serve agentd.examples.support:app on 127.0.0.1:50051 until Ctrl-C.
 serve: $(VENV)/.server
 	$(VENV)/bin/agentd serve
 

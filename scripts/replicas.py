@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--base-port", type=int, default=50051,
                         help="port of replica-1; replica-i listens on base+i-1 (0: free ports; default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address of every replica (default: %(default)s)")
-    parser.add_argument("--app", default=os.environ.get("AGENTD_APP", "examples.support:app"),
+    parser.add_argument("--app", default=os.environ.get("AGENTD_APP", "agentd.examples.support:app"),
                         help="module:attribute of the App (default: $AGENTD_APP or %(default)s)")
     parser.add_argument("--store", choices=["postgres", "redis", "memory", "sqlite"],
                         default=os.environ.get("AGENTD_STORE", "postgres"),
@@ -180,7 +180,8 @@ def replica_env(args: argparse.Namespace, replica: Replica) -> dict[str, str]:
         AGENTD_RUN_STORE=args.run_store,
         PYTHONUNBUFFERED="1",
     )
-    # The example app lives in the repository: importable from any working directory.
+    # The default app ships in the package; apps kept in the repository (--app tests.apps:app)
+    # stay importable from any working directory.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

@@ -183,7 +183,11 @@ def test_dockerfile_installs_the_server_extra_only_and_ignores_what_it_does_not_
     for keyword, rest in dockerfile_instructions():
         if keyword == "COPY" and "--from=" not in rest:
             sources.extend(rest.split()[:-1])
-    assert {"pyproject.toml", "README.md", "server", "client", "generated", "examples"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "server", "client", "generated"} <= set(sources)
+    # The default app ships inside the installed package: the image needs no examples/ copy.
+    env = " ".join(rest for keyword, rest in final_stage() if keyword == "ENV")
+    assert "examples" not in sources and "AGENTD_APP=agentd.examples.support:app" in env
+    assert (ROOT / "server" / "agentd" / "examples" / "support.py").exists()
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: no such path"
         hit = [p for p in ignored if fnmatch.fnmatch(source, p) or fnmatch.fnmatch(source, p.removeprefix("**/"))]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
-from typing import Sequence
+from typing import IO, Sequence
 
 import grpc
 
@@ -20,7 +23,10 @@ def _console():  # rich is the [cli] extra; import it only when rendering
         from rich.console import Console
     except ImportError:
         sys.exit("agentd: terminal rendering needs rich: pip install 'agentd[cli]'")
-    return Console(highlight=False, soft_wrap=True)
+    from agentd.cli.table import terminal_width
+
+    # One width rule for every view: COLUMNS, else the terminal's, else 80 (piped output).
+    return Console(highlight=False, soft_wrap=True, width=terminal_width())
 
 
 STORE_FLAGS = ("store", "sqlite_path", "postgres_url", "postgres_schema", "redis_url", "session_ttl_s")
@@ -206,11 +212,44 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get_trace_by_prefix(client, wanted: str):  # (SyncAgentdClient, str) -> GetTraceResponse
+    """The trace whose id is ``wanted`` or, since ids are long to type, the one whose id starts with it.
+
+    A whole id costs one call. Otherwise ListTraces is paged through (newest first) until it ends
+    or more than ten ids match. Raises LookupError saying what matched when not exactly one does.
+    """
+    from agentd.v1 import trace_service_pb2
+
+    wanted = wanted.removeprefix("traces/")
+    try:
+        return client.get_trace(wanted)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise
+    matches: list[trace_service_pb2.Trace] = []
+    token = ""
+    while len(matches) <= 10:
+        page = client.traces.ListTraces(trace_service_pb2.ListTracesRequest(page_size=1000, page_token=token))
+        matches += [trace for trace in page.traces if trace.trace_id.startswith(wanted)]
+        token = page.next_page_token
+        if not token:
+            break
+    if len(matches) == 1:
+        return client.get_trace(matches[0].trace_id)
+    if not matches:
+        raise LookupError(f"no trace id starts with {wanted!r} (or the trace has aged out of the trace store)")
+    count = "more than 10" if len(matches) > 10 else str(len(matches))
+    listed = "".join(f"\n  {t.trace_id}  {t.start_time.ToDatetime():%Y-%m-%d %H:%M:%S}  {t.workflow_name}"
+                     for t in matches[:10])
+    raise LookupError(f"{wanted!r} is ambiguous: {count} trace ids start with it; give more of one:{listed}")
+
+
 def cmd_traces(args: argparse.Namespace) -> int:
     from agentd.cli.render import trace_timeline, traces_table
+    from agentd.cli.table import make_console
     from agentd.client import SyncAgentdClient
 
-    console = _console()
+    console = make_console()
     with SyncAgentdClient(args.target) as client:
         try:
             if args.action == "list":
@@ -221,12 +260,19 @@ def cmd_traces(args: argparse.Namespace) -> int:
                     workflow_name=args.workflow, group_id=args.group, agent=args.agent, status=status,
                     page_size=args.limit,
                 )
-                console.print(traces_table(response.traces))
+                console.print(traces_table(response.traces), crop=False)
             else:
-                console.print(trace_timeline(client.get_trace(args.trace_id)))
+                console.print(trace_timeline(_get_trace_by_prefix(client, args.trace_id)), crop=False)
+        except LookupError as exc:
+            print(f"agentd: {exc}", file=sys.stderr)
+            return 1
         except grpc.RpcError as exc:
             return _rpc_error(exc)
     return 0
+
+
+# Ships inside the package (agentd/examples/support.py): demo and serve work from any directory.
+EXAMPLE_APP = "agentd.examples.support:app"
 
 
 def _free_port() -> int:
@@ -235,14 +281,81 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_ready(target: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    channel = grpc.insecure_channel(target)
+class _ServerStderr:
+    """The demo server's stderr: held back until the server is ready, then passed through.
+
+    A server that dies while starting (an app that does not import, a bad setting) says why
+    on stderr; holding it back lets the demo print it once, under its own message.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._lock = threading.Lock()
+        self._held: collections.deque[str] = collections.deque(maxlen=200)
+        self._live = False
+        self._reader = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode(errors="replace")
+                with self._lock:
+                    if self._live:
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+                    else:
+                        self._held.append(line)
+
+    def pass_through(self) -> None:
+        """From now on the server's warnings reach the terminal as they come, as if it were inherited."""
+        with self._lock:
+            sys.stderr.writelines(self._held)
+            sys.stderr.flush()
+            self._held.clear()
+            self._live = True
+
+    def tail(self, lines: int = 20, wait_s: float = 0.0) -> str:
+        """The last lines held back; ``wait_s`` for the rest to arrive when the server has exited."""
+        self._reader.join(timeout=wait_s)
+        with self._lock:
+            return "".join(f"  {line}" for line in list(self._held)[-lines:])
+
+
+def _wait_ready(target: str, server: subprocess.Popen[bytes], stderr: _ServerStderr, timeout_s: float = 30.0) -> None:
+    """Return once the server accepts connections; exit with its own error as soon as it dies.
+
+    Readiness and the process's exit are awaited together, whichever comes first, so a
+    server that cannot start fails the demo at once rather than after the whole timeout.
+    """
+    settled = threading.Event()
+
+    def wait_exit() -> None:
+        server.wait()
+        settled.set()
+
+    threading.Thread(target=wait_exit, daemon=True).start()
+    # Short reconnect backoff: the first attempts fail while the server starts, and the
+    # default (1 s, growing) would delay a server that is up a moment later.
+    channel = grpc.insecure_channel(target, options=[
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 500),
+    ])
+    ready = grpc.channel_ready_future(channel)
+    ready.add_done_callback(lambda _: settled.set())
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-    except grpc.FutureTimeoutError:
-        process.terminate()
-        sys.exit(f"agentd demo: the server did not come up on {target} within {timeout_s:.0f}s")
+        settled.wait(timeout_s)
+        code = server.poll()
+        if code is not None:
+            how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+            sys.exit(f"agentd demo: the server stopped ({how}) before it was ready:\n"
+                     f"{stderr.tail(wait_s=2.0)}".rstrip())
+        if not ready.done():
+            sys.exit(f"agentd demo: the server did not come up on {target} within {timeout_s:.0f}s\n"
+                     f"{stderr.tail()}".rstrip())
+        stderr.pass_through()
     finally:
+        ready.cancel()
         channel.close()
 
 
@@ -254,10 +367,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     env.setdefault("AGENTD_SQLITE_PATH", ".agentd/demo.db")
     server = subprocess.Popen(
         [sys.executable, "-m", "agentd.cli.main", "serve", "--app", args.app, "--port", str(port), "--log-level", "WARNING"],
-        env=env,
+        env=env, stderr=subprocess.PIPE,
     )
+    assert server.stderr is not None
     try:
-        _wait_ready(target, server)
+        _wait_ready(target, server, _ServerStderr(server.stderr))
         session = args.session or f"demo-{uuid.uuid4().hex[:8]}"
         console = _console()
         console.print(f"[bold]agentd demo[/bold] · server {target} · session {session}")
@@ -288,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the agents of an app module")
-    serve.add_argument("--app", help="module:attribute of the App (default: $AGENTD_APP or examples.support:app)")
+    serve.add_argument("--app", help=f"module:attribute of the App (default: $AGENTD_APP or {EXAMPLE_APP})")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     add_store_flags(serve)
@@ -353,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     tlist.add_argument("--status", choices=["ok", "error", "in_progress"])
     tlist.add_argument("--limit", type=int, default=20)
     tshow = with_target(traces_sub.add_parser("show"))
-    tshow.add_argument("trace_id")
+    tshow.add_argument("trace_id", help="a trace id, or any prefix of one that no other trace id starts with")
     traces.set_defaults(func=cmd_traces)
 
     demo = sub.add_parser("demo", help="start a local server, stream one multi-step run, stop")
-    demo.add_argument("--app", default="examples.support:app")
+    demo.add_argument("--app", default=EXAMPLE_APP, help="module:attribute of the App (default: %(default)s)")
     demo.add_argument("--agent", default="triage")
     demo.add_argument("--input", default="My espresso machine from order A-1001 arrived damaged. Can I get 49 EUR back?")
     demo.add_argument("--session")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from typing import Callable, Iterable
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
+from agentd.cli.table import Bar, Cell, Column, FittedTable
 from agentd.client._requests import python_value
 from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2, trace_service_pb2
 
@@ -117,39 +117,56 @@ def _item_text(item: item_pb2.Item) -> tuple[str, str]:
     return "tool result", f"{item.tool_result.tool_name}: {item.tool_result.output}"
 
 
-def items_table(session: session_service_pb2.Session, items: Iterable[item_pb2.Item]) -> Table:
-    table = Table(title=f"{session.name} · {session.item_count} item(s)", show_lines=False)
-    table.add_column("#", justify="right")
-    table.add_column("agent")
-    table.add_column("kind")
-    table.add_column("content", overflow="fold")
+def items_table(session: session_service_pb2.Session, items: Iterable[item_pb2.Item]) -> FittedTable:
+    """A session's items; the content wraps at spaces in whatever width the other columns leave."""
+    columns = [
+        Column("#", priority=100, justify="right"),
+        Column("kind", priority=90),
+        Column("agent", priority=80, min_width=8),
+        Column("content", priority=10, min_width=20, wrap=True),
+    ]
+    rows = []
     for item in items:
         kind, text = _item_text(item)
-        table.add_row(str(item.sequence), item.agent, kind, _short(text, 400))
-    return table
+        rows.append([str(item.sequence), kind, item.agent, _short(text, 400)])
+    return FittedTable(columns, rows, title=[f"{session.name} ·", f"{session.item_count} item(s)"])
 
 
-def sessions_table(sessions: Iterable[session_service_pb2.Session]) -> Table:
-    table = Table(title="sessions")
-    for column in ("name", "items", "updated", "metadata"):
-        table.add_column(column)
+def sessions_table(sessions: Iterable[session_service_pb2.Session]) -> FittedTable:
+    """Sessions; the name is the id the other commands take, so it is never cut."""
+    columns = [
+        Column("name", priority=100),
+        Column("items", priority=90, justify="right"),
+        Column("updated", priority=50, optional=True),
+        Column("metadata", priority=10, min_width=10, optional=True),
+    ]
+    rows = []
     for session in sessions:
         updated = session.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         metadata = ", ".join(f"{k}={v}" for k, v in session.metadata.items())
-        table.add_row(session.name, str(session.item_count), updated, metadata)
-    return table
+        rows.append([session.name, str(session.item_count), updated, metadata])
+    return FittedTable(columns, rows, title="sessions")
 
 
-def runs_table(runs: Iterable[agent_service_pb2.RunInfo]) -> Table:
-    table = Table(title="runs")
-    for column in ("run", "status", "agent", "replica", "attempt", "events", "created", "result"):
-        table.add_column(column, overflow="fold")
+def runs_table(runs: Iterable[agent_service_pb2.RunInfo]) -> FittedTable:
+    """Runs; the run id is never cut, the result wraps at spaces, the bookkeeping columns go first."""
+    columns = [
+        Column("run", priority=100),
+        Column("status", priority=95),
+        Column("agent", priority=90, min_width=8),
+        Column("replica", priority=20, min_width=8, optional=True),
+        Column("attempt", priority=30, optional=True, justify="right"),
+        Column("events", priority=40, optional=True, justify="right"),
+        Column("created", priority=50, optional=True),
+        Column("result", priority=80, min_width=12, wrap=True),
+    ]
+    rows = []
     for run in runs:
         status = agent_service_pb2.RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
         created = run.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(run.name, status, run.agent.removeprefix("agents/"), run.replica, str(run.attempt),
-                      str(run.last_sequence), created, _run_result(run))
-    return table
+        rows.append([run.name, status, run.agent.removeprefix("agents/"), run.replica, str(run.attempt),
+                     str(run.last_sequence), created, _run_result(run)])
+    return FittedTable(columns, rows, title="runs")
 
 
 def _run_result(run: agent_service_pb2.RunInfo) -> str:
@@ -166,40 +183,98 @@ def _run_result(run: agent_service_pb2.RunInfo) -> str:
     return "waits for: " + ", ".join(waiting) if waiting else ""
 
 
-def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> Table:
-    table = Table(title="traces")
-    for column in ("trace", "workflow", "group", "agents", "status", "started", "spans", "tokens in/out"):
-        table.add_column(column)
+def _status(status: int) -> str:
+    return trace_service_pb2.SpanStatus.Name(status).removeprefix("SPAN_STATUS_").lower()
+
+
+def _clock(timestamp: timestamp_pb2.Timestamp) -> str:
+    return timestamp.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+
+
+def _duration(ns: int) -> str:
+    ms = ns / 1e6
+    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> FittedTable:
+    """Traces, newest first. The trace id is what `traces show` takes, so it is never cut; at 80
+    columns the id, agents, status and start time stay and the tokens, workflow, span count and group go."""
+    columns = [
+        Column("trace", priority=100),
+        Column("workflow", priority=40, min_width=8, optional=True),
+        Column("group", priority=10, min_width=6, optional=True),
+        Column("agents", priority=80, min_width=12),
+        Column("status", priority=90),
+        Column("started", priority=75, optional=True),
+        Column("spans", priority=20, optional=True, justify="right"),
+        Column("tokens in/out", priority=70, optional=True, justify="right"),
+    ]
+    rows = []
     for trace in traces:
-        status = trace_service_pb2.SpanStatus.Name(trace.status).removeprefix("SPAN_STATUS_").lower()
-        started = trace.start_time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
         agents = " → ".join(trace.agents) or trace.agent
-        table.add_row(trace.trace_id, trace.workflow_name, trace.group_id, agents, status, started,
-                      str(trace.span_count), f"{trace.input_tokens}/{trace.output_tokens}")
-    return table
+        started = f"{trace.start_time.ToDatetime():%H:%M:%S}"
+        rows.append([trace.trace_id, trace.workflow_name, trace.group_id, agents, _status(trace.status), started,
+                     str(trace.span_count), f"{trace.input_tokens}/{trace.output_tokens}"])
+    return FittedTable(columns, rows, title="traces")
 
 
-def trace_timeline(response: trace_service_pb2.GetTraceResponse) -> Table:
+def _kind(span: trace_service_pb2.Span) -> str:
+    return trace_service_pb2.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_").lower()
+
+
+def _span_label(span: trace_service_pb2.Span, attrs: dict[str, object], agent: str) -> str:
+    """The span's kind and what it is about: the model of a generation, the target of a handoff, the
+    tool of a function call. A name that only repeats the agent column is left out."""
+    kind = _kind(span)
+    if span.kind == trace_service_pb2.SPAN_KIND_HANDOFF and attrs.get("to_agent"):
+        return f"{kind} → {attrs['to_agent']}"
+    detail = str(attrs.get("model") or span.name) if span.kind == trace_service_pb2.SPAN_KIND_GENERATION else span.name
+    return kind if detail in ("", agent) else f"{kind} {detail}"
+
+
+def _axis(total: str) -> Callable[[int], str]:
+    """The waterfall's header: the run's start on the left, its length on the right."""
+    return lambda width: f"0{total:>{width - 1}}" if width > len(total) + 1 else total
+
+
+def trace_timeline(response: trace_service_pb2.GetTraceResponse) -> FittedTable:
+    """A trace as a waterfall, as Jaeger draws one: a row per span, indented under its parent, with a
+    bar placed by the span's start and sized by its duration against the whole run. A failed span is
+    marked ✘ and its message printed in full under the table: in a cell it would fill a column."""
     trace = response.trace
-    table = Table(title=f"trace {trace.trace_id} · {trace.workflow_name} · run {trace.run_id}")
-    for column in ("time", "step", "agent", "name", "duration", "tokens in/out", "error"):
-        table.add_column(column, overflow="fold")
+    begin = trace.start_time.ToNanoseconds()
+    ends = [trace.end_time.ToNanoseconds()] if trace.HasField("end_time") else []
+    for span in response.spans:
+        ends.append(span.end_time.ToNanoseconds() if span.HasField("end_time") else span.start_time.ToNanoseconds())
+    total = max(max(ends, default=begin) - begin, 1)
+    columns = [
+        Column("time", priority=30, optional=True),
+        Column("span", priority=85, min_width=14),
+        Column("agent", priority=90, min_width=8),
+        Column("tokens in/out", priority=95, justify="right"),
+        Column("duration", priority=100, justify="right"),
+        Column(_axis(_duration(total)), priority=20, min_width=12, natural=100),
+    ]
     depth: dict[str, int] = {}
+    rows: list[list[Cell]] = []
+    notes: list[Text] = []
     for span in response.spans:
         level = depth.get(span.parent_span_id, -1) + 1
         depth[span.span_id] = level
-        kind = trace_service_pb2.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_").lower()
-        started = span.start_time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
-        if span.HasField("end_time"):
-            ms = (span.end_time.ToNanoseconds() - span.start_time.ToNanoseconds()) / 1e6
-            took = f"{ms:.1f} ms"
-        else:
-            took = "…"
         attrs = json_format.MessageToDict(span.attributes)
-        tokens = ""
-        if "input_tokens" in attrs:
-            tokens = f"{int(attrs['input_tokens'])}/{int(attrs.get('output_tokens', 0))}"
         agent = str(attrs.get("agent", attrs.get("from_agent", "")))
-        table.add_row(started, "  " * level + kind, agent, span.name, took, tokens,
-                      Text(_short(span.error_message, 80), style="red"))
-    return table
+        tokens = f"{int(attrs['input_tokens'])}/{int(attrs.get('output_tokens', 0))}" if "input_tokens" in attrs else ""
+        start = span.start_time.ToNanoseconds() - begin
+        if span.HasField("end_time"):
+            end = span.end_time.ToNanoseconds() - begin
+            took, bar = _duration(end - start), Bar(start / total, end / total, "red" if span.error_message else "cyan")
+        else:  # still going: drawn to the trace's latest point, lighter
+            took, bar = "…", Bar(start / total, 1.0, "yellow", char="░")
+        label = _span_label(span, attrs, agent)
+        if span.error_message:
+            label += " ✘"
+            notes.append(Text(f"✘ {_kind(span)} {span.name}: {_short(span.error_message, 1000)}", style="red"))
+        rows.append([_clock(span.start_time), "  " * level + label, agent, tokens, took, bar])
+    about = [trace.workflow_name, f"run {trace.run_id}" if trace.run_id else "", _duration(total)]
+    title = [f"trace {trace.trace_id}", *(f"· {phrase}" for phrase in about if phrase)]
+    return FittedTable(columns, rows, title=title, notes=notes)

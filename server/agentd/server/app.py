@@ -1,4 +1,4 @@
-"""The app: the set of agents a server hosts, loaded from a module path like ``examples.support:app``."""
+"""The app: the set of agents a server hosts, loaded from a module path like ``agentd.examples.support:app``."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTD_", extra="ignore")
 
-    app: str = Field("examples.support:app", description="App to serve, as 'module:attribute'.")
+    # The example app ships in the package, so an installed agentd serves it from any directory.
+    app: str = Field("agentd.examples.support:app", description="App to serve, as 'module:attribute'.")
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port.")
 

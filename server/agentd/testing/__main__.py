@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m agentd.testing", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--app", help="play this app's offline_script, e.g. examples.support:app")
+    parser.add_argument("--app", help="play this app's offline_script, e.g. agentd.examples.support:app")
     args = parser.parse_args()
     script = DEMO_SCRIPT
     if args.app:

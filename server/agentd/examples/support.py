@@ -1,8 +1,10 @@
 """A customer-support app: a triage agent that looks orders up and hands billing questions over.
 
-Serve it with ``agentd serve --app examples.support:app``. With OPENAI_API_KEY set the
-agents call the real model; without it the built-in scripted model plays
-``offline_script`` (a tool call, a handoff, a refund, a streamed answer).
+It is the default app: ``agentd serve`` (``--app agentd.examples.support:app``) and
+``agentd demo`` serve it. It ships inside the package, so it works from any directory
+after ``pip install 'agentd[server]'``. With OPENAI_API_KEY set the agents call the real
+model; without it the built-in scripted model plays ``offline_script`` (a tool call, a
+handoff, a refund, a streamed answer).
 """
 
 from __future__ import annotations
