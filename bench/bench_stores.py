@@ -244,7 +244,7 @@ def postgres_pair() -> tuple[Backend, Backend]:
 
 def redis_pair() -> tuple[Backend, Backend]:
     from agentd.server.redis_common import connect_redis
-    from agentd.server.sessions.redis_store import RedisSessionStore
+    from agentd.server.sessions.redis import RedisSessionStore
 
     prefix = f"bench-agentd-{uuid.uuid4().hex[:8]}"
     agentd = AgentdBackend(

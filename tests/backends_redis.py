@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.redis_common import connect_redis
-from agentd.server.sessions.redis_store import RedisSessionStore
+from agentd.server.sessions.redis import RedisSessionStore
 
 REDIS_URL = os.environ.get("AGENTD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

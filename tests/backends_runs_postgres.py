@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from agentd.server.runs.base import ControlBus, RunStore
-from agentd.server.runs.postgres_backend import PostgresControlBus, PostgresRunStore
+from agentd.server.runs.postgres import PostgresControlBus, PostgresRunStore
 from agentd.server.runtime.errors import StoreUnavailableError
 from tests.backends_postgres import POSTGRES_URL, dropped_afterwards, new_schema
 from tests.backends_runs import Replica

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from agentd.server.runs.base import ControlBus, RunStore
-from agentd.server.runs.redis_backend import RedisControlBus, RedisRunStore
+from agentd.server.runs.redis import RedisControlBus, RedisRunStore
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.redis_common import connect_redis
 from tests.backends_redis import REDIS_URL, delete_prefix, fail_unreachable, new_prefix

@@ -19,7 +19,7 @@ import pytest
 
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import MessageItem, ToolResultItem
-from agentd.server.sessions import postgres
+from agentd.server.sessions.postgres import store as postgres_store_module
 from agentd.server.sessions.postgres import LATEST_VERSION, PostgresSessionStore
 from tests.backends_postgres import (
     POSTGRES_URL,
@@ -268,7 +268,7 @@ async def test_concurrent_creates_on_two_replicas() -> None:
 async def test_sweep_deletes_the_rows_of_expired_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = {"now": time.time()}
     monkeypatch.setattr(time, "time", lambda: clock["now"])
-    monkeypatch.setattr(postgres, "_SWEEP_BATCH", 2)  # several batches below
+    monkeypatch.setattr(postgres_store_module, "_SWEEP_BATCH", 2)  # several batches below
     async with postgres_store() as store, raw() as conn:
         q = f'"{store.schema}"'
         for n in range(5):

@@ -22,9 +22,8 @@ from redis.crc import key_slot
 
 from agentd.server.runtime.errors import SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import MessageItem
-from agentd.server.sessions import redis_store as module
-from agentd.server.redis_common import connect_redis
-from agentd.server.sessions.redis_store import RedisSessionStore
+from agentd.server.redis_common import LuaScript, connect_redis
+from agentd.server.sessions.redis import RedisSessionStore, lua
 from tests.backends_redis import REDIS_URL, fail_unreachable, make_store, redis_store
 
 KINDS = ("info", "items", "state", "meta", "requests")
@@ -295,13 +294,13 @@ async def test_scripts_reload_when_the_server_forgot_them(
 ) -> None:
     """NOSCRIPT (a restarted or failed-over server) reloads and retries, alone or in a pipeline."""
     await store.create_session("s1")
-    fresh = module._Script(module._GET + f"\n-- {uuid.uuid4().hex}")  # a SHA the server never saw
-    monkeypatch.setattr(module, "_S_GET", fresh)
-    monkeypatch.setattr(module, "_SCRIPTS", (*module._SCRIPTS, fresh))
+    fresh = LuaScript(lua.GET.source + f"\n-- {uuid.uuid4().hex}")  # a SHA the server never saw
+    monkeypatch.setattr(lua, "GET", fresh)
+    monkeypatch.setattr(lua, "SCRIPTS", (*lua.SCRIPTS, fresh))
     assert (await store.get_session("s1")).session_id == "s1"
-    fresh2 = module._Script(module._GET + f"\n-- {uuid.uuid4().hex}")
-    monkeypatch.setattr(module, "_S_GET", fresh2)
-    monkeypatch.setattr(module, "_SCRIPTS", (*module._SCRIPTS, fresh2))
+    fresh2 = LuaScript(lua.GET.source + f"\n-- {uuid.uuid4().hex}")
+    monkeypatch.setattr(lua, "GET", fresh2)
+    monkeypatch.setattr(lua, "SCRIPTS", (*lua.SCRIPTS, fresh2))
     assert [r.session_id for r in (await store.list_sessions(5)).sessions] == ["s1"]
 
 

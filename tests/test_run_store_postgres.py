@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from agentd.server.runs.codec import encode_checkpoint, encode_event, encode_payload, encode_spec
-from agentd.server.runs.postgres_backend import (
+from agentd.server.runs.postgres import (
     LATEST_VERSION,
     MIGRATIONS,
     PostgresRunStore,

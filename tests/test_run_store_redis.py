@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from agentd.server.runs.records import Control, QueueFullError, RunStatus, SessionPolicy
-from agentd.server.runs.redis_backend import GROUP, RedisControlBus, RedisRunStore
+from agentd.server.runs.redis import GROUP, RedisControlBus, RedisRunStore
 from agentd.server.runtime.errors import StoreUnavailableError
 from tests.backends_redis import REDIS_URL, delete_prefix, fail_unreachable, new_prefix
 from tests.backends_runs_redis import make_pair, redis_run_replicas
@@ -292,7 +292,7 @@ async def test_a_stopped_or_stalled_redis_raises_store_unavailable() -> None:
 
 
 async def test_build_from_settings_uses_the_session_store_settings() -> None:
-    from agentd.server.runs.redis_backend import build_redis_runs
+    from agentd.server.runs.redis import build_redis_runs
     from agentd.server.settings import Settings
 
     prefix = new_prefix()

@@ -19,7 +19,7 @@ import redis
 
 from agentd.server.redis_common import connect_redis
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.sessions.redis_store import RedisSessionStore
+from agentd.server.sessions.redis import RedisSessionStore
 from tests import servers
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from agentd.server import Script, call, calls, say
 from agentd.server.tracing.archive import Retention, TraceQuery
-from agentd.server.tracing.archive_postgres import PostgresTraceArchive
-from agentd.server.tracing.archive_sqlite import SqliteTraceArchive
+from agentd.server.tracing.postgres import PostgresTraceArchive
+from agentd.server.tracing.sqlite import SqliteTraceArchive
 from agentd.server.tracing.base import SpanKind
 from agentd.server.tracing.memory import InMemoryTraceStore
 from agentd.server.tracing.store import TraceStore

@@ -13,11 +13,11 @@ from agentd.server.settings import Settings
 def build_run_store(settings: Settings) -> tuple[RunStore, ControlBus]:
     engine = settings.resolved_run_store()
     if engine == "redis":
-        from agentd.server.runs.redis_backend import build_redis_runs
+        from agentd.server.runs.redis import build_redis_runs
 
         return build_redis_runs(settings)
     if engine == "postgres":
-        from agentd.server.runs.postgres_backend import build_postgres_runs
+        from agentd.server.runs.postgres import build_postgres_runs
 
         return build_postgres_runs(settings)
     from agentd.server.runs.memory import MemoryControlBus, MemoryRunStore

@@ -50,7 +50,7 @@ def build_store(settings: Settings) -> SessionStore:
 
 def _build_redis(settings: Settings, ttl: float | None) -> SessionStore:
     from agentd.server.redis_common import connect_redis
-    from agentd.server.sessions.redis_store import RedisSessionStore
+    from agentd.server.sessions.redis import RedisSessionStore
 
     cluster = parse_nodes("AGENTD_REDIS_CLUSTER_NODES", settings.redis_cluster_nodes)
     sentinels = parse_nodes("AGENTD_REDIS_SENTINELS", settings.redis_sentinels)

@@ -5,8 +5,8 @@ recorded and served from there. When a trace ends, ``TraceStore`` (tracing/store
 hands it to a ``TraceArchive`` in the background, in batches; TraceService then finds
 it there after a restart and from any replica sharing the database.
 
-Backends: ``SqliteTraceArchive`` (archive_sqlite.py, its own file) and
-``PostgresTraceArchive`` (archive_postgres.py, the session store's database and schema).
+Backends: ``SqliteTraceArchive`` (the ``sqlite`` package, its own file) and
+``PostgresTraceArchive`` (the ``postgres`` package, the session store's database and schema).
 
 Retention (``sweep``): a trace is kept while it is among the newest ``max_traces``
 traces *and*, when ``max_age_s`` is set, younger than that (by its start time); the

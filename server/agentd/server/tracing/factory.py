@@ -41,11 +41,11 @@ def build_trace_archive(settings: Settings) -> TraceArchive | None:
     """Where ended traces are kept (None: memory only), per ``AGENTD_TRACE_STORE``."""
     backend = settings.resolved_trace_store()
     if backend == "sqlite":
-        from agentd.server.tracing.archive_sqlite import SqliteTraceArchive
+        from agentd.server.tracing.sqlite import SqliteTraceArchive
 
         return SqliteTraceArchive(settings.resolved_trace_sqlite_path(), auto_migrate=settings.auto_migrate)
     if backend == "postgres":
-        from agentd.server.tracing.archive_postgres import PostgresTraceArchive
+        from agentd.server.tracing.postgres import PostgresTraceArchive
 
         return PostgresTraceArchive(
             url=settings.postgres_url,

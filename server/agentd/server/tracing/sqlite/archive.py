@@ -1,8 +1,4 @@
-"""Ended traces in their own SQLite file (by default next to the session database).
-
-Like the SQLite session store, all database work runs on one dedicated worker thread,
-each public method being one transaction there: the event loop never blocks on disk.
-"""
+"""``SqliteTraceArchive``: ended traces in their own SQLite file (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -26,53 +22,9 @@ from agentd.server.tracing.archive import (
 )
 from agentd.server.tracing.base import SpanKind
 from agentd.server.tracing.memory import SpanRecord, TraceRecord
+from agentd.server.tracing.sqlite.schema import LATEST_VERSION, MIGRATIONS
 
-__all__ = ["SqliteTraceArchive", "MIGRATIONS"]
-
-# Versioned, append-only: version N is MIGRATIONS[N - 1]. Never edit a released entry.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: traces, their spans and the agents that ran in them
-    """
-    CREATE TABLE traces (
-        trace_id TEXT PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        workflow_name TEXT NOT NULL,
-        group_id TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        agent TEXT NOT NULL,
-        agents TEXT NOT NULL,
-        status TEXT NOT NULL,
-        error TEXT NOT NULL,
-        start_ns INTEGER NOT NULL,
-        end_ns INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        span_count INTEGER NOT NULL
-    );
-    CREATE INDEX traces_by_start ON traces (start_ns DESC, trace_id DESC);
-    CREATE INDEX traces_by_workflow ON traces (workflow_name, start_ns DESC, trace_id DESC);
-    CREATE INDEX traces_by_group ON traces (group_id, start_ns DESC, trace_id DESC);
-    CREATE TABLE trace_spans (
-        trace_id TEXT NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
-        span_id TEXT NOT NULL,
-        parent_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        name TEXT NOT NULL,
-        start_ns INTEGER NOT NULL,
-        end_ns INTEGER NOT NULL,
-        error TEXT NOT NULL,
-        attributes TEXT NOT NULL,
-        PRIMARY KEY (trace_id, span_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE trace_agents (
-        trace_id TEXT NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
-        agent TEXT NOT NULL,
-        PRIMARY KEY (trace_id, agent)
-    ) WITHOUT ROWID;
-    CREATE INDEX trace_agents_by_agent ON trace_agents (agent, trace_id);
-    """,
-)
-LATEST_VERSION = len(MIGRATIONS)
+__all__ = ["SqliteTraceArchive"]
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata, t.agent, t.agents, t.error,"

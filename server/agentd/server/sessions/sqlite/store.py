@@ -1,11 +1,4 @@
-"""Embedded persistent session store on SQLite.
-
-All database work runs on one dedicated worker thread: the event loop never blocks
-on disk, and because each public method is one synchronous function executed there
-inside its own transaction, every operation is atomic and operations of this store
-object are serialised. Other store objects or processes on the same file are kept
-consistent by SQLite's locking (WAL, ``BEGIN IMMEDIATE`` for writes, busy timeout).
-"""
+"""``SqliteSessionStore``: sessions in one SQLite file (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -32,48 +25,9 @@ from agentd.server.sessions.base import (
     expiry,
     resolve_ttl,
 )
+from agentd.server.sessions.sqlite.schema import LATEST_VERSION, MIGRATIONS
 
 __all__ = ["SqliteSessionStore"]
-
-# Versioned, append-only: version N is MIGRATIONS[N - 1]. Never edit a released entry;
-# add a new one. Each runs inside the same transaction as its schema_version row.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: sessions, items, request ids
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        metadata TEXT NOT NULL,
-        state TEXT NOT NULL,
-        last_seq INTEGER NOT NULL DEFAULT 0,
-        item_count INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX sessions_by_created ON sessions (created_at DESC, id DESC);
-    CREATE TABLE items (
-        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        type TEXT NOT NULL,
-        data TEXT NOT NULL,
-        PRIMARY KEY (session_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE append_requests (
-        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-        request_id TEXT NOT NULL,
-        first_seq INTEGER NOT NULL,
-        last_seq INTEGER NOT NULL,
-        PRIMARY KEY (session_id, request_id)
-    ) WITHOUT ROWID;
-    """,
-    # 2: idle expiry
-    """
-    ALTER TABLE sessions ADD COLUMN ttl_s REAL;
-    ALTER TABLE sessions ADD COLUMN expires_at REAL;
-    CREATE INDEX sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
-    """,
-)
-LATEST_VERSION = len(MIGRATIONS)
 
 _SESSION_COLUMNS = "id, created_at, updated_at, metadata, state, item_count, ttl_s, expires_at"
 # A session is visible while it has no expiry or its expiry is still ahead of ?now.

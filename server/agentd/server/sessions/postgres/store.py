@@ -1,27 +1,4 @@
-"""Shared session store on PostgreSQL, through an asyncpg connection pool.
-
-Several agentd replicas can serve the same sessions: every public method is one
-statement, so one round trip and one transaction. The writes that need several steps
-(append, pop, clear, create, read-and-create) are PL/pgSQL functions created by the
-migrations; each starts by locking the session row, which serialises writers of one
-session across all replicas and makes sequence numbers gap-free and unique. A
-cancelled caller cannot leave anything half-written: a statement commits or rolls back
-as a whole.
-
-"Now" is the caller's ``time.time()`` passed as a parameter (never the database's
-``now()``), so expiry and ordering agree with the other stores and with tests that
-control the clock; timestamps returned to callers are always read back from the
-database, so two reads of one record are equal despite ``timestamptz`` rounding.
-
-Item payloads are stored as ``json`` (validated, kept verbatim), not ``jsonb``: they are
-written once and read whole, never queried inside (``type``/``role`` have columns),
-verbatim is cheaper both ways, and ``json`` accepts ``\\u0000``, which ``jsonb`` rejects
-and a tool's output may well contain. Metadata and state are ``jsonb``.
-
-Every table and function lives in one schema (``agentd`` by default). All SQL names it
-explicitly and the functions pin their ``search_path``, so nothing depends on the
-connection's ``search_path`` (which a pooler such as PgBouncer may not carry).
-"""
+"""``PostgresSessionStore``: sessions in a Postgres schema (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -31,13 +8,12 @@ import logging
 import math
 import time
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, fields, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import asyncpg
 
-from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
+from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
     SchemaStatus,
@@ -50,293 +26,19 @@ from agentd.server.sessions.base import (
     encode_cursor,
     resolve_ttl,
 )
+from agentd.server.sessions.postgres.schema import EXISTS, LATEST_VERSION, MIGRATIONS, NOT_FOUND
+from agentd.server.sessions.postgres.statements import Statements
 
-__all__ = ["MIGRATIONS", "LATEST_VERSION", "PostgresSessionStore"]
+__all__ = ["PostgresSessionStore"]
 
 log = logging.getLogger("agentd.store")
 
 T = TypeVar("T")
 
-# Raised by the functions below; translated to SessionNotFoundError / SessionExistsError.
-_NOT_FOUND = "AG404"
-_EXISTS = "AG409"
-
-# Versioned, append-only: version N is MIGRATIONS[N - 1]. Never edit a released entry;
-# add a new one. ``migrate`` runs each with ``search_path`` set to the store's schema,
-# inside the same transaction as its schema_version row, so names are unqualified here.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: sessions, items, request ids, and the multi-step writes as functions
-    r"""
-    CREATE TABLE sessions (
-        id text COLLATE "C" PRIMARY KEY,  -- "C": ids order by code point, like every other store
-        created_at timestamptz NOT NULL,
-        updated_at timestamptz NOT NULL,
-        metadata jsonb NOT NULL,
-        state jsonb NOT NULL,
-        last_seq bigint NOT NULL DEFAULT 0,  -- never rewinds: sequences are not reused
-        item_count bigint NOT NULL DEFAULT 0,
-        ttl_s double precision CHECK (ttl_s > 0),  -- NULL: never expires
-        expires_at timestamptz  -- last write + ttl_s; NULL without a TTL
-    ) WITH (fillfactor = 90);  -- room for HOT updates: every append rewrites the row
-    CREATE INDEX sessions_by_created ON sessions (created_at DESC, id DESC);
-    CREATE INDEX sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
-
-    CREATE TABLE items (
-        session_id text COLLATE "C" NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-        seq bigint NOT NULL,
-        created_at timestamptz NOT NULL,
-        type text NOT NULL,
-        role text,  -- messages only
-        data json NOT NULL,
-        PRIMARY KEY (session_id, seq)  -- serves history, paging both ways, pop and cascades
-    );
-
-    CREATE TABLE append_requests (
-        session_id text COLLATE "C" NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-        request_id text NOT NULL,
-        first_seq bigint NOT NULL,
-        last_seq bigint NOT NULL,
-        PRIMARY KEY (session_id, request_id)
-    );
-
-    -- Create a session; an expired one holding the id is replaced (its rows cascade).
-    -- AG409 when a live session has the id.
-    CREATE FUNCTION agentd_create(
-        p_id text, p_now double precision, p_metadata jsonb, p_state jsonb, p_ttl double precision
-    ) RETURNS SETOF sessions LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-    DECLARE
-        v_now timestamptz := to_timestamp(p_now);
-    BEGIN
-        DELETE FROM sessions s WHERE s.id = p_id AND s.expires_at <= v_now;
-        RETURN QUERY
-            INSERT INTO sessions AS s (id, created_at, updated_at, metadata, state, ttl_s, expires_at)
-            VALUES (p_id, v_now, v_now, p_metadata, p_state, p_ttl, v_now + make_interval(secs => p_ttl))
-            ON CONFLICT (id) DO NOTHING
-            RETURNING s.*;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'session % already exists', p_id USING ERRCODE = 'AG409';
-        END IF;
-    END $$;
-
-    -- A run's history, creating the session (over an expired one) when it is missing.
-    -- One row per item in order; a live session without items gives one NULL row.
-    CREATE FUNCTION agentd_read_history_create(p_id text, p_now double precision, p_ttl double precision)
-    RETURNS TABLE (data json) LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-    DECLARE
-        v_now timestamptz := to_timestamp(p_now);
-    BEGIN
-        -- Loops only if a concurrent delete removes the session between two statements.
-        FOR attempt IN 1..3 LOOP
-            DELETE FROM sessions s WHERE s.id = p_id AND s.expires_at <= v_now;
-            INSERT INTO sessions (id, created_at, updated_at, metadata, state, ttl_s, expires_at)
-            VALUES (p_id, v_now, v_now, '{}', '{}', p_ttl, v_now + make_interval(secs => p_ttl))
-            ON CONFLICT (id) DO NOTHING;
-            IF FOUND THEN
-                RETURN;  -- new: no items
-            END IF;
-            -- One snapshot for the session and its items: a consistent history.
-            RETURN QUERY
-                SELECT i.data FROM sessions s LEFT JOIN items i ON i.session_id = s.id
-                WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
-                ORDER BY i.seq;
-            IF FOUND THEN
-                RETURN;
-            END IF;
-        END LOOP;
-        RAISE EXCEPTION 'session % keeps disappearing', p_id USING ERRCODE = '40001';
-    END $$;
-
-    -- Append a run's items, numbered after last_seq, all or nothing. With a request id
-    -- already used on the session: append nothing and return the stored items of that
-    -- request that still exist. Otherwise return one row: the first new sequence, the
-    -- stored created_at and a NULL payload (the caller has the items). AG404: no session.
-    CREATE FUNCTION agentd_append(
-        p_id text, p_request text, p_now double precision, p_types text[], p_roles text[], p_data text[]
-    ) RETURNS TABLE (seq bigint, created_at double precision, data json)
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-    DECLARE
-        v_now timestamptz := to_timestamp(p_now);
-        v_count bigint := cardinality(p_data);
-        v_last bigint;
-        v_first bigint;
-        v_final bigint;
-    BEGIN
-        IF p_request IS NULL THEN
-            -- Without a request id, numbering and locking are one row update: the row
-            -- lock it takes serialises appends to this session on every replica.
-            UPDATE sessions s
-            SET last_seq = s.last_seq + v_count, item_count = s.item_count + v_count, updated_at = v_now,
-                expires_at = v_now + make_interval(secs => s.ttl_s)
-            WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
-            RETURNING s.last_seq - v_count INTO v_last;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'session % does not exist', p_id USING ERRCODE = 'AG404';
-            END IF;
-            INSERT INTO items (session_id, seq, created_at, type, role, data)
-            SELECT p_id, v_last + t.n, v_now, t.type, t.role, t.data::json
-            FROM unnest(p_types, p_roles, p_data) WITH ORDINALITY AS t (type, role, data, n);
-            RETURN QUERY SELECT v_last + 1, extract(epoch FROM v_now)::float8, NULL::json;
-            RETURN;
-        END IF;
-        -- The row lock serialises appends to this session on every replica.
-        SELECT s.last_seq INTO v_last FROM sessions s
-        WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
-        FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'session % does not exist', p_id USING ERRCODE = 'AG404';
-        END IF;
-        IF p_request IS NOT NULL THEN
-            SELECT r.first_seq, r.last_seq INTO v_first, v_final FROM append_requests r
-            WHERE r.session_id = p_id AND r.request_id = p_request;
-            IF FOUND THEN
-                RETURN QUERY
-                    SELECT i.seq, extract(epoch FROM i.created_at)::float8, i.data FROM items i
-                    WHERE i.session_id = p_id AND i.seq BETWEEN v_first AND v_final ORDER BY i.seq;
-                RETURN;
-            END IF;
-        END IF;
-        INSERT INTO items (session_id, seq, created_at, type, role, data)
-        SELECT p_id, v_last + t.n, v_now, t.type, t.role, t.data::json
-        FROM unnest(p_types, p_roles, p_data) WITH ORDINALITY AS t (type, role, data, n);
-        UPDATE sessions s
-        SET last_seq = v_last + v_count, item_count = s.item_count + v_count, updated_at = v_now,
-            expires_at = v_now + make_interval(secs => s.ttl_s)
-        WHERE s.id = p_id;
-        INSERT INTO append_requests (session_id, request_id, first_seq, last_seq)
-        VALUES (p_id, p_request, v_last + 1, v_last + v_count);
-        RETURN QUERY SELECT v_last + 1, extract(epoch FROM v_now)::float8, NULL::json;
-    END $$;
-
-    -- Remove and return the newest item (no row when there is none). AG404: no session.
-    CREATE FUNCTION agentd_pop(p_id text, p_now double precision)
-    RETURNS TABLE (seq bigint, created_at double precision, data json)
-    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-    DECLARE
-        v_now timestamptz := to_timestamp(p_now);
-    BEGIN
-        PERFORM FROM sessions s
-        WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
-        FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'session % does not exist', p_id USING ERRCODE = 'AG404';
-        END IF;
-        RETURN QUERY
-            DELETE FROM items i
-            WHERE i.session_id = p_id
-              AND i.seq = (SELECT max(i2.seq) FROM items i2 WHERE i2.session_id = p_id)
-            RETURNING i.seq, extract(epoch FROM i.created_at)::float8, i.data;
-        IF FOUND THEN
-            UPDATE sessions s
-            SET item_count = s.item_count - 1, updated_at = v_now,
-                expires_at = v_now + make_interval(secs => s.ttl_s)
-            WHERE s.id = p_id;
-        END IF;
-    END $$;
-
-    -- Remove all items, keeping the session; returns how many. AG404: no session.
-    CREATE FUNCTION agentd_clear(p_id text, p_now double precision)
-    RETURNS bigint LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-    DECLARE
-        v_now timestamptz := to_timestamp(p_now);
-        v_removed bigint;
-    BEGIN
-        PERFORM FROM sessions s
-        WHERE s.id = p_id AND (s.expires_at IS NULL OR s.expires_at > v_now)
-        FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'session % does not exist', p_id USING ERRCODE = 'AG404';
-        END IF;
-        DELETE FROM items i WHERE i.session_id = p_id;
-        GET DIAGNOSTICS v_removed = ROW_COUNT;
-        IF v_removed > 0 THEN
-            UPDATE sessions s
-            SET item_count = 0, updated_at = v_now, expires_at = v_now + make_interval(secs => s.ttl_s)
-            WHERE s.id = p_id;
-        END IF;
-        RETURN v_removed;
-    END $$;
-    """,
-)
-LATEST_VERSION = len(MIGRATIONS)
-
 # Failures that say nothing about the statement but much about the connection.
 _CONNECTION_IN_DOUBT = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _SWEEP_BATCH = 1000
 _PING_TIMEOUT_S = 2.0
-
-# A session row as SessionRecord fields, epoch seconds read back from the stored values.
-_RECORD = (
-    "id, extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8,"
-    " metadata, state, item_count, ttl_s, extract(epoch FROM expires_at)::float8"
-)
-_ITEM = "i.seq, extract(epoch FROM i.created_at)::float8, i.data"
-
-
-@dataclass(frozen=True, slots=True)
-class _Statements:
-    """Every statement the store sends: constant per store, so asyncpg prepares each once
-    per connection. ``{s}`` is the quoted schema; ``$now`` parameters are unix seconds."""
-
-    get: str = (
-        f"SELECT {_RECORD} FROM {{s}}.sessions"
-        " WHERE id = $1 AND (expires_at IS NULL OR expires_at > to_timestamp($2))"
-    )
-    exists: str = "SELECT 1 FROM {s}.sessions WHERE id = $1 AND (expires_at IS NULL OR expires_at > to_timestamp($2))"
-    create: str = f"SELECT {_RECORD} FROM {{s}}.agentd_create($1, $2, $3::jsonb, $4::jsonb, $5)"
-    list_first: str = (
-        f"SELECT {_RECORD} FROM {{s}}.sessions WHERE expires_at IS NULL OR expires_at > to_timestamp($1)"
-        " ORDER BY created_at DESC, id DESC LIMIT $2"
-    )
-    list_after: str = (
-        f"SELECT {_RECORD} FROM {{s}}.sessions"
-        " WHERE (created_at, id) < (to_timestamp($2), $3::text)"
-        " AND (expires_at IS NULL OR expires_at > to_timestamp($1))"
-        " ORDER BY created_at DESC, id DESC LIMIT $4"
-    )
-    # $4: NULL keeps the TTL, 0 removes it, > 0 sets it; expiry restarts from $5 either way.
-    update: str = (
-        "UPDATE {s}.sessions SET metadata = coalesce($2::jsonb, metadata), state = coalesce($3::jsonb, state),"
-        " ttl_s = CASE WHEN $4::float8 IS NULL THEN ttl_s ELSE nullif($4, 0) END,"
-        " updated_at = to_timestamp($5),"
-        " expires_at = to_timestamp($5)"
-        " + make_interval(secs => CASE WHEN $4 IS NULL THEN ttl_s ELSE nullif($4, 0) END)"
-        " WHERE id = $1 AND (expires_at IS NULL OR expires_at > to_timestamp($5))"
-        f" RETURNING {_RECORD}"
-    )
-    # Deletes an expired session's rows too, but reports it as missing.
-    delete: str = "DELETE FROM {s}.sessions WHERE id = $1 RETURNING expires_at IS NULL OR expires_at > to_timestamp($2)"
-    append: str = "SELECT seq, created_at, data FROM {s}.agentd_append($1, $2, $3, $4, $5, $6)"
-    # A live session with no items in range gives one row of NULLs; a missing one, no row.
-    list_oldest: str = (
-        f"SELECT {_ITEM} FROM {{s}}.sessions s LEFT JOIN LATERAL ("
-        " SELECT seq, created_at, data FROM {s}.items"
-        " WHERE session_id = s.id AND seq > $2 ORDER BY seq LIMIT $3) i ON true"
-        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($4)) ORDER BY i.seq"
-    )
-    list_newest: str = (
-        f"SELECT {_ITEM} FROM {{s}}.sessions s LEFT JOIN LATERAL ("
-        " SELECT seq, created_at, data FROM {s}.items"
-        " WHERE session_id = s.id AND seq < $2 ORDER BY seq DESC LIMIT $3) i ON true"
-        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($4)) ORDER BY i.seq DESC"
-    )
-    history: str = (
-        "SELECT i.data FROM {s}.sessions s JOIN {s}.items i ON i.session_id = s.id"
-        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($2)) ORDER BY i.seq"
-    )
-    history_create: str = "SELECT data FROM {s}.agentd_read_history_create($1, $2, $3)"
-    pop: str = "SELECT seq, created_at, data FROM {s}.agentd_pop($1, $2)"
-    clear: str = "SELECT {s}.agentd_clear($1, $2)"
-    # SKIP LOCKED: a session some write holds is left for the next sweep, never waited on.
-    # ANY(ARRAY(...)): the delete then finds each row through the primary key.
-    sweep: str = (
-        "WITH gone AS (DELETE FROM {s}.sessions WHERE id = ANY (ARRAY("
-        "SELECT id FROM {s}.sessions WHERE expires_at <= to_timestamp($1)"
-        " ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING 1)"
-        " SELECT count(*) FROM gone"
-    )
-
-    def for_schema(self, quoted_schema: str) -> _Statements:
-        return replace(self, **{f.name: getattr(self, f.name).format(s=quoted_schema) for f in fields(self)})
 
 
 class _StaleConnection(Exception):
@@ -411,7 +113,7 @@ class PostgresSessionStore(SessionStore):
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._auto_migrate = auto_migrate
         self._where = f"postgres store at {location(url)}"
-        self._sql = _Statements().for_schema(self._quoted)
+        self._sql = Statements().for_schema(self._quoted)
         self._pool: asyncpg.Pool | None = None
 
     @property
@@ -480,9 +182,9 @@ class PostgresSessionStore(SessionStore):
                     with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # a broken one is cut off
                         await conn.close(timeout=self._connect_timeout_s)
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate == _NOT_FOUND:
+            if exc.sqlstate == NOT_FOUND:
                 raise SessionNotFoundError(session_id) from None
-            if exc.sqlstate == _EXISTS:
+            if exc.sqlstate == EXISTS:
                 raise SessionExistsError(session_id) from None
             if isinstance(exc, asyncpg.DataError):  # a value Postgres cannot hold, e.g. \u0000 in jsonb
                 raise ValueError(f"postgres cannot store this value: {exc}") from exc

@@ -1,9 +1,5 @@
-"""Ended traces in Postgres: the session store's database and schema, shared by every replica.
-
-Its own small pool and its own migration list (recorded in ``trace_schema_version``),
-applied under the same advisory lock as the session store's migrations, so replicas
-starting together (and the session store's migrations) never collide.
-"""
+"""``PostgresTraceArchive``: ended traces in the session store's Postgres schema (see the
+package docstring)."""
 
 from __future__ import annotations
 
@@ -29,57 +25,12 @@ from agentd.server.tracing.archive import (
     where_clause,
 )
 from agentd.server.tracing.base import SpanKind
+from agentd.server.tracing.postgres.schema import LATEST_VERSION, MIGRATIONS
 from agentd.server.tracing.memory import SpanRecord, TraceRecord
 
-__all__ = ["PostgresTraceArchive", "MIGRATIONS"]
+__all__ = ["PostgresTraceArchive"]
 
 log = logging.getLogger("agentd.tracing")
-
-# Versioned, append-only: version N is MIGRATIONS[N - 1]. Run with search_path set to the
-# schema, inside the same transaction as their trace_schema_version row.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: traces, their spans and the agents that ran in them
-    """
-    CREATE TABLE traces (
-        trace_id text PRIMARY KEY,
-        run_id text NOT NULL,
-        workflow_name text NOT NULL,
-        group_id text NOT NULL,
-        metadata jsonb NOT NULL,
-        agent text NOT NULL,
-        agents jsonb NOT NULL,
-        status text NOT NULL,
-        error text NOT NULL,
-        start_ns bigint NOT NULL,
-        end_ns bigint NOT NULL,
-        input_tokens bigint NOT NULL,
-        output_tokens bigint NOT NULL,
-        span_count integer NOT NULL
-    );
-    CREATE INDEX traces_by_start ON traces (start_ns DESC, trace_id DESC);
-    CREATE INDEX traces_by_workflow ON traces (workflow_name, start_ns DESC, trace_id DESC);
-    CREATE INDEX traces_by_group ON traces (group_id, start_ns DESC, trace_id DESC);
-    CREATE TABLE trace_spans (
-        trace_id text NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
-        span_id text NOT NULL,
-        parent_id text NOT NULL,
-        kind text NOT NULL,
-        name text NOT NULL,
-        start_ns bigint NOT NULL,
-        end_ns bigint NOT NULL,
-        error text NOT NULL,
-        attributes jsonb NOT NULL,
-        PRIMARY KEY (trace_id, span_id)
-    );
-    CREATE TABLE trace_agents (
-        trace_id text NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
-        agent text NOT NULL,
-        PRIMARY KEY (trace_id, agent)
-    );
-    CREATE INDEX trace_agents_by_agent ON trace_agents (agent, trace_id);
-    """,
-)
-LATEST_VERSION = len(MIGRATIONS)
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"

@@ -1,0 +1,50 @@
+"""Runs on PostgreSQL: records, event logs, the work queue and leases, shared by every replica.
+
+Every public operation is one round trip: a single statement, or a PL/pgSQL function
+(created by the migrations) that checks and writes in one transaction. Claims
+take rows with ``FOR UPDATE SKIP LOCKED``, so claimers on any number of replicas never
+wait for each other and never take the same run. The session gate (REJECT/ENQUEUE and
+the promotion of a session's next run) serialises on a transaction-scoped advisory
+lock on the session id, taken before any row lock, so two replicas creating runs for
+one session at once (or one creating while another finishes) always agree.
+
+Wake-ups use LISTEN/NOTIFY: the functions notify ``<schema>_run_work`` when a run
+becomes claimable and ``<schema>_run_events`` (payload: the run id) when events are
+appended. Each store holds one dedicated LISTEN connection (reconnected after failures)
+that wakes its local ``claim``/``wait_events`` waiters, which then re-check with a
+query; a one-second fallback poll covers a notification lost while reconnecting.
+
+Times are the caller's unix seconds stored as ``double precision``, so they read back
+exactly as written. Specs, checkpoints, results and events are the codec's JSON stored
+as ``json`` (verbatim, and unlike ``jsonb`` it accepts ``\\u0000``).
+
+The caller's answers (``submit_action``) are rows of ``run_actions`` (migration 2), one
+per action key, inserted ``ON CONFLICT DO NOTHING`` (the first answer wins) by a function
+that holds the run's row lock; every record read returns them as one JSON object, and
+they are deleted with their run (``ON DELETE CASCADE``).
+
+The migrations have their own version table (``run_schema_version``) in the session
+store's schema and run under the same advisory lock as every other migration there.
+
+The package: ``store.py`` (``PostgresRunStore``), ``bus.py`` (``PostgresControlBus``),
+``build.py`` (both, from the settings); ``schema.py`` loads the migrations,
+``migrations/NNNN_*.sql`` (tables and functions), and names what they define for
+Python (error codes, NOTIFY channels); ``statements.py`` holds the statements the store
+sends and reads their rows; ``listen.py`` the LISTEN connection and the wake-ups it
+drives; ``common.py`` the connection settings and error mapping the store and the bus
+share.
+"""
+
+from agentd.server.runs.postgres.build import build_postgres_runs
+from agentd.server.runs.postgres.bus import PostgresControlBus
+from agentd.server.runs.postgres.schema import LATEST_VERSION, MIGRATIONS, channel_name
+from agentd.server.runs.postgres.store import PostgresRunStore
+
+__all__ = [
+    "MIGRATIONS",
+    "LATEST_VERSION",
+    "PostgresRunStore",
+    "PostgresControlBus",
+    "build_postgres_runs",
+    "channel_name",
+]

@@ -1,0 +1,66 @@
+local B = ARGV[1]
+local QUEUE, LEASES, EXPIRIES = B .. 'queue', B .. 'leases', B .. 'expiries'
+local GROUP = 'workers'
+local TERMINAL = {completed = true, failed = true, cancelled = true}
+
+local function run_key(id) return B .. 'run:' .. id end
+
+-- The session's oldest active run, dropping ids whose record is gone.
+local function first_active(active)
+  while true do
+    local head = redis.call('LINDEX', active, 0)
+    if not head then return nil end
+    if redis.call('EXISTS', run_key(head)) == 1 then return head end
+    redis.call('LPOP', active)
+  end
+end
+
+local function enqueue(key, id)
+  redis.call('HSET', key, 'queue_entry', redis.call('XADD', QUEUE, '*', 'r', id))
+end
+
+local function requeue(key, id, now)
+  redis.call('HSET', key, 'status', 'queued', 'owner', '', 'lease_expires', '0', 'update_time', now)
+  redis.call('ZREM', LEASES, id)
+  enqueue(key, id)
+end
+
+-- Append events given as ARGV[from..] (sequence, JSON) pairs to a log whose last
+-- sequence is `last`; the new last sequence, or nil when the first does not follow.
+local function append(events, last, from)
+  if #ARGV < from then return last end
+  if tonumber(ARGV[from]) ~= tonumber(last) + 1 then return nil end
+  for i = from, #ARGV, 2 do redis.call('XADD', events, '0-' .. ARGV[i], 'e', ARGV[i + 1]) end
+  return ARGV[#ARGV - 1]
+end
+
+-- "<#id>:<#session or -1>:<id><session><request id>": what sweep needs of an ended run.
+local function pack(id, sid, req)
+  return #id .. ':' .. (sid and #sid or -1) .. ':' .. id .. (sid or '') .. (req or '')
+end
+
+-- The run ended (status, result JSON): release its session, start its retention.
+local function end_run(key, id, status, result, now, retention_ms, retention_end)
+  local f = redis.call('HMGET', key, 'session', 'request_id')
+  redis.call('HSET', key, 'status', status, 'result', result, 'owner', '', 'lease_expires', '0',
+             'update_time', now, 'queue_entry', '')
+  redis.call('ZREM', LEASES, id)
+  local sid, req = f[1], f[2]
+  if sid then
+    local active = B .. 'active:' .. sid
+    redis.call('LREM', active, 1, id)
+    local head = first_active(active)
+    if head then  -- the session's next run may go now
+      local hkey = run_key(head)
+      local h = redis.call('HMGET', hkey, 'status', 'queue_entry')
+      if h[1] == 'queued' and (not h[2] or h[2] == '') then enqueue(hkey, head) end
+    end
+  end
+  redis.call('PEXPIRE', key, retention_ms)
+  redis.call('PEXPIRE', B .. 'events:' .. id, retention_ms)
+  if req then
+    local rkey = B .. 'request:' .. req
+    if redis.call('GET', rkey) == id then redis.call('PEXPIRE', rkey, retention_ms) end
+  end
+  redis.call('ZADD', EXPIRIES, retention_end, pack(id, sid, req))
+end

@@ -1,0 +1,21 @@
+-- KEYS: expiries. ARGV: base, now, batch. How many ended runs were deleted.
+local due = redis.call('ZRANGE', EXPIRIES, '-inf', ARGV[2], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]))
+for _, m in ipairs(due) do
+  local a, b, rest = string.match(m, '^(%d+):(%-?%d+):(.*)$')
+  a, b = tonumber(a), tonumber(b)
+  local id = string.sub(rest, 1, a)
+  local key = run_key(id)
+  local status = redis.call('HGET', key, 'status')
+  if not status or TERMINAL[status] then redis.call('DEL', key, B .. 'events:' .. id) end
+  local req_from = a + 1
+  if b >= 0 then
+    redis.call('ZREM', B .. 'session:' .. string.sub(rest, a + 1, a + b), id)
+    req_from = a + b + 1
+  end
+  if req_from <= #rest then
+    local rkey = B .. 'request:' .. string.sub(rest, req_from)
+    if redis.call('GET', rkey) == id then redis.call('DEL', rkey) end
+  end
+  redis.call('ZREM', EXPIRIES, m)
+end
+return #due
