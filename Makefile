@@ -62,6 +62,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_runs.py
 	$(PY) bench/bench_stores.py
 	$(PY) bench/bench_replicas.py
+	$(PY) bench/bench_auth.py
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache

@@ -8,6 +8,7 @@ import time
 from pydantic import BaseModel
 
 from agentd.server import Agent, App, RunContext, function_tool
+from agentd.server.auth.principal import Scope
 
 
 class ToolLog:
@@ -76,7 +77,19 @@ specialist = Agent(
 )
 
 
+@function_tool
+def whoami(ctx: RunContext) -> dict:
+    """Who the run acts for (a tool enforcing its own data rules reads this)."""
+    principal = ctx.principal
+    return {
+        "subject": principal.subject if principal else None, "tenant": ctx.tenant, "session": ctx.session_id,
+        "can_write_runs": bool(principal and principal.allows(Scope.RUNS_WRITE)),
+    }
+
+
 def _assistant_instructions(ctx: RunContext, agent: Agent) -> str:
+    if ctx.context.get("break_instructions"):  # app code failing with personal data in its message
+        raise LookupError("profile of alice@example.com (card 4111 1111 1111 1111) is locked")
     user = ctx.context.get("user", "someone")
     return f"You help {user}. Use tools; hand hard questions to the specialist."
 
@@ -86,7 +99,7 @@ assistant = Agent(
     model="assistant",
     description="General assistant.",
     instructions=_assistant_instructions,
-    tools=[get_weather, wait, explode],
+    tools=[get_weather, wait, explode, whoami],
     handoffs=[specialist],
 )
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from agentd.client import RunStream
+from typing import Any, Awaitable
+
+import grpc
+
+from agentd.client import AgentdClient, RunStream
+from agentd.v1 import agent_service_pb2 as apb
 from agentd.v1 import run_event_pb2
 
 TERMINAL = {"run_completed", "run_failed", "run_cancelled"}
@@ -32,3 +37,34 @@ def assert_well_formed(events: list[run_event_pb2.RunEvent]) -> None:
     names = kinds(events)
     assert names[0] == "run_started"
     assert names[-1] in TERMINAL and sum(n in TERMINAL for n in names) == 1
+
+
+async def outcome(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a unary call ends with."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def stream_outcome(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a server stream ends with (its messages read and dropped)."""
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def wait_for_action(client: AgentdClient, run_id: str) -> str:
+    """The call id the run waits on, from its event stream (no polling)."""
+    watch = client.agents.WatchRun(apb.WatchRunRequest(name=f"runs/{run_id}"))
+    try:
+        async for response in watch:
+            if response.event.WhichOneof("payload") == "action_required":
+                return response.event.action_required.item.tool_call.call_id
+    finally:
+        watch.cancel()
+    raise AssertionError(f"run {run_id} ended without asking for approval")

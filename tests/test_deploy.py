@@ -161,14 +161,15 @@ def test_dockerfile_healthcheck_uses_the_grpc_health_protocol_and_sigterm_stops(
     argv = healthcheck_argv()
     code = argv[-1]
     assert argv[0] == "python" and "grpc_health.v1" in code and "HealthCheckRequest" in code
-    assert "SERVING" in code and "AGENTD_PORT" in code
+    assert "SERVING" in code and "AGENTD_HEALTH_PORT" in code
     stop = [rest for keyword, rest in final_stage() if keyword == "STOPSIGNAL"]
     assert stop == ["SIGTERM"]
     cmd = [json.loads(rest) for keyword, rest in final_stage() if keyword == "CMD"]
     assert cmd and cmd[-1][:2] == ["agentd", "serve"], "CMD should be exec form so agentd is PID 1 and gets SIGTERM"
     expose = [rest for keyword, rest in final_stage() if keyword == "EXPOSE"]
     env = " ".join(rest for keyword, rest in final_stage() if keyword == "ENV")
-    assert expose == ["50051"] and "AGENTD_PORT=50051" in env and "AGENTD_HOST=0.0.0.0" in env
+    assert expose == ["50051 50052"] and "AGENTD_PORT=50051" in env and "AGENTD_HOST=0.0.0.0" in env
+    assert "AGENTD_HEALTH_PORT=50052" in env
 
 
 def test_dockerfile_installs_the_server_extra_only_and_ignores_what_it_does_not_need():
@@ -262,6 +263,20 @@ def test_compose_replicas_drain_within_their_stop_grace_period_and_health_check_
         assert test[:3] == ["CMD", "python", "-c"] and test[3] == docker_code, "same check as the image's HEALTHCHECK"
 
 
+def test_compose_replicas_serve_tls_and_authenticate_from_the_secrets_folder():
+    """Exposed on 0.0.0.0, every replica speaks TLS and checks API keys; deploy/make-secrets.sh
+    writes what they mount (tests/test_auth.py serves with its output)."""
+    services = compose()["services"]
+    for name in REPLICA_SERVICES:
+        service = services[name]
+        settings = settings_from(compose_env(service))
+        assert settings.host == "0.0.0.0" and not settings.insecure
+        assert "./secrets:/run/agentd:ro" in service["volumes"]
+        for path in (settings.tls_cert_file, settings.tls_key_file, settings.api_keys_file):
+            assert path is not None and str(path).startswith("/run/agentd/")
+    assert (ROOT / "deploy" / "make-secrets.sh").stat().st_mode & 0o111
+
+
 def test_compose_traces_go_through_the_collector_to_jaeger():
     services = compose()["services"]
     collector = services["otel-collector"]
@@ -308,10 +323,12 @@ def test_k8s_deployment_probes_drain_and_security():
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    (port,) = container["ports"]
+    port, health = container["ports"]
     assert port["containerPort"] == 50051 and port["name"] == "grpc"
+    assert health["containerPort"] == 50052 and health["name"] == "health"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert container[probe]["grpc"]["port"] == port["containerPort"], f"{probe} should be the native grpc probe"
+        # Native gRPC probes cannot speak TLS: they ask the plaintext health-only port.
+        assert container[probe]["grpc"]["port"] == health["containerPort"], f"{probe} should be the native grpc probe"
     assert container["resources"]["requests"] and container["resources"]["limits"]
 
     config = k8s("ConfigMap", "agentd-config")["data"]
@@ -324,6 +341,13 @@ def test_k8s_deployment_probes_drain_and_security():
     settings = settings_from({**config, **secret})
     assert settings.store == "postgres" and settings.resolved_run_store() == "redis"
     assert settings.port == port["containerPort"] and settings.host == "0.0.0.0"
+    assert settings.health_port == health["containerPort"]
+    # Exposed on 0.0.0.0, so it serves TLS and authenticates callers (README, Security).
+    assert settings.tls_cert_file and settings.tls_key_file and settings.api_keys_file
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets[mounts[str(settings.tls_cert_file.parent)]] == "agentd-tls"
+    assert secrets[mounts[str(settings.api_keys_file.parent)]] == "agentd-api-keys"
 
     pre_stop = container["lifecycle"]["preStop"]
     if "exec" in pre_stop:
@@ -525,9 +549,10 @@ def health(address: str, service: str = "") -> str:
 
 
 def run_healthcheck(port: int) -> int:
-    """The image's HEALTHCHECK command, run with this interpreter against a local port."""
+    """The image's HEALTHCHECK command, run with this interpreter against a local port
+    (a plaintext replica serves health on its main port too)."""
     argv = healthcheck_argv()
-    env = {**os.environ, "AGENTD_PORT": str(port)}
+    env = {**os.environ, "AGENTD_HEALTH_PORT": str(port)}
     return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30).returncode
 
 

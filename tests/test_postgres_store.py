@@ -207,7 +207,7 @@ async def test_tables_indexes_and_functions() -> None:
         }
         assert set(indexes) == {
             "sessions_pkey",
-            "sessions_by_created",
+            "sessions_by_tenant",
             "sessions_by_expiry",
             "items_pkey",
             "append_requests_pkey",
@@ -215,7 +215,7 @@ async def test_tables_indexes_and_functions() -> None:
         }
         assert indexes["items_pkey"].endswith("USING btree (session_id, seq)")
         assert indexes["append_requests_pkey"].endswith("USING btree (session_id, request_id)")
-        assert indexes["sessions_by_created"].endswith("USING btree (created_at DESC, id DESC)")
+        assert indexes["sessions_by_tenant"].endswith("USING btree (tenant, created_at DESC, id DESC)")
         assert indexes["sessions_by_expiry"].endswith("USING btree (expires_at) WHERE (expires_at IS NOT NULL)")
 
         columns = {

@@ -13,14 +13,20 @@ import uuid
 
 import pytest
 
+from agentd.server.auth.principal import Principal
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
+    TENANT_MAX_ACTIVE_RUNS,
+    TENANT_MAX_QUEUED_RUNS,
+    TENANT_START_RATE,
     Control,
     LeaseLostError,
     QueueFullError,
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    TenantLimitError,
+    TenantLimits,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import (
@@ -51,10 +57,12 @@ async def store(replicas: Replica) -> RunStore:
     return (await replicas())[0]
 
 
-def spec(session: str | None = None, request_id: str = "", text: str = "hello") -> RunInput:
+def spec(session: str | None = None, request_id: str = "", text: str = "hello", tenant: str | None = None) -> RunInput:
+    """A run spec; ``tenant`` given: started by a principal of that tenant (else the default tenant's)."""
     return RunInput(
         run_id=f"run_{uuid.uuid4().hex}", agent="assistant", input=text, session_id=session, request_id=request_id,
         context={"user": "ü", "n": [1, 2]}, max_turns=5, trace_metadata={"k": "v"},
+        principal=Principal("user-1", tenant, method="api_key") if tenant is not None else None,
     )
 
 
@@ -366,3 +374,168 @@ async def test_caller_actions_are_recorded_once_and_travel_with_the_run(replicas
     assert late is not None and "output:call_3" not in late.actions  # an ended run takes no answers
     assert (await one.get_run(s.run_id)).actions == {"output:call_1": answer, "approval:call_2": approval}
     assert await one.submit_action("run_missing", "output:x", answer, now=t0) is None
+
+
+# -- per-tenant limits --------------------------------------------------------------------
+
+
+async def refused(store: RunStore, s: RunInput, limit_name: str, **kwargs: object) -> TenantLimitError:
+    """Create ``s`` expecting a TenantLimitError naming ``limit_name``; check nothing was created."""
+    options: dict[str, object] = {"policy": REJECT, "owner": None, "lease_s": LEASE, "max_queued": 100, "now": time.time()}
+    with pytest.raises(TenantLimitError) as caught:
+        await store.create_run(s, **{**options, **kwargs})  # type: ignore[arg-type]
+    assert caught.value.limit_name == limit_name and caught.value.tenant == s.tenant
+    assert limit_name in str(caught.value) and repr(s.tenant) in str(caught.value)
+    assert await store.get_run(s.run_id) is None  # a refused start creates nothing
+    if s.session_id is not None:
+        assert s.run_id not in [r.run_id for r in (await store.list_runs(s.session_id, 100))[0]]
+    return caught.value
+
+
+async def test_tenant_active_limit_counts_unfinished_runs_per_tenant(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    limits = TenantLimits(max_active=2)
+    t0 = time.time()
+    kw = {"lease_s": LEASE, "max_queued": 100, "now": t0, "limits": limits}
+    running = spec(tenant="acme", request_id="req-acme")
+    queued = spec(tenant="acme", session="acme-s")
+    await one.create_run(running, policy=REJECT, owner="ra", **kw)  # type: ignore[arg-type]
+    await two.create_run(queued, policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+
+    # The third unfinished run is refused on every replica, however it would start.
+    error = await refused(two, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+    assert error.limit == 2 and error.retry_after_s is None and "unfinished" in str(error)
+    await refused(one, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, owner="ra", limits=limits)
+    await refused(one, spec(tenant="acme", session="acme-s"), TENANT_MAX_ACTIVE_RUNS, policy=ENQUEUE, limits=limits)
+    # A request id retry returns its run, never refused.
+    again = await two.create_run(spec(tenant="acme", request_id="req-acme"), policy=REJECT, owner="rb",
+                                 **kw)  # type: ignore[arg-type]
+    assert not again.created and again.record.run_id == running.run_id
+    # Other tenants count their own runs.
+    for tenant in ("globex", None):
+        for _ in range(2):
+            created = await one.create_run(spec(tenant=tenant), policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+            assert created.created
+    await refused(two, spec(tenant="globex"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+    # Without limits (a replica configured without them) nothing is refused.
+    assert (await two.create_run(spec(tenant="globex"), policy=REJECT, owner=None, lease_s=LEASE, max_queued=100,
+                                 now=t0)).created
+
+    # A run that ends frees its slot: finished ...
+    await one.finish(running.run_id, 1, events(running.run_id, 1, 0, completed()), retention_s=60, now=t0)
+    third = spec(tenant="acme")
+    await two.create_run(third, policy=REJECT, owner="rb", **kw)  # type: ignore[arg-type]
+    await refused(one, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+    # ... or a queued run cancelled.
+    await one.cancel(queued.run_id, "not needed", event_time_ns=time.time_ns(), retention_s=60, now=t0)
+    fourth = spec(tenant="acme")
+    assert (await one.create_run(fourth, policy=REJECT, owner=None, **kw)).created  # type: ignore[arg-type]
+    # A run waiting for the caller is unfinished; cancelling a running run only asks it to stop.
+    waiting = Checkpoint(agent="a", turns=1, usage=Usage(), history_items=0, run_items=(), step_items=(),
+                         step_request_id="s", sequence=0, awaiting=("approval:call_1",))
+    await two.record_progress(third.run_id, 1, [], waiting, now=t0)
+    assert (await one.get_run(third.run_id)).visible_status is RunStatus.REQUIRES_ACTION  # type: ignore[union-attr]
+    await refused(one, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+    asked = await one.cancel(third.run_id, "stop", event_time_ns=time.time_ns(), retention_s=60, now=t0)
+    assert asked is not None and asked.status is RunStatus.RUNNING
+    await refused(one, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+    await two.finish(third.run_id, 1, events(third.run_id, 1, 0, RunCancelled("stop", Usage(), 1)), retention_s=0.5,
+                     now=t0)
+    # Sweeping ended runs changes nothing in the count.
+    assert await one.sweep(now=t0 + 10) >= 1
+    fifth = spec(tenant="acme")
+    assert (await two.create_run(fifth, policy=REJECT, owner=None, **kw)).created  # type: ignore[arg-type]
+    await refused(one, spec(tenant="acme"), TENANT_MAX_ACTIVE_RUNS, limits=limits)
+
+
+async def test_tenant_queued_limit_counts_runs_waiting_in_the_queue(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    limits = TenantLimits(max_queued=2)
+    t0 = time.time()
+    kw = {"lease_s": LEASE, "max_queued": 100, "now": t0, "limits": limits}
+    a, b = spec(tenant="acme"), spec(tenant="acme")
+    for s in (a, b):
+        await one.create_run(s, policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+    error = await refused(two, spec(tenant="acme"), TENANT_MAX_QUEUED_RUNS, limits=limits)
+    assert error.limit == 2 and error.retry_after_s is None
+    # Runs that do not join the queue are not refused: executed by their creator, or behind their session.
+    session_head = spec(tenant="acme", session="qs")
+    assert (await two.create_run(session_head, policy=REJECT, owner="rb", **kw)).created  # type: ignore[arg-type]
+    behind = spec(tenant="acme", session="qs")
+    assert (await two.create_run(behind, policy=ENQUEUE, owner=None, **kw)).record.status is RunStatus.QUEUED  # type: ignore[arg-type]
+    await refused(one, spec(tenant="acme"), TENANT_MAX_QUEUED_RUNS, limits=limits)
+    # Another tenant has its own share of the queue.
+    globex = spec(tenant="globex")
+    await one.create_run(globex, policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+
+    # A claimed run left the queue: room for one more.
+    claimed = await two.claim("rb", 1, lease_s=LEASE, now=t0, wait_s=1)
+    assert [r.run_id for r in claimed] == [a.run_id]
+    c = spec(tenant="acme")
+    await one.create_run(c, policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+    await refused(two, spec(tenant="acme"), TENANT_MAX_QUEUED_RUNS, limits=limits)
+    # A cancelled queued run too.
+    await two.cancel(b.run_id, "no", event_time_ns=time.time_ns(), retention_s=60, now=t0)
+    d = spec(tenant="acme")
+    await two.create_run(d, policy=REJECT, owner=None, **kw)  # type: ignore[arg-type]
+    # A run handed back joins the queue again (never refused) and counts: c, d and a are queued now.
+    assert await two.release(a.run_id, 1, now=t0)
+    await refused(one, spec(tenant="acme"), TENANT_MAX_QUEUED_RUNS, limits=limits)
+    claimed = await one.claim("ra", 10, lease_s=LEASE, now=t0, wait_s=1)
+    assert {r.run_id for r in claimed} == {globex.run_id, a.run_id, c.run_id, d.run_id}
+    # So does a run its session lets go when the earlier run ends: behind, then e, are queued now.
+    await two.finish(session_head.run_id, 1, events(session_head.run_id, 1, 0, completed()), retention_s=60, now=t0)
+    e = spec(tenant="acme")
+    assert (await one.create_run(e, policy=REJECT, owner=None, **kw)).created  # type: ignore[arg-type]
+    await refused(one, spec(tenant="acme"), TENANT_MAX_QUEUED_RUNS, limits=limits)
+    claimed = await two.claim("rb", 10, lease_s=LEASE, now=t0, wait_s=1)
+    assert {r.run_id for r in claimed} == {behind.run_id, e.run_id}
+    assert (await one.create_run(spec(tenant="acme"), policy=REJECT, owner=None, **kw)).created  # type: ignore[arg-type]
+
+
+async def test_tenant_start_rate_is_a_token_bucket_per_tenant(replicas: Replica) -> None:
+    (one, _), (two, _) = await replicas(), await replicas()
+    limits = TenantLimits(start_rate=0.5, start_burst=2)
+    t0 = time.time()
+
+    async def start(store: RunStore, at: float, **fields: object) -> bool:
+        s = spec(**{"tenant": "acme", **fields})  # type: ignore[arg-type]
+        created = await store.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=100, now=at,
+                                         limits=limits)
+        return created.created
+
+    # A burst of two, on any replica; the third waits for the refill (0.5 per second).
+    assert await start(one, t0, request_id="req-rate", session="rs")
+    assert await start(two, t0)
+    error = await refused(one, spec(tenant="acme"), TENANT_START_RATE, limits=limits, now=t0)
+    assert error.retry_after_s == pytest.approx(2.0) and error.limit == 0.5
+    assert "AGENTD_TENANT_START_BURST" in str(error) and "retry in 2.00s" in str(error)
+    error = await refused(two, spec(tenant="acme"), TENANT_START_RATE, limits=limits, now=t0 + 1.5)
+    assert error.retry_after_s == pytest.approx(0.5)
+    # Each tenant has its own bucket.
+    assert await start(one, t0, tenant="globex")
+    # A request id retry is never refused, and takes no token.
+    again = await two.create_run(spec(tenant="acme", request_id="req-rate"), policy=REJECT, owner=None,
+                                 lease_s=LEASE, max_queued=100, now=t0 + 2, limits=limits)
+    assert not again.created
+    # A start refused by another check takes no token either.
+    with pytest.raises(SessionBusyError):
+        await start(one, t0 + 2, session="rs")
+    assert await start(two, t0 + 2)  # the one token refilled by then
+    await refused(one, spec(tenant="acme"), TENANT_START_RATE, limits=limits, now=t0 + 2)
+    # A replica whose clock is behind refills nothing from it.
+    await refused(two, spec(tenant="acme"), TENANT_START_RATE, limits=limits, now=t0 + 1)
+    # The bucket holds at most the burst, however long it waited (and its state may be swept meanwhile).
+    await one.sweep(now=t0 + 1000)
+    assert await start(one, t0 + 1000) and await start(two, t0 + 1000)
+    error = await refused(one, spec(tenant="acme"), TENANT_START_RATE, limits=limits, now=t0 + 1000)
+    assert error.retry_after_s == pytest.approx(2.0)
+    # The rate is checked after the other limits: a start they refuse takes no token.
+    both = TenantLimits(max_active=1, start_rate=0.5, start_burst=1)
+    first = spec(tenant="initech")
+    assert (await one.create_run(first, policy=REJECT, owner=None, lease_s=LEASE, max_queued=100,
+                                 now=t0, limits=both)).created
+    await refused(two, spec(tenant="initech"), TENANT_MAX_ACTIVE_RUNS, limits=both, now=t0 + 2)
+    await two.cancel(first.run_id, "make room", event_time_ns=time.time_ns(), retention_s=60, now=t0 + 2)
+    assert (await two.create_run(spec(tenant="initech"), policy=REJECT, owner=None, lease_s=LEASE, max_queued=100,
+                                 now=t0 + 2, limits=both)).created  # the token refilled at t0 + 2 was still there

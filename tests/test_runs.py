@@ -55,7 +55,7 @@ async def test_multi_turn_run_with_concurrent_tool_calls(harness):
     # The model saw the tools with strict schemas and the dynamic instructions with the run context.
     first = harness.model.requests[0]
     tools = {t["function"]["name"]: t["function"] for t in first["tools"]}
-    assert set(tools) == {"get_weather", "wait", "explode", "transfer_to_specialist"}
+    assert set(tools) == {"get_weather", "wait", "explode", "whoami", "transfer_to_specialist"}
     assert tools["wait"]["strict"] is True
     assert tools["wait"]["parameters"]["required"] == ["seconds", "label"]
     assert first["messages"][0] == {"role": "system", "content": "You help someone. Use tools; hand hard questions to the specialist."}

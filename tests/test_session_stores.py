@@ -25,6 +25,7 @@ from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolRes
 from agentd.server.sessions.base import SessionRecord, SessionStore, StoredItem
 from agentd.server.sessions.memory import MemorySessionStore
 from agentd.server.sessions.sqlite import SqliteSessionStore
+from agentd.server.tenancy import scoped
 from tests.backends_postgres import postgres_store
 from tests.backends_postgres import replica as postgres_replica
 from tests.backends_redis import redis_store
@@ -250,6 +251,36 @@ async def test_list_sessions_pages_newest_first(store: SessionStore, clock: Call
     created = [r.created_at for page in pages for r in page]
     assert created == sorted(created, reverse=True)
     assert pages[-1][-1].metadata == {"touched": "yes"}
+
+
+async def test_tenants_own_the_same_ids_apart_and_list_only_their_own(store: SessionStore) -> None:
+    """The services qualify ids by tenant (agentd.server.tenancy); every store keeps them apart
+    and lists each tenant's sessions from its own index, paging included."""
+    await store.create_session("alice", metadata={"who": "default"})
+    await store.create_session(scoped("acme", "alice"), metadata={"who": "acme"})
+    for i in range(5):
+        await store.create_session(scoped("acme", f"s{i}"))
+    await store.create_session(scoped("acme-2", "alice"))
+    await store.append_items(scoped("acme", "alice"), [MessageItem("user", "acme's secret")])
+
+    assert (await store.get_session("alice")).metadata == {"who": "default"}
+    assert (await store.list_items("alice", 10)) == []
+    assert [r.session_id for r in (await store.list_sessions(10)).sessions] == ["alice"]
+    pages, cursor, listed = 0, None, []
+    while True:
+        page = await store.list_sessions(2, cursor, tenant="acme")
+        listed += [r.session_id for r in page.sessions]
+        pages += 1
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert sorted(listed) == sorted(scoped("acme", i) for i in ["alice", "s0", "s1", "s2", "s3", "s4"])
+    assert pages == 3
+    assert [r.session_id for r in (await store.list_sessions(10, tenant="acme-2")).sessions] == ["acme-2/alice"]
+    assert (await store.list_sessions(10, tenant="nobody")).sessions == []
+    await store.delete_session(scoped("acme", "alice"))
+    assert (await store.get_session("alice")).metadata == {"who": "default"}
+    assert len((await store.list_sessions(10, tenant="acme")).sessions) == 5
 
 
 async def test_list_sessions_exact_multiple_has_no_empty_last_page(store: SessionStore) -> None:
@@ -702,7 +733,7 @@ async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
         await second.close()
 
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,)]
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,), (3,)]
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert raw.execute("SELECT seq, type FROM items ORDER BY seq").fetchall() == [
             (1, "message"),
@@ -796,14 +827,17 @@ async def test_sqlite_upgrades_a_version_1_database(tmp_path: Path) -> None:
     raw.close()
 
     pinned = SqliteSessionStore(path, auto_migrate=False)
-    assert (await pinned.schema_status()).pending == 1
+    assert (await pinned.schema_status()).pending == 2
     with pytest.raises(StoreUnavailableError, match="agentd db migrate"):
         await pinned.open()
 
     async with opened(SqliteSessionStore(path)) as upgraded:
         status = await upgraded.schema_status()
-        assert (status.current, status.latest, status.pending) == (2, 2, 0)
+        assert (status.current, status.latest, status.pending) == (3, 3, 0)
         record = await upgraded.get_session("old")
         assert (record.created_at, record.ttl_s) == (1.0, None)
         await upgraded.update_session("old", ttl_s=30)
-    assert (await SqliteSessionStore(path).migrate()).current == 2  # idempotent
+        # Sessions from before tenants are the default tenant's.
+        assert [r.session_id for r in (await upgraded.list_sessions(10)).sessions] == ["old"]
+        assert (await upgraded.list_sessions(10, tenant="acme")).sessions == []
+    assert (await SqliteSessionStore(path).migrate()).current == 3  # idempotent

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -206,12 +207,13 @@ async def _true(value: bool) -> bool:
 # --- the archives and the merge, directly ---------------------------------------------
 
 
-def _make_traces(count: int, *, start_ns: int = 1_000, workflow: str = "w") -> list:
+def _make_traces(count: int, *, start_ns: int = 1_000, workflow: str = "w", tenant: str = "default",
+                 trace_id: str = "") -> list:
     memory = InMemoryTraceStore(capture_content=True)
     traces = []
     for i in range(count):
         trace = memory.start_trace(run_id=f"run-{i}", workflow_name=workflow, group_id=f"g{i % 2}",
-                                   metadata={"i": str(i)}, agent="a")
+                                   metadata={"i": str(i)}, agent="a", tenant=tenant, trace_id=trace_id)
         trace.start_ns = start_ns + i
         root = trace.span(SpanKind.RUN, "w", None)
         agent = trace.span(SpanKind.AGENT, "a" if i % 2 else "b", root)
@@ -391,3 +393,223 @@ async def test_a_postgres_archive_that_goes_down_costs_traces_not_runs(model_ser
         finally:
             await check.close()
     assert any("dropped 1 trace" in r.getMessage() for r in caplog.records)
+
+
+# --- tenants --------------------------------------------------------------------------
+
+
+def _ids(page) -> list[str]:
+    return [t.trace_id for t in page]
+
+
+async def test_archive_lists_and_gets_only_the_tenants_traces(archive):
+    # Interleaved in time, so a listing that ignored the tenant could not pass by accident.
+    acme = _make_traces(4, tenant="acme")
+    globex = _make_traces(3, tenant="globex")
+    default = _make_traces(2)
+    for offset, traces in enumerate((acme, globex, default)):
+        for i, trace in enumerate(traces):
+            trace.start_ns = 1_000 + 3 * i + offset
+    await archive.write(acme + globex + default)
+
+    for tenant, traces in (("acme", acme), ("globex", globex), ("default", default)):
+        newest_first = _ids(reversed(traces))
+        page, more = await archive.list(TraceQuery(limit=10, tenant=tenant))
+        assert _ids(page) == newest_first and not more, tenant
+        assert {t.tenant for t in page} == {tenant}
+        # Every filter and the keyset cursor stay within the tenant.
+        page, more = await archive.list(TraceQuery(limit=1, tenant=tenant))
+        assert _ids(page) == newest_first[:1] and more
+        rest, _ = await archive.list(TraceQuery(limit=10, tenant=tenant, before=(page[0].start_ns, page[0].trace_id)))
+        assert _ids(rest) == newest_first[1:]
+        for filters in ({"workflow_name": "w"}, {"agent": "a"}, {"status": "error"}, {"group_id": "g0"},
+                        {"start_from_ns": 1_000, "start_to_ns": 2_000}):
+            page, _ = await archive.list(TraceQuery(limit=10, tenant=tenant, **filters))
+            assert page and {t.trace_id for t in page} <= set(newest_first), (tenant, filters)
+    assert await archive.list(TraceQuery(limit=10, tenant="initech")) == ([], False)
+    assert _ids((await archive.list(TraceQuery(limit=10)))[0]) == _ids(reversed(default))  # the default tenant's
+
+    got = await archive.get(acme[1].trace_id)
+    assert got is not None and got.tenant == "acme" and len(got.spans) == 3
+    assert (await archive.get(acme[1].trace_id, "acme")).run_id == "run-1"
+    assert await archive.get(acme[1].trace_id, "globex") is None
+    assert await archive.get(acme[1].trace_id, "default") is None
+    assert (await archive.get(default[0].trace_id, "default")).tenant == "default"
+
+
+async def test_archive_never_lets_a_tenant_replace_anothers_trace(archive, caplog):
+    shared = "ab" * 16  # e.g. both continued the same caller traceparent
+    (mine,) = _make_traces(1, tenant="acme", trace_id=shared)
+    (theirs,) = _make_traces(1, start_ns=5_000, workflow="theirs", tenant="globex", trace_id=shared)
+    theirs.span(SpanKind.AGENT, "intruder", None).end()
+    await archive.write([mine])
+    with caplog.at_level(logging.WARNING, logger="agentd.tracing"):
+        await archive.write([theirs])
+    assert f"trace {shared} not archived" in caplog.text
+
+    kept = await archive.get(shared)
+    assert kept.tenant == "acme" and kept.workflow_name == "w"
+    assert [s.span_id for s in kept.spans] == [s.span_id for s in mine.spans]  # none of theirs merged in
+    assert await archive.get(shared, "globex") is None
+    assert await archive.list(TraceQuery(limit=10, tenant="globex")) == ([], False)
+    # The owner still replaces its own trace (runs continuing one caller trace share it).
+    mine.workflow_name = "again"
+    await archive.write([mine])
+    assert (await archive.get(shared, "acme")).workflow_name == "again"
+
+
+async def test_archive_sweep_is_global_across_tenants(archive):
+    acme = _make_traces(3, start_ns=1_000, tenant="acme")
+    globex = _make_traces(3, start_ns=1_003, tenant="globex")  # the newest three
+    await archive.write(acme + globex)
+    assert await archive.sweep(Retention(max_traces=4)) == 2
+    assert _ids((await archive.list(TraceQuery(limit=10, tenant="globex")))[0]) == _ids(reversed(globex))
+    assert _ids((await archive.list(TraceQuery(limit=10, tenant="acme")))[0]) == [acme[2].trace_id]
+
+
+async def _explain(archive, query: TraceQuery) -> str:
+    """The plan of ``archive.list(query)``'s statement."""
+    from agentd.server.tracing import postgres, sqlite
+    from agentd.server.tracing.archive import where_clause
+
+    if isinstance(archive, SqliteTraceArchive):
+        where, params = where_clause(query, lambda n: "?")
+        columns = sqlite.archive._TRACE_COLUMNS
+        sql = f"SELECT {columns} FROM traces t{where} ORDER BY t.start_ns DESC, t.trace_id DESC LIMIT ?"
+
+        def op(conn):
+            return "\n".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", (*params, query.limit)))
+
+        return await archive._run(False, op)
+    q = archive._q
+    where, params = where_clause(query, lambda n: f"${n}", agents_table=f"{q}.trace_agents")
+    columns = postgres.archive._TRACE_COLUMNS
+    sql = (
+        f"SELECT {columns} FROM {q}.traces t{where}"
+        f" ORDER BY t.start_ns DESC, t.trace_id DESC LIMIT ${len(params) + 1}"
+    )
+
+    async def op(conn):
+        async with conn.transaction():
+            # A test table is tiny: make the planner show what it does once scanning everything is not cheaper.
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            rows = await conn.fetch(f"EXPLAIN {sql}", *params, query.limit)
+        return "\n".join(row[0] for row in rows)
+
+    return await archive._run(op)
+
+
+async def test_a_tenants_listing_reads_its_own_index_in_order(archive):
+    await archive.write(_make_traces(6, tenant="acme") + _make_traces(6, tenant="globex"))
+    for query, index in (
+        (TraceQuery(limit=5, tenant="acme"), "traces_by_tenant"),
+        (TraceQuery(limit=5, tenant="acme", before=(1_003, "f" * 32)), "traces_by_tenant"),
+        (TraceQuery(limit=5, tenant="acme", workflow_name="w"), "traces_by_tenant_workflow"),
+        (TraceQuery(limit=5, tenant="acme", group_id="g1"), "traces_by_tenant_group"),
+    ):
+        plan = await _explain(archive, query)
+        assert index in plan, (query, plan)
+        # Newest first straight from the index: no sort of the tenant's traces.
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, (query, plan)
+
+
+async def test_traces_archived_before_tenants_are_the_default_tenants(archive):
+    """A trace archive at version 1 (no tenants) migrates: its traces become the default tenant's."""
+    from agentd.server.tracing.postgres import MIGRATIONS as PG_MIGRATIONS
+    from agentd.server.tracing.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+
+    row = ("c" * 32, "r-old", "w", "g", "{}", "a", '["a"]', "ok", "", 1_000, 2_000, 1, 2, 0)
+    columns = ("trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status, error, start_ns, end_ns,"
+               " input_tokens, output_tokens, span_count")
+    await archive.close()
+    if isinstance(archive, SqliteTraceArchive):
+        import sqlite3
+
+        path = archive._path
+        for suffix in ("", "-wal", "-shm"):
+            Path(path + suffix).unlink(missing_ok=True)
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("CREATE TABLE trace_schema_version (version INTEGER NOT NULL)")
+            for statement in SQLITE_MIGRATIONS[0].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO trace_schema_version (version) VALUES (1)")
+            conn.execute(f"INSERT INTO traces ({columns}) VALUES ({', '.join('?' * len(row))})", row)
+        conn.close()
+        reopened = SqliteTraceArchive(path)
+    else:
+        from agentd.server.postgres_common import apply_migrations
+        from tests.backends_postgres import raw_connection
+
+        schema = archive._schema
+        raw = await raw_connection()
+        try:
+            await raw.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            await apply_migrations(raw, schema, "trace_schema_version", PG_MIGRATIONS[:1], "trace tables")
+            values = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+            await raw.execute(f'INSERT INTO "{schema}".traces ({columns}) VALUES ({values})', *row)
+        finally:
+            await raw.close()
+        reopened = PostgresTraceArchive(url=POSTGRES_URL, schema=schema)
+    await reopened.open()
+    try:
+        old = await reopened.get("c" * 32)
+        assert old is not None and old.tenant == "default" and old.run_id == "r-old"
+        assert _ids((await reopened.list(TraceQuery(limit=10)))[0]) == ["c" * 32]
+        assert await reopened.list(TraceQuery(limit=10, tenant="acme")) == ([], False)
+        assert await reopened.get("c" * 32, "acme") is None
+    finally:
+        await reopened.close()
+
+
+def test_memory_store_keeps_tenants_apart():
+    memory = InMemoryTraceStore()
+    shared = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    mine = memory.start_trace(run_id="r-a", workflow_name="w", group_id="g", metadata={}, agent="a",
+                              tenant="acme", traceparent=shared)
+    theirs = memory.start_trace(run_id="r-b", workflow_name="w", group_id="g", metadata={}, agent="a",
+                                tenant="globex", traceparent=shared)
+    default = memory.start_trace(run_id="r-d", workflow_name="w", group_id="g", metadata={}, agent="a")
+    assert mine.trace_id == theirs.trace_id == "ab" * 16 and default.tenant == "default"
+    # The same trace id in two tenants: two traces, neither replacing the other.
+    assert memory.get_trace(mine.trace_id, "acme") is mine
+    assert memory.get_trace(mine.trace_id, "globex") is theirs
+    assert memory.get_trace(mine.trace_id, "initech") is None
+    assert memory.get_trace(default.trace_id, "acme") is None
+    assert memory.list_traces(TraceQuery(limit=10, tenant="acme")) == ([mine], False)
+    assert memory.list_traces(TraceQuery(limit=10, tenant="globex", workflow_name="w")) == ([theirs], False)
+    assert memory.list_traces(TraceQuery(limit=10)) == ([default], False)
+    assert memory.list_traces(TraceQuery(limit=10, tenant="initech")) == ([], False)
+
+
+async def test_store_answers_one_tenant_from_memory_and_archive(tmp_path):
+    archive = SqliteTraceArchive(tmp_path / "traces.db")
+    memory = InMemoryTraceStore(capture_content=True)
+    store = TraceStore(memory, archive, flush_interval_s=60)
+    await store.open()
+    try:
+        await archive.write(_make_traces(2, tenant="acme") + _make_traces(2, tenant="globex"))
+        live = memory.start_trace(run_id="live", workflow_name="w", group_id="g", metadata={}, agent="a",
+                                  tenant="acme")
+        running = memory.start_trace(run_id="running", workflow_name="w", group_id="g", metadata={}, agent="a",
+                                     tenant="globex")
+        live.end()
+        await store.flush()
+        page, more = await store.list_traces(TraceQuery(limit=10, tenant="acme"))
+        assert [t.run_id for t in page] == ["live", "run-1", "run-0"] and not more
+        assert {t.tenant for t in page} == {"acme"}
+        page, _ = await store.list_traces(TraceQuery(limit=10, tenant="globex"))
+        assert [t.run_id for t in page] == ["running", "run-1", "run-0"]
+        assert (await store.list_traces(TraceQuery(limit=10, tenant="globex", status="in_progress")))[0] == [running]
+        assert (await store.list_traces(TraceQuery(limit=10, tenant="acme", status="in_progress")))[0] == []
+
+        assert await store.get_trace(live.trace_id, "acme") is live
+        assert await store.get_trace(live.trace_id, "globex") is None  # not in memory, nor in the archive
+        # Only in the archive (as after a restart): found by its tenant only.
+        after_restart = TraceStore(InMemoryTraceStore(), archive)
+        assert (await after_restart.get_trace(live.trace_id, "acme")).run_id == "live"
+        assert await after_restart.get_trace(live.trace_id, "globex") is None
+        assert (await after_restart.get_trace(live.trace_id)).tenant == "acme"
+    finally:
+        await store.close()

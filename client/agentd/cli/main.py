@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import IO, Sequence
 
 import grpc
@@ -41,8 +42,21 @@ def _settings(args: argparse.Namespace, command: str, names: Sequence[str]):  # 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _client(args: argparse.Namespace):  # -> SyncAgentdClient
+    """A client with the command's target, TLS settings and token (flags, else AGENTD_* variables)."""
+    from agentd.client import SyncAgentdClient, TlsConfig
+
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TlsConfig(ca_file=args.tls_ca or None, cert_file=args.tls_cert or None, key_file=args.tls_key or None)
+    return SyncAgentdClient(args.target, tls=tls, token=args.token or None)
+
+
+SECURITY_FLAGS = ("insecure", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "api_keys_file")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    names = ("app", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS)
+    names = ("app", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS, *SECURITY_FLAGS)
     settings = _settings(args, "serve", names)
     import asyncio
 
@@ -57,6 +71,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, app))
     except (AppConfigError, StoreUnavailableError, ValueError) as exc:
         print(f"agentd serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Manage the API key file: the key is printed once at creation, only its hash is stored."""
+    try:
+        from agentd.server.auth.api_keys import create_key, list_keys, revoke_key
+    except ImportError as exc:
+        sys.exit(f"agentd keys needs the server extras ({exc.name} is missing): pip install 'agentd[server]'")
+    if not args.file:
+        sys.exit("agentd keys: name the key file with --file or AGENTD_API_KEYS_FILE")
+    path = Path(args.file)
+    try:
+        if args.action == "create":
+            scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+            key_id, key = create_key(path, tenant=args.tenant, subject=args.subject, scopes=scopes)
+            print(f"created key {key_id} for tenant {args.tenant!r} in {path}; it is shown only now:", file=sys.stderr)
+            print(key)
+        elif args.action == "list":
+            for entry in list_keys(path):
+                print(f"{entry['id']}  tenant={entry['tenant']}  subject={entry['subject']}  "
+                      f"scopes={','.join(entry.get('scopes', []))}  created={entry.get('created', '')}")
+        else:
+            if not args.key_id:
+                sys.exit("agentd keys revoke: name the key id")
+            if not revoke_key(path, args.key_id):
+                print(f"agentd keys: no key {args.key_id!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}; servers stop accepting it with their next call")
+    except (OSError, ValueError) as exc:
+        print(f"agentd keys: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -123,10 +169,9 @@ def _rpc_error(exc: grpc.RpcError) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agentd.cli.render import RunRenderer
-    from agentd.client import SyncAgentdClient
 
     renderer = RunRenderer(_console())
-    with SyncAgentdClient(args.target) as client:
+    with _client(args) as client:
         stream = client.run(args.agent, args.input, session_id=args.session, max_turns=args.max_turns)
         try:
             for event in stream:
@@ -143,9 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_agents(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from agentd.client import SyncAgentdClient
 
-    with SyncAgentdClient(args.target) as client:
+    with _client(args) as client:
         try:
             agents = client.list_agents()
         except grpc.RpcError as exc:
@@ -162,10 +206,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     from agentd.cli.render import items_table, sessions_table
-    from agentd.client import SyncAgentdClient
 
     console = _console()
-    with SyncAgentdClient(args.target) as client:
+    with _client(args) as client:
         try:
             if args.action == "list":
                 console.print(sessions_table(client.list_sessions(page_size=args.limit).sessions))
@@ -186,10 +229,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     """Runs as resources, from any replica: list a session's, show one, follow one, cancel or approve."""
     from agentd.cli.render import RunRenderer, runs_table
-    from agentd.client import SyncAgentdClient
 
     console = _console()
-    with SyncAgentdClient(args.target) as client:
+    with _client(args) as client:
         try:
             if args.action == "list":
                 console.print(runs_table(client.list_runs(args.session_id, page_size=args.limit).runs))
@@ -247,10 +289,9 @@ def _get_trace_by_prefix(client, wanted: str):  # (SyncAgentdClient, str) -> Get
 def cmd_traces(args: argparse.Namespace) -> int:
     from agentd.cli.render import trace_timeline, traces_table
     from agentd.cli.table import make_console
-    from agentd.client import SyncAgentdClient
 
     console = make_console()
-    with SyncAgentdClient(args.target) as client:
+    with _client(args) as client:
         try:
             if args.action == "list":
                 from agentd.v1 import trace_service_pb2
@@ -377,7 +418,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[bold]agentd demo[/bold] · server {target} · session {session}")
         console.print(f"[bold]you:[/bold] {args.input}")
         code = cmd_run(argparse.Namespace(target=target, agent=args.agent, input=args.input, session=session,
-                                          max_turns=0))
+                                          max_turns=0, token="", tls=False, tls_ca="", tls_cert="", tls_key=""))
         return code
     finally:
         server.terminate()
@@ -409,7 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-provider", choices=["auto", "openai", "scripted"])
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.add_argument("--log-level")
+    serve.add_argument("--tls-cert", dest="tls_cert_file", help="PEM certificate chain: serve TLS")
+    serve.add_argument("--tls-key", dest="tls_key_file", help="PEM private key of the certificate")
+    serve.add_argument("--tls-client-ca", dest="tls_client_ca_file", help="require client certificates (mTLS)")
+    serve.add_argument("--api-keys-file", help="JSON file of API key hashes (see 'agentd keys')")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="allow a non-loopback address without authentication")
     serve.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (hashes in a JSON file)")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="revoke: the id of the key")
+    keys.add_argument("--file", default=os.environ.get("AGENTD_API_KEYS_FILE", ""),
+                      help="the key file (default: $AGENTD_API_KEYS_FILE)")
+    keys.add_argument("--tenant", default="default")
+    keys.add_argument("--subject", default="", help="who uses the key, for audit lines (default: key:<id>)")
+    keys.add_argument("--scopes", default="agents:read,runs:read,runs:write,sessions:read,sessions:write,traces:read",
+                      help="comma-separated scopes (default: %(default)s)")
+    keys.set_defaults(func=cmd_keys)
 
     db = sub.add_parser("db", help="schema migrations of the configured session store")
     db.add_argument("action", choices=["status", "migrate"])
@@ -418,6 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help="server address (default: $AGENTD_TARGET or %(default)s)")
+        env = os.environ.get
+        p.add_argument("--token", default=env("AGENTD_TOKEN", ""),
+                       help="API key or JWT, sent as 'authorization: Bearer' (default: $AGENTD_TOKEN)")
+        p.add_argument("--tls", action="store_true", default=bool(env("AGENTD_TLS")),
+                       help="speak TLS, trusting the system CAs (default: $AGENTD_TLS)")
+        p.add_argument("--tls-ca", default=env("AGENTD_TLS_CA", ""),
+                       help="PEM CA bundle of the server's certificate; implies --tls (default: $AGENTD_TLS_CA)")
+        p.add_argument("--tls-cert", default=env("AGENTD_TLS_CERT", ""),
+                       help="client certificate for mutual TLS (default: $AGENTD_TLS_CERT)")
+        p.add_argument("--tls-key", default=env("AGENTD_TLS_KEY", ""),
+                       help="client certificate's key (default: $AGENTD_TLS_KEY)")
         return p
 
     run = with_target(sub.add_parser("run", help="run an agent and stream what it does"))

@@ -5,6 +5,7 @@ and its run streams resume across broken connections; see ``AgentdClient``.
 """
 
 from agentd.client._requests import python_value
+from agentd.client._security import TlsConfig
 from agentd.client.async_client import AgentdClient, RunStream
 from agentd.client.errors import RunCancelledError, RunError, RunFailedError, RunStreamError, RunStreamGapError
 from agentd.client.sync_client import SyncAgentdClient, SyncRunStream
@@ -20,4 +21,5 @@ __all__ = [
     "RunStreamError",
     "RunStreamGapError",
     "python_value",
+    "TlsConfig",
 ]

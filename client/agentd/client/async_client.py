@@ -22,6 +22,7 @@ from agentd.client._requests import (
     start_run,
     tool_output_request,
 )
+from agentd.client._security import Token, TlsConfig, async_channel, resolve_tls
 from agentd.client._resume import (
     CANCEL_TIMEOUT_S,
     DEFAULT_RESUME_TIMEOUT_S,
@@ -398,7 +399,12 @@ class AgentdClient:
     ``resume``: run streams survive broken connections and replicas going away (see
     ``RunStream``); ``resume_timeout_s`` bounds each outage.
 
-    ``channel``: use this channel as is (``target`` and ``retry`` are then ignored).
+    ``tls``: ``True`` (the system's CA roots) or a ``TlsConfig`` (a CA bundle, and a
+    client certificate for mutual TLS); unset: plaintext. ``token``: sent as
+    ``authorization: Bearer <token>`` on every call (an API key or a JWT); a callable is
+    called per call, so it can hand out refreshed tokens.
+
+    ``channel``: use this channel as is (``target``, ``retry``, ``tls`` and ``token`` are then ignored).
     """
 
     def __init__(
@@ -409,12 +415,14 @@ class AgentdClient:
         retry: bool = True,
         resume: bool = True,
         resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+        tls: TlsConfig | bool | None = None,
+        token: Token | None = None,
     ) -> None:
         self.target = channel_target(target) if channel is None else ""
         self.retry = retry
         self.resume = resume
         self.resume_timeout_s = resume_timeout_s
-        self._channel = channel or grpc.aio.insecure_channel(self.target, options=channel_options(retry))
+        self._channel = channel or async_channel(self.target, channel_options(retry), resolve_tls(tls), token)
         self.agents = agent_service_pb2_grpc.AgentServiceStub(self._channel)
         self.sessions = session_service_pb2_grpc.SessionServiceStub(self._channel)
         self.traces = trace_service_pb2_grpc.TraceServiceStub(self._channel)

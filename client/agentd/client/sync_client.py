@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 
 from agentd.client._channel import channel_options, channel_target
+from agentd.client._security import Token, TlsConfig, sync_channel, resolve_tls
 from agentd.client._requests import (
     approval_request,
     final_output_of,
@@ -215,12 +216,14 @@ class SyncAgentdClient:
         retry: bool = True,
         resume: bool = True,
         resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+        tls: TlsConfig | bool | None = None,
+        token: Token | None = None,
     ) -> None:
         self.target = channel_target(target) if channel is None else ""
         self.retry = retry
         self.resume = resume
         self.resume_timeout_s = resume_timeout_s
-        self._channel = channel or grpc.insecure_channel(self.target, options=channel_options(retry))
+        self._channel = channel or sync_channel(self.target, channel_options(retry), resolve_tls(tls), token)
         self.agents = agent_service_pb2_grpc.AgentServiceStub(self._channel)
         self.sessions = session_service_pb2_grpc.SessionServiceStub(self._channel)
         self.traces = trace_service_pb2_grpc.TraceServiceStub(self._channel)

@@ -12,13 +12,20 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentd.server.app import App
+from agentd.server.auth.factory import (
+    build_authentication,
+    build_interceptor,
+    build_server_credentials,
+    check_exposure,
+)
+from agentd.server.auth.interceptor import Authentication
 from agentd.server.models.base import ModelProvider
 from agentd.server.models.openai_chat import OpenAIProvider
 from agentd.server.models.scripted import ScriptedProvider
@@ -75,8 +82,12 @@ class RunningServer:
     traces: TraceStore
     health: health.aio.HealthServicer
     upkeep: StoreUpkeep
+    authentication: Authentication
     # The OpenTelemetry provider when traces are exported over OTLP.
     trace_provider: "TracerProvider | None" = None
+    # The plaintext health-only listener (AGENTD_HEALTH_PORT), for probes that cannot speak TLS.
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
     @property
     def target(self) -> str:
@@ -88,6 +99,8 @@ class RunningServer:
         await self.upkeep.stop()
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.create_task(self.server.stop(grace + 5))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.runs.drain(grace)
         await stopping
         await self.runs.close()
@@ -96,6 +109,7 @@ class RunningServer:
         # Runs are drained: every trace has ended; write them out before closing.
         await self.traces.close()
         await self.store.close()
+        await self.authentication.close()
         if self.trace_provider is not None:
             from agentd.server.tracing.export import shutdown_provider
 
@@ -112,6 +126,10 @@ async def start_server(
 ) -> RunningServer:
     if settings.default_model:
         app = App(app.agents, settings.default_model, app.offline_script)
+    # Security first: a server that would be exposed unsafely never opens its stores.
+    authentication = build_authentication(settings)
+    check_exposure(settings, authentication)
+    credentials = build_server_credentials(settings)
     models = models or build_models(settings, app)
     store = store or build_store(settings)
     await store.open()
@@ -136,11 +154,16 @@ async def start_server(
         replica_id=settings.replica_id,
         max_active_runs=settings.max_active_runs,
         max_queued_runs=settings.max_queued_runs,
+        tenant_max_active_runs=settings.tenant_max_active_runs,
+        tenant_max_queued_runs=settings.tenant_max_queued_runs,
+        tenant_start_rate=settings.tenant_start_rate,
+        tenant_start_burst=settings.tenant_start_burst,
         lease_s=settings.run_lease_s,
         retention_s=settings.run_retention_s,
     )
 
     server = grpc.aio.server(
+        interceptors=[build_interceptor(settings, authentication)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -158,14 +181,29 @@ async def start_server(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
+    async def give_up(what: str) -> NoReturn:
+        """Could not listen: close what is open, say where."""
+        await server.stop(0)
         await control_bus.close()
         await run_store.close()
         await traces.close()
         await store.close()
-        raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use?)")
+        raise OSError(f"cannot listen on {what} (address in use?)")
+
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        await give_up(address)
     await server.start()
+    health_server, health_port = None, 0
+    if settings.health_port:
+        # Kubernetes' native gRPC probes cannot speak TLS: health alone, in plaintext, on its own port.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        if health_port == 0:
+            await give_up(f"{settings.host}:{settings.health_port} for health")
+        await health_server.start()
     runs.start()
 
     async def set_health(service: str, serving: bool) -> None:
@@ -185,12 +223,14 @@ async def start_server(
         await set_health(name, True)
     upkeep.start()
     log.info(
-        "agentd listening on %s:%d (replica=%s, store=%s, runs=%s, models=%s, agents=%s)",
-        settings.host, port, runs.replica_id, settings.store, run_store.location, type(models).__name__,
+        "agentd listening on %s:%d (%s, auth=%s, replica=%s, store=%s, runs=%s, models=%s, agents=%s)",
+        settings.host, port, "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+        ",".join(a.name for a in authentication.authenticators) or "none", runs.replica_id, settings.store, run_store.location, type(models).__name__,
         ",".join(sorted(app.compiled)),
     )
     return RunningServer(
-        settings, server, port, runs, store, models, traces, health_servicer, upkeep, trace_provider
+        settings, server, port, runs, store, models, traces, health_servicer, upkeep, authentication, trace_provider,
+        health_server, health_port,
     )
 
 

@@ -44,6 +44,37 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(50, ge=1)
     redis_timeout_s: float = Field(5.0, gt=0)
 
+    # --- security (README, Security) -------------------------------------------------
+    insecure: bool = Field(
+        False, description="Serve a non-loopback address with no authentication (something in front authenticates)."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with the key, the server speaks TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key (unencrypted) of the certificate.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: every client must present a certificate it signed (mutual TLS)."
+    )
+    api_keys_file: Path | None = Field(None, description="JSON file of API key hashes (agentd keys create).")
+    jwt_jwks_url: str = Field("", description="JWKS URL whose keys verify JWT bearer tokens; empty: no JWTs.")
+    jwt_issuer: str = Field("", description="The required 'iss' of JWTs.")
+    jwt_audience: str = Field("", description="The required 'aud' of JWTs.")
+    jwt_algorithms: str = Field("RS256,ES256,EdDSA,PS256", description="Accepted JWT algorithms (asymmetric only).")
+    jwt_leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    jwt_tenant_claim: str = Field("tenant", min_length=1, description="The claim naming the caller's tenant.")
+    jwt_cache_s: float = Field(300.0, gt=0, description="How long fetched JWKS keys are trusted before a refetch.")
+    jwt_refetch_cooldown_s: float = Field(
+        30.0, ge=0, description="Least time between JWKS refetches caused by an unknown key id."
+    )
+    mtls_identities_file: Path | None = Field(
+        None, description="JSON file mapping client-certificate names to tenants and scopes."
+    )
+    health_port: int = Field(
+        0, ge=0, le=65535,
+        description="Also serve grpc.health.v1 alone, in plaintext, on this port (probes that cannot speak TLS); 0: off.",
+    )
+    reflection: Literal["authenticated", "open"] = Field(
+        "authenticated", description="Server reflection: for authenticated callers only, or open to all."
+    )
+
     model_provider: Literal["auto", "openai", "scripted"] = Field(
         "auto", description="auto: OpenAI when OPENAI_API_KEY is set, else the app's offline script."
     )
@@ -58,6 +89,20 @@ class Settings(BaseSettings):
         1000, gt=0, description="Runs this replica executes at once; more are queued for any replica with capacity."
     )
     max_queued_runs: int = Field(10_000, gt=0, description="Queued runs (all replicas) beyond which new runs get RESOURCE_EXHAUSTED.")
+    # Per tenant, across every replica sharing the run store (0: no limit); over a limit a new
+    # run gets RESOURCE_EXHAUSTED naming it. A request_id retry returning its run is never refused.
+    tenant_max_active_runs: int = Field(
+        0, ge=0, description="Unfinished runs (queued, running or waiting for the caller) one tenant may have at once."
+    )
+    tenant_max_queued_runs: int = Field(
+        0, ge=0, description="Runs one tenant may have waiting in the shared queue (its share of max_queued_runs)."
+    )
+    tenant_start_rate: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Runs one tenant may start per second, on average (a token bucket)."
+    )
+    tenant_start_burst: int | None = Field(
+        None, ge=1, description="Runs one tenant may start at once before tenant_start_rate applies; unset: max(1, ceil(rate))."
+    )
     run_store: Literal["auto", "memory", "redis", "postgres"] = Field(
         "auto",
         description="Where runs, their event logs and the work queue live: auto follows the session store"

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import deque
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
@@ -78,17 +78,24 @@ class ScriptedOpenAIServer:
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
-        self._failures: deque[tuple[int, str, float | None]] = deque()
+        self._failures: deque[tuple[int, str | Callable[[Mapping[str, str]], str], float | None]] = deque()
         self.requests: list[dict[str, Any]] = []
         self.active_requests = 0
 
     # -- test hooks --------------------------------------------------------------
 
     def fail_next(
-        self, count: int, status: int = 500, message: str = "scripted failure", *, retry_after_s: float | None = None
+        self,
+        count: int,
+        status: int = 500,
+        message: str | Callable[[Mapping[str, str]], str] = "scripted failure",
+        *,
+        retry_after_s: float | None = None,
     ) -> None:
         """Answer the next ``count`` completion requests with HTTP ``status``.
 
+        ``message`` is the error body's message, or a function of the request's headers
+        giving it (a server that echoes them back, e.g. its ``Authorization``).
         ``retry_after_s`` sends ``retry-after-ms``, which the openai client honours
         instead of its ~0.5 s+ exponential backoff: it keeps retry tests fast.
         """
@@ -154,7 +161,8 @@ class ScriptedOpenAIServer:
         if self._failures:
             status, message, retry_after_s = self._failures.popleft()
             headers = {"retry-after-ms": str(int(retry_after_s * 1000))} if retry_after_s is not None else None
-            return _error(status, message, headers=headers)
+            text = message if isinstance(message, str) else message(request.headers)
+            return _error(status, text, headers=headers)
 
         model = body.get("model", "")
         script = self._scripts.get(model, self._default)

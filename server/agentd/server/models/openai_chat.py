@@ -8,6 +8,7 @@ configured once by ``OpenAIProvider``.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -16,8 +17,44 @@ import openai
 
 from agentd.server.models.base import ModelChunk, ModelRequest, ModelResponse, ModelSettings, ModelToolCall
 from agentd.server.models.chat_format import to_chat_messages
+from agentd.server.redaction import display_url, redact, url_password
 from agentd.server.runtime.errors import AgentdError, ModelError, ModelUnavailableError
 from agentd.server.runtime.usage import Usage
+
+log = logging.getLogger("agentd.model")
+
+# Upstream answers whose body is never forwarded: an authentication failure is where a
+# server (or a proxy) echoes the credentials it was sent. The caller gets what to check.
+_AUTH_FAILURES = {
+    401: "authentication failed; check the server's model API key",
+    403: "permission denied; check the server's model API key and its access to the model",
+    407: "proxy authentication failed; check the server's proxy credentials",
+}
+# An upstream message forwarded to the caller is cut to this many characters.
+_MAX_UPSTREAM_MESSAGE = 500
+# The openai client's HTTP library logs every request's URL at INFO, user info included.
+_HTTP_LOGGERS = ("httpx", "httpx2")
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks credentials (``user:password@`` in URLs...) in the HTTP library's log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is the logging module's to report
+            return True
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _redact_http_logs() -> None:
+    for name in _HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in logger.filters):
+            logger.addFilter(_RedactingFilter())
 
 
 @dataclass(slots=True)
@@ -150,22 +187,44 @@ class OpenAIChatModel:
         )
 
     def _translate(self, exc: openai.OpenAIError) -> AgentdError:
-        """Map openai errors to agentd's: transient-after-retries vs. refused requests."""
-        where = f"model endpoint {str(self._client.base_url).rstrip('/')}"
+        """Map openai errors to agentd's: transient-after-retries vs. refused requests.
+
+        The messages reach the caller (``RunFailed``) and traces, so they never carry the
+        endpoint's credentials or the API key: the endpoint is named without user info or
+        query, upstream text is redacted, and an authentication failure's body is not
+        forwarded at all (the server log has it, redacted).
+        """
+        endpoint = display_url(str(self._client.base_url))
+        where = f"model endpoint {endpoint}"
         retries = f"gave up after {self._client.max_retries} retries"
         if isinstance(exc, openai.APITimeoutError):
             return ModelUnavailableError(f"{where} timed out for model {self.name!r}; {retries}")
         if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc
+            cause = self._scrub(str(exc.__cause__ or exc))
             return ModelUnavailableError(f"{where} is unreachable ({cause}); {retries}")
         if isinstance(exc, openai.APIStatusError):
-            message = _server_message(exc)
-            if exc.status_code == 429 or exc.status_code >= 500:
-                return ModelUnavailableError(
-                    f"{where} answered HTTP {exc.status_code} for model {self.name!r}: {message}; {retries}"
+            status = exc.status_code
+            message = self._scrub(_server_message(exc))
+            log.warning(
+                "model endpoint %s answered HTTP %s for model %r: %s", endpoint, status, self.name, message,
+                extra={"model": self.name, "http_status": status},
+            )
+            if status in _AUTH_FAILURES:
+                return ModelError(
+                    f"{where} rejected the request for model {self.name!r}: HTTP {status} ({_AUTH_FAILURES[status]})"
                 )
-            return ModelError(f"{where} rejected the request for model {self.name!r}: HTTP {exc.status_code}: {message}")
-        return ModelError(f"{where} failed for model {self.name!r}: {exc}")
+            if len(message) > _MAX_UPSTREAM_MESSAGE:
+                message = message[:_MAX_UPSTREAM_MESSAGE] + "…"
+            if status == 429 or status >= 500:
+                return ModelUnavailableError(
+                    f"{where} answered HTTP {status} for model {self.name!r}: {message}; {retries}"
+                )
+            return ModelError(f"{where} rejected the request for model {self.name!r}: HTTP {status}: {message}")
+        return ModelError(f"{where} failed for model {self.name!r}: {self._scrub(str(exc))}")
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the configured API key, the endpoint's password, or anything shaped like a credential."""
+        return redact(text, (self._client.api_key, url_password(str(self._client.base_url))))
 
 
 def _server_message(exc: openai.APIStatusError) -> str:
@@ -186,6 +245,7 @@ class OpenAIProvider:
         timeout_s: float = 60.0,
         max_retries: int = 2,
     ) -> None:
+        _redact_http_logs()
         # None lets the openai library read OPENAI_API_KEY / OPENAI_BASE_URL itself.
         try:
             self._client = openai.AsyncOpenAI(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 from typing import Any, AsyncIterator, Sequence
 
-from agentd.server.runs.records import Control, CreatedRun, RenewOutcome, RunRecord, SessionPolicy
+from agentd.server.runs.records import Control, CreatedRun, RenewOutcome, RunRecord, SessionPolicy, TenantLimits
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import RunEvent
 from agentd.server.runtime.run_loop import RunInput
@@ -61,10 +61,12 @@ class RunStore(abc.ABC):
         lease_s: float,
         max_queued: int,
         now: float,
+        limits: TenantLimits | None = None,
     ) -> CreatedRun:
         """Record a new run, atomically with these checks, in this order:
 
-        1. ``spec.request_id`` set and naming a known run: return it (``created=False``), change nothing.
+        1. ``spec.request_id`` set and naming a known run: return it (``created=False``), change nothing
+           (never refused by any limit).
         2. ``spec.session_id`` with an active (QUEUED/RUNNING/REQUIRES_ACTION) run: REJECT raises
            ``SessionBusyError(session_id, oldest active run id)``; ENQUEUE stores the run QUEUED but not
            claimable until every earlier active run of the session has ended (then it becomes
@@ -73,6 +75,15 @@ class RunStore(abc.ABC):
            ``now + lease_s`` (the creating replica executes it at once, with no queue hop).
         4. Otherwise QUEUED and claimable; ``QueueFullError(max_queued)`` when ``max_queued`` runs are
            already QUEUED (a run that is created RUNNING or behind its session never counts as refused).
+
+        With ``limits`` (per tenant, ``spec.tenant``; see ``TenantLimits``), after the session check
+        and before the queue's: ``TenantLimitError(TENANT_MAX_ACTIVE_RUNS)`` when the tenant has
+        ``limits.max_active`` unfinished runs; ``TenantLimitError(TENANT_MAX_QUEUED_RUNS)`` when the run
+        would join the queue and the tenant has ``limits.max_queued`` runs there; and last, when every
+        other check passed, one token of the tenant's start bucket is taken, or
+        ``TenantLimitError(TENANT_START_RATE, retry_after_s=...)`` when it is empty. A refused run
+        changes nothing (no record, no token). The state behind these checks lives in the store, so
+        every replica sharing it enforces one limit per tenant.
         """
 
     @abc.abstractmethod

@@ -11,6 +11,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
+from agentd.server.auth.principal import Principal
 from agentd.server.runtime import events as ev
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.items import Item, item_from_dict
@@ -40,12 +41,17 @@ def _items_from(data: list[dict[str, Any]]) -> tuple[Item, ...]:
 # -- run specs ------------------------------------------------------------------------------
 
 def spec_to_dict(spec: RunInput) -> dict[str, Any]:
-    return {f.name: getattr(spec, f.name) for f in fields(RunInput)}
+    data = {f.name: getattr(spec, f.name) for f in fields(RunInput)}
+    data["principal"] = spec.principal.to_dict() if spec.principal is not None else None
+    return data
 
 
 def spec_from_dict(data: dict[str, Any]) -> RunInput:
     known = {f.name for f in fields(RunInput)}
-    return RunInput(**{k: v for k, v in data.items() if k in known})
+    values = {k: v for k, v in data.items() if k in known}
+    principal = values.get("principal")
+    values["principal"] = Principal.from_dict(principal) if isinstance(principal, dict) else None
+    return RunInput(**values)
 
 
 def encode_spec(spec: RunInput) -> str:

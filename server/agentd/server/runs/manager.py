@@ -28,6 +28,7 @@ from agentd.server.runs.records import (
     RunStatus,
     ServerDrainingError,
     SessionPolicy,
+    TenantLimits,
 )
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.runtime.events import RunEvent
@@ -58,6 +59,10 @@ class RunManager:
         max_queued_runs: int = 10_000,
         lease_s: float = 10.0,
         retention_s: float = 86_400.0,
+        tenant_max_active_runs: int = 0,
+        tenant_max_queued_runs: int = 0,
+        tenant_start_rate: float = 0.0,
+        tenant_start_burst: int | None = None,
     ) -> None:
         self._runner = runner
         self.store = store
@@ -67,6 +72,10 @@ class RunManager:
         self._max_queued = max_queued_runs
         self._lease_s = lease_s
         self._retention_s = retention_s
+        # Checked by the store inside create_run, atomically across every replica sharing it.
+        limits = TenantLimits(tenant_max_active_runs, tenant_max_queued_runs, tenant_start_rate,
+                              tenant_start_burst or 0)
+        self._tenant_limits = limits if limits.enabled else None
         self._local: dict[str, ActiveRun] = {}
         self._slot_freed = asyncio.Event()
         self._draining = False
@@ -140,7 +149,8 @@ class RunManager:
             raise ServerDrainingError("this replica is shutting down and takes no new runs; retry on another replica")
         owner = self.replica_id if len(self._local) < self._capacity else None
         created = await self.store.create_run(
-            spec, policy=policy, owner=owner, lease_s=self._lease_s, max_queued=self._max_queued, now=time.time()
+            spec, policy=policy, owner=owner, lease_s=self._lease_s, max_queued=self._max_queued, now=time.time(),
+            limits=self._tenant_limits,
         )
         record = created.record
         if created.created and record.status is RunStatus.RUNNING and record.owner == self.replica_id:

@@ -4,6 +4,12 @@ Nothing survives the process and no other process sees these runs, so ``shared``
 False: a draining server cancels its runs instead of handing them off. Every method
 is free of awaits between its checks and its writes, which makes each one atomic on
 the event loop.
+
+Per-tenant limits (``TenantLimits``) are counted exactly from two indexes kept at every
+transition, whatever limits the caller passes: each tenant's unfinished runs (added at
+creation, removed when the run ends) and its runs waiting in the queue (added whenever a
+run becomes claimable, removed when claimed or ended). Start buckets are a dict by tenant;
+``sweep`` drops the ones that are full again.
 """
 
 from __future__ import annotations
@@ -24,12 +30,33 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    TENANT_MAX_ACTIVE_RUNS,
+    TENANT_MAX_QUEUED_RUNS,
+    TENANT_START_RATE,
+    TenantLimitError,
+    TenantLimits,
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import Payload, RunCancelled, RunEvent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.runtime.usage import Usage
+
+
+def take_token(
+    bucket: tuple[float, float] | None, limits: TenantLimits, now: float
+) -> tuple[float, float, float | None]:
+    """A token bucket's take at ``now``: ``bucket`` is (tokens, time of the last take), None when full.
+    Returns (tokens, time) after the take, or (tokens, time, seconds until a token) when empty
+    (third item None on success). A clock behind the bucket's refills nothing."""
+    rate, burst = limits.start_rate, float(limits.start_burst)
+    tokens, at = bucket if bucket is not None else (burst, now)
+    at_now = max(now, at)
+    tokens = min(burst, tokens + (at_now - at) * rate)
+    if tokens < 1:
+        return tokens, at, (1 - tokens) / rate
+    return tokens - 1, at_now, None
+
 
 class MemoryRunStore(RunStore):
     shared = False
@@ -45,6 +72,9 @@ class MemoryRunStore(RunStore):
         self._active: dict[str, deque[str]] = {}  # session -> its active runs, creation order
         self._queue: deque[str] = deque()  # claimable QUEUED runs, oldest first
         self._expires: dict[str, float] = {}  # ended run -> when retention ends
+        self._unfinished: dict[str, set[str]] = {}  # tenant -> its QUEUED/RUNNING runs
+        self._queued_of: dict[str, set[str]] = {}  # tenant -> its claimable QUEUED runs
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # tenant -> (tokens, last take, full again at)
         self._work = asyncio.Event()
         self._appended: dict[str, asyncio.Event] = {}
 
@@ -56,7 +86,15 @@ class MemoryRunStore(RunStore):
         return None
 
     async def create_run(
-        self, spec: RunInput, *, policy: SessionPolicy, owner: str | None, lease_s: float, max_queued: int, now: float
+        self,
+        spec: RunInput,
+        *,
+        policy: SessionPolicy,
+        owner: str | None,
+        lease_s: float,
+        max_queued: int,
+        now: float,
+        limits: TenantLimits | None = None,
     ) -> CreatedRun:
         self._expire(now)
         if spec.request_id and spec.request_id in self._by_request:
@@ -67,13 +105,31 @@ class MemoryRunStore(RunStore):
             if policy is SessionPolicy.REJECT:
                 raise SessionBusyError(sid, self._active[sid][0])
             behind = True
-        if owner is None and not behind and len(self._queue) >= max_queued:
+        joins_queue = owner is None and not behind
+        tenant = spec.tenant
+        bucket: tuple[float, float, float] | None = None
+        if limits is not None:
+            if limits.max_active and len(self._unfinished.get(tenant, ())) >= limits.max_active:
+                raise TenantLimitError(TENANT_MAX_ACTIVE_RUNS, tenant, limits.max_active)
+            if joins_queue and limits.max_queued and len(self._queued_of.get(tenant, ())) >= limits.max_queued:
+                raise TenantLimitError(TENANT_MAX_QUEUED_RUNS, tenant, limits.max_queued)
+        if joins_queue and len(self._queue) >= max_queued:
             raise QueueFullError(max_queued)
+        if limits is not None and limits.start_rate:
+            held = self._buckets.get(tenant)
+            tokens, at, retry_after = take_token((held[0], held[1]) if held is not None else None, limits, now)
+            if retry_after is not None:
+                raise TenantLimitError(TENANT_START_RATE, tenant, limits.start_rate, retry_after,
+                                       burst=limits.start_burst)
+            bucket = (tokens, at, at + (limits.start_burst - tokens) / limits.start_rate)
         record = RunRecord(spec.run_id, spec, RunStatus.QUEUED, now, now)
         if owner is not None and not behind:
             record.status, record.owner, record.attempt, record.lease_expires = RunStatus.RUNNING, owner, 1, now + lease_s
         self._runs[spec.run_id] = record
         self._events[spec.run_id] = []
+        self._unfinished.setdefault(tenant, set()).add(spec.run_id)
+        if bucket is not None:
+            self._buckets[tenant] = bucket
         if spec.request_id:
             self._by_request[spec.request_id] = spec.run_id
         if sid is not None:
@@ -112,6 +168,7 @@ class MemoryRunStore(RunStore):
             record = self._runs.get(self._queue.popleft())
             if record is None or record.status is not RunStatus.QUEUED:
                 continue
+            self._unindex(self._queued_of, record)
             record.status, record.owner, record.lease_expires = RunStatus.RUNNING, owner, now + lease_s
             record.attempt += 1
             record.update_time = now
@@ -186,6 +243,8 @@ class MemoryRunStore(RunStore):
         return _copy(record)
 
     async def sweep(self, *, now: float) -> int:
+        for tenant in [t for t, (_, _, full_at) in self._buckets.items() if full_at <= now]:
+            del self._buckets[tenant]  # full again: as good as none
         return self._expire(now)
 
     async def read_events(self, run_id: str, after_sequence: int, limit: int) -> list[RunEvent]:
@@ -208,7 +267,17 @@ class MemoryRunStore(RunStore):
 
     def _enqueue(self, run_id: str) -> None:
         self._queue.append(run_id)
+        self._queued_of.setdefault(self._runs[run_id].spec.tenant, set()).add(run_id)
         self._work.set()
+
+    @staticmethod
+    def _unindex(index: dict[str, set[str]], record: RunRecord) -> None:
+        tenant = record.spec.tenant
+        runs = index.get(tenant)
+        if runs is not None:
+            runs.discard(record.run_id)
+            if not runs:
+                del index[tenant]
 
     def _fenced(self, run_id: str, attempt: int) -> RunRecord:
         record = self._runs.get(run_id)
@@ -236,6 +305,8 @@ class MemoryRunStore(RunStore):
     def _end(self, record: RunRecord, payload: Payload, retention_s: float, now: float) -> None:
         record.status = terminal_status(payload)
         record.result = payload
+        self._unindex(self._unfinished, record)
+        self._unindex(self._queued_of, record)
         record.owner, record.lease_expires, record.update_time = "", 0.0, now
         self._expires[record.run_id] = now + retention_s
         while len(self._expires) > self._max_ended:
@@ -267,6 +338,8 @@ class MemoryRunStore(RunStore):
         self._events.pop(run_id, None)
         if record is None:
             return
+        self._unindex(self._unfinished, record)
+        self._unindex(self._queued_of, record)
         if record.spec.request_id and self._by_request.get(record.spec.request_id) == run_id:
             del self._by_request[record.spec.request_id]
         sid = record.session_id

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import Payload, RunCancelled, RunCompleted, RunFailed
 from agentd.server.runtime.run_loop import RunInput
+from agentd.server.tenancy import local
 
 
 class RunStatus(str, enum.Enum):
@@ -111,7 +113,7 @@ class Control:
 class SessionBusyError(Exception):
     def __init__(self, session_id: str, run_id: str) -> None:
         super().__init__(
-            f"session {session_id!r} already has an active run ({run_id}); wait for it to finish, cancel it, "
+            f"session {local(session_id)!r} already has an active run ({run_id}); wait for it to finish, cancel it, "
             "or start with session_policy=ENQUEUE to queue behind it"
         )
         self.session_id = session_id
@@ -122,7 +124,7 @@ class DuplicateRunError(Exception):
     def __init__(self, request_id: str, run_id: str, status: str) -> None:
         going = "which is still going" if status in ("queued", "running", "requires_action") else f"which is {status}"
         super().__init__(
-            f"request_id {request_id!r} already started run {run_id}, {going}; "
+            f"request_id {local(request_id)!r} already started run {run_id}, {going}; "
             "follow it with WatchRun, or use a new request_id for a new run"
         )
         self.run_id = run_id
@@ -150,3 +152,72 @@ class QueueFullError(Exception):
         super().__init__(
             f"{limit} runs are already queued (AGENTD_MAX_QUEUED_RUNS); retry later or add replicas"
         )
+
+
+# The settings a TenantLimitError names (``TenantLimitError.limit_name``).
+TENANT_MAX_ACTIVE_RUNS = "AGENTD_TENANT_MAX_ACTIVE_RUNS"
+TENANT_MAX_QUEUED_RUNS = "AGENTD_TENANT_MAX_QUEUED_RUNS"
+TENANT_START_RATE = "AGENTD_TENANT_START_RATE"
+
+
+@dataclass(slots=True, frozen=True)
+class TenantLimits:
+    """Per-tenant limits ``RunStore.create_run`` checks atomically with the creation, across every
+    replica sharing the store (0: no limit).
+
+    - ``max_active``: the tenant's unfinished runs (QUEUED, RUNNING, waiting for the caller),
+      wherever they are: in the queue, behind their session, executing.
+    - ``max_queued``: the tenant's runs waiting in the shared queue (claimable QUEUED runs, what
+      ``max_queued`` bounds for everyone); checked only for a run that would join it.
+    - ``start_rate`` / ``start_burst``: a token bucket per tenant, ``start_burst`` tokens, refilled at
+      ``start_rate`` per second; each created run takes one. A start refused for any reason
+      takes none. ``start_burst`` 0 means ``max(1, ceil(start_rate))``.
+    """
+
+    max_active: int = 0
+    max_queued: int = 0
+    start_rate: float = 0.0
+    start_burst: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_active < 0 or self.max_queued < 0 or self.start_burst < 0:
+            raise ValueError(f"tenant limits must be 0 (none) or more: {self}")
+        if not (math.isfinite(self.start_rate) and self.start_rate >= 0):
+            raise ValueError(f"the tenant start rate must be 0 (none) or a positive number, got {self.start_rate}")
+        if self.start_burst == 0 and self.start_rate > 0:
+            object.__setattr__(self, "start_burst", max(1, math.ceil(self.start_rate)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_active or self.max_queued or self.start_rate)
+
+
+class TenantLimitError(Exception):
+    """A per-tenant limit refused a new run (nothing was created). ``limit`` is the setting's value;
+    ``retry_after_s`` says when a start would be allowed (the rate limit only)."""
+
+    def __init__(
+        self, limit_name: str, tenant: str, limit: float, retry_after_s: float | None = None, *, burst: int = 0
+    ) -> None:
+        shown = str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
+        if limit_name == TENANT_MAX_ACTIVE_RUNS:
+            text = (
+                f"tenant {tenant!r} already has {shown} unfinished runs (queued, running or waiting for the "
+                f"caller), the limit {limit_name}; wait for one to end or cancel one"
+            )
+        elif limit_name == TENANT_MAX_QUEUED_RUNS:
+            text = (
+                f"tenant {tenant!r} already has {shown} runs waiting in the queue, the limit {limit_name}; "
+                "wait for one to start or cancel one, then retry"
+            )
+        else:
+            wait = f"retry in {retry_after_s:.2f}s" if retry_after_s is not None else "retry later"
+            text = (
+                f"tenant {tenant!r} starts runs faster than {limit_name}={shown} per second allows"
+                f"{f' (bursts of {burst}, AGENTD_TENANT_START_BURST)' if burst else ''}; {wait}"
+            )
+        super().__init__(text)
+        self.limit_name = limit_name
+        self.tenant = tenant
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -4,6 +4,8 @@ Services map them to gRPC statuses; the agent loop maps model and store failures
 ``RunFailed`` events. Messages are written for the person who must fix the cause.
 """
 
+from agentd.server.tenancy import local
+
 
 class AgentdError(Exception):
     """Base of agentd's own errors."""
@@ -19,13 +21,14 @@ class ModelError(AgentdError):
 
 class SessionNotFoundError(AgentdError):
     def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} does not exist")
+        # The id as the caller knows it: another tenant's session reads exactly like a missing one.
+        super().__init__(f"session {local(session_id)!r} does not exist")
         self.session_id = session_id
 
 
 class SessionExistsError(AgentdError):
     def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} already exists")
+        super().__init__(f"session {local(session_id)!r} already exists")
         self.session_id = session_id
 
 

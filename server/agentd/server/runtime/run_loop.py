@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import pydantic
 
 from agentd.server.app import App
+from agentd.server.auth.principal import Principal
 from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.checkpoint import Checkpoint
@@ -54,9 +55,10 @@ from agentd.server.runtime.events import (
     UsageUpdated,
 )
 from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
-from agentd.server.runtime.tools import FunctionTool
+from agentd.server.runtime.tools import FunctionTool, ToolResult
 from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import SessionStore
+from agentd.server.tenancy import DEFAULT_TENANT, local
 from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
 
 log = logging.getLogger("agentd.run")
@@ -79,6 +81,12 @@ class RunInput:
     group_id: str = ""
     trace_metadata: dict[str, str] = field(default_factory=dict)
     traceparent: str = ""  # the caller's W3C trace context, continued by the run's trace
+    # Who started the run: its tenant owns the run, and tools see the principal (RunContext.principal).
+    principal: Principal | None = None
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant if self.principal is not None else DEFAULT_TENANT
 
 
 class EventSink(Protocol):
@@ -138,7 +146,10 @@ class AgentRunner:
         max_turns = run.max_turns or self._app.compiled[run.agent].agent.max_turns
         usage = cp.usage.copy() if cp is not None else Usage()
         turns = cp.turns if cp is not None else 0
-        ctx = RunContext(run.run_id, agent.name, run.session_id, run.context, usage)
+        ctx = RunContext(
+            run.run_id, agent.name, local(run.session_id) if run.session_id else None, run.context, usage,
+            run.principal,
+        )
         traceparent = run.traceparent
         if cp is not None and cp.trace_id and cp.span_id:
             traceparent = f"00-{cp.trace_id}-{cp.span_id}-01"  # the resumed execution joins the run's trace
@@ -152,6 +163,7 @@ class AgentRunner:
             metadata=run.trace_metadata,
             agent=agent.name,
             traceparent=traceparent,
+            tenant=run.tenant,
         )
         sink.trace_id = trace.trace_id
         run_span = trace.span(SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name)
@@ -252,7 +264,9 @@ class AgentRunner:
             sink.emit(RunFailed(failure.code, failure.message, usage.copy(), turns))
         except Exception as exc:  # app code (dynamic instructions...) or an agentd bug
             log.exception("run %s failed unexpectedly", run.run_id)
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            # The exception's text may hold anything the app had at hand (personal data,
+            # secrets): the caller and the trace get its type, the server log the rest.
+            message = f"internal error: {type(exc).__name__} (details in the server log, run {run.run_id})"
             self._end_spans(trace, run_span, agent_span, message)
             sink.emit(RunFailed(RunErrorCode.INTERNAL, message, usage.copy(), turns))
 
@@ -383,39 +397,51 @@ class AgentRunner:
             else:
                 span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments)
                 tool_ctx = ToolContext(
-                    ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, call.call_id, tool.name
+                    ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, ctx.principal, call.call_id,
+                    tool.name,
                 )
                 try:
-                    output, is_error = await self._call_tool(agent, tool, tool_ctx, call, sink)
+                    result = await self._call_tool(agent, tool, tool_ctx, call, sink)
                 except BaseException:
                     span.end(error="cancelled")
                     raise
-                span.end(error=output if is_error else "", output=output)
+                output, is_error = result.output, result.is_error
+                # The span's error is the failure's content-free summary; recorders keep the full
+                # ``error_detail`` (an exception message, a caller's text) only when tracing content.
+                span.end(
+                    error=(result.error_summary or output) if is_error else "",
+                    error_detail=output if is_error else "",
+                    output=output,
+                )
         item = ToolResultItem(call.call_id, call.tool_name, output, is_error, agent.name)
         sink.emit(ToolOutput(agent.name, item, time.perf_counter() - started))
         return item
 
     async def _call_tool(
         self, agent: CompiledAgent, tool: FunctionTool, ctx: ToolContext, call: ToolCallItem, sink: EventSink
-    ) -> tuple[str, bool]:
+    ) -> ToolResult:
         """Execute one call: after the caller's approval when the tool needs it, by the caller when
         the caller executes it, else here."""
         if tool.needs_approval:
             sink.emit(ActionRequired("approval", agent.name, call))
             answer = await self._wait_action(sink, f"approval:{call.call_id}", tool)
             if answer is None:
-                return f"Error: no approval for {tool.name!r} arrived within {tool.timeout_s:g}s", True
+                return ToolResult(f"Error: no approval for {tool.name!r} arrived within {tool.timeout_s:g}s", True)
             if not answer.get("approved"):
                 reason = answer.get("reason") or "no reason given"
-                return f"Error: the call of {tool.name!r} was not approved: {reason}", True
+                denied = f"Error: the call of {tool.name!r} was not approved"
+                return ToolResult(f"{denied}: {reason}", True, denied)
         if tool.caller_executed:
             sink.emit(ActionRequired("tool_output", agent.name, call))
             answer = await self._wait_action(sink, f"output:{call.call_id}", tool)
             if answer is None:
-                return f"Error: tool {tool.name!r} timed out after {tool.timeout_s:g}s waiting for the caller", True
-            return str(answer.get("output", "")), bool(answer.get("is_error", False))
-        result = await tool.invoke(ctx, call.arguments, self._tool_timeout_s)
-        return result.output, result.is_error
+                return ToolResult(
+                    f"Error: tool {tool.name!r} timed out after {tool.timeout_s:g}s waiting for the caller", True
+                )
+            is_error = bool(answer.get("is_error", False))
+            summary = f"Error: the caller reported a failure of tool {tool.name!r}" if is_error else ""
+            return ToolResult(str(answer.get("output", "")), is_error, summary)
+        return await tool.invoke(ctx, call.arguments, self._tool_timeout_s)
 
     @staticmethod
     async def _wait_action(sink: EventSink, key: str, tool: FunctionTool) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import docstring_parser
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from agentd.server.redaction import redact
 from agentd.server.runtime.context import RunContext, ToolContext
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -30,6 +31,9 @@ TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class ToolResult:
     output: str
     is_error: bool
+    # The failure without content (a tool's exception message may hold personal data): what
+    # a trace keeps unless it records content. "" means ``output`` is content-free already.
+    error_summary: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -76,7 +80,8 @@ class FunctionTool:
         except TimeoutError:
             return _error(f"tool {self.name!r} timed out after {timeout:g}s")
         except Exception as exc:  # the tool's own failure is the model's to handle
-            return _error(f"tool {self.name!r} failed: {type(exc).__name__}: {exc}")
+            failed = f"tool {self.name!r} failed: {type(exc).__name__}"
+            return _error(f"{failed}: {redact(str(exc))}", summary=failed)
         return ToolResult(output=_render_output(result), is_error=False)
 
     async def _call(self, ctx: ToolContext, kwargs: dict[str, Any]) -> Any:
@@ -89,8 +94,8 @@ class FunctionTool:
         return await asyncio.to_thread(functools.partial(self.fn, *args, **kwargs))
 
 
-def _error(message: str) -> ToolResult:
-    return ToolResult(output=f"Error: {message}", is_error=True)
+def _error(message: str, summary: str = "") -> ToolResult:
+    return ToolResult(output=f"Error: {message}", is_error=True, error_summary=f"Error: {summary}" if summary else "")
 
 
 def _render_output(result: Any) -> str:

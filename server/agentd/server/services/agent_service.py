@@ -1,4 +1,10 @@
-"""AgentService: agent discovery and the Run / StreamRun streams."""
+"""AgentService: agent discovery, runs, and the Run / StreamRun / WatchRun streams.
+
+Runs belong to the tenant of the caller that started them: a run of another tenant
+answers NOT_FOUND with the same message as a missing one, request ids and session ids
+are qualified by the tenant (``tenancy.scoped``), and the run carries its starter's
+principal to the tools.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,16 @@ from typing import Any, AsyncIterator, Sequence, TypeVar
 import grpc
 
 from agentd.server.app import App
+from agentd.server.auth.principal import current_principal
 from agentd.server.runs.manager import RunManager
-from agentd.server.runs.records import DuplicateRunError, RunRecord, SessionPolicy, action_key
+from agentd.server.runs.records import DuplicateRunError, RunNotFoundError, RunRecord, SessionPolicy, action_key
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import validation
 from agentd.server.services.convert import dict_from_struct, run_to_proto, struct_from_dict, write_run_event
 from agentd.server.services.errors import HANDLED, NotFound, abort, unary_errors
 from agentd.server.services.validation import InvalidArgument
+from agentd.server.tenancy import scoped
 from agentd.v1 import agent_service_pb2 as pb
 from agentd.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -83,14 +91,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
-        run_id = _run_id("name", request.name)
-        return pb.GetRunResponse(run=run_to_proto(await self._runs.get(run_id)))
+        return pb.GetRunResponse(run=run_to_proto(await self._owned_run(_run_id("name", request.name))))
 
     @unary_errors
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
         if not request.session:
             raise InvalidArgument("session", "is required: runs are listed per session, e.g. 'sessions/abc'")
-        session_id = validation.session_id("session", request.session, allow_bare=True)
+        local_id = validation.session_id("session", request.session, allow_bare=True)
+        session_id = scoped(current_principal().tenant, local_id)
         size = validation.page_size(request.page_size, DEFAULT_RUN_PAGE)
         cursor = validation.decode_page_token("runs", request.page_token)
         records, next_cursor = await self._runs.list_runs(session_id, size, cursor)
@@ -101,7 +109,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
-        run_id = _run_id("name", request.name)
+        run_id = (await self._owned_run(_run_id("name", request.name))).run_id
         record = await self._runs.cancel(run_id, request.reason or "cancelled by the client")
         return pb.CancelRunResponse(run=run_to_proto(record))
 
@@ -111,6 +119,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     ) -> pb.SubmitToolOutputsResponse:
         run_id = _run_id("name", request.name)
         answers = _output_answers(request.outputs, "outputs")
+        await self._owned_run(run_id)
         return pb.SubmitToolOutputsResponse(run=run_to_proto(await self._runs.answer(run_id, answers)))
 
     @unary_errors
@@ -119,6 +128,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     ) -> pb.ApproveToolCallResponse:
         run_id = _run_id("name", request.name)
         answers = [_approval_answer(request.approval, "approval")]
+        await self._owned_run(run_id)
         return pb.ApproveToolCallResponse(run=run_to_proto(await self._runs.answer(run_id, answers)))
 
     async def WatchRun(
@@ -128,11 +138,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
             run_id = _run_id("name", request.name)
             if request.after_sequence < 0:
                 raise InvalidArgument("after_sequence", f"must be 0 or more, got {request.after_sequence}")
+            await self._owned_run(run_id)
         except HANDLED as exc:
             await abort(context, exc)
         async for response in self._stream(run_id, request.after_sequence, pb.WatchRunResponse, context,
                                            detached=True):
             yield response
+
+    async def _owned_run(self, run_id: str) -> RunRecord:
+        """The run, if the caller's tenant owns it; otherwise exactly what a missing run answers."""
+        record = await self._runs.get(run_id)
+        if record.spec.tenant != current_principal().tenant:
+            raise RunNotFoundError(run_id)
+        return record
 
     async def _start_attached(self, start: pb.StartRun, field: str, context: grpc.aio.ServicerContext) -> RunRecord:
         """Create the run of a Run/StreamRun stream; a known request id is ALREADY_EXISTS, not a second run."""
@@ -187,9 +205,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise InvalidArgument(f"{field}.session_policy", f"unknown value {start.session_policy}")
         if len(start.request_id) > 200:
             raise InvalidArgument(f"{field}.request_id", f"is {len(start.request_id)} characters; the limit is 200")
-        session_id = None
+        principal = current_principal()
+        local_session = None
         if start.session:
-            session_id = validation.session_id(f"{field}.session", start.session, allow_bare=True)
+            local_session = validation.session_id(f"{field}.session", start.session, allow_bare=True)
+        session_id = scoped(principal.tenant, local_session) if local_session else None
         return RunInput(
             run_id=new_run_id(),
             agent=agent,
@@ -197,11 +217,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
             session_id=session_id,
             context=dict_from_struct(start.context) if start.HasField("context") else {},
             max_turns=start.max_turns or None,
-            request_id=start.request_id,
+            request_id=scoped(principal.tenant, start.request_id) if start.request_id else "",
             workflow_name=start.trace.workflow_name or "agentd run",
-            group_id=start.trace.group_id or (session_id or ""),
+            group_id=start.trace.group_id or (local_session or ""),
             trace_metadata=dict(start.trace.metadata),
             traceparent=traceparent,
+            principal=principal,
         )
 
     def _agent_proto(self, name: str, field: str) -> pb.Agent:

@@ -15,6 +15,7 @@ from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolRes
 from agentd.server.runtime.usage import Usage
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.sessions.base import SessionRecord, StoredItem
+from agentd.server.tenancy import local
 from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2
 
 _ROLE_TO_PROTO = {"user": item_pb2.ROLE_USER, "assistant": item_pb2.ROLE_ASSISTANT, "system": item_pb2.ROLE_SYSTEM}
@@ -59,7 +60,7 @@ def value_from_python(value: Any) -> struct_pb2.Value:
 def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item:
     message = item_pb2.Item(agent=item.agent)
     if stored is not None:
-        message.name = f"sessions/{stored.session_id}/items/{stored.sequence}"
+        message.name = f"sessions/{local(stored.session_id)}/items/{stored.sequence}"
         message.sequence = stored.sequence
         message.create_time.CopyFrom(timestamp_s(stored.created_at))
     if type(item) is MessageItem:
@@ -113,7 +114,7 @@ def stored_item_to_proto(stored: StoredItem) -> item_pb2.Item:
 
 def session_to_proto(record: SessionRecord) -> session_service_pb2.Session:
     message = session_service_pb2.Session(
-        name=f"sessions/{record.session_id}",
+        name=f"sessions/{local(record.session_id)}",
         create_time=timestamp_s(record.created_at),
         update_time=timestamp_s(record.updated_at),
         metadata=record.metadata,
@@ -152,9 +153,9 @@ _ERROR_CODES = {
 def _run_started(p: ev.RunStarted, out: run_event_pb2.RunEvent) -> None:
     m = out.run_started
     m.agent = p.agent
-    m.session = f"sessions/{p.session_id}" if p.session_id else ""
+    m.session = f"sessions/{local(p.session_id)}" if p.session_id else ""
     m.history_items = p.history_items
-    m.request_id = p.request_id
+    m.request_id = local(p.request_id)
 
 
 def _agent_updated(p: ev.AgentUpdated, out: run_event_pb2.RunEvent) -> None:
@@ -286,8 +287,8 @@ def run_to_proto(record: RunRecord) -> agent_service_pb2.RunInfo:
         name=f"runs/{record.run_id}",
         status=_RUN_STATUS[record.visible_status],
         agent=f"agents/{spec.agent}",
-        session=f"sessions/{spec.session_id}" if spec.session_id else "",
-        request_id=spec.request_id,
+        session=f"sessions/{local(spec.session_id)}" if spec.session_id else "",
+        request_id=local(spec.request_id),
         create_time=timestamp_s(record.create_time),
         update_time=timestamp_s(record.update_time),
         replica=record.owner,

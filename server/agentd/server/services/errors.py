@@ -14,6 +14,7 @@ from agentd.server.runs.records import (
     RunNotWaitingError,
     ServerDrainingError,
     SessionBusyError,
+    TenantLimitError,
 )
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.services.validation import InvalidArgument
@@ -38,6 +39,7 @@ STATUS_FOR: dict[type[Exception], grpc.StatusCode] = {
     StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ServerDrainingError: grpc.StatusCode.UNAVAILABLE,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TenantLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RunNotFoundError: grpc.StatusCode.NOT_FOUND,
     RunNotWaitingError: grpc.StatusCode.FAILED_PRECONDITION,
 }

@@ -1,4 +1,9 @@
-"""SessionService: sessions, their items, state and metadata over gRPC."""
+"""SessionService: sessions, their items, state and metadata over gRPC.
+
+Every session id is the caller's: it is qualified by the caller's tenant
+(``tenancy.scoped``) before it reaches the store, so a session of another tenant
+answers exactly as a missing one does, and lists hold only the caller's sessions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import uuid
 
 import grpc
 
+from agentd.server.auth.principal import current_principal
 from agentd.server.runs.manager import RunManager
 from agentd.server.runtime.errors import SessionExistsError
 from agentd.server.services import validation
@@ -18,6 +24,7 @@ from agentd.server.services.convert import (
 from agentd.server.services.errors import FailedPrecondition, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.sessions.base import SessionStore
+from agentd.server.tenancy import local, scoped
 from agentd.v1 import session_service_pb2 as pb
 from agentd.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -41,13 +48,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
         ttl = validation.ttl_seconds("session.ttl", request.session.ttl) if request.session.HasField("ttl") else None
         if request.session_id:
             validation.check_session_id("session_id", request.session_id)
-            session_id = request.session_id
+            session_id = _scoped(request.session_id)
         elif request.request_id:
             # Derived from the request id: a retried create finds the session it already made.
-            session_id = uuid.uuid5(_REQUEST_ID_NAMESPACE, request.request_id).hex
+            session_id = _scoped(uuid.uuid5(_REQUEST_ID_NAMESPACE, request.request_id).hex)
             derived = True
         else:
-            session_id = uuid.uuid4().hex
+            session_id = _scoped(uuid.uuid4().hex)
         try:
             record = await self._store.create_session(
                 session_id,
@@ -63,7 +70,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.GetSessionResponse:
-        session_id = validation.session_id("name", request.name)
+        session_id = _scoped(validation.session_id("name", request.name))
         return pb.GetSessionResponse(session=session_to_proto(await self._store.get_session(session_id)))
 
     @unary_errors
@@ -71,7 +78,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         size = validation.page_size(request.page_size, DEFAULT_SESSION_PAGE)
         cursor = validation.decode_page_token("sessions", request.page_token)
         try:
-            page = await self._store.list_sessions(size, cursor)
+            page = await self._store.list_sessions(size, cursor, tenant=current_principal().tenant)
         except ValueError:
             raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged") from None
         response = pb.ListSessionsResponse(sessions=[session_to_proto(s) for s in page.sessions])
@@ -81,7 +88,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def UpdateSession(self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSessionResponse:
-        session_id = validation.session_id("session.name", request.session.name)
+        session_id = _scoped(validation.session_id("session.name", request.session.name))
         paths = set(request.update_mask.paths) or _DEFAULT_UPDATE | ({"ttl"} if request.session.HasField("ttl") else set())
         unknown = paths - _UPDATABLE
         if unknown:
@@ -104,7 +111,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ListSessionItems(
         self, request: pb.ListSessionItemsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionItemsResponse:
-        session_id = validation.session_id("parent", request.parent)
+        session_id = _scoped(validation.session_id("parent", request.parent))
         size = validation.page_size(request.page_size, DEFAULT_ITEM_PAGE)
         newest_first = request.order == pb.ITEM_ORDER_NEWEST_FIRST
         kind = "items-newest" if newest_first else "items-oldest"
@@ -150,13 +157,18 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     async def _idle_session(self, field: str, name: str) -> str:
         """The session id, refusing writes while a run (on any replica) owns the session's item list."""
-        session_id = validation.session_id(field, name)
+        session_id = _scoped(validation.session_id(field, name))
         run_id = await self._runs.active_run_for_session(session_id)
         if run_id is not None:
             raise FailedPrecondition(
-                f"session {session_id!r} has an active run ({run_id}); wait for it to end or cancel it"
+                f"session {local(session_id)!r} has an active run ({run_id}); wait for it to end or cancel it"
             )
         return session_id
+
+
+def _scoped(session_id: str) -> str:
+    """The store key of the caller's session ``session_id``."""
+    return scoped(current_principal().tenant, session_id)
 
 
 def _sequence_cursor(cursor: str | None) -> int | None:

@@ -1,9 +1,14 @@
-"""TraceService: what runs did, from the trace store (live traces in memory, ended ones archived)."""
+"""TraceService: what runs did, from the trace store (live traces in memory, ended ones archived).
+
+A caller sees only its tenant's traces (``current_principal().tenant``): listings hold
+nothing else, and another tenant's trace answers exactly as a missing one does.
+"""
 
 from __future__ import annotations
 
 import grpc
 
+from agentd.server.auth.principal import current_principal
 from agentd.server.services import validation
 from agentd.server.services.convert import struct_from_dict, timestamp_ns
 from agentd.server.services.errors import NotFound, unary_errors
@@ -48,6 +53,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
         query = TraceQuery(
             limit=size,
+            tenant=current_principal().tenant,
             before=before,
             workflow_name=request.workflow_name,
             group_id=request.group_id,
@@ -66,8 +72,10 @@ class TraceService(pb_grpc.TraceServiceServicer):
     @unary_errors
     async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
         trace_id = validation.resource_id("name", request.name, "traces", allow_bare=True)
-        trace = await self._store.get_trace(trace_id)
-        if trace is None:
+        tenant = current_principal().tenant
+        trace = await self._store.get_trace(trace_id, tenant)
+        # Another tenant's trace is answered exactly as a missing one: the same code, the same message.
+        if trace is None or trace.tenant != tenant:
             raise NotFound(f"name: trace {trace_id!r} does not exist (or has aged out of the trace store)")
         spans = sorted(trace.spans, key=lambda s: s.start_ns)
         return pb.GetTraceResponse(trace=_trace_to_proto(trace), spans=[_span_to_proto(s) for s in spans])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from agentd.server.runtime.items import Item
+from agentd.server.tenancy import DEFAULT_TENANT
 
 
 def encode_cursor(created_at: float, session_id: str) -> str:
@@ -161,8 +162,10 @@ class SessionStore(abc.ABC):
         """``SessionNotFoundError`` if missing."""
 
     @abc.abstractmethod
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
-        """Sessions newest-created first, ``limit`` at a time."""
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> SessionPage:
+        """``tenant``'s sessions (see ``agentd.server.tenancy``) newest-created first, ``limit`` at a time."""
 
     @abc.abstractmethod
     async def update_session(

@@ -28,6 +28,7 @@ from agentd.server.sessions.base import (
     is_expired,
     resolve_ttl,
 )
+from agentd.server.tenancy import DEFAULT_TENANT, in_tenant
 
 __all__ = ["MemorySessionStore"]
 
@@ -136,11 +137,17 @@ class MemorySessionStore(SessionStore):
     async def get_session(self, session_id: str) -> SessionRecord:
         return self._record(session_id, self._get(session_id))
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> SessionPage:
         check_limit(limit)
         now = time.time()
         keys = sorted(
-            ((s.created_at, sid) for sid, s in self._sessions.items() if not is_expired(s.expires_at, now)),
+            (
+                (s.created_at, sid)
+                for sid, s in self._sessions.items()
+                if not is_expired(s.expires_at, now) and in_tenant(sid, tenant)
+            ),
             reverse=True,
         )
         if cursor is not None:

@@ -8,9 +8,15 @@ it there after a restart and from any replica sharing the database.
 Backends: ``SqliteTraceArchive`` (the ``sqlite`` package, its own file) and
 ``PostgresTraceArchive`` (the ``postgres`` package, the session store's database and schema).
 
+Tenants: every trace is stored with the tenant owning its run and listed only to that
+tenant (``TraceQuery.tenant``); ``get`` finds a trace by id, then compares its tenant.
+A trace id is the archive's key, but a caller picks the trace id of a run that
+continues its ``traceparent``: ``write`` never replaces (or adds spans to) a trace of
+another tenant with the same id; that trace keeps it and the newcomer is not archived.
+
 Retention (``sweep``): a trace is kept while it is among the newest ``max_traces``
 traces *and*, when ``max_age_s`` is set, younger than that (by its start time); the
-sweep deletes everything else, with its spans.
+sweep deletes everything else, with its spans. Retention is global, across tenants.
 """
 
 from __future__ import annotations
@@ -98,15 +104,18 @@ class TraceArchive(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, traces: list[TraceRecord]) -> None:
-        """Store ended traces (a trace id already stored is replaced); each with its spans atomically."""
+        """Store ended traces, each with its spans atomically. A trace id already stored by the
+        same tenant is replaced; one stored by another tenant is kept and the new trace skipped."""
 
     @abc.abstractmethod
-    async def get(self, trace_id: str) -> TraceRecord | None:
-        """The trace with its spans, or None."""
+    async def get(self, trace_id: str, tenant: str | None = None) -> TraceRecord | None:
+        """The trace with its spans and its ``tenant``, or None; None too when ``tenant`` is given
+        and the trace is another tenant's (its spans are then never read)."""
 
     @abc.abstractmethod
     async def list(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
-        """Newest first by ``(start_ns, trace_id)``, without spans; the page and whether more match."""
+        """``query.tenant``'s traces, newest first by ``(start_ns, trace_id)``, without spans; the
+        page and whether more match."""
 
     @abc.abstractmethod
     async def sweep(self, retention: Retention) -> int:
@@ -127,6 +136,8 @@ def where_clause(
         params.append(value)
         return placeholder(len(params))
 
+    # Always filtered by tenant, which leads the listing indexes (traces_by_tenant...).
+    conditions.append(f"t.tenant = {param(query.tenant)}")
     if query.before is not None:
         conditions.append(f"(t.start_ns, t.trace_id) < ({param(query.before[0])}, {param(query.before[1])})")
     if query.start_to_ns:
@@ -143,4 +154,4 @@ def where_clause(
         conditions.append(
             f"EXISTS (SELECT 1 FROM {agents_table} a WHERE a.trace_id = t.trace_id AND a.agent = {param(query.agent)})"
         )
-    return (" WHERE " + " AND ".join(conditions)) if conditions else "", params
+    return " WHERE " + " AND ".join(conditions), params

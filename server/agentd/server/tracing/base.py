@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from typing import Any, Protocol
 
+from agentd.server.tenancy import DEFAULT_TENANT
+
 
 # Attributes holding conversation content (tool arguments and results): recorded only when
 # the operator allows it (AGENTD_TRACE_CONTENT), since they may carry personal data.
@@ -68,5 +70,7 @@ class Tracer(Protocol):
         metadata: dict[str, str],
         agent: str,
         traceparent: str = "",
+        tenant: str = DEFAULT_TENANT,
     ) -> TraceHandle:
-        """``traceparent``: the caller's W3C trace context; the run's trace continues it."""
+        """``traceparent``: the caller's W3C trace context; the run's trace continues it.
+        ``tenant``: the tenant owning the run (agentd.server.tenancy); only its callers see the trace."""

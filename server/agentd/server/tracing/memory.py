@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("agentd.tracing")
 
+from agentd.server.tenancy import DEFAULT_TENANT
 from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, parse_traceparent
 
 
@@ -40,10 +41,14 @@ class SpanRecord:
         self.attributes.update(_allowed(attributes, self.capture_content))
 
     def end(self, error: str = "", **attributes: Any) -> None:
+        """``error``: content-free (an exception's type, not its message). ``error_detail``, the
+        error with its content (which may hold personal data), replaces it only when the trace
+        records content."""
         if self.end_ns:
             return
+        detail = attributes.pop("error_detail", "")
         self.end_ns = time.time_ns()
-        self.error = error
+        self.error = detail if detail and self.capture_content else error
         if attributes:
             self.attributes.update(_allowed(attributes, self.capture_content))
 
@@ -65,6 +70,8 @@ class TraceRecord:
     start_ns: int
     end_ns: int = 0
     error: str = ""
+    # The tenant owning the run (agentd.server.tenancy): only its callers can list or read the trace.
+    tenant: str = DEFAULT_TENANT
     spans: list[SpanRecord] = field(default_factory=list)
     capture_content: bool = True
     # The caller's span this trace continues (from its traceparent); "" when it starts here.
@@ -126,9 +133,13 @@ class TraceRecord:
 
 @dataclass(frozen=True, slots=True)
 class TraceQuery:
-    """The filters of ``list_traces`` (AND-combined; empty matches everything) and its keyset cursor."""
+    """The filters of ``list_traces`` (AND-combined; empty matches everything) and its keyset cursor.
+
+    ``tenant`` is not optional: a listing only ever holds the traces of one tenant.
+    """
 
     limit: int
+    tenant: str = DEFAULT_TENANT
     before: tuple[int, str] | None = None
     workflow_name: str = ""
     group_id: str = ""
@@ -139,7 +150,12 @@ class TraceQuery:
 
 
 class InMemoryTraceStore:
-    """Implements ``Tracer`` and the queries behind TraceService."""
+    """Implements ``Tracer`` and the queries behind TraceService.
+
+    Traces are keyed by (tenant, trace id): a run continuing a caller's trace takes the
+    caller's trace id, and a caller of one tenant must not be able to replace (or hide) a
+    trace of another by sending its id in a ``traceparent``.
+    """
 
     def __init__(
         self,
@@ -150,7 +166,7 @@ class InMemoryTraceStore:
     ) -> None:
         self._max = max_traces
         self._capture_content = capture_content
-        self._traces: OrderedDict[str, TraceRecord] = OrderedDict()
+        self._traces: OrderedDict[tuple[str, str], TraceRecord] = OrderedDict()
         # Called with each trace as it ends (``TraceStore`` queues it for its archive).
         self.on_trace_end = on_trace_end
 
@@ -163,9 +179,11 @@ class InMemoryTraceStore:
         metadata: dict[str, str],
         agent: str,
         traceparent: str = "",
+        tenant: str = DEFAULT_TENANT,
         trace_id: str = "",
     ) -> TraceRecord:
-        """``trace_id``: use this id (an exporter's); else the caller's from ``traceparent``, else a new one."""
+        """``trace_id``: use this id (an exporter's); else the caller's from ``traceparent``, else a new one.
+        ``tenant``: the tenant owning the run."""
         remote = parse_traceparent(traceparent) if traceparent else None
         trace = TraceRecord(
             trace_id=trace_id or (remote[0] if remote else _new_id(16)),
@@ -177,21 +195,32 @@ class InMemoryTraceStore:
             metadata=metadata,
             agent=agent,
             start_ns=time.time_ns(),
+            tenant=tenant,
             on_end=self.on_trace_end,
         )
-        self._traces[trace.trace_id] = trace
+        key = (tenant, trace.trace_id)
+        self._traces.pop(key, None)  # a run continuing the same trace replaces it, as the newest
+        self._traces[key] = trace
         if len(self._traces) > self._max:
             self._traces.popitem(last=False)
         return trace
 
-    def get_trace(self, trace_id: str) -> TraceRecord | None:
-        return self._traces.get(trace_id)
+    def get_trace(self, trace_id: str, tenant: str | None = None) -> TraceRecord | None:
+        """``tenant``'s trace ``trace_id``; with no tenant, any tenant's (tests, diagnostics)."""
+        if tenant is not None:
+            return self._traces.get((tenant, trace_id))
+        trace = self._traces.get((DEFAULT_TENANT, trace_id))
+        if trace is None:
+            trace = next((t for (_, tid), t in self._traces.items() if tid == trace_id), None)
+        return trace
 
     def list_traces(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
         """Newest first, keyset-paged by ``(start_ns, trace_id)``; returns the page and whether more match."""
         q = query
         page: list[TraceRecord] = []
         for trace in reversed(self._traces.values()):
+            if trace.tenant != q.tenant:
+                continue
             if q.before is not None and (trace.start_ns, trace.trace_id) >= q.before:
                 continue
             if q.start_to_ns and trace.start_ns >= q.start_to_ns:

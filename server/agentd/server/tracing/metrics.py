@@ -7,8 +7,10 @@ spans) and the metrics can never disagree with the traces:
 =====================================  =========  ===============================================
 metric                                 unit       attributes
 =====================================  =========  ===============================================
-``agentd.runs`` (counter)              {run}      gen_ai.agent.name, agentd.run.status
-``agentd.run.duration``                s          gen_ai.agent.name, agentd.run.status
+``agentd.runs`` (counter)              {run}      gen_ai.agent.name, agentd.run.status,
+                                                  agentd.tenant
+``agentd.run.duration``                s          gen_ai.agent.name, agentd.run.status,
+                                                  agentd.tenant
 ``gen_ai.client.operation.duration``   s          gen_ai.operation.name, gen_ai.request.model,
                                                   error.type (failed calls only)
 ``gen_ai.client.token.usage``          {token}    gen_ai.operation.name, gen_ai.request.model,
@@ -18,7 +20,9 @@ metric                                 unit       attributes
 =====================================  =========  ===============================================
 
 ``gen_ai.agent.name`` on run metrics is the agent the run started with (handoffs do not
-change it). ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``. A tool
+change it). ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``.
+``agentd.tenant`` is the tenant owning the run, from the run span (``default`` without
+authentication); tenants are configured, so it stays bounded. A tool
 call cancelled with its run is timed but not counted in ``agentd.tool.errors``: the
 cancellation is the run's (``agentd.run.status=cancelled``), not the tool's failure.
 
@@ -43,6 +47,8 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 
+from agentd.server.tenancy import DEFAULT_TENANT
+
 log = logging.getLogger("agentd.tracing")
 
 # GenAI semantic conventions' recommended boundaries.
@@ -60,7 +66,8 @@ _TOOL_SPAN_PREFIX = "execute_tool "
 
 # error.type classes, from the messages run_loop.py, tools.py and the model providers end spans with.
 _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
-_TOOL_EXCEPTION = re.compile(r"^Error: tool '[^']*' failed: ([A-Za-z_][\w.]*):")
+# With trace content off the span keeps only "Error: tool 'x' failed: ValueError" (no message).
+_TOOL_EXCEPTION = re.compile(r"^Error: tool '[^']*' failed: ([A-Za-z_][\w.]*)(?::|$)")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][\w.]{0,63}$")
 
 
@@ -164,7 +171,11 @@ class MetricsSpanProcessor(SpanProcessor):
             outcome = "cancelled" if (status.description or "").startswith("cancelled") else "failed"
         else:
             outcome = "completed"
-        labels = {"gen_ai.agent.name": attributes.get("gen_ai.agent.name", ""), "agentd.run.status": outcome}
+        labels = {
+            "gen_ai.agent.name": attributes.get("gen_ai.agent.name", ""),
+            "agentd.run.status": outcome,
+            "agentd.tenant": attributes.get("agentd.tenant", DEFAULT_TENANT),
+        }
         self._runs.add(1, labels)
         self._run_duration.record(_seconds(span), labels)
 

@@ -9,8 +9,9 @@ events is the one it finds in Jaeger or any OTLP backend, and a caller's
 
 Attribute names follow the OpenTelemetry GenAI semantic conventions where they exist
 (``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.usage.input_tokens``...);
-agentd's own are under ``agentd.``. Tool arguments and results are content: they are
-recorded only with ``capture_content``.
+agentd's own are under ``agentd.``; the run span carries ``agentd.tenant``, the tenant
+owning the run (never who called: a subject may be personal data). Tool arguments and
+results are content: they are recorded only with ``capture_content``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span, SpanKind as OtelSpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from agentd.server.tenancy import DEFAULT_TENANT
 from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind
 from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceRecord
 
@@ -92,7 +94,12 @@ class _OtelSpan:
     def end(self, error: str = "", **attributes: Any) -> None:
         if self.record.end_ns:
             return
-        self.record.end(error, **attributes)
+        # ``error`` is content-free; ``error_detail`` (an exception message...) is content, exported
+        # only with capture_content, like tool arguments and results (SpanRecord.end does the same).
+        detail = attributes.pop("error_detail", "")
+        self.record.end(error, error_detail=detail, **attributes)
+        if detail and self._capture_content:
+            error = detail
         if attributes:
             self.otel_span.set_attributes(_otel_attributes(attributes, self._capture_content))
         if error:
@@ -155,9 +162,13 @@ class OtelTracer:
         metadata: dict[str, str],
         agent: str,
         traceparent: str = "",
+        tenant: str = DEFAULT_TENANT,
     ) -> _OtelTrace:
         parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+        # The tenant, never the caller's subject (a user id is personal data): spans and the
+        # metrics derived from them (metrics.py) can be told apart per tenant, not per person.
         attributes = {
+            "agentd.tenant": tenant,
             "agentd.run_id": run_id,
             "agentd.workflow_name": workflow_name,
             "agentd.group_id": group_id,
@@ -173,6 +184,7 @@ class OtelTracer:
             metadata=metadata,
             agent=agent,
             traceparent=traceparent,
+            tenant=tenant,
             trace_id=format(context.trace_id, "032x"),
         )
         return _OtelTrace(record, self._tracer, root, self._capture_content)

@@ -7,6 +7,10 @@ appends to a bounded queue: it never waits on the database, and a database that 
 costs a logged warning and the traces of that batch, never a run. When the queue is
 full the oldest waiting trace is dropped (counted in ``dropped`` and logged).
 
+Tenants: every trace is its run's tenant's. ``list_traces`` answers one tenant
+(``TraceQuery.tenant``) from both sides; ``get_trace`` with a tenant finds only that
+tenant's trace (another tenant's is None, as a missing one).
+
 Queries: ``get_trace`` looks in memory first, then in the archive. ``list_traces``
 takes the top ``limit`` of the same (filters, keyset cursor) query from both memory and
 the archive, merges them newest first by ``(start_ns, trace_id)`` and drops duplicates
@@ -196,13 +200,14 @@ class TraceStore:
 
     # --- queries --------------------------------------------------------------------
 
-    async def get_trace(self, trace_id: str) -> TraceRecord | None:
-        trace = self.memory.get_trace(trace_id)
+    async def get_trace(self, trace_id: str, tenant: str | None = None) -> TraceRecord | None:
+        """``tenant``'s trace ``trace_id`` (with no tenant, any tenant's): None when there is none."""
+        trace = self.memory.get_trace(trace_id, tenant)
         if trace is not None or self.archive is None:
             return trace
         if not await self._try_open():
             raise StoreUnavailableError(f"{self.archive.location}: unavailable")
-        return await self.archive.get(trace_id)
+        return await self.archive.get(trace_id, tenant)
 
     async def list_traces(self, query: TraceQuery) -> tuple[list[TraceRecord], bool]:
         """Newest first, keyset-paged by ``(start_ns, trace_id)``: the page and whether more match."""

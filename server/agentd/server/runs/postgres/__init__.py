@@ -23,6 +23,15 @@ per action key, inserted ``ON CONFLICT DO NOTHING`` (the first answer wins) by a
 that holds the run's row lock; every record read returns them as one JSON object, and
 they are deleted with their run (``ON DELETE CASCADE``).
 
+Per-tenant limits (migration 3): ``runs.tenant`` is a column generated from the spec's
+principal, so every row has it whoever inserted it; partial indexes count a tenant's
+unfinished and claimable runs. ``agentd_run_create`` takes the limits: after the session
+gate it takes a transaction-scoped advisory lock on the tenant (after the session's,
+before any row lock), counts, and takes a token from the tenant's row of
+``run_tenant_buckets`` only once the run is inserted; a refusal (``AGR06``) rolls back
+everything. ``sweep`` also deletes buckets full again. The version-1 signature stays, as
+the same function with no limits, for older replicas during an upgrade.
+
 The migrations have their own version table (``run_schema_version``) in the session
 store's schema and run under the same advisory lock as every other migration there.
 

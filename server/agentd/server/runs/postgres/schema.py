@@ -21,6 +21,7 @@ __all__ = [
     "RUN_EXISTS",
     "SEQUENCE_GAP",
     "SESSION_BUSY",
+    "TENANT_LIMIT",
     "channel_name",
 ]
 
@@ -34,6 +35,7 @@ SEQUENCE_GAP = "AGR02"
 SESSION_BUSY = "AGR03"
 QUEUE_FULL = "AGR04"
 RUN_EXISTS = "AGR05"
+TENANT_LIMIT = "AGR06"  # DETAIL: 'active', 'queued' or 'rate:<seconds until a token>'
 
 
 def channel_name(schema: str, kind: str) -> str:

@@ -33,7 +33,7 @@ def statements(q: str) -> dict[str, str]:
     return {
         "create": (
             f"SELECT c.*, CASE WHEN c.o_created THEN NULL ELSE {q}.agentd_run_actions(c.o_run_id) END"
-            f" FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9) c"
+            f" FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) c"
         ),
         "get": f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.run_id = $1 AND {_LIVE}",
         "list_first": (
@@ -81,6 +81,8 @@ def statements(q: str) -> dict[str, str]:
             f" events AS (DELETE FROM {q}.run_events e WHERE e.run_id IN (SELECT run_id FROM gone))"
             " SELECT count(*) FROM gone"
         ),
+        # A start bucket full again is as good as none.
+        "sweep_buckets": f"DELETE FROM {q}.run_tenant_buckets b WHERE b.full_at <= $1",
         # The run's liveness is a one-time filter; the events come from the primary key.
         "read": (
             f"SELECT e.data FROM {q}.run_events e WHERE e.run_id = $1 AND e.seq > $2"

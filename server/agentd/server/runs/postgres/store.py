@@ -24,6 +24,7 @@ from agentd.server.runs.postgres.schema import (
     RUN_EXISTS,
     SEQUENCE_GAP,
     SESSION_BUSY,
+    TENANT_LIMIT,
     channel_name,
 )
 from agentd.server.runs.postgres.statements import encoded_events, run_record, statements
@@ -36,6 +37,11 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    TENANT_MAX_ACTIVE_RUNS,
+    TENANT_MAX_QUEUED_RUNS,
+    TENANT_START_RATE,
+    TenantLimitError,
+    TenantLimits,
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
@@ -258,7 +264,9 @@ class PostgresRunStore(Common, RunStore):
         lease_s: float,
         max_queued: int,
         now: float,
+        limits: TenantLimits | None = None,
     ) -> CreatedRun:
+        lim = limits or TenantLimits()
         args = (
             spec.run_id,
             spec.session_id,
@@ -269,6 +277,10 @@ class PostgresRunStore(Common, RunStore):
             now + lease_s,
             max_queued,
             now,
+            lim.max_active,
+            lim.max_queued,
+            float(lim.start_rate),
+            lim.start_burst,
         )
         try:
             row = await self._call(lambda conn: conn.fetchrow(self._sql["create"], *args))
@@ -277,6 +289,8 @@ class PostgresRunStore(Common, RunStore):
                 raise SessionBusyError(spec.session_id or "", exc.detail or "") from None
             if exc.sqlstate == QUEUE_FULL:
                 raise QueueFullError(max_queued) from None
+            if exc.sqlstate == TENANT_LIMIT:
+                raise self._tenant_limit(spec.tenant, lim, exc.detail or "") from None
             if exc.sqlstate == RUN_EXISTS:
                 raise ValueError(f"run id {spec.run_id!r} is already taken") from None
             raise self._unavailable(exc) from exc
@@ -286,6 +300,16 @@ class PostgresRunStore(Common, RunStore):
         if created and record.status is RunStatus.QUEUED:
             self._work.fire()  # a claimer of this replica need not wait for the notification
         return CreatedRun(record, created)
+
+    @staticmethod
+    def _tenant_limit(tenant: str, limits: TenantLimits, detail: str) -> TenantLimitError:
+        if detail == "active":
+            return TenantLimitError(TENANT_MAX_ACTIVE_RUNS, tenant, limits.max_active)
+        if detail == "queued":
+            return TenantLimitError(TENANT_MAX_QUEUED_RUNS, tenant, limits.max_queued)
+        _, _, wait = detail.partition(":")
+        return TenantLimitError(TENANT_START_RATE, tenant, limits.start_rate, float(wait or 0),
+                                burst=limits.start_burst)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         now = time.time()
@@ -401,6 +425,7 @@ class PostgresRunStore(Common, RunStore):
         return run_record(row) if row is not None else None
 
     async def sweep(self, *, now: float) -> int:
+        await self._call(lambda conn: conn.execute(self._sql["sweep_buckets"], now), idempotent=True)
         removed = 0
         while True:
             # One batch per statement (and transaction): short locks, bounded deletes.

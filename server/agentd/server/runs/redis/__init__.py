@@ -20,6 +20,10 @@ trip, atomic, with its checks and its writes together. All run keys share one ha
     <prefix>:{<prefix>:runs}:session:<session> ZSET   the session's runs by create_time (listing)
     <prefix>:{<prefix>:runs}:request:<req>    STRING  request id -> run id
     <prefix>:{<prefix>:runs}:expiries         ZSET    ended runs by end of retention (sweep)
+    <prefix>:{<prefix>:runs}:tenant:<t>:active SET    the tenant's unfinished runs  } runs created
+    <prefix>:{<prefix>:runs}:tenant:<t>:queued SET    its runs in the queue         } under a limit
+    <prefix>:{<prefix>:runs}:tenant:<t>:bucket HASH   its start bucket: tokens, at (time of the
+                                                      last take); expires once full again
     <prefix>:runs:control                     pub/sub channel of the ControlBus (not a key)
 
 The accepted limit of the single tag: in Cluster all run coordination lives in one slot,
@@ -47,6 +51,18 @@ Caller actions. ``submit_action`` runs one script: HSETNX of the answer's field 
 record, when the record exists and is not terminal (the first answer wins). Being fields
 of the record, the answers come back with every HGETALL (``get_run``, ``claim``,
 ``list_runs``, ``cancel``, ``create_run``'s existing run) and share its TTL and deletion.
+
+Tenant limits (``TenantLimits``). ``create_run``'s script counts the tenant's indexes
+(SCARD) and takes a token from its bucket, in the same script as the creation, so every
+replica enforces one limit per tenant. A run created with an active or queued limit in
+force records its tenant (field ``tenant``) and joins the ``active`` index; from then on
+the helpers every script shares keep it right: ``enqueue`` (creation, promotion, release,
+requeue) adds it to ``queued``, ``claim`` removes it from there, ``end_run`` (``finish``,
+cancel of a queued run) removes it from both, and ``sweep`` makes sure. Runs created with
+no such limit carry no field and touch no index key (no cost when limits are off), hence
+runs created before a limit was switched on do not count against it until they end. A
+count found at the limit first re-checks up to 32 of its members and drops the ones whose
+record is gone or changed (eviction, a replica of an older version during an upgrade).
 
 Retention. ``finish`` and a queued ``cancel`` PEXPIRE the record (answers included), its
 log and its request id (Redis reclaims them by itself) and note the run in ``expiries``;

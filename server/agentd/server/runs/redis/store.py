@@ -29,6 +29,11 @@ from agentd.server.runs.records import (
     RunStatus,
     SessionBusyError,
     SessionPolicy,
+    TENANT_MAX_ACTIVE_RUNS,
+    TENANT_MAX_QUEUED_RUNS,
+    TENANT_START_RATE,
+    TenantLimitError,
+    TenantLimits,
     terminal_status,
 )
 from agentd.server.runs.redis import lua
@@ -115,6 +120,10 @@ class RedisRunStore(RedisOps, RunStore):
     def _events_key(self, run_id: str) -> bytes:
         return self._base + b"events:" + utf8(run_id)
 
+    def _tenant_key(self, tenant: str, what: str) -> bytes:
+        """A tenant's ``active`` or ``queued`` index, or its start ``bucket`` (as ``tenant_key`` in Lua)."""
+        return self._base + b"tenant:" + utf8(tenant) + b":" + what.encode()
+
     # --- plumbing ---------------------------------------------------------------------
 
     async def _load_scripts(self) -> None:
@@ -195,16 +204,30 @@ class RedisRunStore(RedisOps, RunStore):
     # --- records ----------------------------------------------------------------------
 
     async def create_run(
-        self, spec: RunInput, *, policy: SessionPolicy, owner: str | None, lease_s: float, max_queued: int, now: float
+        self,
+        spec: RunInput,
+        *,
+        policy: SessionPolicy,
+        owner: str | None,
+        lease_s: float,
+        max_queued: int,
+        now: float,
+        limits: TenantLimits | None = None,
     ) -> CreatedRun:
         sid = spec.session_id
         lease_expires = now + lease_s
+        tenant = spec.tenant
+        lim = limits or TenantLimits()
         args = (
             self._base, spec.run_id, "" if sid is None else utf8(sid), "0" if sid is None else "1",
             utf8(spec.request_id), "reject" if policy is SessionPolicy.REJECT else "enqueue", owner or "",
             repr(lease_expires), max_queued, repr(now), utf8(codec.encode_spec(spec)),
+            utf8(tenant), lim.max_active, lim.max_queued, repr(float(lim.start_rate)), lim.start_burst,
         )
-        keys = (self._run_key(spec.run_id),)
+        keys = (
+            self._run_key(spec.run_id), self._tenant_key(tenant, "active"), self._tenant_key(tenant, "queued"),
+            self._tenant_key(tenant, "bucket"),
+        )
         reply = await self._run(lambda: self._eval(lua.CREATE, keys, args), idempotent=True)
         code = reply[0]
         if code == 3:
@@ -219,6 +242,12 @@ class RedisRunStore(RedisOps, RunStore):
             return CreatedRun(record, record.run_id == spec.run_id)
         if code == 1:
             raise SessionBusyError(sid or "", text(reply[1]))
+        if code == 4:
+            if reply[1] == b"active":
+                raise TenantLimitError(TENANT_MAX_ACTIVE_RUNS, tenant, lim.max_active)
+            raise TenantLimitError(TENANT_MAX_QUEUED_RUNS, tenant, lim.max_queued)
+        if code == 5:
+            raise TenantLimitError(TENANT_START_RATE, tenant, lim.start_rate, float(reply[1]), burst=lim.start_burst)
         raise QueueFullError(max_queued)
 
     async def get_run(self, run_id: str) -> RunRecord | None:

@@ -25,13 +25,15 @@ class Statements:
     )
     exists: str = "SELECT 1 FROM {s}.sessions WHERE id = $1 AND (expires_at IS NULL OR expires_at > to_timestamp($2))"
     create: str = f"SELECT {_RECORD} FROM {{s}}.agentd_create($1, $2, $3::jsonb, $4::jsonb, $5)"
+    # $5 / $3: the tenant (its sessions only, from the sessions_by_tenant index).
     list_first: str = (
-        f"SELECT {_RECORD} FROM {{s}}.sessions WHERE expires_at IS NULL OR expires_at > to_timestamp($1)"
+        f"SELECT {_RECORD} FROM {{s}}.sessions WHERE tenant = $3"
+        " AND (expires_at IS NULL OR expires_at > to_timestamp($1))"
         " ORDER BY created_at DESC, id DESC LIMIT $2"
     )
     list_after: str = (
         f"SELECT {_RECORD} FROM {{s}}.sessions"
-        " WHERE (created_at, id) < (to_timestamp($2), $3::text)"
+        " WHERE tenant = $5 AND (created_at, id) < (to_timestamp($2), $3::text)"
         " AND (expires_at IS NULL OR expires_at > to_timestamp($1))"
         " ORDER BY created_at DESC, id DESC LIMIT $4"
     )

@@ -28,6 +28,7 @@ from agentd.server.sessions.base import (
 )
 from agentd.server.sessions.postgres.schema import EXISTS, LATEST_VERSION, MIGRATIONS, NOT_FOUND
 from agentd.server.sessions.postgres.statements import Statements
+from agentd.server.tenancy import DEFAULT_TENANT
 
 __all__ = ["PostgresSessionStore"]
 
@@ -309,14 +310,16 @@ class PostgresSessionStore(SessionStore):
             raise SessionNotFoundError(session_id)
         return _record(row)
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> SessionPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         now = _now()
         if after is None:
-            rows = await self._run(lambda conn: conn.fetch(self._sql.list_first, now, limit + 1))
+            rows = await self._run(lambda conn: conn.fetch(self._sql.list_first, now, limit + 1, tenant))
         else:
-            rows = await self._run(lambda conn: conn.fetch(self._sql.list_after, now, *after, limit + 1))
+            rows = await self._run(lambda conn: conn.fetch(self._sql.list_after, now, *after, limit + 1, tenant))
         records = [_record(row) for row in rows[:limit]]
         last = records[-1] if len(rows) > limit else None
         return SessionPage(

@@ -10,7 +10,8 @@ called by SHA) over that session's keys, which share one hash tag (one Cluster s
     {prefix}:session:{<tag>}:state     HASH  field -> JSON value
     {prefix}:session:{<tag>}:meta      HASH  metadata key -> string
     {prefix}:session:{<tag>}:requests  HASH  append request id -> "<first seq>:<last seq>"
-    {prefix}:sessions                  ZSET  id, score created_at (listing, newest first)
+    {prefix}:sessions                  ZSET  id, score created_at (listing, newest first): the
+                                             default tenant's; tenant T's is {prefix}:sessions:T
     {prefix}:expiries                  ZSET  id, score a lower bound of its expiry (sweeper)
 
 ``<tag>`` is the session id with ``%`` written ``%25`` and ``}`` written ``%7D`` (the

@@ -47,6 +47,7 @@ from agentd.server.sessions.redis.values import (
     session_record,
     stored_item,
 )
+from agentd.server.tenancy import DEFAULT_TENANT, tenant_of
 
 __all__ = ["RedisSessionStore"]
 
@@ -81,7 +82,7 @@ class RedisSessionStore(SessionStore):
         self._cluster = isinstance(client, RedisCluster)
         self._prefix = prefix
         self._key_head = utf8(f"{prefix}:session:")
-        self._index = utf8(f"{prefix}:sessions")
+        self._index = utf8(f"{prefix}:sessions")  # the default tenant's; others: _index_of(tenant)
         self._expiries = utf8(f"{prefix}:expiries")
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
         self._location = location or describe_client(client)
@@ -214,11 +215,12 @@ class RedisSessionStore(SessionStore):
         now = time.time()
         now_arg = repr(now)
         keys, member = self._keys(session_id), utf8(session_id)
+        index = self._index_of(tenant_of(session_id))
         args = [now_arg, encode_ttl(ttl), len(meta_args) // 2, *meta_args, *state_args]
         attempts = 0
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self._index, {member: now}, nx=True)
+            pipe.zadd(index, {member: now}, nx=True)
             if ttl:
                 pipe.zadd(self._expiries, {member: now + ttl}, nx=True)
             self._evalsha(pipe, lua.CREATE, keys, args)
@@ -231,10 +233,10 @@ class RedisSessionStore(SessionStore):
             # A retry that finds the session stamped with its own timestamp created it.
             if existing is not None and not (attempts > 1 and existing == now_arg.encode()):
                 if indexed:  # it had no index entry (a partial failure once); give it its own
-                    await self._fix_index(self._index, [member, now_arg, existing])
+                    await self._fix_index(index, [member, now_arg, existing])
                 raise SessionExistsError(session_id)
             if not indexed:  # a stale entry of an expired namesake held the old score
-                await self._client.zadd(self._index, {member: now})
+                await self._client.zadd(index, {member: now})
 
         await self._run(op, idempotent=True)
         return SessionRecord(
@@ -255,26 +257,35 @@ class RedisSessionStore(SessionStore):
             raise SessionNotFoundError(session_id)
         return session_record(session_id, reply)
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> SessionPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         now = repr(time.time())
         position = (after[0], utf8(after[1])) if after is not None else None
-        return await self._run(lambda: self._list(limit, position, now), idempotent=True)
+        index = self._index_of(tenant)
+        return await self._run(lambda: self._list(index, limit, position, now), idempotent=True)
 
-    async def _index_page(self, position: tuple[float, bytes] | None, count: int) -> list[tuple[bytes, float]]:
+    def _index_of(self, tenant: str) -> bytes:
+        """The listing index of ``tenant``'s sessions: each tenant lists from its own sorted set."""
+        return self._index if tenant == DEFAULT_TENANT else self._index + utf8(f":{tenant}")
+
+    async def _index_page(
+        self, index: bytes, position: tuple[float, bytes] | None, count: int
+    ) -> list[tuple[bytes, float]]:
         """Up to ``count`` index entries after ``position`` in (created_at, id) descending order."""
         if position is None:
             top = await self._client.zrange(
-                self._index, "+inf", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
+                index, "+inf", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
             )
             return score_pairs(top)
         score, member = position
         ties, older = await self._pipeline(
             lambda pipe: (
-                pipe.zrange(self._index, repr(score), repr(score), desc=True, byscore=True, withscores=True),
+                pipe.zrange(index, repr(score), repr(score), desc=True, byscore=True, withscores=True),
                 pipe.zrange(
-                    self._index, f"({score!r}", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
+                    index, f"({score!r}", "-inf", desc=True, byscore=True, offset=0, num=count, withscores=True
                 ),
             ),
             atomic=False,
@@ -282,13 +293,13 @@ class RedisSessionStore(SessionStore):
         # Equal scores are ordered by member bytes; UTF-8 byte order is code point order.
         return ([(m, s) for m, s in score_pairs(ties) if m < member] + score_pairs(older))[:count]
 
-    async def _list(self, limit: int, position: tuple[float, bytes] | None, now: str) -> SessionPage:
+    async def _list(self, index: bytes, limit: int, position: tuple[float, bytes] | None, now: str) -> SessionPage:
         want = limit + 1  # one more than the page tells whether another page exists
         found: list[tuple[float, str, SessionRecord]] = []
         changes: list[Any] = []
         batch = want
         while len(found) < want:
-            entries = await self._index_page(position, batch)
+            entries = await self._index_page(index, position, batch)
             if not entries:
                 break
             ids = [text(member) for member, _ in entries]
@@ -309,7 +320,7 @@ class RedisSessionStore(SessionStore):
             # Stale entries were in the way: read further ahead, within reason.
             batch = max(want - len(found), min(batch * 2, _LIST_READ_AHEAD_MAX))
         if changes:
-            await self._fix_index(self._index, changes)
+            await self._fix_index(index, changes)
         page = found[:limit]
         next_cursor = encode_cursor(page[-1][0], page[-1][1]) if len(found) > limit else None
         return SessionPage(sessions=[record for _, _, record in page], next_cursor=next_cursor)
@@ -359,7 +370,7 @@ class RedisSessionStore(SessionStore):
         try:
             await self._pipeline(
                 lambda pipe: (
-                    self._evalsha(pipe, lua.ZFIX, (self._index,), (member, created_at, "")),
+                    self._evalsha(pipe, lua.ZFIX, (self._index_of(tenant_of(session_id)),), (member, created_at, "")),
                     pipe.zrem(self._expiries, member),
                 ),
                 atomic=False,
@@ -385,10 +396,10 @@ class RedisSessionStore(SessionStore):
             def build(pipe: Any) -> None:
                 for member, _ in entries:
                     self._evalsha(pipe, lua.REAP, self._keys(text(member)), (now_arg,))
-                    pipe.zscore(self._index, member)
+                    pipe.zscore(self._index_of(tenant_of(text(member))), member)
 
             results = await self._pipeline(build, atomic=False)
-            index_changes: list[Any] = []
+            index_changes: dict[bytes, list[Any]] = {}
             hint_changes: list[Any] = []
             for (member, hint), reaped, score in zip(entries, results[::2], results[1::2]):
                 if isinstance(reaped, list):  # still alive: its expiry moved on (or went away)
@@ -398,13 +409,14 @@ class RedisSessionStore(SessionStore):
                     continue
                 hint_changes += (member, repr(hint), "")
                 if score is not None:
-                    index_changes += (member, repr(float(score)), "")
+                    index = self._index_of(tenant_of(text(member)))
+                    index_changes.setdefault(index, []).extend((member, repr(float(score)), ""))
                 if reaped or score is not None:
                     removed += 1
             await self._pipeline(
                 lambda pipe: [
                     self._evalsha(pipe, lua.ZFIX, (key,), changes)
-                    for key, changes in ((self._index, index_changes), (self._expiries, hint_changes))
+                    for key, changes in (*index_changes.items(), (self._expiries, hint_changes))
                     if changes
                 ],
                 atomic=False,
@@ -460,11 +472,12 @@ class RedisSessionStore(SessionStore):
         now = time.time()
         now_arg = repr(now)
         keys, member = self._keys(session_id), utf8(session_id)
+        index = self._index_of(tenant_of(session_id))
         ttl = self._default_ttl_s
         args = (now_arg, "1" if create else "0", encode_ttl(ttl))
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self._index, {member: now}, nx=True)
+            pipe.zadd(index, {member: now}, nx=True)
             if ttl:
                 pipe.zadd(self._expiries, {member: now + ttl}, nx=True)
             self._evalsha(pipe, lua.HISTORY, keys, args)
@@ -476,9 +489,9 @@ class RedisSessionStore(SessionStore):
             results = await self._pipeline(build, atomic=True)
             indexed, reply = results[0], results[-1]
             if reply == 1 and not indexed:  # created, but a stale entry held an old score
-                await self._client.zadd(self._index, {member: now})
+                await self._client.zadd(index, {member: now})
             elif isinstance(reply, list) and indexed:  # existed without an entry: use its own
-                await self._fix_index(self._index, [member, now_arg, reply[0]])
+                await self._fix_index(index, [member, now_arg, reply[0]])
             return reply
 
         reply = await self._run(op, idempotent=True)

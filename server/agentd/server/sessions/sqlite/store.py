@@ -26,6 +26,7 @@ from agentd.server.sessions.base import (
     resolve_ttl,
 )
 from agentd.server.sessions.sqlite.schema import LATEST_VERSION, MIGRATIONS
+from agentd.server.tenancy import DEFAULT_TENANT
 
 __all__ = ["SqliteSessionStore"]
 
@@ -220,7 +221,9 @@ class SqliteSessionStore(SessionStore):
         now = time.time()
         return await self._run(False, lambda conn: _select_session(conn, session_id, now))
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> SessionPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         now = time.time()
@@ -228,17 +231,17 @@ class SqliteSessionStore(SessionStore):
         def op(conn: sqlite3.Connection) -> SessionPage:
             if after is None:
                 rows = conn.execute(
-                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_LIVE}"
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? AND {_LIVE}"
                     " ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (now, limit + 1),
+                    (tenant, now, limit + 1),
                 ).fetchall()
             else:
                 created_at, session_id = after
                 rows = conn.execute(
                     f"SELECT {_SESSION_COLUMNS} FROM sessions"
-                    f" WHERE (created_at < ? OR (created_at = ? AND id < ?)) AND {_LIVE}"
+                    f" WHERE tenant = ? AND (created_at < ? OR (created_at = ? AND id < ?)) AND {_LIVE}"
                     " ORDER BY created_at DESC, id DESC LIMIT ?",
-                    (created_at, created_at, session_id, now, limit + 1),
+                    (tenant, created_at, created_at, session_id, now, limit + 1),
                 ).fetchall()
             records = [_record(row) for row in rows[:limit]]
             last = records[-1] if len(rows) > limit else None

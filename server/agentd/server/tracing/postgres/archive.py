@@ -34,7 +34,7 @@ log = logging.getLogger("agentd.tracing")
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"
-    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count"
+    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant"
 )
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
 
@@ -75,6 +75,7 @@ def _trace(row: asyncpg.Record) -> ArchivedTrace:
         start_ns=row["start_ns"],
         end_ns=row["end_ns"],
         error=row["error"],
+        tenant=row["tenant"],
         stored_agents=json.loads(row["agents"]),
         input_tokens=row["input_tokens"],
         output_tokens=row["output_tokens"],
@@ -210,16 +211,24 @@ class PostgresTraceArchive(TraceArchive):
         q = self._q
         agents, input_tokens, output_tokens = summary(trace)
         spans = list(trace.spans)
-        # Replaces an earlier trace with this id (runs continuing one caller trace share it).
-        await conn.execute(f"DELETE FROM {q}.traces WHERE trace_id = $1", trace.trace_id)
+        # Replaces an earlier trace with this id of the same tenant (runs continuing one caller
+        # trace share it); another tenant's keeps its id, spans included (see TraceArchive.write).
         await conn.execute(
+            f"DELETE FROM {q}.traces WHERE trace_id = $1 AND tenant = $2", trace.trace_id, trace.tenant
+        )
+        status = await conn.execute(
             f"INSERT INTO {q}.traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status,"
-            " error, start_ns, end_ns, input_tokens, output_tokens, span_count)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14)",
+            " error, start_ns, end_ns, input_tokens, output_tokens, span_count, tenant)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15)"
+            " ON CONFLICT (trace_id) DO NOTHING",
             trace.trace_id, _text(trace.run_id), _text(trace.workflow_name), _text(trace.group_id),
             _json(trace.metadata), _text(trace.agent), _json(agents), trace.status, _text(trace.error),
-            trace.start_ns, trace.end_ns, input_tokens, output_tokens, len(spans),
+            trace.start_ns, trace.end_ns, input_tokens, output_tokens, len(spans), trace.tenant,
         )
+        if status.split()[-1] == "0":
+            log.warning("trace %s not archived: the archive holds another tenant's trace with this id",
+                        trace.trace_id)
+            return
         if spans:
             await conn.executemany(
                 f"INSERT INTO {q}.trace_spans (trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error,"
@@ -259,7 +268,7 @@ class PostgresTraceArchive(TraceArchive):
 
         await self._run(op)
 
-    async def get(self, trace_id: str) -> TraceRecord | None:
+    async def get(self, trace_id: str, tenant: str | None = None) -> TraceRecord | None:
         q = self._q
 
         async def op(conn: asyncpg.Connection) -> TraceRecord | None:
@@ -267,6 +276,8 @@ class PostgresTraceArchive(TraceArchive):
             if row is None:
                 return None
             trace = _trace(row)
+            if tenant is not None and trace.tenant != tenant:
+                return None
             rows = await conn.fetch(
                 "SELECT trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error, attributes::text AS attributes"
                 f" FROM {q}.trace_spans WHERE trace_id = $1 ORDER BY start_ns, span_id",

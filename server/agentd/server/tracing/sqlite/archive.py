@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -26,16 +27,18 @@ from agentd.server.tracing.sqlite.schema import LATEST_VERSION, MIGRATIONS
 
 __all__ = ["SqliteTraceArchive"]
 
+log = logging.getLogger("agentd.tracing")
+
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata, t.agent, t.agents, t.error,"
-    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count"
+    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant"
 )
 
 T = TypeVar("T")
 
 
 def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
-    (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count) = row
+    (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count, tenant) = row
     return ArchivedTrace(
         trace_id=trace_id,
         run_id=run_id,
@@ -46,6 +49,7 @@ def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
         start_ns=start,
         end_ns=end,
         error=error,
+        tenant=tenant,
         stored_agents=json.loads(agents),
         input_tokens=tin,
         output_tokens=tout,
@@ -71,17 +75,23 @@ def _span(row: tuple[Any, ...]) -> SpanRecord:
 def _insert(conn: sqlite3.Connection, trace: TraceRecord) -> None:
     agents, input_tokens, output_tokens = summary(trace)
     spans = list(trace.spans)
-    # Replaces an earlier trace with this id (runs continuing one caller trace share it).
-    conn.execute("DELETE FROM traces WHERE trace_id = ?", (trace.trace_id,))
-    conn.execute(
+    # Replaces an earlier trace with this id of the same tenant (runs continuing one caller
+    # trace share it); another tenant's keeps its id, spans included (see TraceArchive.write).
+    conn.execute("DELETE FROM traces WHERE trace_id = ? AND tenant = ?", (trace.trace_id, trace.tenant))
+    inserted = conn.execute(
         "INSERT INTO traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status, error,"
-        " start_ns, end_ns, input_tokens, output_tokens, span_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " start_ns, end_ns, input_tokens, output_tokens, span_count, tenant)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
         (
             trace.trace_id, trace.run_id, trace.workflow_name, trace.group_id, dumps(trace.metadata), trace.agent,
             dumps(agents), trace.status, trace.error, trace.start_ns, trace.end_ns, input_tokens, output_tokens,
-            len(spans),
+            len(spans), trace.tenant,
         ),
-    )
+    ).rowcount
+    if not inserted:
+        log.warning("trace %s not archived: the archive holds another tenant's trace with this id",
+                    trace.trace_id)
+        return
     conn.executemany(
         "INSERT OR REPLACE INTO trace_spans (trace_id, span_id, parent_id, kind, name, start_ns, end_ns, error,"
         " attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -156,12 +166,14 @@ class SqliteTraceArchive(TraceArchive):
 
         await self._run(True, op)
 
-    async def get(self, trace_id: str) -> TraceRecord | None:
+    async def get(self, trace_id: str, tenant: str | None = None) -> TraceRecord | None:
         def op(conn: sqlite3.Connection) -> TraceRecord | None:
             row = conn.execute(f"SELECT {_TRACE_COLUMNS} FROM traces t WHERE t.trace_id = ?", (trace_id,)).fetchone()
             if row is None:
                 return None
             trace = _trace(row)
+            if tenant is not None and trace.tenant != tenant:
+                return None
             trace.spans = [
                 _span(r)
                 for r in conn.execute(

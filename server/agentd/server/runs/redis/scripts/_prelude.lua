@@ -5,6 +5,10 @@ local TERMINAL = {completed = true, failed = true, cancelled = true}
 
 local function run_key(id) return B .. 'run:' .. id end
 
+-- A tenant's index ('active': its unfinished runs, 'queued': its runs in the queue). Only
+-- runs created under a per-tenant limit carry the record field 'tenant' and are indexed.
+local function tenant_key(tenant, what) return B .. 'tenant:' .. tenant .. ':' .. what end
+
 -- The session's oldest active run, dropping ids whose record is gone.
 local function first_active(active)
   while true do
@@ -17,6 +21,16 @@ end
 
 local function enqueue(key, id)
   redis.call('HSET', key, 'queue_entry', redis.call('XADD', QUEUE, '*', 'r', id))
+  local tenant = redis.call('HGET', key, 'tenant')
+  if tenant then redis.call('SADD', tenant_key(tenant, 'queued'), id) end
+end
+
+-- The run left the tenant's indexes: it ended (or is deleted).
+local function unindex(tenant, id)
+  if tenant then
+    redis.call('SREM', tenant_key(tenant, 'active'), id)
+    redis.call('SREM', tenant_key(tenant, 'queued'), id)
+  end
 end
 
 local function requeue(key, id, now)
@@ -41,10 +55,11 @@ end
 
 -- The run ended (status, result JSON): release its session, start its retention.
 local function end_run(key, id, status, result, now, retention_ms, retention_end)
-  local f = redis.call('HMGET', key, 'session', 'request_id')
+  local f = redis.call('HMGET', key, 'session', 'request_id', 'tenant')
   redis.call('HSET', key, 'status', status, 'result', result, 'owner', '', 'lease_expires', '0',
              'update_time', now, 'queue_entry', '')
   redis.call('ZREM', LEASES, id)
+  unindex(f[3], id)
   local sid, req = f[1], f[2]
   if sid then
     local active = B .. 'active:' .. sid

@@ -8,8 +8,9 @@ local function take(entry, id)
   redis.call('XACK', QUEUE, GROUP, entry)
   redis.call('XDEL', QUEUE, entry)
   local key = run_key(id)
-  local f = redis.call('HMGET', key, 'status', 'queue_entry')
+  local f = redis.call('HMGET', key, 'status', 'queue_entry', 'tenant')
   if f[1] ~= 'queued' or f[2] ~= entry then return end  -- ended, or requeued under a newer entry
+  if f[3] then redis.call('SREM', tenant_key(f[3], 'queued'), id) end
   redis.call('HINCRBY', key, 'attempt', 1)
   redis.call('HSET', key, 'status', 'running', 'owner', owner, 'lease_expires', lease,
              'update_time', now, 'queue_entry', '')

@@ -5,8 +5,11 @@ for _, m in ipairs(due) do
   a, b = tonumber(a), tonumber(b)
   local id = string.sub(rest, 1, a)
   local key = run_key(id)
-  local status = redis.call('HGET', key, 'status')
-  if not status or TERMINAL[status] then redis.call('DEL', key, B .. 'events:' .. id) end
+  local f = redis.call('HMGET', key, 'status', 'tenant')
+  if not f[1] or TERMINAL[f[1]] then
+    unindex(f[2], id)  -- ended runs left their tenant's indexes already; this only makes sure
+    redis.call('DEL', key, B .. 'events:' .. id)
+  end
   local req_from = a + 1
   if b >= 0 then
     redis.call('ZREM', B .. 'session:' .. string.sub(rest, a + 1, a + b), id)

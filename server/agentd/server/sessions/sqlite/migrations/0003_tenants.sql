@@ -1,0 +1,8 @@
+-- Version 3: tenants. A session belongs to the tenant named before the '/' in its id, or to
+-- "default" when there is none (agentd.server.tenancy), so sessions made before tenants
+-- existed are the default tenant's. Listing reads one tenant's sessions from its own index.
+ALTER TABLE sessions ADD COLUMN tenant TEXT GENERATED ALWAYS AS (
+    CASE WHEN instr(id, '/') > 0 THEN substr(id, 1, instr(id, '/') - 1) ELSE 'default' END
+) VIRTUAL;
+CREATE INDEX sessions_by_tenant ON sessions (tenant, created_at DESC, id DESC);
+DROP INDEX sessions_by_created;
