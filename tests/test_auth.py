@@ -207,6 +207,7 @@ async def test_jwt_verified_against_the_jwks(jwt_server) -> None:  # type: ignor
         "tenant": token(key, scopes=ALL, tenant=None),
         "signing key is not known": token(rsa_key("k-unknown"), scopes=ALL),
         "signature": token(rsa_key("k1"), scopes=ALL),  # right kid, wrong key
+        "1-64 characters": token(key, scopes=ALL, tenant="acme/../globex"),  # would break tenant qualification
     }
     for expected, bearer in cases.items():
         code, details = await jwt_code(h, bearer)

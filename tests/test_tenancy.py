@@ -159,3 +159,26 @@ async def test_tools_act_on_behalf_of_the_caller(model_server, tmp_path: Path) -
     finally:
         await h.client.close()
         await h.server.stop(grace_s=0)
+
+
+async def test_an_admin_acts_in_another_tenant_only_when_it_says_so(model_server, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    _, ann = create_key(keys, tenant="acme", subject="ann", scopes=SCOPES)
+    _, ops = create_key(keys, tenant="ops", subject="oncall", scopes=["admin"])
+    h = await start_harness(model_server, tmp_path, api_keys_file=keys)
+    try:
+        async with AgentdClient(h.target, token=ann) as a, AgentdClient(h.target, token=ops) as admin:
+            await a.sessions.CreateSession(spb.CreateSessionRequest(session_id="alice"))
+            assert list((await admin.sessions.ListSessions(spb.ListSessionsRequest())).sessions) == []
+            in_acme = [("x-agentd-tenant", "acme")]
+            listed = await admin.sessions.ListSessions(spb.ListSessionsRequest(), metadata=in_acme)
+            assert [x.name for x in listed.sessions] == ["sessions/alice"]
+            code, details = await outcome(a.sessions.ListSessions(spb.ListSessionsRequest(),
+                                                                  metadata=[("x-agentd-tenant", "ops")]))
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+            code, details = await outcome(admin.sessions.ListSessions(spb.ListSessionsRequest(),
+                                                                      metadata=[("x-agentd-tenant", "a/b")]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-agentd-tenant" in details
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)

@@ -30,6 +30,7 @@ from agentd.server.auth.audit import audit, resource_of
 from agentd.server.auth.base import AuthenticationError, Authenticator, AuthUnavailableError, Credentials
 from agentd.server.auth.methods import HEALTH_PREFIX, METHOD_SCOPES, MUTATING, REFLECTION_PREFIXES
 from agentd.server.auth.principal import ANONYMOUS, Principal, set_current_principal
+from agentd.server.tenancy import valid_tenant
 
 log = logging.getLogger("agentd.auth")
 
@@ -156,7 +157,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if tenant is not None and tenant != principal.tenant:
             if not principal.is_admin:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only 'admin' callers may send {TENANT_HEADER}")
-            principal = principal.acting_in(str(tenant)[:64])
+            if not isinstance(tenant, str) or not valid_tenant(tenant):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER}: 1-64 characters of A-Z a-z 0-9 . _ -"
+                )
+            principal = principal.acting_in(tenant)
         set_current_principal(principal)
         return principal
 

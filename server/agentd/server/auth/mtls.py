@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agentd.server.auth.base import AuthenticationError, Authenticator, Credentials
 from agentd.server.auth.principal import Principal, Scope, parse_scopes
+from agentd.server.tenancy import valid_tenant
 
 
 def load_identities(path: Path) -> dict[str, tuple[str, frozenset[Scope]]]:
@@ -28,6 +29,8 @@ def load_identities(path: Path) -> dict[str, tuple[str, frozenset[Scope]]]:
     for index, raw in enumerate(entries):
         if not isinstance(raw, dict) or not raw.get("match") or not raw.get("tenant"):
             raise ValueError(f"{path}: identities[{index}] needs 'match' and 'tenant'")
+        if not valid_tenant(str(raw["tenant"])):
+            raise ValueError(f"{path}: identities[{index}].tenant must be 1-64 characters of A-Z a-z 0-9 . _ -")
         scopes = raw.get("scopes", [])
         mapping[str(raw["match"])] = (str(raw["tenant"]), parse_scopes(scopes if isinstance(scopes, list) else []))
     return mapping
