@@ -71,6 +71,43 @@ def build_models(settings: Settings, app: App) -> ModelProvider:
     return ScriptedProvider(default=app.offline_script)
 
 
+# Calls gRPC core holds for the event loop to pick up (each a few hundred bytes).
+MAX_PENDING_REQUESTS = 10_000
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core's limits, set on purpose (README, Configuration: server limits).
+
+    - Pending requests: calls that arrived but that the event loop has not picked up yet.
+      gRPC core's default (1,000) *cancels* the excess, so a burst of starts got CANCELLED
+      (which clients do not retry) with no run created. With room for 10,000 (20,000 hard),
+      overload is answered by the edge interceptor's call limit (AGENTD_MAX_CONCURRENT_RPCS)
+      instead: RESOURCE_EXHAUSTED, which says to retry later.
+    - Concurrent streams per connection are not capped below ``maximum_concurrent_rpcs``:
+      a lower HTTP/2 limit makes a client's burst fail with REFUSED_STREAM (UNAVAILABLE)
+      for streams it opened before it saw the limit, instead of waiting.
+    - Keepalive: the server pings a silent connection every 60 s and drops it if no answer
+      comes within 20 s (dead peers free their streams); clients may ping every 10 s at
+      most, idle or not, else the connection is closed (GOAWAY too_many_pings).
+    - Metadata: 16 KiB of headers (room for a large JWT); messages: AGENTD_MAX_MESSAGE_BYTES.
+    """
+    pending = max(MAX_PENDING_REQUESTS, settings.max_concurrent_rpcs)
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending * 2),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 @dataclass(eq=False)
 class RunningServer:
     settings: Settings
@@ -164,11 +201,7 @@ async def start_server(
 
     server = grpc.aio.server(
         interceptors=[build_interceptor(settings, authentication)],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        options=server_options(settings),
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
         AgentService(app, runs, max_input_chars=settings.max_input_chars), server

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
 
     max_input_chars: int = Field(100_000, gt=0)
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_concurrent_rpcs: int = Field(
+        10_000, gt=0, description="Calls in progress (streams included) beyond which new calls get RESOURCE_EXHAUSTED."
+    )
     max_active_runs: int = Field(
         1000, gt=0, description="Runs this replica executes at once; more are queued for any replica with capacity."
     )

@@ -70,7 +70,9 @@ def check_exposure(settings: Settings, authentication: Authentication) -> None:
 
 
 def build_interceptor(settings: Settings, authentication: Authentication) -> AuthInterceptor:
-    return AuthInterceptor(authentication, open_reflection=settings.reflection == "open")
+    return AuthInterceptor(
+        authentication, open_reflection=settings.reflection == "open", max_in_flight=settings.max_concurrent_rpcs
+    )
 
 
 def build_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -117,9 +117,23 @@ class Authentication:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authentication: Authentication, *, open_reflection: bool) -> None:
+    def __init__(
+        self, authentication: Authentication, *, open_reflection: bool, max_in_flight: int = 10_000
+    ) -> None:
         self._auth = authentication
         self._open_reflection = open_reflection
+        # Calls in progress (health excepted). gRPC's own maximum_concurrent_rpcs only stops
+        # taking calls from the core, where they pile up until the core cancels them (CANCELLED,
+        # which clients do not retry); counting here answers the excess RESOURCE_EXHAUSTED.
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _release(self) -> None:
+        self._in_flight -= 1
 
     async def intercept_service(
         self,
@@ -137,7 +151,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(
         self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext, method: str | None
     ) -> Principal:
-        """Authenticate and authorize, or abort the call with the status that says why."""
+        """Take a call slot, authenticate and authorize, or abort the call with the status that says why.
+
+        The caller releases the slot (``_release``) when the call ends, however it ends.
+        """
+        if self._in_flight >= self._max_in_flight:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is serving its limit of {self._max_in_flight} calls at once (AGENTD_MAX_CONCURRENT_RPCS);"
+                " retry with backoff, or on another replica",
+            )
         try:
             principal = await self._auth.principal(credentials_of(details.invocation_metadata, context))
         except AuthenticationError as exc:
@@ -163,12 +186,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 )
             principal = principal.acting_in(tenant)
         set_current_principal(principal)
+        self._in_flight += 1
         return principal
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, method: str | None
     ) -> grpc.RpcMethodHandler:
-        admit = self._admit
+        admit, release = self._admit, self._release
         audited = method in MUTATING
         name = details.method
 
@@ -185,17 +209,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 principal = await admit(details, context, method)
-                await reject_undecodable(request, context)
-                if not audited:
-                    return await inner_uu(request, context)
                 error: BaseException | None = None
                 try:
+                    await reject_undecodable(request, context)
                     return await inner_uu(request, context)
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
-                    audit(principal, name, resource_of(request), outcome(context, error))
+                    release()
+                    if audited:
+                        audit(principal, name, resource_of(request), outcome(context, error))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode_in, handler.response_serializer)
 
@@ -204,15 +228,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 principal = await admit(details, context, method)
-                await reject_undecodable(request, context)
                 error: BaseException | None = None
                 try:
+                    await reject_undecodable(request, context)
                     async for response in inner_us(request, context):
                         yield response
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
+                    release()
                     if audited:
                         audit(principal, name, resource_of(request), outcome(context, error))
 
@@ -240,6 +265,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
+                    release()
                     if audited:
                         audit(principal, name, resource_of(first[0] if first else None), outcome(context, error))
 
@@ -255,6 +281,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     await reject_undecodable(message, context)
                     yield message
 
-            return await inner_su(checked(), context)
+            try:
+                return await inner_su(checked(), context)
+            finally:
+                release()
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, decode_in, handler.response_serializer)
