@@ -21,7 +21,7 @@ _MAX_RESOURCE_CHARS = 200
 
 def resource_of(request: Any) -> str:
     """The resource names a request carries (``name``, ``session``, ``start.agent``/``start.session``)."""
-    if request is None:
+    if request is None or not hasattr(request, "DESCRIPTOR"):  # none, or a request that did not decode
         return ""
     found: list[str] = []
     fields = request.DESCRIPTOR.fields_by_name
