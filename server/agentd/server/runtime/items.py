@@ -7,10 +7,20 @@ so every store keeps the same shape regardless of backend.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 Role = Literal["user", "assistant", "system"]
+
+# The deepest JSON agentd turns into a protobuf Struct/Value (tool call arguments, a run's
+# context and final output, session state), counting each object or array as one level.
+# A decoder pays up to 3 message levels per JSON level (Struct, its map entry, Value) and
+# protobuf's decoders stop at 100 (upb for Python, C++, Java), less the few levels of the
+# reply around the Struct (RunResponse > RunEvent > ToolCalled > Item > ToolCall): 20
+# keeps every reply parseable by every client with room to spare.
+MAX_JSON_DEPTH = 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,3 +99,49 @@ def item_from_dict(data: dict[str, Any]) -> Item:
     except KeyError as exc:
         raise ValueError(f"item of type {kind!r} is missing field {exc.args[0]!r}") from None
     raise ValueError(f"unknown item type {kind!r}")
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` (parsed JSON) cannot become a Struct/Value, or None when it can.
+
+    Iterative, so any depth is safe to inspect: nesting past ``max_depth`` levels, and
+    numbers JSON cannot hold (NaN, Infinity, integers beyond a double's range).
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                try:
+                    finite = math.isfinite(float(node))
+                except OverflowError:
+                    finite = False
+                if not finite:
+                    return "holds a number JSON cannot represent (NaN, Infinity or out of range)"
+            continue
+        if depth + 1 > max_depth:
+            return f"nests deeper than {max_depth} levels of objects and arrays"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object ``text`` holds when it can be shown as a Struct, else None; never raises.
+
+    None for malformed JSON, anything but an object, nesting past ``MAX_JSON_DEPTH`` and
+    numbers JSON cannot hold. Safe on hostile text: ``json.loads`` of very deep nesting
+    raises ``RecursionError``, which is caught like any other parse failure.
+    """
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, int digit limits, deep nesting
+        return None
+    if not isinstance(value, dict) or json_problem(value) is not None:
+        return None
+    return value

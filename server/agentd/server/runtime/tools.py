@@ -60,6 +60,10 @@ class FunctionTool:
         except json.JSONDecodeError as exc:
             return _error(f"the arguments for tool {self.name!r} are not valid JSON ({exc.msg} at char {exc.pos}); "
                           "call it again with a JSON object that matches its schema")
+        except (ValueError, RecursionError) as exc:  # nesting too deep to parse, an int past the digit limit
+            problem = "nest too deeply" if isinstance(exc, RecursionError) else "hold a number too large"
+            return _error(f"the arguments for tool {self.name!r} {problem} to parse; "
+                          "call it again with a JSON object that matches its schema")
         if not isinstance(arguments, dict):
             return _error(f"the arguments for tool {self.name!r} must be a JSON object, got {type(arguments).__name__}")
         for key in self.null_means_default.intersection(arguments):
@@ -67,6 +71,9 @@ class FunctionTool:
                 del arguments[key]
         try:
             parsed = self.args_model.model_validate(arguments)
+        except RecursionError:
+            return _error(f"the arguments for tool {self.name!r} nest too deeply; "
+                          "call it again with a JSON object that matches its schema")
         except pydantic.ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or '(arguments)'}: {err['msg']}" for err in exc.errors()

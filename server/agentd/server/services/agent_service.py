@@ -46,7 +46,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     @unary_errors
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsResponse:
         size = validation.page_size(request.page_size, DEFAULT_AGENT_PAGE)
-        after = validation.decode_page_token("agents", request.page_token) or ""
+        after = validation.check_id("page_token", validation.decode_page_token("agents", request.page_token) or "")
         names = [n for n in self._agent_order if n > after][: size + 1]
         response = pb.ListAgentsResponse(agents=[self._agents[n] for n in names[:size]])
         if len(names) > size:
@@ -55,7 +55,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> pb.GetAgentResponse:
-        name = validation.resource_id("name", request.name, "agents")
+        name = validation.check_id("name", validation.resource_id("name", request.name, "agents"))
         return pb.GetAgentResponse(agent=self._agent_proto(name, "name"))
 
     async def StreamRun(
@@ -100,17 +100,22 @@ class AgentService(pb_grpc.AgentServiceServicer):
         local_id = validation.session_id("session", request.session, allow_bare=True)
         session_id = scoped(current_principal().tenant, local_id)
         size = validation.page_size(request.page_size, DEFAULT_RUN_PAGE)
-        cursor = validation.decode_page_token("runs", request.page_token)
-        records, next_cursor = await self._runs.list_runs(session_id, size, cursor)
+        cursor = validation.decode_page_token("runs", request.page_token, scope=session_id)
+        try:
+            records, next_cursor = await self._runs.list_runs(session_id, size, cursor)
+        except ValueError:  # a cursor the run store cannot read
+            raise validation.corrupted_token() from None
         response = pb.ListRunsResponse(runs=[run_to_proto(r) for r in records])
         if next_cursor is not None:
-            response.next_page_token = validation.encode_page_token("runs", next_cursor)
+            response.next_page_token = validation.encode_page_token("runs", next_cursor, scope=session_id)
         return response
 
     @unary_errors
     async def CancelRun(self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext) -> pb.CancelRunResponse:
-        run_id = (await self._owned_run(_run_id("name", request.name))).run_id
-        record = await self._runs.cancel(run_id, request.reason or "cancelled by the client")
+        run_name = _run_id("name", request.name)
+        reason = validation.check_text("reason", request.reason)
+        run_id = (await self._owned_run(run_name)).run_id
+        record = await self._runs.cancel(run_id, reason or "cancelled by the client")
         return pb.CancelRunResponse(run=run_to_proto(record))
 
     @unary_errors
@@ -192,7 +197,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
         agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)
+        validation.check_id(f"{field}.agent", agent)
         self._agent_proto(agent, f"{field}.agent")
+        validation.check_text(f"{field}.input", start.input)
         if not start.input.strip():
             raise InvalidArgument(f"{field}.input", "must not be empty")
         if len(start.input) > self._max_input_chars:
@@ -203,8 +210,12 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise InvalidArgument(f"{field}.max_turns", f"must be between 0 and 1000, got {start.max_turns}")
         if start.session_policy not in _POLICIES:
             raise InvalidArgument(f"{field}.session_policy", f"unknown value {start.session_policy}")
-        if len(start.request_id) > 200:
-            raise InvalidArgument(f"{field}.request_id", f"is {len(start.request_id)} characters; the limit is 200")
+        validation.request_id(f"{field}.request_id", start.request_id)
+        if start.HasField("context"):
+            validation.check_struct(f"{field}.context", start.context)
+        validation.check_id(f"{field}.trace.workflow_name", start.trace.workflow_name)
+        validation.check_id(f"{field}.trace.group_id", start.trace.group_id)
+        trace_metadata = validation.check_string_map(f"{field}.trace.metadata", start.trace.metadata)
         principal = current_principal()
         local_session = None
         if start.session:
@@ -220,7 +231,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             request_id=scoped(principal.tenant, start.request_id) if start.request_id else "",
             workflow_name=start.trace.workflow_name or "agentd run",
             group_id=start.trace.group_id or (local_session or ""),
-            trace_metadata=dict(start.trace.metadata),
+            trace_metadata=trace_metadata,
             traceparent=traceparent,
             principal=principal,
         )
@@ -229,7 +240,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         agent = self._agents.get(name)
         if agent is None:
             known = ", ".join(self._agent_order)
-            raise NotFound(f"{field}: agent {name!r} does not exist; this server hosts: {known}")
+            raise NotFound(f"{field}: agent {validation.quote(name)} does not exist; this server hosts: {known}")
         return agent
 
 
@@ -260,6 +271,8 @@ def _output_answers(outputs: Sequence[pb.ToolOutputSubmission], field: str) -> l
     for index, output in enumerate(outputs):
         if not output.call_id:
             raise InvalidArgument(f"{field}[{index}].call_id", "is required: the call_id of the action_required event")
+        validation.check_id(f"{field}[{index}].call_id", output.call_id)
+        validation.check_text(f"{field}[{index}].output", output.output)
         answers.append((action_key("output", output.call_id), {"output": output.output, "is_error": output.is_error}))
     return answers
 
@@ -267,14 +280,16 @@ def _output_answers(outputs: Sequence[pb.ToolOutputSubmission], field: str) -> l
 def _approval_answer(approval: pb.ToolApproval, field: str) -> tuple[str, dict[str, Any]]:
     if not approval.call_id:
         raise InvalidArgument(f"{field}.call_id", "is required: the call_id of the action_required event")
+    validation.check_id(f"{field}.call_id", approval.call_id)
+    validation.check_text(f"{field}.reason", approval.reason)
     return action_key("approval", approval.call_id), {"approved": approval.approved, "reason": approval.reason}
 
 
 def _run_id(field: str, name: str) -> str:
     run_id = validation.resource_id(field, name, "runs", allow_bare=True)
-    if not run_id or len(run_id) > 200:
+    if not run_id or len(run_id) > validation.MAX_ID_CHARS:
         raise InvalidArgument(field, "must name a run, e.g. 'runs/run_0123…'")
-    return run_id
+    return validation.check_id(field, run_id)
 
 
 async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run_id: str, runs: RunManager) -> None:
@@ -294,7 +309,10 @@ async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run_id:
 async def _apply_control(message: pb.RunRequest, run_id: str, runs: RunManager) -> None:
     action = message.WhichOneof("action")
     if action == "cancel":
-        await runs.cancel(run_id, message.cancel.reason or "cancelled by the client")
+        # No reply carries a refusal here, and a cancel must not be lost: a NUL (which no
+        # store keeps) is replaced rather than refused.
+        reason = message.cancel.reason.replace("\x00", "\ufffd")
+        await runs.cancel(run_id, reason or "cancelled by the client")
     elif action == "tool_outputs":
         await runs.answer(run_id, _output_answers(message.tool_outputs.outputs, "tool_outputs.outputs"))
     elif action == "approval":

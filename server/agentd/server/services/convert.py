@@ -11,9 +11,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.server.runs.records import RunRecord, RunStatus
 from agentd.server.runtime import events as ev
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem, parse_json_object
 from agentd.server.runtime.usage import Usage
-from agentd.server.services.validation import InvalidArgument
+from agentd.server.services.validation import InvalidArgument, check_id, check_struct, check_text
 from agentd.server.sessions.base import SessionRecord, StoredItem
 from agentd.server.tenancy import local
 from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2
@@ -70,11 +70,12 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
         call = message.tool_call
         call.call_id = item.call_id
         call.tool_name = item.tool_name
-        try:
-            arguments = json.loads(item.arguments) if item.arguments else {}
-        except json.JSONDecodeError:
-            arguments = None
-        if isinstance(arguments, dict):
+        # The arguments as a Struct only when every client can parse it back: a JSON object,
+        # at most MAX_JSON_DEPTH deep, finite numbers. Anything else (malformed, too deep, not
+        # an object), whoever wrote it, stays the verbatim text in raw_arguments: never parsed
+        # past what is safe, so no stored item can make a session or a run's events unreadable.
+        arguments = parse_json_object(item.arguments) if item.arguments else {}
+        if arguments is not None:
             call.arguments.update(arguments)
         else:
             call.raw_arguments = item.arguments
@@ -88,22 +89,35 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
 
 
 def item_from_proto(message: item_pb2.Item, field: str) -> Item:
+    """A caller's item, validated: ids without control characters, text without NUL, and
+    ``arguments`` within the Struct limits (``raw_arguments`` is kept verbatim, never parsed here)."""
     kind = message.WhichOneof("content")
+    check_id(f"{field}.agent", message.agent)
     if kind == "message":
         role = _ROLE_FROM_PROTO.get(message.message.role)
         if role is None:
             raise InvalidArgument(f"{field}.message.role", "must be ROLE_USER, ROLE_ASSISTANT or ROLE_SYSTEM")
+        check_text(f"{field}.message.text", message.message.text)
         return MessageItem(role, message.message.text, message.agent)  # type: ignore[arg-type]
     if kind == "tool_call":
         call = message.tool_call
         if not call.call_id or not call.tool_name:
             raise InvalidArgument(f"{field}.tool_call", "call_id and tool_name are required")
-        arguments = call.raw_arguments or json.dumps(dict_from_struct(call.arguments), separators=(",", ":"))
+        check_id(f"{field}.tool_call.call_id", call.call_id)
+        check_id(f"{field}.tool_call.tool_name", call.tool_name)
+        if call.raw_arguments:
+            arguments = check_text(f"{field}.tool_call.raw_arguments", call.raw_arguments)
+        else:
+            check_struct(f"{field}.tool_call.arguments", call.arguments)
+            arguments = json.dumps(dict_from_struct(call.arguments), separators=(",", ":"))
         return ToolCallItem(call.call_id, call.tool_name, arguments, message.agent)
     if kind == "tool_result":
         result = message.tool_result
         if not result.call_id:
             raise InvalidArgument(f"{field}.tool_result.call_id", "is required")
+        check_id(f"{field}.tool_result.call_id", result.call_id)
+        check_id(f"{field}.tool_result.tool_name", result.tool_name)
+        check_text(f"{field}.tool_result.output", result.output)
         return ToolResultItem(result.call_id, result.tool_name, result.output, result.is_error, message.agent)
     raise InvalidArgument(field, "must set one of message, tool_call or tool_result")
 

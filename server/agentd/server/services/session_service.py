@@ -46,10 +46,13 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
         derived = False
         ttl = validation.ttl_seconds("session.ttl", request.session.ttl) if request.session.HasField("ttl") else None
+        metadata = validation.check_string_map("session.metadata", request.session.metadata)
+        validation.check_struct("session.state", request.session.state)
+        request_id = validation.check_id("request_id", request.request_id)
         if request.session_id:
             validation.check_session_id("session_id", request.session_id)
             session_id = _scoped(request.session_id)
-        elif request.request_id:
+        elif request_id:
             # Derived from the request id: a retried create finds the session it already made.
             session_id = _scoped(uuid.uuid5(_REQUEST_ID_NAMESPACE, request.request_id).hex)
             derived = True
@@ -58,7 +61,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         try:
             record = await self._store.create_session(
                 session_id,
-                metadata=dict(request.session.metadata),
+                metadata=metadata,
                 state=dict_from_struct(request.session.state),
                 ttl_s=ttl,
             )
@@ -76,14 +79,15 @@ class SessionService(pb_grpc.SessionServiceServicer):
     @unary_errors
     async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         size = validation.page_size(request.page_size, DEFAULT_SESSION_PAGE)
-        cursor = validation.decode_page_token("sessions", request.page_token)
+        tenant = current_principal().tenant
+        cursor = validation.decode_page_token("sessions", request.page_token, scope=tenant)
         try:
-            page = await self._store.list_sessions(size, cursor, tenant=current_principal().tenant)
+            page = await self._store.list_sessions(size, cursor, tenant=tenant)
         except ValueError:
-            raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged") from None
+            raise validation.corrupted_token() from None
         response = pb.ListSessionsResponse(sessions=[session_to_proto(s) for s in page.sessions])
         if page.next_cursor is not None:
-            response.next_page_token = validation.encode_page_token("sessions", page.next_cursor)
+            response.next_page_token = validation.encode_page_token("sessions", page.next_cursor, scope=tenant)
         return response
 
     @unary_errors
@@ -92,10 +96,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
         paths = set(request.update_mask.paths) or _DEFAULT_UPDATE | ({"ttl"} if request.session.HasField("ttl") else set())
         unknown = paths - _UPDATABLE
         if unknown:
-            raise InvalidArgument("update_mask", f"can only name 'metadata', 'state' and 'ttl', got {sorted(unknown)}")
+            got = ", ".join(validation.quote(path) for path in sorted(unknown)[:5])
+            raise InvalidArgument("update_mask", f"can only name 'metadata', 'state' and 'ttl', got {got}")
+        if "state" in paths:
+            validation.check_struct("session.state", request.session.state)
         record = await self._store.update_session(
             session_id,
-            metadata=dict(request.session.metadata) if "metadata" in paths else None,
+            metadata=validation.check_string_map("session.metadata", request.session.metadata)
+            if "metadata" in paths else None,
             state=dict_from_struct(request.session.state) if "state" in paths else None,
             ttl_s=validation.ttl_seconds("session.ttl", request.session.ttl) if "ttl" in paths else None,
         )
@@ -115,15 +123,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
         size = validation.page_size(request.page_size, DEFAULT_ITEM_PAGE)
         newest_first = request.order == pb.ITEM_ORDER_NEWEST_FIRST
         kind = "items-newest" if newest_first else "items-oldest"
-        cursor = validation.decode_page_token(kind, request.page_token)
-        position = _sequence_cursor(cursor)
+        cursor = validation.decode_page_token(kind, request.page_token, scope=session_id)
+        position = None if cursor is None else validation.token_int(cursor)
         if newest_first:
             stored = await self._store.list_items(session_id, size + 1, newest_first=True, before_sequence=position)
         else:
             stored = await self._store.list_items(session_id, size + 1, after_sequence=position or 0)
         response = pb.ListSessionItemsResponse(items=[stored_item_to_proto(s) for s in stored[:size]])
         if len(stored) > size:
-            response.next_page_token = validation.encode_page_token(kind, str(stored[size - 1].sequence))
+            response.next_page_token = validation.encode_page_token(kind, str(stored[size - 1].sequence),
+                                                                    scope=session_id)
         return response
 
     @unary_errors
@@ -136,7 +145,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if len(request.items) > MAX_ITEMS_PER_ADD:
             raise InvalidArgument("items", f"has {len(request.items)} items; send at most {MAX_ITEMS_PER_ADD} per call")
         items = [item_from_proto(item, f"items[{i}]") for i, item in enumerate(request.items)]
-        stored = await self._store.append_items(session_id, items, request.request_id or None)
+        request_id = validation.check_id("request_id", request.request_id)
+        stored = await self._store.append_items(session_id, items, request_id or None)
         return pb.AddSessionItemsResponse(items=[stored_item_to_proto(s) for s in stored])
 
     @unary_errors
@@ -170,11 +180,3 @@ def _scoped(session_id: str) -> str:
     """The store key of the caller's session ``session_id``."""
     return scoped(current_principal().tenant, session_id)
 
-
-def _sequence_cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    try:
-        return int(cursor)
-    except ValueError:
-        raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged") from None

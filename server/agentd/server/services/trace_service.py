@@ -37,23 +37,30 @@ class TraceService(pb_grpc.TraceServiceServicer):
     @unary_errors
     async def ListTraces(self, request: pb.ListTracesRequest, context: grpc.aio.ServicerContext) -> pb.ListTracesResponse:
         size = validation.page_size(request.page_size, DEFAULT_TRACE_PAGE)
-        cursor = validation.decode_page_token("traces", request.page_token)
-        before = None
-        if cursor is not None:
-            start, _, trace_id = cursor.partition(":")
-            if not start.isdigit() or not trace_id:
-                raise InvalidArgument("page_token", "is corrupted; pass next_page_token unchanged")
-            before = (int(start), trace_id)
         status = _STATUS_FILTER.get(request.status)
         if status is None:
             raise InvalidArgument("status", f"unknown status value {request.status}")
-        start_from = request.start_time_from.ToNanoseconds() if request.HasField("start_time_from") else 0
-        start_to = request.start_time_to.ToNanoseconds() if request.HasField("start_time_to") else 0
+        for field in ("workflow_name", "group_id", "agent"):
+            validation.check_id(field, getattr(request, field))
+        start_from = validation.unix_ns("start_time_from", request.start_time_from) \
+            if request.HasField("start_time_from") else 0
+        start_to = validation.unix_ns("start_time_to", request.start_time_to) if request.HasField("start_time_to") else 0
         if start_from and start_to and start_from >= start_to:
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
+        tenant = current_principal().tenant
+        # A token continues the listing it came from: the same tenant and the same filters.
+        scope = "\x00".join((tenant, request.workflow_name, request.group_id, request.agent, status,
+                             str(start_from), str(start_to)))
+        cursor = validation.decode_page_token("traces", request.page_token, scope=scope)
+        before = None
+        if cursor is not None:
+            start, _, trace_id = cursor.partition(":")
+            if not trace_id:
+                raise validation.corrupted_token()
+            before = (validation.token_int(start), validation.check_id("page_token", trace_id))
         query = TraceQuery(
             limit=size,
-            tenant=current_principal().tenant,
+            tenant=tenant,
             before=before,
             workflow_name=request.workflow_name,
             group_id=request.group_id,
@@ -66,17 +73,19 @@ class TraceService(pb_grpc.TraceServiceServicer):
         response = pb.ListTracesResponse(traces=[_trace_to_proto(t) for t in traces])
         if more and traces:
             last = traces[-1]
-            response.next_page_token = validation.encode_page_token("traces", f"{last.start_ns}:{last.trace_id}")
+            response.next_page_token = validation.encode_page_token(
+                "traces", f"{last.start_ns}:{last.trace_id}", scope=scope
+            )
         return response
 
     @unary_errors
     async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
-        trace_id = validation.resource_id("name", request.name, "traces", allow_bare=True)
+        trace_id = validation.check_id("name", validation.resource_id("name", request.name, "traces", allow_bare=True))
         tenant = current_principal().tenant
         trace = await self._store.get_trace(trace_id, tenant)
         # Another tenant's trace is answered exactly as a missing one: the same code, the same message.
         if trace is None or trace.tenant != tenant:
-            raise NotFound(f"name: trace {trace_id!r} does not exist (or has aged out of the trace store)")
+            raise NotFound(f"name: trace {validation.quote(trace_id)} does not exist (or has aged out of the trace store)")
         spans = sorted(trace.spans, key=lambda s: s.start_ns)
         return pb.GetTraceResponse(trace=_trace_to_proto(trace), spans=[_span_to_proto(s) for s in spans])
 

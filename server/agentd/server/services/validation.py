@@ -1,25 +1,122 @@
-"""Request validation shared by the services: resource names, page sizes, page tokens.
+"""Request validation shared by the services: resource names, ids, text, Structs, page sizes, page tokens.
 
 Each failure is an ``InvalidArgument`` naming the field and saying what to send
-instead; services turn it into INVALID_ARGUMENT.
+instead; services turn it into INVALID_ARGUMENT. What a caller sent is echoed only
+through ``quote``: a short prefix, never the whole value (a status message travels in
+the reply's metadata, which has a size limit).
+
+What the rules keep out of the stores, whichever store runs:
+
+- ids and names (request ids, run, session, agent, trace and call ids, tool names,
+  trace labels, metadata keys): no control characters, at most ``MAX_ID_CHARS``;
+- text (run input, item text, tool outputs, reasons, metadata values, Struct strings
+  and keys): no NUL (U+0000), which Postgres can keep neither in text nor in jsonb;
+- Structs (a run's ``context``, session ``state``, a tool call's ``arguments``): at most
+  ``MAX_JSON_DEPTH`` levels of objects and arrays, and finite numbers only (JSON has no
+  NaN or Infinity);
+- page tokens: only one made by this server for the same listing (kind, tenant,
+  parent, filters) continues it; anything else is refused before it reaches a store.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import math
 import re
+from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
+from agentd.server.runtime.items import MAX_JSON_DEPTH
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_PAGE_SIZE = 1000
+# Ids and names a caller sends (request ids, run and call ids...): at most this many characters.
+MAX_ID_CHARS = 200
+# How much of a caller's value an error message quotes.
+QUOTE_CHARS = 64
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class InvalidArgument(Exception):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+def quote(value: str, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of at most ``limit`` characters of a caller's value, ``…`` marking a cut."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+# Ids and text
+
+
+def check_id(field: str, value: str, *, max_chars: int = MAX_ID_CHARS) -> str:
+    """An id or name: no control characters, at most ``max_chars`` characters."""
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"is {len(value)} characters; the limit is {max_chars}")
+    found = _CONTROL.search(value)
+    if found:
+        raise InvalidArgument(
+            field, f"must not contain control characters (U+{ord(found.group()):04X} at position {found.start()})"
+        )
+    return value
+
+
+def check_text(field: str, value: str) -> str:
+    """Free text: anything but NUL (U+0000)."""
+    position = value.find("\x00")
+    if position >= 0:
+        raise InvalidArgument(field, f"must not contain NUL characters (U+0000 at position {position})")
+    return value
+
+
+def check_string_map(field: str, values: Any) -> dict[str, str]:
+    """A ``map<string, string>`` (metadata): keys are names, values text."""
+    result = {}
+    for key, value in values.items():
+        check_id(f"{field} key", key)
+        check_text(f"{field}[{quote(key)}]", value)
+        result[key] = value
+    return result
+
+
+def check_struct(field: str, message: struct_pb2.Struct | struct_pb2.ListValue | struct_pb2.Value) -> None:
+    """A Struct (or ListValue/Value) a caller sent: depth, finite numbers, no NUL in keys or strings.
+
+    Iterative, one pass over the message: nothing a caller nests can exhaust the stack.
+    """
+    stack: list[tuple[Any, int]] = [(message, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, struct_pb2.Value):
+            kind = node.WhichOneof("kind")
+            if kind == "struct_value":
+                stack.append((node.struct_value, depth))
+            elif kind == "list_value":
+                stack.append((node.list_value, depth))
+            elif kind == "string_value":
+                check_text(field, node.string_value)
+            elif kind == "number_value" and not math.isfinite(node.number_value):
+                raise InvalidArgument(field, "holds NaN or Infinity, which JSON cannot represent; send finite numbers")
+            continue
+        if depth + 1 > MAX_JSON_DEPTH:
+            raise InvalidArgument(field, f"nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+        if isinstance(node, struct_pb2.Struct):
+            for key, value in node.fields.items():
+                check_text(f"{field} key", key)
+                stack.append((value, depth + 1))
+        else:
+            stack.extend((value, depth + 1) for value in node.values)
+
+
+# Resource names
 
 
 def resource_id(field: str, value: str, collection: str, *, allow_bare: bool = False) -> str:
@@ -31,7 +128,7 @@ def resource_id(field: str, value: str, collection: str, *, allow_bare: bool = F
         return value
     if not value:
         raise InvalidArgument(field, f"is required; send a resource name like '{collection}/ID'")
-    raise InvalidArgument(field, f"must be a resource name like '{collection}/ID', got {value!r}")
+    raise InvalidArgument(field, f"must be a resource name like '{collection}/ID', got {quote(value)}")
 
 
 def session_id(field: str, value: str, *, allow_bare: bool = False) -> str:
@@ -42,7 +139,18 @@ def session_id(field: str, value: str, *, allow_bare: bool = False) -> str:
 
 def check_session_id(field: str, sid: str) -> None:
     if not SESSION_ID_RE.match(sid):
-        raise InvalidArgument(field, f"session id {sid!r} must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        raise InvalidArgument(field, f"session id {quote(sid)} must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+
+
+def request_id(field: str, value: str) -> str:
+    """An idempotency key: an id without '/' (a tenant's keys are stored as 'tenant/key')."""
+    check_id(field, value)
+    if "/" in value:
+        raise InvalidArgument(field, "must not contain '/'; use any other characters, e.g. a UUID")
+    return value
+
+
+# Page sizes and tokens
 
 
 def page_size(value: int, default: int, field: str = "page_size") -> int:
@@ -51,25 +159,58 @@ def page_size(value: int, default: int, field: str = "page_size") -> int:
     return value or default
 
 
-def encode_page_token(kind: str, value: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}|{value}".encode()).decode().rstrip("=")
+MAX_TOKEN_CHARS = 1024  # the tokens this server makes are a few hundred characters at most
+_NOT_A_TOKEN = (
+    "is not a token this request can continue from; pass next_page_token from the previous "
+    "response unchanged, with the same filters and order"
+)
 
 
-def decode_page_token(kind: str, token: str, field: str = "page_token") -> str | None:
-    """The value inside a token made by ``encode_page_token(kind, ...)``; None for an empty token."""
+def _token_check(kind: str, scope: str, value: str) -> str:
+    """A checksum binding a token's position to its listing: a token made for another listing
+    (another session, tenant, order or filter) or edited by hand does not verify."""
+    digest = hashlib.sha256("\x00".join((kind, scope, value)).encode("utf-8", "surrogatepass")).digest()
+    return base64.urlsafe_b64encode(digest[:9]).decode()
+
+
+def encode_page_token(kind: str, value: str, scope: str = "") -> str:
+    """An opaque token continuing the listing ``kind``/``scope`` after ``value``."""
+    raw = f"{kind}|{_token_check(kind, scope, value)}|{value}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(kind: str, token: str, field: str = "page_token", scope: str = "") -> str | None:
+    """The value inside a token made by ``encode_page_token(kind, ..., scope)``; None for an empty token."""
     if not token:
         return None
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidArgument(field, _NOT_A_TOKEN)
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
-    found_kind, sep, value = raw.partition("|")
-    if not sep or found_kind != kind:
-        raise InvalidArgument(
-            field, "is not a token this request can continue from; pass next_page_token from the previous "
-            "response unchanged, with the same filters and order"
-        )
+    found_kind, _, rest = raw.partition("|")
+    check, sep, value = rest.partition("|")
+    if not sep or found_kind != kind or check != _token_check(kind, scope, value):
+        raise InvalidArgument(field, _NOT_A_TOKEN)
     return value
+
+
+def corrupted_token(field: str = "page_token") -> InvalidArgument:
+    return InvalidArgument(field, "is corrupted; pass next_page_token unchanged")
+
+
+MAX_INT64 = 2**63 - 1
+
+
+def token_int(value: str, field: str = "page_token") -> int:
+    """A non-negative int64 position inside a page token."""
+    if not value.isascii() or not value.isdigit() or len(value) > 19 or int(value) > MAX_INT64:
+        raise corrupted_token(field)
+    return int(value)
+
+
+# Times
 
 
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
@@ -83,3 +224,22 @@ def ttl_seconds(field: str, ttl: duration_pb2.Duration) -> float:
     if seconds > MAX_TTL_S:
         raise InvalidArgument(field, f"must be at most {MAX_TTL_S:.0f}s (10 years)")
     return seconds
+
+
+# The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_TIMESTAMP_S = -62_135_596_800
+_MAX_TIMESTAMP_S = 253_402_300_799
+
+
+def unix_ns(field: str, value: timestamp_pb2.Timestamp) -> int:
+    """A filter time as Unix nanoseconds, clamped to int64 (what the stores hold).
+
+    Refuses what is not a valid Timestamp (nanos outside 0..999,999,999, seconds outside
+    years 1-9999) and times before 1970 (no run started then)."""
+    if not 0 <= value.nanos <= 999_999_999 or not _MIN_TIMESTAMP_S <= value.seconds <= _MAX_TIMESTAMP_S:
+        raise InvalidArgument(
+            field, "is not a valid timestamp: seconds must be within years 1-9999 and nanos within 0..999999999"
+        )
+    if value.seconds < 0:
+        raise InvalidArgument(field, "must be at or after 1970-01-01T00:00:00Z")
+    return min(value.seconds * 1_000_000_000 + value.nanos, MAX_INT64)
