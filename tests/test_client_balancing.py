@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
-from agentd.client import AgentdClient, RunStreamGapError, SyncAgentdClient
+from agentd.client import AgentdClient, RunStreamError, RunStreamGapError, SyncAgentdClient
 from agentd.client._channel import RETRYABLE_METHODS, channel_target, service_config
 from agentd.client._resume import EventLog
 from agentd.server import Script, call, calls, say
@@ -423,12 +423,16 @@ async def test_a_stream_gives_up_after_its_resume_budget_when_no_replica_answers
     ) as proxy:
         async with AgentdClient(f"127.0.0.1:{proxy.port}", resume_timeout_s=0.6) as client:
             stream = client.run("assistant", "go")
-            with pytest.raises(grpc.aio.AioRpcError) as lost:
+            with pytest.raises(RunStreamError) as lost:
                 async for event in stream:
                     if event.WhichOneof("payload") == "tool_called":
                         proxy.cut()
                         cut_at = time.perf_counter()
-            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The documented error, naming where the caller was; the last transport error is its cause.
+            assert not isinstance(lost.value, grpc.RpcError)
+            assert lost.value.run_id == stream.run_id and lost.value.last_sequence == stream.last_sequence
+            assert isinstance(lost.value.__cause__, grpc.aio.AioRpcError)
+            assert lost.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE
             # The budget, plus one fail-fast attempt to cancel the run (it cannot reach the server).
             assert 0.5 < time.perf_counter() - cut_at < 2.0
         # The detached run goes on where nobody could reach it; the operator can still stop it.

@@ -218,6 +218,11 @@ async def test_sigterm_hands_runs_to_the_other_replicas(model_server, tmp_path) 
                 assert_gap_free(events)
                 assert kinds(events)[-1] == "run_completed"
                 assert "run_resumed" in kinds(events)
+                # The cause, as run_event.proto documents it.
+                assert [e.run_resumed.reason for e in events if e.WhichOneof("payload") == "run_resumed"] == [
+                    "handed off"
+                ]
+                assert kinds(events).count("run_started") == 1
             infos = [await others.get_run(r.name.removeprefix("runs/")) for r in runs]
             assert all(i.attempt == 2 for i in infos)
             assert took < 10, f"hand-off took {took:.1f}s"
@@ -225,3 +230,52 @@ async def test_sigterm_hands_runs_to_the_other_replicas(model_server, tmp_path) 
         finally:
             await direct.close()
             await others.close()
+
+
+@pytest.mark.parametrize("run_store", ["redis", "postgres"])
+async def test_a_tool_that_finished_on_a_killed_replica_is_not_run_again(model_server, tmp_path, run_store) -> None:
+    """SIGKILL once one of a turn's two tools has finished (its tool_output is durable) while the other
+    still runs: the replica taking over keeps the finished one's output and reruns only the other,
+    with the same call id. Each call has exactly one tool_output in the log."""
+    model_server.set_script("assistant", Script.of(
+        calls(call("wait", seconds=0.05, label="quick"), call("wait", seconds=3, label="slow")),
+        say("Both done."),
+    ))
+    async with cluster(model_server, tmp_path, replicas=2, run_lease_s=1.0, run_store=run_store) as c:
+        first, second = c.replicas
+        a, b = AgentdClient(first.target, resume=False), AgentdClient(second.target, resume=False)
+        try:
+            run = await a.create_run("assistant", "two things", session_id="kill")
+            assert run.replica == first.name
+            run_id = run.name.removeprefix("runs/")
+            events = []
+            async for event in b.watch_run(run_id):  # durable events only, from the other replica
+                events.append(event)
+                if event.WhichOneof("payload") == "tool_output":
+                    first.kill()  # "quick" is done and durable; "slow" is running, its step not saved
+                    await first.process.wait()
+                    break
+            events += await asyncio.wait_for(watch_all(b, run_id, after=events[-1].sequence), 30)
+            assert_gap_free(events)
+            names = kinds(events)
+            assert names[-1] == "run_completed", (names, c.logs())
+            called = [e.tool_called.item.tool_call for e in events if e.WhichOneof("payload") == "tool_called"]
+            outputs = [e.tool_output.item.tool_result for e in events if e.WhichOneof("payload") == "tool_output"]
+            ids = {c_.arguments["label"]: c_.call_id for c_ in called}
+            assert len(called) == 2, names  # the turn was durable: never asked of the model again
+            assert sorted(o.call_id for o in outputs) == sorted(ids.values()), names  # one output per call
+            assert names.count("run_started") == 1 and names.count("run_resumed") == 1
+            resumed = names.index("run_resumed")
+            assert outputs[0].call_id == ids["quick"] and names.index("tool_output") < resumed
+            assert [e.run_resumed.reason for e in events if e.WhichOneof("payload") == "run_resumed"] == [
+                "lease expired"
+            ]
+            items = await b.all_items("kill")
+            results = {
+                i.tool_result.call_id: i.tool_result.output for i in items if i.WhichOneof("content") == "tool_result"
+            }
+            assert set(results) == set(ids.values())
+            assert results[ids["quick"]] == outputs[0].output  # the dead replica's result, kept
+        finally:
+            await a.close()
+            await b.close()

@@ -90,6 +90,21 @@ class EventLog:
         self.terminal = event.WhichOneof("payload") in TERMINAL_EVENTS
         return True
 
+    def gave_up(self, failure: BaseException, budget_s: float) -> RunStreamError:
+        """The error for a stream that could not be re-attached within the resume budget (``failure``,
+        the last attempt's error, is its ``__cause__``)."""
+        if isinstance(failure, RunStreamError):
+            return failure
+        code = failure.code() if callable(getattr(failure, "code", None)) else None
+        detail = failure.details() if callable(getattr(failure, "details", None)) else str(failure)
+        what = f"{code.name}: {detail}" if code is not None else (detail or type(failure).__name__)
+        return RunStreamError(
+            self.run_id, self.last_sequence,
+            f"could not re-attach to the event stream of run {self.run_id or '(not yet known)'} after event "
+            f"{self.last_sequence} within {budget_s:g}s (resume_timeout_s) or the call's timeout; last error: "
+            f"{what}. The run may still be going: watch it again with its run id and last_sequence",
+        )
+
     def ended_early(self) -> RunStreamError:
         """The error for a stream that closed cleanly before the terminal event."""
         return RunStreamError(

@@ -222,7 +222,7 @@ class RunStream:
                 delay = reconnects.delay_after(self._deadline)
                 if delay is None:
                     self._gave_up = True
-                    raise failure
+                    raise self._log.gave_up(failure, self._resume_timeout_s) from failure
                 await asyncio.sleep(delay)
             reconnects.attempt()
             try:

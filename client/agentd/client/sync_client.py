@@ -131,7 +131,7 @@ class SyncRunStream:
                     delay = reconnects.delay_after(self._deadline)
                     if delay is None:
                         self._gave_up = True
-                        raise failure
+                        raise self._log.gave_up(failure, self._resume_timeout_s) from failure
                     time.sleep(delay)
                 reconnects.attempt()
                 try:

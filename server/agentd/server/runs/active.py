@@ -10,6 +10,13 @@ reuse. A checkpoint rides in the same write as the events before it.
 If the store says the lease is gone (another replica took the run over), the
 execution stops quietly: no further event is written, and the new owner continues
 the log.
+
+Cancels are sticky. ``cancel`` sets ``cancel_requested`` at once (the loop checks it at
+every step boundary and before any tool starts) and cancels the task, again and again
+until it ends: a ``CancelledError`` can be swallowed (on Python 3.11 ``asyncio.wait_for``
+drops one that lands as its inner call finishes, and redis-py wraps every socket write
+in it), so one ``Task.cancel`` is no promise that the run stops. A cancel recorded in the
+store reaches the run with every progress write too (``record_progress`` returns it).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ WRITE_RETRY_DELAY_S = 0.2
 # A run waiting for the caller re-reads its answers from the store this often (in case a
 # control message was lost).
 ACTION_POLL_S = 2.0
+# A cancelled task that has not ended this long after its cancel is cancelled again (it may
+# have swallowed the CancelledError); until it ends.
+RECANCEL_S = 0.2
 
 
 class ActiveRun:
@@ -42,6 +52,8 @@ class ActiveRun:
         self.attempt = record.attempt
         self.trace_id = record.trace_id
         self.cancel_reason = ""
+        self._cancel_requested = False  # sticky: once set, the run ends at its next step boundary
+        self._recancel: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_payload: Payload | None = None
         self.first_sequence = record.last_sequence + 1
@@ -73,6 +85,11 @@ class ActiveRun:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the run was cancelled, or must stop (lease lost, handed off): never reset."""
+        return self._cancel_requested or self._stopped
+
     # -- EventSink -----------------------------------------------------------------------
 
     def emit(self, payload: Payload) -> None:
@@ -89,10 +106,15 @@ class ActiveRun:
             raise asyncio.CancelledError()
         self._pending_checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
         self._wakeup.set()
-        if not self._store.shared or self.input.session_id is None or not checkpoint.step_items:
-            # No session write follows this checkpoint (or no other process could resume the run),
-            # so nothing depends on it being durable now: it rides with the next write instead of
-            # holding the run up for a round trip.
+        if not self._store.shared:
+            return  # no other process could resume the run: nothing depends on durability now
+        tools_follow = bool(checkpoint.pending)
+        session_write_follows = self.input.session_id is not None and bool(checkpoint.step_items)
+        if not (tools_follow or session_write_follows):
+            # Nothing with an effect outside the run follows this checkpoint, so it rides with the
+            # next write instead of holding the run up for a round trip. Before tools it is awaited:
+            # a replica resuming the run must run the very calls that started (same call ids), not
+            # ask the model again; before a session write, so the session never runs ahead of it.
             return
         waiter = asyncio.get_running_loop().create_future()
         self._checkpoint_waiters.append(waiter)
@@ -100,6 +122,8 @@ class ActiveRun:
 
     async def wait_action(self, key: str) -> dict[str, Any]:
         while key not in self._actions:
+            if self.cancel_requested:
+                raise asyncio.CancelledError()
             waiter = self._action_waiters.get(key)
             if waiter is None:
                 waiter = self._action_waiters[key] = asyncio.get_running_loop().create_future()
@@ -130,15 +154,29 @@ class ActiveRun:
     # -- control -------------------------------------------------------------------------
 
     def cancel(self, reason: str) -> None:
-        if self.task is not None and not self.task.done() and self.last_payload is None and not self._stopped:
+        """End the run with ``run_cancelled`` (the first reason wins): at once when its task takes the
+        cancellation, at its next step boundary at the latest (``cancel_requested``)."""
+        if self.last_payload is not None or self._stopped:
+            return
+        if not self._cancel_requested:
+            self._cancel_requested = True
             self.cancel_reason = self.cancel_reason or reason
+        if self.task is not None and not self.task.done():
             # On the next loop iteration: a task cancelled before its first step never runs its
             # coroutine, so the run would end without its run_cancelled event.
             self.task.get_loop().call_soon(self._cancel_task)
 
     def _cancel_task(self) -> None:
-        if self.task is not None and not self.task.done() and self.last_payload is None:
-            self.task.cancel()
+        task = self.task
+        if task is None or task.done() or self.last_payload is not None:
+            return
+        task.cancel()
+        if self._recancel is None:  # again, until the task ends: it may swallow this one
+            self._recancel = task.get_loop().call_later(RECANCEL_S, self._cancel_again)
+
+    def _cancel_again(self) -> None:
+        self._recancel = None
+        self._cancel_task()
 
     def release_flusher(self) -> None:
         """The execution is over: let the flusher write what is pending and end."""
@@ -211,6 +249,7 @@ class ActiveRun:
         terminal = bool(batch) and batch[-1].is_terminal
         deadline = time.monotonic() + self._lease_s
         retrying = False
+        cancel_reason = ""
         while True:
             try:
                 if retrying and batch and await self._already_written(batch[-1].sequence):
@@ -220,7 +259,9 @@ class ActiveRun:
                         self.run_id, self.attempt, batch, retention_s=self._retention_s, now=time.time()
                     )
                 else:
-                    await self._store.record_progress(self.run_id, self.attempt, batch, checkpoint, now=time.time())
+                    cancel_reason = await self._store.record_progress(
+                        self.run_id, self.attempt, batch, checkpoint, now=time.time()
+                    ) or ""
                 break
             except LeaseLostError:
                 log.warning("run %s: lease lost (attempt %d); another replica continues it", self.run_id, self.attempt)
@@ -235,6 +276,10 @@ class ActiveRun:
                     return False
                 await asyncio.sleep(WRITE_RETRY_DELAY_S)
                 retrying = True
+        if cancel_reason:
+            # Recorded in the store (its control message may be lost): before the waiters go on,
+            # so no tool starts after a write that saw the cancel.
+            self.cancel(cancel_reason)
         if batch:
             self._delivered.extend(batch)
             self._wake_watchers()

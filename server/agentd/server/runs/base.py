@@ -114,10 +114,15 @@ class RunStore(abc.ABC):
     @abc.abstractmethod
     async def record_progress(
         self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
-    ) -> None:
+    ) -> str:
         """Append ``events`` (their sequences continue the log exactly: the first is ``last_sequence + 1``)
         and, when given, replace the checkpoint — atomically. Raise ``LeaseLostError`` and change nothing
-        unless the run is RUNNING with this ``attempt``. ``events`` may be empty (checkpoint only)."""
+        unless the run is RUNNING with this ``attempt``. ``events`` may be empty (checkpoint only).
+
+        Returns the run's recorded ``cancel_reason`` as of the write ("" when none): the writer
+        learns of a cancel recorded before its write even when the control message was lost, so
+        the loop, which makes the turn asking for tools durable before any tool starts, starts no
+        tool after a cancel was recorded."""
 
     @abc.abstractmethod
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
@@ -128,13 +133,14 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     async def release(self, run_id: str, attempt: int, *, now: float) -> bool:
-        """Hand a RUNNING run back (drain): QUEUED and claimable at once, checkpoint kept. False (and no
-        change) unless it is RUNNING with this attempt."""
+        """Hand a RUNNING run back (drain): QUEUED and claimable at once, checkpoint kept, ``requeue_reason``
+        ``HANDED_OFF``. False (and no change) unless it is RUNNING with this attempt."""
 
     @abc.abstractmethod
     async def requeue_expired(self, *, now: float) -> list[str]:
-        """Make every RUNNING run whose lease expired before ``now`` QUEUED and claimable (checkpoint kept);
-        return their ids. Safe to call from every replica at once: each run is requeued once."""
+        """Make every RUNNING run whose lease expired before ``now`` QUEUED and claimable (checkpoint kept,
+        ``requeue_reason`` ``LEASE_EXPIRED``); return their ids. Safe to call from every replica at once:
+        each run is requeued once."""
 
     @abc.abstractmethod
     async def cancel(self, run_id: str, reason: str, *, event_time_ns: int, retention_s: float, now: float) -> RunRecord | None:

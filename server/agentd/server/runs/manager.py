@@ -20,8 +20,10 @@ from typing import Any, AsyncIterator
 from agentd.server.runs.active import ActiveRun
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
+    LEASE_EXPIRED,
     Control,
     CreatedRun,
+    LeaseLostError,
     RunNotFoundError,
     RunRecord,
     RunNotWaitingError,
@@ -31,8 +33,10 @@ from agentd.server.runs.records import (
     TenantLimits,
 )
 from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.runtime.events import RunEvent
+from agentd.server.runtime.events import Handoff, RunCancelled, RunEvent, ToolOutput
+from agentd.server.runtime.items import ToolCallItem, ToolResultItem
 from agentd.server.runtime.run_loop import AgentRunner, Resume, RunInput
+from agentd.server.runtime.usage import Usage
 
 log = logging.getLogger("agentd.runs")
 
@@ -80,6 +84,7 @@ class RunManager:
         self._slot_freed = asyncio.Event()
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._ending: set[asyncio.Task[None]] = set()  # ending runs whose creating call failed
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -116,6 +121,8 @@ class RunManager:
             await asyncio.wait({r.task for r in left if r.task is not None}, timeout=5)
         for run in list(self._local.values()):
             await asyncio.wait({run.flusher}, timeout=5)
+        if self._ending:
+            await asyncio.wait(set(self._ending), timeout=5)
 
     async def close(self) -> None:
         """Stop the background tasks (after ``drain``)."""
@@ -144,37 +151,129 @@ class RunManager:
         return len(self._local)
 
     async def create(self, spec: RunInput, policy: SessionPolicy) -> CreatedRun:
-        """Record the run, and execute it here when this replica has capacity."""
+        """Record the run, and execute it here when this replica has capacity.
+
+        The store write and the launch go together: when the calling RPC is cancelled (its
+        caller went away, its deadline passed) or the write fails while it is in flight, the
+        write may still have created the run, which nobody would execute and a lease expiry would
+        later revive. Such a run is ended as cancelled instead (``_end_unstarted``): a run whose
+        creating call failed never executes."""
         if self._draining:
             raise ServerDrainingError("this replica is shutting down and takes no new runs; retry on another replica")
         owner = self.replica_id if len(self._local) < self._capacity else None
-        created = await self.store.create_run(
+        write = asyncio.ensure_future(self.store.create_run(
             spec, policy=policy, owner=owner, lease_s=self._lease_s, max_queued=self._max_queued, now=time.time(),
             limits=self._tenant_limits,
-        )
+        ))
+        try:
+            created = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            self._end_unstarted(spec.run_id, write, "the call that started the run was cancelled before it started "
+                                                    "(the caller went away or its deadline passed)")
+            raise
+        except StoreUnavailableError:
+            # The write may have happened with its reply lost: the caller is told it failed.
+            self._end_unstarted(spec.run_id, write, "the call that started the run failed before it started")
+            raise
         record = created.record
         if created.created and record.status is RunStatus.RUNNING and record.owner == self.replica_id:
             self._launch(record)
         return created
 
+    def _end_unstarted(self, run_id: str, write: asyncio.Future[CreatedRun], reason: str) -> None:
+        task = asyncio.create_task(self._end_unstarted_run(run_id, write, reason), name=f"end unstarted {run_id}")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _end_unstarted_run(self, run_id: str, write: asyncio.Future[CreatedRun], reason: str) -> None:
+        """End, as cancelled, the run ``write`` may have created, without executing it."""
+        created: CreatedRun | None
+        try:
+            created = await write
+        except Exception:
+            created = None  # refused, or unknown: look it up
+        if created is not None and not created.created:
+            return  # the request id named an earlier run, which is not this call's to end
+        record = created.record if created is not None else None
+        deadline = time.monotonic() + self._lease_s
+        while True:
+            try:
+                if record is None:
+                    record = await self.store.get_run(run_id)
+                    if record is None:
+                        return  # never created
+                if record.status.is_terminal:
+                    return
+                if (record.status is RunStatus.RUNNING and record.owner == self.replica_id
+                        and run_id not in self._local):
+                    # Created to execute here, never launched: end it as this execution would have.
+                    event = RunEvent(run_id, record.last_sequence + 1, time.time_ns(), record.trace_id,
+                                     RunCancelled(reason, Usage(), 0))
+                    await self.store.finish(run_id, record.attempt, [event], retention_s=self._retention_s,
+                                            now=time.time())
+                else:  # queued (ended at once), or executing elsewhere (cancelled there)
+                    await self.cancel(run_id, reason)
+                log.info("run %s ended before it started: %s", run_id, reason)
+                return
+            except (LeaseLostError, RunNotFoundError):
+                record = None  # changed under us (requeued, ended): look again
+            except StoreUnavailableError as exc:
+                record = None
+                if time.monotonic() > deadline:
+                    log.warning("run %s: could not end it after its creating call failed (%s)", run_id, exc)
+                    return
+                await asyncio.sleep(STORE_RETRY_S)
+            if time.monotonic() > deadline:
+                log.warning("run %s: could not end it after its creating call failed", run_id)
+                return
+
     def _launch(self, record: RunRecord) -> ActiveRun:
         run = ActiveRun(record, self.store, retention_s=self._retention_s, lease_s=self._lease_s)
         self._local[run.run_id] = run
-        resume = None
-        if record.last_sequence > 0 or record.checkpoint is not None:  # an earlier execution got somewhere
-            resume = Resume(record.attempt, f"resumed by replica {self.replica_id}", record.checkpoint,
-                            record.trace_id)
         started = time.perf_counter()
-        run.task = asyncio.create_task(self._execute(run, resume), name=run.run_id)
+        run.task = asyncio.create_task(self._execute(run, record), name=run.run_id)
         # A done callback, not a finally: it also runs for a task cancelled before it started.
         run.task.add_done_callback(lambda _: self._executed(run, started))
         if record.cancel_reason:
             run.cancel(record.cancel_reason)
         return run
 
-    async def _execute(self, run: ActiveRun, resume: Resume | None) -> None:
+    async def _execute(self, run: ActiveRun, record: RunRecord) -> None:
+        resume = None
+        if record.last_sequence > 0 or record.checkpoint is not None:  # an earlier execution got somewhere
+            try:
+                resume = await self._resume(record)
+            except StoreUnavailableError as exc:
+                # Without the log, tools that already finished would run again: leave the run to a
+                # later attempt (the lease is no longer renewed, so it is taken over).
+                log.warning("run %s: cannot read its log to resume it (%s); giving it up", run.run_id, exc)
+                run.release_flusher()
+                return
         await self._runner.run(run.input, run, resume)
         await asyncio.wait({run.flusher})
+
+    async def _resume(self, record: RunRecord) -> Resume:
+        """How to continue a run an earlier execution began: from its checkpoint, with the results
+        of the checkpoint's pending calls that the log already holds (those tools finished)."""
+        cp = record.checkpoint
+        outputs: dict[str, ToolResultItem] = {}
+        handoffs: set[str] = set()
+        pending = {item.call_id for item in cp.pending if isinstance(item, ToolCallItem)} if cp is not None else set()
+        if cp is not None and pending:
+            after = cp.sequence
+            while after < record.last_sequence:
+                batch = await self.store.read_events(record.run_id, after, WATCH_BATCH)
+                if not batch:
+                    break
+                for event in batch:
+                    payload = event.payload
+                    if isinstance(payload, ToolOutput) and payload.item.call_id in pending:
+                        outputs.setdefault(payload.item.call_id, payload.item)
+                    elif isinstance(payload, Handoff) and payload.call_id in pending:
+                        handoffs.add(payload.call_id)
+                after = batch[-1].sequence
+        return Resume(record.attempt, record.requeue_reason or LEASE_EXPIRED, cp, record.trace_id, outputs,
+                      frozenset(handoffs))
 
     def _executed(self, run: ActiveRun, started: float) -> None:
         run.release_flusher()

@@ -23,6 +23,8 @@ from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
     Control,
     CreatedRun,
+    HANDED_OFF,
+    LEASE_EXPIRED,
     LeaseLostError,
     QueueFullError,
     RenewOutcome,
@@ -189,12 +191,13 @@ class MemoryRunStore(RunStore):
 
     async def record_progress(
         self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
-    ) -> None:
+    ) -> str:
         record = self._fenced(run_id, attempt)
         self._append(record, events)
         if checkpoint is not None:
             record.checkpoint = checkpoint
         record.update_time = now
+        return record.cancel_reason
 
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         record = self._fenced(run_id, attempt)
@@ -207,13 +210,13 @@ class MemoryRunStore(RunStore):
         record = self._runs.get(run_id)
         if record is None or record.status is not RunStatus.RUNNING or record.attempt != attempt:
             return False
-        self._requeue(record, now)
+        self._requeue(record, now, HANDED_OFF)
         return True
 
     async def requeue_expired(self, *, now: float) -> list[str]:
         expired = [r for r in self._runs.values() if r.status is RunStatus.RUNNING and r.lease_expires < now]
         for record in expired:
-            self._requeue(record, now)
+            self._requeue(record, now, LEASE_EXPIRED)
         return [r.run_id for r in expired]
 
     async def cancel(
@@ -298,8 +301,9 @@ class MemoryRunStore(RunStore):
         if appended is not None:
             appended.set()
 
-    def _requeue(self, record: RunRecord, now: float) -> None:
+    def _requeue(self, record: RunRecord, now: float, why: str) -> None:
         record.status, record.owner, record.lease_expires, record.update_time = RunStatus.QUEUED, "", 0.0, now
+        record.requeue_reason = why
         self._enqueue(record.run_id)
 
     def _end(self, record: RunRecord, payload: Payload, retention_s: float, now: float) -> None:

@@ -66,6 +66,10 @@ class RunRecord:
     # {"output": str, "is_error": bool} for a caller-executed tool, {"approved": bool,
     # "reason": str} for an approval. The first answer for a key wins.
     actions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Why the run was last put back in the queue after an execution began: LEASE_EXPIRED (its
+    # replica stopped renewing) or HANDED_OFF (drained); empty before that. A replica that
+    # claims the run reports it in its RunResumed event.
+    requeue_reason: str = ""
 
     @property
     def awaiting(self) -> tuple[str, ...]:
@@ -82,6 +86,11 @@ class RunRecord:
     @property
     def session_id(self) -> str | None:
         return self.spec.session_id
+
+
+# RunRecord.requeue_reason values (and RunResumed.reason, as run_event.proto documents them).
+LEASE_EXPIRED = "lease expired"
+HANDED_OFF = "handed off"
 
 
 def action_key(kind: str, call_id: str) -> str:

@@ -3,8 +3,11 @@
 The loop takes a checkpoint after every completed step:
 
 - after a model turn that asked for tools: ``pending`` holds that turn's message and
-  tool calls, not executed yet. A resuming replica executes exactly those calls again,
-  with the same call ids, so a tool can recognise a repeat.
+  tool calls, not executed yet. It is durable before any of those tools starts (on a
+  store other replicas share). A resuming replica executes exactly those calls again,
+  with the same call ids, so a tool can recognise a repeat, except the calls whose
+  output the run's log already holds (``ToolOutput`` events after ``sequence``: their
+  tools finished before the takeover), whose logged output it uses instead.
 - after the tool results (and handoff) of a turn, *before* it appends that step to the
   session: ``step_items`` is what the step appends. A resuming replica first re-appends
   it under ``step_request_id`` — a no-op if the dead replica got that far, the missing

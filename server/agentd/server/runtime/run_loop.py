@@ -15,8 +15,17 @@ waits until it is durable, *then* appends the step to the session. Given a
 checkpoint, ``run`` resumes: it re-appends the checkpointed step (idempotent by its
 request id), rebuilds the conversation from the session history and the
 checkpoint, and carries on with the next turn. Work after the checkpoint (a model
-call, a tool call in flight) is done again; tools see the same ``call_id`` only if
-the model repeats it, so side-effecting tools should deduplicate on their own key.
+call in flight) is done again. The model turn that asks for tools is a checkpoint of its
+own, durable before any of its tools starts, so a resumed run executes the very calls
+that were in flight (same ``call_id``), and a call whose output the run's log already
+holds (its tool finished before the takeover) is not executed again: its logged output
+is used (``Resume.tool_outputs``).
+
+Cancellation. A run ends with ``RunCancelled`` when its task is cancelled, and at its
+next step boundary at the latest once ``sink.cancel_requested`` is set (a task can
+swallow a ``CancelledError``: Python 3.11's ``asyncio.wait_for`` drops one that lands as
+its inner call finishes). The flag is checked before each model turn, after it, and
+before any tool starts, so no tool starts after a cancel was recorded.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from agentd.server.runtime.events import (
     ToolOutput,
     UsageUpdated,
 )
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem, json_problem
 from agentd.server.runtime.tools import FunctionTool, ToolResult
 from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import SessionStore
@@ -90,7 +99,10 @@ class RunInput:
 
 
 class EventSink(Protocol):
-    """Where a run's events go. ``emit`` must not block; ``cancel_reason`` explains a cancellation."""
+    """Where a run's events go. ``emit`` must not block; ``cancel_reason`` explains a cancellation.
+
+    A sink may also have ``cancel_requested`` (a bool, sticky): once True the loop stops at its
+    next step boundary even if its task never saw the ``CancelledError``."""
 
     trace_id: str
     cancel_reason: str
@@ -111,9 +123,14 @@ class Resume:
     """How to continue a run another execution started."""
 
     attempt: int
-    reason: str
+    reason: str  # the cause, as RunResumed reports it: "lease expired" or "handed off"
     checkpoint: Checkpoint | None  # None: the first execution died before its first completed step
     trace_id: str = ""  # the trace earlier executions recorded (kept when there is no checkpoint)
+    # Results of the checkpoint's pending calls that the run's log already holds (a ToolOutput
+    # event, by call id): those tools finished before the takeover and are not run again.
+    tool_outputs: dict[str, ToolResultItem] = field(default_factory=dict)
+    # Pending handoff calls whose Handoff (and AgentUpdated) event the log already holds.
+    handoffs_logged: frozenset[str] = frozenset()
 
 
 class _RunFailure(Exception):
@@ -173,7 +190,8 @@ class AgentRunner:
                 sink.emit(RunResumed(resume.attempt, resume.reason, turns))
             if cp is None:
                 history = await self._read_history(run.session_id)
-                sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
+                if resume is None:  # a resumed run's log already begins with its run_started
+                    sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
                 input_item = MessageItem("user", run.input)
                 run_items: list[Item] = [input_item]
                 unsaved: list[Item] = [input_item]  # saved with the first completed step
@@ -193,11 +211,16 @@ class AgentRunner:
                     return
             items: list[Item] = [*history, *run_items]
             pending: list[Item] = list(cp.pending) if cp is not None else []
+            logged_outputs = dict(resume.tool_outputs) if resume is not None else {}
+            logged_handoffs = resume.handoffs_logged if resume is not None else frozenset()
             agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
             while True:
+                _stop_if_cancelled(sink)
                 ctx.agent_name = agent.name
-                if pending:  # resuming a turn whose tools had not finished: run the same calls again
+                done: dict[str, ToolResultItem] = {}
+                if pending:  # resuming a turn whose tools had not finished: the same calls, not again if done
                     step, pending = pending, []
+                    done, logged_outputs = logged_outputs, {}
                 else:
                     if turns >= max_turns:
                         raise _RunFailure(
@@ -209,6 +232,7 @@ class AgentRunner:
                     response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
                     usage.add(response.usage)
                     sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
+                    _stop_if_cancelled(sink)  # cancelled during the turn: its answer is not acted on
                     step = []
                     if response.text:
                         message = MessageItem("assistant", response.text, agent.name)
@@ -240,10 +264,12 @@ class AgentRunner:
                         awaiting=_awaited_actions(agent, step),
                     ))
                 step_id = f"{run.run_id}/{turns}"
-                next_agent = await self._tool_step(agent, ctx, step, sink, trace, agent_span)
+                next_agent, handoff_logged = await self._tool_step(
+                    agent, ctx, step, sink, trace, agent_span, done, logged_handoffs
+                )
                 items.extend(step)
                 run_items.extend(step)
-                if next_agent is not None:
+                if next_agent is not None and not handoff_logged:
                     sink.emit(AgentUpdated(next_agent.name))
                 await sink.checkpoint(Checkpoint(
                     (next_agent or agent).name, turns, usage.copy(), history_len, tuple(run_items),
@@ -350,23 +376,41 @@ class AgentRunner:
         sink: EventSink,
         trace: TraceHandle,
         parent: SpanHandle,
-    ) -> CompiledAgent | None:
+        done: dict[str, ToolResultItem] | None = None,
+        logged_handoffs: frozenset[str] = frozenset(),
+    ) -> tuple[CompiledAgent | None, bool]:
         """Run the step's tool calls concurrently, appending their results to ``step``; returns the
-        agent to hand off to, if any."""
+        agent to hand off to, if any, and whether the log already holds that handoff (a resumed
+        step). Calls in ``done`` (results an earlier execution logged) are not executed again."""
         calls = [item for item in step if isinstance(item, ToolCallItem)]
         handoff_call = next((c for c in calls if c.tool_name in agent.handoffs_by_tool), None)
-        results = await asyncio.gather(
-            *(self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent) for call in calls)
-        )
+        done = done or {}
+        tasks = [
+            asyncio.ensure_future(
+                self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent, done.get(call.call_id))
+            )
+            for call in calls
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # One call stopped the step (a cancel seen before its tool started): none of the others
+            # may run on after the run ended.
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            raise
         step.extend(results)
         if handoff_call is None:
-            return None
+            return None, False
         target = self._app.compiled[agent.handoffs_by_tool[handoff_call.tool_name]]
         span = trace.span(SpanKind.HANDOFF, f"{agent.name} -> {target.name}", parent, from_agent=agent.name,
                           to_agent=target.name)
         span.end()
-        sink.emit(Handoff(agent.name, target.name, handoff_call.call_id))
-        return target
+        logged = handoff_call.call_id in logged_handoffs
+        if not logged:
+            sink.emit(Handoff(agent.name, target.name, handoff_call.call_id))
+        return target, logged
 
     async def _run_call(
         self,
@@ -377,7 +421,11 @@ class AgentRunner:
         sink: EventSink,
         trace: TraceHandle,
         parent: SpanHandle,
+        logged: ToolResultItem | None = None,
     ) -> ToolResultItem:
+        if logged is not None:  # the tool finished in an earlier execution: its ToolOutput is in the log
+            return logged
+        _stop_if_cancelled(sink)
         started = time.perf_counter()
         target = agent.handoffs_by_tool.get(call.tool_name)
         if target is not None:
@@ -441,6 +489,7 @@ class AgentRunner:
             is_error = bool(answer.get("is_error", False))
             summary = f"Error: the caller reported a failure of tool {tool.name!r}" if is_error else ""
             return ToolResult(str(answer.get("output", "")), is_error, summary)
+        _stop_if_cancelled(sink)  # an approval may have taken long: the tool starts only if the run goes on
         return await tool.invoke(ctx, call.arguments, self._tool_timeout_s)
 
     @staticmethod
@@ -457,13 +506,18 @@ class AgentRunner:
         if output_type is None:
             return text
         try:
-            return output_type.model_validate_json(text).model_dump(mode="json")
+            output = output_type.model_validate_json(text).model_dump(mode="json")
         except pydantic.ValidationError as exc:
             raise _RunFailure(
                 RunErrorCode.INVALID_OUTPUT,
                 f"agent {agent.name!r}'s final output does not match {output_type.__name__}: "
                 f"{exc.error_count()} error(s), first: {exc.errors()[0]['msg']}",
             ) from exc
+        # The output travels as a protobuf Value and is stored as JSON: it must be both.
+        problem = json_problem(output)
+        if problem is not None:
+            raise _RunFailure(RunErrorCode.INVALID_OUTPUT, f"agent {agent.name!r}'s final output {problem}")
+        return output
 
     @staticmethod
     def _end_spans(trace: TraceHandle, run_span: SpanHandle, agent_span: SpanHandle | None, error: str) -> None:
@@ -471,6 +525,12 @@ class AgentRunner:
             agent_span.end(error=error)
         run_span.end(error=error)
         trace.end(error=error)
+
+
+def _stop_if_cancelled(sink: EventSink) -> None:
+    """A step boundary: a cancelled run ends here, whether or not its task saw the CancelledError."""
+    if getattr(sink, "cancel_requested", False):
+        raise asyncio.CancelledError()
 
 
 def _awaited_actions(agent: CompiledAgent, step: list[Item]) -> tuple[str, ...]:

@@ -35,14 +35,14 @@ def statements(q: str) -> dict[str, str]:
             f"SELECT c.*, CASE WHEN c.o_created THEN NULL ELSE {q}.agentd_run_actions(c.o_run_id) END"
             f" FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) c"
         ),
-        "get": f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.run_id = $1 AND {_LIVE}",
+        "get": f"SELECT {_COLUMNS}, {actions}, r.requeue_reason FROM {q}.runs r WHERE r.run_id = $1 AND {_LIVE}",
         "list_first": (
-            f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
+            f"SELECT {_COLUMNS}, {actions}, r.requeue_reason FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
             " ORDER BY r.create_time DESC, r.run_id DESC LIMIT $3"
         ),
         # A cursor naming no run of the session (swept) gives an empty page, as in memory.
         "list_after": (
-            f"SELECT {_COLUMNS}, {actions} FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
+            f"SELECT {_COLUMNS}, {actions}, r.requeue_reason FROM {q}.runs r WHERE r.session_id = $1 AND {_LIVE}"
             f" AND (r.create_time, r.run_id) < (SELECT c.create_time, c.run_id FROM {q}.runs c"
             " WHERE c.run_id = $4 AND c.session_id = $1)"
             " ORDER BY r.create_time DESC, r.run_id DESC LIMIT $3"
@@ -57,7 +57,7 @@ def statements(q: str) -> dict[str, str]:
             " lease_expires = $3, update_time = $4"
             f" WHERE r.run_id = ANY (ARRAY(SELECT c.run_id FROM {q}.runs c WHERE c.claimable"
             " ORDER BY c.pos LIMIT $2 FOR UPDATE SKIP LOCKED)) AND r.claimable"
-            f" RETURNING r.pos, {_COLUMNS}, {q}.agentd_run_actions(r.run_id)"
+            f" RETURNING r.pos, {_COLUMNS}, {q}.agentd_run_actions(r.run_id), r.requeue_reason"
         ),
         "renew": (
             f"UPDATE {q}.runs r SET lease_expires = $4"
@@ -94,8 +94,9 @@ def statements(q: str) -> dict[str, str]:
 
 
 def run_record(row: Sequence[Any], spec: RunInput | None = None) -> RunRecord:
+    """A record from the row of ``_COLUMNS`` and the actions, then (reads and claims) the requeue reason."""
     (run_id, status, spec_text, owner, attempt, lease, last, checkpoint, result, cancel, trace, created, updated,
-     actions) = row
+     actions) = row[:14]
     return RunRecord(
         run_id=run_id,
         spec=spec if spec is not None else decode_spec(spec_text),
@@ -112,6 +113,7 @@ def run_record(row: Sequence[Any], spec: RunInput | None = None) -> RunRecord:
         trace_id=trace,
         # {key: action}: each value is the codec's action text, so the object decodes as one.
         actions=decode_action(actions) if actions is not None else {},
+        requeue_reason=row[14] if len(row) > 14 else "",
     )
 
 

@@ -366,13 +366,14 @@ class PostgresRunStore(Common, RunStore):
 
     async def record_progress(
         self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
-    ) -> None:
+    ) -> str:
         first, texts, trace = encoded_events(run_id, events)
         cp = encode_checkpoint(checkpoint) if checkpoint is not None else None
         args = (run_id, attempt, first, texts, trace, cp, now)
-        await self._fenced(lambda conn: conn.execute(self._sql["progress"], *args), run_id, attempt)
+        cancel = await self._fenced(lambda conn: conn.fetchval(self._sql["progress"], *args), run_id, attempt)
         if texts:
             self._on_appended(run_id)
+        return cancel or ""
 
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         if not events or not events[-1].is_terminal:
@@ -385,9 +386,9 @@ class PostgresRunStore(Common, RunStore):
         self._on_appended(run_id)
         self._work.fire()  # the session's next run may have become claimable
 
-    async def _fenced(self, op: Callable[[asyncpg.Connection], Awaitable[Any]], run_id: str, attempt: int) -> None:
+    async def _fenced(self, op: Callable[[asyncpg.Connection], Awaitable[Any]], run_id: str, attempt: int) -> Any:
         try:
-            await self._call(op)
+            return await self._call(op)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == LEASE_LOST:
                 raise LeaseLostError(f"run {run_id} is no longer executed by attempt {attempt}") from None

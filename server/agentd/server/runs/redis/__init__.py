@@ -8,7 +8,8 @@ trip, atomic, with its checks and its writes together. All run keys share one ha
                                                       lease_expires, last_sequence, create_time,
                                                       update_time, spec, checkpoint, result (JSON
                                                       from ``runs.codec``), cancel_reason, trace_id,
-                                                      session, request_id, queue_entry, and one
+                                                      session, request_id, queue_entry, requeued
+                                                      (why it was last requeued), and one
                                                       field ``action:<key>`` per answer of the
                                                       caller (``codec.encode_action`` JSON)
     <prefix>:{<prefix>:runs}:events:<id>      STREAM  the event log; entry ``0-<sequence>``,

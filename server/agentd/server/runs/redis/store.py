@@ -359,7 +359,7 @@ class RedisRunStore(RedisOps, RunStore):
 
     async def record_progress(
         self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
-    ) -> None:
+    ) -> str:
         args = [
             self._base, str(attempt), repr(now),
             utf8(codec.encode_checkpoint(checkpoint)) if checkpoint is not None else b"",
@@ -368,8 +368,11 @@ class RedisRunStore(RedisOps, RunStore):
         ]
         keys = (self._run_key(run_id), self._events_key(run_id))
         reply = await self._run(lambda: self._eval(lua.PROGRESS, keys, args), idempotent=False)
+        if isinstance(reply, bytes):
+            return text(reply)  # written; a cancel was recorded on the run
         if reply != 0:
             self._refused(run_id, attempt, events, reply)
+        return ""
 
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         if not events or not events[-1].is_terminal:

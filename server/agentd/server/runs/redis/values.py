@@ -42,6 +42,7 @@ def record_from_hash(run_id: str, fields: dict[bytes, bytes]) -> RunRecord:
         cancel_reason=text(fields.get(b"cancel_reason", b"")),
         trace_id=text(fields.get(b"trace_id", b"")),
         actions=_actions(fields),
+        requeue_reason=text(fields.get(b"requeued", b"")),
     )
 
 

@@ -33,8 +33,11 @@ local function unindex(tenant, id)
   end
 end
 
-local function requeue(key, id, now)
-  redis.call('HSET', key, 'status', 'queued', 'owner', '', 'lease_expires', '0', 'update_time', now)
+-- Back in the queue after an execution began; why ('lease expired', 'handed off') is kept for
+-- the RunResumed event of the replica that claims it.
+local function requeue(key, id, now, why)
+  redis.call('HSET', key, 'status', 'queued', 'owner', '', 'lease_expires', '0', 'update_time', now,
+             'requeued', why)
   redis.call('ZREM', LEASES, id)
   enqueue(key, id)
 end

@@ -8,7 +8,7 @@ for _, id in ipairs(due) do
   if f[1] ~= 'running' then
     redis.call('ZREM', LEASES, id)
   elseif tonumber(f[2]) < tonumber(now) then
-    requeue(key, id, now)
+    requeue(key, id, now, 'lease expired')
     out[#out + 1] = id
   else  -- renewed after the index was read: put the entry right
     redis.call('ZADD', LEASES, f[2], id)
