@@ -63,6 +63,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_stores.py
 	$(PY) bench/bench_replicas.py
 	$(PY) bench/bench_auth.py
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache

@@ -189,6 +189,32 @@ async def test_queue_limit(store: RunStore) -> None:
     await store.create_run(spec(), policy=REJECT, owner="r1", lease_s=LEASE, max_queued=2, now=time.time())
 
 
+async def test_runs_queued_behind_their_session_count_against_the_queue_limit(store: RunStore) -> None:
+    kw = {"lease_s": LEASE, "max_queued": 3}
+    head = spec(session="crowded")
+    await store.create_run(head, policy=ENQUEUE, owner="r1", now=time.time(), **kw)  # running: not queued
+    behind = [spec(session="crowded") for _ in range(2)]
+    for s in behind:
+        await store.create_run(s, policy=ENQUEUE, owner="r1", now=time.time(), **kw)
+    await store.create_run(spec(), policy=REJECT, owner=None, now=time.time(), **kw)  # claimable: 3 queued
+    with pytest.raises(QueueFullError):  # behind its session is queued too
+        await store.create_run(spec(session="crowded"), policy=ENQUEUE, owner="r1", now=time.time(), **kw)
+    with pytest.raises(QueueFullError):
+        await store.create_run(spec(session="elsewhere"), policy=ENQUEUE, owner=None, now=time.time(), **kw)
+    with pytest.raises(QueueFullError):
+        await store.create_run(spec(), policy=REJECT, owner=None, now=time.time(), **kw)
+    # A run that executes at once is not queued; a queued run that ends makes room.
+    await store.create_run(spec(session="free"), policy=ENQUEUE, owner="r1", now=time.time(), **kw)
+    await store.cancel(behind[1].run_id, "not needed", event_time_ns=time.time_ns(), retention_s=60, now=time.time())
+    await store.create_run(spec(session="crowded"), policy=ENQUEUE, owner="r1", now=time.time(), **kw)
+    with pytest.raises(QueueFullError):
+        await store.create_run(spec(session="crowded"), policy=ENQUEUE, owner="r1", now=time.time(), **kw)
+    # The head ends: the next run of the session becomes claimable, still one of the 3 queued.
+    await store.finish(head.run_id, 1, events(head.run_id, 1, 0, completed()), retention_s=60, now=time.time())
+    with pytest.raises(QueueFullError):
+        await store.create_run(spec(), policy=REJECT, owner=None, now=time.time(), **kw)
+
+
 async def test_events_and_checkpoint_are_recorded_in_order(store: RunStore) -> None:
     s = spec()
     await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())

@@ -557,6 +557,51 @@ async def check_concurrent_writers(stores: list[SessionStore], writers: int = 8,
     assert by_writer == {str(w): list(range(per_writer)) for w in range(writers)}
 
 
+async def test_read_history_with_a_limit_reads_the_newest_items(store: SessionStore) -> None:
+    """The history window: only the newest ``limit`` items, oldest first, and how many older
+    ones were left out; without a limit, everything (omitted 0), as before."""
+    items = [msg(f"m{i}") for i in range(7)]
+    await store.create_session("s1")
+    await store.append_items("s1", items[:3])
+    await store.append_items("s1", items[3:])
+    window = await store.read_history("s1", limit=3)
+    assert window == items[4:] and window.omitted == 4
+    everything = await store.read_history("s1")
+    assert everything == items and everything.omitted == 0
+    exact = await store.read_history("s1", limit=7)
+    assert exact == items and exact.omitted == 0
+    larger = await store.read_history("s1", create=True, limit=100)
+    assert larger == items and larger.omitted == 0
+    one = await store.read_history("s1", create=True, limit=1)
+    assert one == items[6:] and one.omitted == 6
+    # Popped and cleared items are not counted as omitted: the count is of what the session holds.
+    await store.pop_item("s1")
+    popped = await store.read_history("s1", limit=2)
+    assert popped == items[4:6] and popped.omitted == 4
+    await store.clear_items("s1")
+    cleared = await store.read_history("s1", limit=2)
+    assert cleared == [] and cleared.omitted == 0
+    # A missing session: empty, and created with ``create`` exactly as without a limit.
+    missing = await store.read_history("new", limit=5)
+    assert missing == [] and missing.omitted == 0
+    with pytest.raises(SessionNotFoundError):
+        await store.get_session("new")
+    created = await store.read_history("new", create=True, limit=5)
+    assert created == [] and created.omitted == 0
+    assert (await store.get_session("new")).item_count == 0
+    with pytest.raises(ValueError):
+        await store.read_history("s1", limit=0)
+
+
+async def test_a_history_window_of_a_long_session_reads_only_the_window(store: SessionStore) -> None:
+    await store.create_session("long")
+    for batch in range(5):
+        await store.append_items("long", [msg(f"m{batch * 1000 + i}") for i in range(1000)])
+    window = await store.read_history("long", create=True, limit=50)
+    assert window == [msg(f"m{i}") for i in range(4950, 5000)] and window.omitted == 4950
+    assert (await store.get_session("long")).item_count == 5000
+
+
 async def test_concurrent_appends_get_unique_gapless_sequences(store: SessionStore) -> None:
     await check_concurrent_writers([store])
 

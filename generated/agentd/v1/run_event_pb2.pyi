@@ -89,16 +89,18 @@ class TokenUsage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class RunStarted(_message.Message):
-    __slots__ = ("agent", "session", "history_items", "request_id")
+    __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_OMITTED_FIELD_NUMBER: _ClassVar[int]
     agent: str
     session: str
     history_items: int
     request_id: str
-    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    history_omitted: int
+    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ..., history_omitted: _Optional[int] = ...) -> None: ...
 
 class AgentUpdated(_message.Message):
     __slots__ = ("agent",)

@@ -173,7 +173,9 @@ async def start_server(
     traces = build_trace_store(settings)
     await traces.open()  # an archive that cannot be reached is logged and retried, never fatal
     tracer, trace_provider = build_tracer(settings, traces.memory)
-    runner = AgentRunner(app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s)
+    runner = AgentRunner(
+        app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s, history_max_items=settings.history_max_items
+    )
     run_store, control_bus = build_run_store(settings)
     try:
         await run_store.open()
@@ -197,6 +199,7 @@ async def start_server(
         tenant_start_burst=settings.tenant_start_burst,
         lease_s=settings.run_lease_s,
         retention_s=settings.run_retention_s,
+        max_stream_lag=settings.max_stream_lag_events,
     )
 
     server = grpc.aio.server(

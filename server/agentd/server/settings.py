@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     tool_timeout_s: float = Field(60.0, gt=0)
 
     max_input_chars: int = Field(100_000, gt=0)
+    history_max_items: int = Field(
+        200,
+        ge=0,
+        description=(
+            "The history window: a run sends at most this many of its session's newest items to the model "
+            "(an agent's history_limit overrides it; 0: the whole session). Older items stay in the session; "
+            "RunStarted.history_omitted says how many were left out."
+        ),
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_concurrent_rpcs: int = Field(
         10_000, gt=0, description="Calls in progress (streams included) beyond which new calls get RESOURCE_EXHAUSTED."
@@ -114,6 +123,24 @@ class Settings(BaseSettings):
     replica_id: str = Field("", description="This replica's name in run leases; unset: hostname-pid.")
     run_lease_s: float = Field(10.0, gt=0, description="A run whose replica stops renewing for this long is taken over.")
     run_retention_s: float = Field(86_400.0, gt=0, description="How long a run and its events are kept after it ends.")
+    # The embedded (memory) run store only: ended runs are also bounded by count and by the
+    # estimated size of their events; beyond either bound the oldest ended runs are forgotten
+    # first, as if their retention had passed (GetRun/WatchRun answer NOT_FOUND).
+    run_memory_max_ended_runs: int = Field(
+        10_000, gt=0, description="Ended runs the memory run store keeps at most (oldest forgotten first)."
+    )
+    run_memory_max_ended_bytes: int = Field(
+        64 * 1024 * 1024, gt=0,
+        description="Bytes (estimated: ~256 per event plus its text) of ended runs' events the memory run store"
+        " keeps at most (oldest runs forgotten first; the run that just ended is always kept).",
+    )
+    # Every run store: a stream (StreamRun, Run, WatchRun) whose client reads slower than the run
+    # emits is ended with RESOURCE_EXHAUSTED once it is this many events behind; the client
+    # re-attaches with WatchRun(after_sequence=<the last sequence it got>).
+    max_stream_lag_events: int = Field(
+        10_000, gt=0,
+        description="Events a stream may fall behind its run before it is ended with RESOURCE_EXHAUSTED.",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0)
     trace_retention: int = Field(
         10_000, gt=0, description="Traces kept: the newest this many, in memory and in the trace archive."

@@ -25,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from agentd.server.runs.base import RunStore
 from agentd.server.runs.records import LeaseLostError, RunRecord
@@ -43,6 +43,8 @@ ACTION_POLL_S = 2.0
 # A cancelled task that has not ended this long after its cancel is cancelled again (it may
 # have swallowed the CancelledError); until it ends.
 RECANCEL_S = 0.2
+# A watcher gets at most this many events at a time (a slice of the shared buffer).
+FOLLOW_BATCH = 500
 
 
 class ActiveRun:
@@ -66,6 +68,8 @@ class ActiveRun:
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
         self._delivered: list[RunEvent] = []  # durable events of this execution, in order
         self._watchers: list[asyncio.Future[None]] = []
+        self._progress: set[Callable[[int], None]] = set()  # told each durable last sequence
+        self._dropped = False  # the execution is over and _delivered was let go (watchers use the store)
         self._wakeup = asyncio.Event()
         self._stopped = False  # lease lost or handed off: drop everything from now on
         self.ended = False  # the terminal event is durable
@@ -203,14 +207,20 @@ class ActiveRun:
 
     async def follow(self, after_sequence: int) -> AsyncIterator[list[RunEvent]]:
         """Durable events of this execution after ``after_sequence``; ends after the terminal event,
-        or when this execution stops without one (the caller then continues from the store)."""
+        or when this execution stops without one, or its buffer was dropped (the caller then
+        continues from the store). Each batch is a new list the caller may empty as it goes:
+        nothing here holds it while suspended."""
         position = max(after_sequence - self.first_sequence + 1, 0)
         while True:
+            if self._dropped:
+                return
             if position < len(self._delivered):
-                batch = self._delivered[position:]
-                position = len(self._delivered)
+                batch = self._delivered[position:position + FOLLOW_BATCH]
+                position += len(batch)
+                terminal = batch[-1].is_terminal
                 yield batch
-                if batch[-1].is_terminal:
+                del batch
+                if terminal:
                     return
                 continue
             if self.flusher.done():
@@ -218,6 +228,24 @@ class ActiveRun:
             waiter = asyncio.get_running_loop().create_future()
             self._watchers.append(waiter)
             await waiter
+
+    @property
+    def durable_sequence(self) -> int:
+        """The last sequence written to the store by this execution (or before it)."""
+        return self.first_sequence - 1 + len(self._delivered) if not self._dropped else self._sequence
+
+    def on_progress(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``callback(last durable sequence)`` after each write; returns the unsubscribe."""
+        self._progress.add(callback)
+        return lambda: self._progress.discard(callback)
+
+    def drop_delivered(self) -> None:
+        """The execution is over: let go of its events (the run store has them for as long as it
+        keeps the run), so a watcher that never reads pins nothing; watchers go on from the store."""
+        self._dropped = True
+        self._delivered = []
+        self._progress.clear()
+        self._wake_watchers()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -281,8 +309,11 @@ class ActiveRun:
             # so no tool starts after a write that saw the cancel.
             self.cancel(cancel_reason)
         if batch:
-            self._delivered.extend(batch)
+            if not self._dropped:
+                self._delivered.extend(batch)
             self._wake_watchers()
+            for callback in list(self._progress):
+                callback(batch[-1].sequence)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -73,8 +73,9 @@ class RunStore(abc.ABC):
            claimable in creation order, without the caller doing anything).
         3. ``owner`` given: stored RUNNING with that owner, ``attempt=1`` and a lease until
            ``now + lease_s`` (the creating replica executes it at once, with no queue hop).
-        4. Otherwise QUEUED and claimable; ``QueueFullError(max_queued)`` when ``max_queued`` runs are
-           already QUEUED (a run that is created RUNNING or behind its session never counts as refused).
+        4. Otherwise QUEUED and claimable. A run stored QUEUED (claimable, or behind its session under
+           ENQUEUE) raises ``QueueFullError(max_queued)`` when ``max_queued`` runs are already QUEUED,
+           claimable or behind their session alike; a run created RUNNING is never refused by it.
 
         With ``limits`` (per tenant, ``spec.tenant``; see ``TenantLimits``), after the session check
         and before the queue's: ``TenantLimitError(TENANT_MAX_ACTIVE_RUNS)`` when the tenant has

@@ -125,6 +125,7 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
         return {
             "t": "run_started", "agent": p.agent, "session_id": p.session_id,
             "history_items": p.history_items, "request_id": p.request_id,
+            "history_omitted": p.history_omitted,
         }
     if t is ev.AgentUpdated:
         return {"t": "agent_updated", "agent": p.agent}
@@ -159,7 +160,9 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
     if t == "usage_updated":
         return ev.UsageUpdated(d["agent"], d["model"], _usage_from(d["turn"]), _usage_from(d["run"]))
     if t == "run_started":
-        return ev.RunStarted(d["agent"], d["session_id"], d["history_items"], d["request_id"])
+        # Logs written before the history window have no "history_omitted": nothing was left out.
+        return ev.RunStarted(d["agent"], d["session_id"], d["history_items"], d["request_id"],
+                             d.get("history_omitted", 0))
     if t == "agent_updated":
         return ev.AgentUpdated(d["agent"])
     if t == "handoff":

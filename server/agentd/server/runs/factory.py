@@ -22,4 +22,8 @@ def build_run_store(settings: Settings) -> tuple[RunStore, ControlBus]:
         return build_postgres_runs(settings)
     from agentd.server.runs.memory import MemoryControlBus, MemoryRunStore
 
-    return MemoryRunStore(), MemoryControlBus()
+    return (
+        MemoryRunStore(max_ended_runs=settings.run_memory_max_ended_runs,
+                       max_ended_bytes=settings.run_memory_max_ended_bytes),
+        MemoryControlBus(),
+    )

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from agentd.server.runs.active import ActiveRun
 from agentd.server.runs.base import ControlBus, RunStore
@@ -67,8 +67,11 @@ class RunManager:
         tenant_max_queued_runs: int = 0,
         tenant_start_rate: float = 0.0,
         tenant_start_burst: int | None = None,
+        max_stream_lag: int = 10_000,
     ) -> None:
         self._runner = runner
+        # A stream this many events behind its run is ended (RESOURCE_EXHAUSTED); see AgentService._stream.
+        self.max_stream_lag = max_stream_lag
         self.store = store
         self._bus = bus
         self.replica_id = replica_id or default_replica_id()
@@ -294,6 +297,24 @@ class RunManager:
         if self._local.get(run.run_id) is run:
             del self._local[run.run_id]
         self._slot_freed.set()
+        # Once its writes are done, the execution's event buffer goes: watchers that never read
+        # must not pin a run's events past the store's own retention.
+        dropping = asyncio.create_task(self._drop_buffer(run))
+        self._ending.add(dropping)
+        dropping.add_done_callback(self._ending.discard)
+
+    @staticmethod
+    async def _drop_buffer(run: ActiveRun) -> None:
+        await asyncio.wait({run.flusher})
+        run.drop_delivered()
+
+    def on_progress(self, run_id: str, callback: Callable[[int], None]) -> tuple[Callable[[], None], int] | None:
+        """Tell ``callback`` the run's last durable sequence after each write, while it executes here
+        (None: it does not); returns the unsubscribe and the last durable sequence now."""
+        local = self._local.get(run_id)
+        if local is None or local.ended or local.stopped:
+            return None
+        return local.on_progress(callback), local.durable_sequence
 
     async def _claim_loop(self) -> None:
         while not self._draining:
@@ -480,9 +501,11 @@ class RunManager:
         local = self._local.get(run_id)
         if local is not None and after + 1 >= local.first_sequence:
             async for batch in local.follow(after):
-                yield batch
-                after = batch[-1].sequence
-                if batch[-1].is_terminal:
+                last = batch[-1]
+                yield batch  # the caller may empty it
+                del batch
+                after = last.sequence
+                if last.is_terminal:
                     return
         caught_up = False
         while True:
@@ -492,9 +515,11 @@ class RunManager:
                 batch = await self.store.read_events(run_id, after, WATCH_BATCH)
             if batch:
                 caught_up = False
-                yield batch
-                after = batch[-1].sequence
-                if batch[-1].is_terminal:
+                last = batch[-1]
+                yield batch  # the caller may empty it
+                del batch
+                after = last.sequence
+                if last.is_terminal:
                     return
                 continue
             # Nothing new: make sure the run exists and has not already ended before waiting.

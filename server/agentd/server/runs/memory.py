@@ -19,6 +19,7 @@ import dataclasses
 from collections import deque
 from typing import Any, AsyncIterator, Sequence
 
+from agentd.server.runs import codec
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
     Control,
@@ -40,7 +41,7 @@ from agentd.server.runs.records import (
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
-from agentd.server.runtime.events import Payload, RunCancelled, RunEvent
+from agentd.server.runtime.events import Payload, RunCancelled, RunEvent, TextDelta
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.runtime.usage import Usage
 
@@ -60,19 +61,46 @@ def take_token(
     return tokens - 1, at_now, None
 
 
+# What one event costs in memory beyond its text (the RunEvent, its payload object, their
+# fields): measured at ~270 bytes for a text delta on CPython 3.11.
+EVENT_OVERHEAD_BYTES = 256
+# Ended runs kept at most (oldest forgotten first), unless told otherwise.
+DEFAULT_MAX_ENDED_RUNS = 10_000
+DEFAULT_MAX_ENDED_BYTES = 64 * 1024 * 1024
+
+
+def event_bytes(event: RunEvent) -> int:
+    """An estimate of what ``event`` holds in memory: cheap for text deltas (most events), the
+    encoded size for the rest."""
+    payload = event.payload
+    if isinstance(payload, TextDelta):
+        return EVENT_OVERHEAD_BYTES + len(payload.text)
+    return EVENT_OVERHEAD_BYTES + len(codec.encode_payload(payload))
+
+
 class MemoryRunStore(RunStore):
+    """Runs in this process. An ended run is kept for its retention, but ended runs are also
+    bounded by count (``max_ended_runs``) and by the estimated size of their events
+    (``max_ended_bytes``): beyond either, the oldest ended runs are forgotten first, exactly as
+    if their retention had passed (GetRun/WatchRun: NOT_FOUND; the request id is free again).
+    The run that just ended is never forgotten for them, so its callers can still read it."""
+
     shared = False
 
-    def __init__(self, *, max_ended_runs: int = 10_000) -> None:
-        # Ended runs are kept for their retention, but at most this many (oldest go first):
-        # an embedded server must not grow without bound.
+    def __init__(
+        self, *, max_ended_runs: int = DEFAULT_MAX_ENDED_RUNS, max_ended_bytes: int = DEFAULT_MAX_ENDED_BYTES
+    ) -> None:
         self._max_ended = max_ended_runs
+        self._max_ended_bytes = max_ended_bytes
+        self._bytes: dict[str, int] = {}  # run -> estimated size of its events
+        self._ended_bytes = 0  # the sum of _bytes over ended (not yet forgotten) runs
         self._runs: dict[str, RunRecord] = {}
         self._events: dict[str, list[RunEvent]] = {}
         self._by_request: dict[str, str] = {}
         self._by_session: dict[str, list[str]] = {}  # every run of the session, creation order
         self._active: dict[str, deque[str]] = {}  # session -> its active runs, creation order
         self._queue: deque[str] = deque()  # claimable QUEUED runs, oldest first
+        self._behind: set[str] = set()  # QUEUED runs waiting behind their session's active run
         self._expires: dict[str, float] = {}  # ended run -> when retention ends
         self._unfinished: dict[str, set[str]] = {}  # tenant -> its QUEUED/RUNNING runs
         self._queued_of: dict[str, set[str]] = {}  # tenant -> its claimable QUEUED runs
@@ -115,7 +143,8 @@ class MemoryRunStore(RunStore):
                 raise TenantLimitError(TENANT_MAX_ACTIVE_RUNS, tenant, limits.max_active)
             if joins_queue and limits.max_queued and len(self._queued_of.get(tenant, ())) >= limits.max_queued:
                 raise TenantLimitError(TENANT_MAX_QUEUED_RUNS, tenant, limits.max_queued)
-        if joins_queue and len(self._queue) >= max_queued:
+        # Runs queued behind their session count too: they are queued, only not claimable yet.
+        if (joins_queue or behind) and len(self._queue) + len(self._behind) >= max_queued:
             raise QueueFullError(max_queued)
         if limits is not None and limits.start_rate:
             held = self._buckets.get(tenant)
@@ -129,6 +158,7 @@ class MemoryRunStore(RunStore):
             record.status, record.owner, record.attempt, record.lease_expires = RunStatus.RUNNING, owner, 1, now + lease_s
         self._runs[spec.run_id] = record
         self._events[spec.run_id] = []
+        self._bytes[spec.run_id] = 0
         self._unfinished.setdefault(tenant, set()).add(spec.run_id)
         if bucket is not None:
             self._buckets[tenant] = bucket
@@ -139,6 +169,8 @@ class MemoryRunStore(RunStore):
             self._active.setdefault(sid, deque()).append(spec.run_id)
         if record.status is RunStatus.QUEUED and not behind:
             self._enqueue(spec.run_id)
+        elif behind:
+            self._behind.add(spec.run_id)
         return CreatedRun(_copy(record), True)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -269,6 +301,7 @@ class MemoryRunStore(RunStore):
     # -- internals -----------------------------------------------------------------------
 
     def _enqueue(self, run_id: str) -> None:
+        self._behind.discard(run_id)
         self._queue.append(run_id)
         self._queued_of.setdefault(self._runs[run_id].spec.tenant, set()).add(run_id)
         self._work.set()
@@ -294,6 +327,10 @@ class MemoryRunStore(RunStore):
         if events[0].sequence != record.last_sequence + 1:
             raise ValueError(f"run {record.run_id}: event {events[0].sequence} does not follow {record.last_sequence}")
         self._events[record.run_id].extend(events)
+        size = sum(event_bytes(e) for e in events)
+        self._bytes[record.run_id] = self._bytes.get(record.run_id, 0) + size
+        if record.run_id in self._expires:  # not so far: a run's events all come before it ends
+            self._ended_bytes += size
         record.last_sequence = events[-1].sequence
         if not record.trace_id:
             record.trace_id = events[0].trace_id
@@ -311,9 +348,14 @@ class MemoryRunStore(RunStore):
         record.result = payload
         self._unindex(self._unfinished, record)
         self._unindex(self._queued_of, record)
+        self._behind.discard(record.run_id)
         record.owner, record.lease_expires, record.update_time = "", 0.0, now
         self._expires[record.run_id] = now + retention_s
-        while len(self._expires) > self._max_ended:
+        self._ended_bytes += self._bytes.get(record.run_id, 0)
+        # Bounded by count and by size: the oldest ended runs go first (never this one).
+        while len(self._expires) > 1 and (
+            len(self._expires) > self._max_ended or self._ended_bytes > self._max_ended_bytes
+        ):
             self._forget(next(iter(self._expires)))
         sid = record.session_id
         if sid is not None:
@@ -337,9 +379,15 @@ class MemoryRunStore(RunStore):
         return len(gone)
 
     def _forget(self, run_id: str) -> None:
-        self._expires.pop(run_id, None)
+        ended = self._expires.pop(run_id, None) is not None
+        size = self._bytes.pop(run_id, 0)
+        if ended:
+            self._ended_bytes -= size
         record = self._runs.pop(run_id, None)
         self._events.pop(run_id, None)
+        appended = self._appended.pop(run_id, None)
+        if appended is not None:  # nothing more comes: let a waiter look (and find the run gone)
+            appended.set()
         if record is None:
             return
         self._unindex(self._unfinished, record)

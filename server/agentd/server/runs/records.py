@@ -141,7 +141,8 @@ class DuplicateRunError(Exception):
 
 class RunNotFoundError(Exception):
     def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id!r} does not exist (or ended longer ago than AGENTD_RUN_RETENTION_S)")
+        super().__init__(f"run {run_id!r} does not exist (or ended longer ago than AGENTD_RUN_RETENTION_S, or, on the"
+                         " memory run store, beyond AGENTD_RUN_MEMORY_MAX_ENDED_RUNS/_BYTES)")
 
 
 class LeaseLostError(Exception):

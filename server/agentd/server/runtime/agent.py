@@ -26,6 +26,11 @@ class Agent:
     function of the run context, evaluated at every turn. ``handoffs`` name other agents
     (or are the agents themselves); each becomes a ``transfer_to_<name>`` tool.
     ``model=None`` uses the server's default model.
+
+    ``history_limit`` is the agent's history window: a run started with this agent sends at
+    most that many of its session's newest items to the model (None: the server's
+    ``AGENTD_HISTORY_MAX_ITEMS``, 200 by default; 0: the whole session, however long). The
+    older items stay in the session; the run's ``RunStarted.history_omitted`` counts them.
     """
 
     name: str
@@ -37,12 +42,15 @@ class Agent:
     handoffs: list[Union["Agent", str]] = field(default_factory=list)
     output_type: type[BaseModel] | None = None
     max_turns: int = 10
+    history_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
             raise ValueError(f"agent name {self.name!r} must match {AGENT_NAME_RE.pattern} (it is a resource id)")
         if self.max_turns < 1:
             raise ValueError(f"agent {self.name!r}: max_turns must be >= 1")
+        if self.history_limit is not None and self.history_limit < 0:
+            raise ValueError(f"agent {self.name!r}: history_limit must be >= 0 (0: the whole session) or None")
 
     @property
     def handoff_names(self) -> list[str]:

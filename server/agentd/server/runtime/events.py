@@ -27,8 +27,10 @@ class RunErrorCode(enum.Enum):
 class RunStarted:
     agent: str
     session_id: str
-    history_items: int
+    history_items: int  # session items sent to the model as history (the window)
     request_id: str
+    # Older session items left out by the history window (see AgentRunner._read_window); 0: none.
+    history_omitted: int = 0
 
 
 @dataclass(slots=True, frozen=True)

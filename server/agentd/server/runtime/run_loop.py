@@ -1,10 +1,11 @@
 """The agent loop: model turn → tools / handoff / final output, until the run ends.
 
-One ``AgentRunner`` serves every run of a server. A run reads its session history,
-then loops: call the model (streaming text deltas out as events), run the requested
-tools concurrently, follow a handoff, or finish. Each completed step's items are
-appended to the session in one atomic write, so a session only ever holds whole steps:
-a tool call is stored together with its result, never alone.
+One ``AgentRunner`` serves every run of a server. A run reads its session history (a
+bounded window of its newest items: ``_read_window``), then loops: call the model
+(streaming text deltas out as events), run the requested tools concurrently, follow a
+handoff, or finish. Each completed step's items are appended to the session in one
+atomic write, so a session only ever holds whole steps: a tool call is stored together
+with its result, never alone.
 
 Every way a run can end produces exactly one terminal event — ``RunCompleted``,
 ``RunFailed`` (max turns, model, store, output or internal errors) or
@@ -45,7 +46,12 @@ from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
-from agentd.server.runtime.errors import ModelError, ModelUnavailableError, StoreUnavailableError
+from agentd.server.runtime.errors import (
+    ModelError,
+    ModelUnavailableError,
+    SessionNotFoundError,
+    StoreUnavailableError,
+)
 from agentd.server.runtime.events import (
     ActionRequired,
     AgentUpdated,
@@ -66,11 +72,15 @@ from agentd.server.runtime.events import (
 from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem, json_problem
 from agentd.server.runtime.tools import FunctionTool, ToolResult
 from agentd.server.runtime.usage import Usage
-from agentd.server.sessions.base import SessionStore
+from agentd.server.sessions.base import History, SessionStore
 from agentd.server.tenancy import DEFAULT_TENANT, local
 from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
 
 log = logging.getLogger("agentd.run")
+
+# The history window when neither the agent (history_limit) nor the server
+# (AGENTD_HISTORY_MAX_ITEMS) sets one: a run sends at most this many newest session items.
+DEFAULT_HISTORY_MAX_ITEMS = 200
 
 # A step that cannot be saved is retried once (with the same request id) before the run fails.
 SAVE_ATTEMPTS = 2
@@ -149,7 +159,11 @@ class AgentRunner:
         tracer: Tracer,
         *,
         tool_timeout_s: float | None = 60.0,
+        history_max_items: int = DEFAULT_HISTORY_MAX_ITEMS,
     ) -> None:
+        if history_max_items < 0:
+            raise ValueError(f"history_max_items must be >= 0 (0: the whole session), got {history_max_items}")
+        self._history_max_items = history_max_items
         self._app = app
         self._models = models
         self._sessions = sessions
@@ -189,19 +203,17 @@ class AgentRunner:
             if resume is not None:
                 sink.emit(RunResumed(resume.attempt, resume.reason, turns))
             if cp is None:
-                history = await self._read_history(run.session_id)
+                history, omitted = await self._read_window(run.session_id, agent)
                 if resume is None:  # a resumed run's log already begins with its run_started
-                    sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id))
+                    sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id, omitted))
                 input_item = MessageItem("user", run.input)
                 run_items: list[Item] = [input_item]
                 unsaved: list[Item] = [input_item]  # saved with the first completed step
                 history_len = len(history)
             else:
-                # Rebuild from the history the run started with (the session holds nothing else
-                # but the run's own steps), then redo the checkpointed step's session write: a
-                # no-op if the previous execution got that far (same request id), the write otherwise.
-                history = (await self._read_history(run.session_id))[: cp.history_items]
-                await self._save(run.session_id, list(cp.step_items), cp.step_request_id)
+                # Redo the checkpointed step's session write (a no-op if the previous execution
+                # got that far: same request id), then rebuild from the history the run started with.
+                history = await self._resume_history(run.session_id, cp)
                 run_items, unsaved, history_len = list(cp.run_items), list(cp.unsaved), cp.history_items
                 if cp.done:
                     sink.emit(RunCompleted(cp.final_output, agent.name, usage.copy(), turns,
@@ -296,13 +308,51 @@ class AgentRunner:
             self._end_spans(trace, run_span, agent_span, message)
             sink.emit(RunFailed(RunErrorCode.INTERNAL, message, usage.copy(), turns))
 
-    async def _read_history(self, session_id: str | None) -> list[Item]:
+    async def _read_history(self, session_id: str, limit: int | None) -> History:
+        try:
+            return await self._sessions.read_history(session_id, create=True, limit=limit)
+        except StoreUnavailableError as exc:
+            raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
+
+    async def _read_window(self, session_id: str | None, agent: CompiledAgent) -> tuple[list[Item], int]:
+        """The history a new run sends to the model, and how many older session items it leaves out.
+
+        The history window: the session's newest ``history_limit`` items (the starting agent's,
+        else the server's ``history_max_items``; 0 reads the whole session). The store reads
+        only those, however long the session. A window that was cut must not begin inside a
+        step: its leading items are dropped until none of them is a tool result whose call was
+        cut off (see ``window_start``), and those count as omitted too. An uncut history is
+        sent as it is.
+        """
+        if session_id is None:
+            return [], 0
+        limit = agent.agent.history_limit
+        if limit is None:
+            limit = self._history_max_items
+        history = await self._read_history(session_id, limit or None)
+        if not history.omitted:
+            return list(history), 0
+        start = window_start(history)
+        return history[start:], history.omitted + start
+
+    async def _resume_history(self, session_id: str | None, cp: Checkpoint) -> list[Item]:
+        """Redo the checkpoint's session write, then read the history the run started with.
+
+        The session holds that history followed by the run's saved items (its input and
+        completed steps), nothing else: the window is the ``cp.history_items`` items before
+        those, read as the newest ``history_items + saved`` items, so a resumed run sends the
+        model what its first execution did without reading the whole session.
+        """
         if session_id is None:
             return []
         try:
-            return await self._sessions.read_history(session_id, create=True)
-        except StoreUnavailableError as exc:
-            raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
+            await self._save(session_id, list(cp.step_items), cp.step_request_id)
+        except SessionNotFoundError:  # gone since (expired or deleted): it starts again, empty
+            await self._read_history(session_id, 1)
+            await self._save(session_id, list(cp.step_items), cp.step_request_id)
+        saved = len(cp.run_items) - len(cp.unsaved)  # every run item but those not saved yet
+        history = await self._read_history(session_id, max(1, cp.history_items + saved))
+        return history[: cp.history_items]
 
     async def _save(self, session_id: str | None, items: list[Item], step_id: str) -> None:
         """Append one step, retrying once after a store failure.
@@ -525,6 +575,32 @@ class AgentRunner:
             agent_span.end(error=error)
         run_span.end(error=error)
         trace.end(error=error)
+
+
+def window_start(items: list[Item]) -> int:
+    """Where a cut history window may start: the index of its first item to send.
+
+    Cutting a session at an item count can split a step: the window would then begin with
+    tool results (or calls and results) whose calls were cut off, which a model refuses.
+    Leading items are dropped until no tool result before the window's first user message
+    lacks its call in the window: the window then starts at a user message or at a whole
+    step. (Results after a user message belong to calls after it, so they are left alone.)
+    """
+    start = 0
+    while True:
+        calls: set[str] = set()
+        orphan = -1
+        for i in range(start, len(items)):
+            item = items[i]
+            if isinstance(item, MessageItem) and item.role == "user":
+                break
+            if isinstance(item, ToolCallItem):
+                calls.add(item.call_id)
+            elif isinstance(item, ToolResultItem) and item.call_id not in calls:
+                orphan = i
+        if orphan < 0:
+            return start
+        start = orphan + 1  # its siblings' results may be orphans now: look again
 
 
 def _stop_if_cancelled(sink: EventSink) -> None:

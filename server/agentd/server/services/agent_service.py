@@ -178,22 +178,78 @@ class AgentService(pb_grpc.AgentServiceServicer):
         detached: bool,
     ) -> AsyncIterator[Response]:
         """The run's events as responses. Unless ``detached``, a caller that goes away (cancel,
-        disconnect, deadline) cancels the run."""
+        disconnect, deadline) cancels the run.
+
+        A client that reads slower than the run emits is not buffered for without bound: while the
+        run executes here, once it is ``max_stream_lag`` events further ahead of what the stream has
+        handed to gRPC than when the stream attached, the stream ends with RESOURCE_EXHAUSTED saying
+        where to re-attach (WatchRun after the last sequence it got), and the run goes on (even an
+        attached one: its caller is still there, only slow). Checked after each of the run's writes
+        while a response waits for gRPC to take it (a stream starved by a busy server is not the
+        client's fault), so a client that never reads is ended too. A stream reading a run from the store (executing
+        elsewhere, or ended) holds one batch at a time and is not limited."""
+        limit = self._runs.max_stream_lag
+        sent = after
+        slack = limit  # how far ahead the run may get: the limit, plus the backlog at attach
+        behind = ""
+        handler = asyncio.current_task()
+        ender: asyncio.Task[None] | None = None
+        head = after
+        in_send = False  # a response is with gRPC, not yet taken: only then is the client the one behind
+
+        async def end_behind() -> None:
+            try:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, behind)
+            except BaseException:  # AbortError: the status is on its way
+                pass
+            if handler is not None and not handler.done():
+                handler.cancel()  # it may be stuck handing a message to a client that never reads
+
+        def progressed(durable: int) -> None:
+            nonlocal behind, ender, head
+            head = max(head, durable)
+            if not behind and in_send and head - sent > slack:
+                behind = (f"stream fell {head - sent} events behind run {run_id} (the limit is {limit});"
+                          " re-attach with WatchRun(after_sequence=<the last sequence received>)")
+                log.info("run %s: %s", run_id, behind)
+                if ender is None:
+                    ender = asyncio.create_task(end_behind())
+
+        subscription = self._runs.on_progress(run_id, progressed)
+        unsubscribe = subscription[0] if subscription is not None else None
+        if subscription is not None:
+            head = subscription[1]
+            slack = limit + max(head - after, 0)
         finished = False
         try:
             async for batch in self._runs.watch(run_id, after):
-                for event in batch:
+                last = batch[-1]
+                # Consumed destructively, so a stream stuck on a send holds only what it has not sent.
+                batch.reverse()
+                while batch and not behind:
+                    event = batch.pop()
                     response = response_type()
                     write_run_event(event, response.event)
+                    del event
+                    in_send = True
                     yield response
-                finished = batch[-1].is_terminal
+                    in_send = False
+                    sent = response.event.sequence
+                del batch
+                if behind:
+                    break
+                finished = last.is_terminal
         except HANDLED as exc:
             await abort(context, exc)
         finally:
-            if not finished and not detached:
+            if unsubscribe is not None:
+                unsubscribe()
+            if not behind and not finished and not detached:
                 await self._runs.cancel_attached(
                     run_id, "the client went away (cancelled, disconnected or past its deadline)"
                 )
+        if ender is not None:
+            await asyncio.wait({ender})  # it sends the status and ends this call
 
     def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
         agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)

@@ -170,6 +170,7 @@ def _run_started(p: ev.RunStarted, out: run_event_pb2.RunEvent) -> None:
     m.session = f"sessions/{local(p.session_id)}" if p.session_id else ""
     m.history_items = p.history_items
     m.request_id = local(p.request_id)
+    m.history_omitted = p.history_omitted
 
 
 def _agent_updated(p: ev.AgentUpdated, out: run_event_pb2.RunEvent) -> None:

@@ -18,7 +18,7 @@ import abc
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from agentd.server.runtime.items import Item
 from agentd.server.tenancy import DEFAULT_TENANT
@@ -61,6 +61,17 @@ def check_limit(limit: int) -> None:
     """Stores refuse empty pages: a limit below 1 is a caller bug, not a request for nothing."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+
+
+class History(list[Item]):
+    """What ``read_history`` returns: the items, oldest first (it is a plain list of them), and
+    ``omitted``, how many older items of the session a ``limit`` left out."""
+
+    __slots__ = ("omitted",)
+
+    def __init__(self, items: Iterable[Item] = (), omitted: int = 0) -> None:
+        super().__init__(items)
+        self.omitted = omitted
 
 
 @dataclass(slots=True, frozen=True)
@@ -209,11 +220,15 @@ class SessionStore(abc.ABC):
         first with sequence < ``before_sequence`` (None: from the newest)."""
 
     @abc.abstractmethod
-    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False, limit: int | None = None) -> History:
         """All items oldest first; an empty list for a session that does not exist.
 
         With ``create``, a missing session is created in the same atomic operation: a run
         naming a new session needs one round trip to start, not two.
+
+        With a ``limit`` (at least 1), only the session's newest ``limit`` items, still oldest
+        first, and ``History.omitted`` says how many older ones there are: the store reads
+        those items only, never the whole session (a run's history window). None reads all.
         """
 
     @abc.abstractmethod

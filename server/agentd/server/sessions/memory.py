@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
+    History,
     SessionPage,
     SessionRecord,
     SessionStore,
@@ -233,14 +234,18 @@ class MemorySessionStore(SessionStore):
         lo = bisect.bisect_right(items, after_sequence, key=lambda s: s.sequence)
         return items[lo : lo + limit]
 
-    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False, limit: int | None = None) -> History:
+        if limit is not None:
+            check_limit(limit)
         now = time.time()
         session = self._live(session_id, now)
         if session is None:
             if create:
                 self._new(session_id, None, None, self._default_ttl_s, now)
-            return []
-        return [stored.item for stored in session.items]
+            return History()
+        items = session.items
+        start = 0 if limit is None else max(0, len(items) - limit)
+        return History((stored.item for stored in items[start:]), start)
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         session = self._get(session_id)

@@ -68,6 +68,14 @@ class Statements:
         " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($2)) ORDER BY i.seq"
     )
     history_create: str = "SELECT data FROM {s}.agentd_read_history_create($1, $2, $3)"
+    # The history window: the newest $2 items, oldest first, each row with the session's
+    # item_count; a live session without items gives one row (item_count, NULL), a missing one none.
+    history_window: str = (
+        "SELECT s.item_count, i.data FROM {s}.sessions s LEFT JOIN LATERAL ("
+        " SELECT seq, data FROM {s}.items WHERE session_id = s.id ORDER BY seq DESC LIMIT $2) i ON true"
+        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($3)) ORDER BY i.seq"
+    )
+    history_window_create: str = "SELECT total, data FROM {s}.agentd_read_history_create($1, $2, $3, $4)"
     pop: str = "SELECT seq, created_at, data FROM {s}.agentd_pop($1, $2)"
     clear: str = "SELECT {s}.agentd_clear($1, $2)"
     # SKIP LOCKED: a session some write holds is left for the next sweep, never waited on.

@@ -16,6 +16,7 @@ from agentd.server.postgres_common import ErrorText, apply_migrations, check_sch
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
+    History,
     SchemaStatus,
     SessionPage,
     SessionRecord,
@@ -406,13 +407,28 @@ class PostgresSessionStore(SessionStore):
             raise SessionNotFoundError(session_id)
         return [_stored(session_id, row) for row in rows if row[0] is not None]
 
-    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False, limit: int | None = None) -> History:
+        if limit is not None:
+            check_limit(limit)
+            return await self._read_window(session_id, create, limit)
         if create:
             sql, args = self._sql.history_create, (session_id, _now(), self._default_ttl_s)
         else:
             sql, args = self._sql.history, (session_id, _now())
         rows = await self._run(lambda conn: conn.fetch(sql, *args), session_id)
-        return [item_from_dict(json.loads(data)) for (data,) in rows if data is not None]
+        return History(item_from_dict(json.loads(data)) for (data,) in rows if data is not None)
+
+    async def _read_window(self, session_id: str, create: bool, limit: int) -> History:
+        args: tuple[Any, ...]
+        if create:
+            sql, args = self._sql.history_window_create, (session_id, _now(), self._default_ttl_s, limit)
+        else:
+            sql, args = self._sql.history_window, (session_id, limit, _now())
+        rows = await self._run(lambda conn: conn.fetch(sql, *args), session_id)
+        if not rows:  # missing (or just created): nothing to read
+            return History()
+        items = [item_from_dict(json.loads(data)) for (_, data) in rows if data is not None]
+        return History(items, max(0, rows[0][0] - len(items)))
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         now = _now()

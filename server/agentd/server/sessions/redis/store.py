@@ -24,6 +24,7 @@ from agentd.server.redis_common import (
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
+    History,
     SessionPage,
     SessionRecord,
     SessionStore,
@@ -468,13 +469,15 @@ class RedisSessionStore(SessionStore):
             reply.reverse()
         return [stored_item(session_id, record) for record in reply]
 
-    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False, limit: int | None = None) -> History:
+        if limit is not None:
+            check_limit(limit)
         now = time.time()
         now_arg = repr(now)
         keys, member = self._keys(session_id), utf8(session_id)
         index = self._index_of(tenant_of(session_id))
         ttl = self._default_ttl_s
-        args = (now_arg, "1" if create else "0", encode_ttl(ttl))
+        args = (now_arg, "1" if create else "0", encode_ttl(ttl), "" if limit is None else int(limit))
 
         def build(pipe: Any) -> None:
             pipe.zadd(index, {member: now}, nx=True)
@@ -496,8 +499,9 @@ class RedisSessionStore(SessionStore):
 
         reply = await self._run(op, idempotent=True)
         if not isinstance(reply, list):
-            return []
-        return [history_item(record) for record in reply[1]]
+            return History()
+        records = reply[1]
+        return History((history_item(record) for record in records), max(0, int(reply[2]) - len(records)))
 
     async def pop_item(self, session_id: str) -> StoredItem | None:
         keys = self._keys(session_id)

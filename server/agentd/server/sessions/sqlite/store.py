@@ -14,6 +14,7 @@ from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundErro
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sqlite_worker import SqliteWorker, connect, transaction
 from agentd.server.sessions.base import (
+    History,
     SessionPage,
     SessionRecord,
     SessionStore,
@@ -351,16 +352,28 @@ class SqliteSessionStore(SessionStore):
 
         return await self._run(False, op)
 
-    async def read_history(self, session_id: str, *, create: bool = False) -> list[Item]:
-        def op(conn: sqlite3.Connection) -> list[Item]:
+    async def read_history(self, session_id: str, *, create: bool = False, limit: int | None = None) -> History:
+        if limit is not None:
+            check_limit(limit)
+
+        def op(conn: sqlite3.Connection) -> History:
             now = time.time()
-            live = conn.execute(f"SELECT 1 FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)).fetchone()
+            live = conn.execute(
+                f"SELECT item_count FROM sessions WHERE id = ? AND {_LIVE}", (session_id, now)
+            ).fetchone()
             if not live:
                 if create:
                     _insert_session(conn, session_id, None, None, self._default_ttl_s, now)
-                return []
-            rows = conn.execute("SELECT data FROM items WHERE session_id = ? ORDER BY seq", (session_id,))
-            return [item_from_dict(json.loads(data)) for (data,) in rows]
+                return History()
+            if limit is None:
+                cursor = conn.execute("SELECT data FROM items WHERE session_id = ? ORDER BY seq", (session_id,))
+                return History(item_from_dict(json.loads(data)) for (data,) in cursor)
+            # The newest ``limit`` through the primary key, backwards; the count is kept on the session.
+            newest = conn.execute(
+                "SELECT data FROM items WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (session_id, limit)
+            ).fetchall()
+            newest.reverse()
+            return History((item_from_dict(json.loads(data)) for (data,) in newest), max(0, live[0] - len(newest)))
 
         return await self._run(create, op)
 

@@ -1,5 +1,8 @@
 local B = ARGV[1]
 local QUEUE, LEASES, EXPIRIES = B .. 'queue', B .. 'leases', B .. 'expiries'
+-- Queued runs waiting behind their session's active run (not in QUEUE yet, but queued: they
+-- count against max_queued with it).
+local BEHIND = B .. 'behind'
 local GROUP = 'workers'
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
@@ -20,6 +23,7 @@ local function first_active(active)
 end
 
 local function enqueue(key, id)
+  redis.call('SREM', BEHIND, id)
   redis.call('HSET', key, 'queue_entry', redis.call('XADD', QUEUE, '*', 'r', id))
   local tenant = redis.call('HGET', key, 'tenant')
   if tenant then redis.call('SADD', tenant_key(tenant, 'queued'), id) end
@@ -62,6 +66,7 @@ local function end_run(key, id, status, result, now, retention_ms, retention_end
   redis.call('HSET', key, 'status', status, 'result', result, 'owner', '', 'lease_expires', '0',
              'update_time', now, 'queue_entry', '')
   redis.call('ZREM', LEASES, id)
+  redis.call('SREM', BEHIND, id)
   unindex(f[3], id)
   local sid, req = f[1], f[2]
   if sid then

@@ -3,7 +3,7 @@
 -- owner, lease_expires, max_queued, now, spec JSON, tenant, the tenant's max active runs,
 -- max queued runs, start rate (per second) and start burst (0 = no such limit).
 -- {0, id, record}: exists (a retry of this create, or the request id's run);
--- {1, run id}: session busy; {2}: queue full; {3, status}: created;
+-- {1, run id}: session busy; {2}: queue full (claimable runs plus runs behind their session); {3, status}: created;
 -- {4, 'active' | 'queued'}: the tenant's limit; {5, seconds until a token}: the tenant's start rate.
 local key, id = KEYS[1], ARGV[2]
 local existing = redis.call('HGETALL', key)
@@ -52,7 +52,17 @@ local function in_queue(member)
 end
 if max_active > 0 and at_limit(KEYS[2], max_active, unfinished) then return {4, 'active'} end
 if joins_queue and max_queued_t > 0 and at_limit(KEYS[3], max_queued_t, in_queue) then return {4, 'queued'} end
-if joins_queue and redis.call('XLEN', QUEUE) >= tonumber(ARGV[9]) then return {2} end
+-- Runs queued behind their session count against max_queued too (they are queued, only not
+-- claimable yet); members that are no longer waiting (deleted, changed outside these scripts)
+-- are dropped first, as for the tenant's indexes.
+if joins_queue or behind then
+  local room = tonumber(ARGV[9]) - redis.call('XLEN', QUEUE)
+  local function waiting(member)
+    local f = redis.call('HMGET', run_key(member), 'status', 'queue_entry')
+    return f[1] == 'queued' and (not f[2] or f[2] == '')
+  end
+  if room <= 0 or at_limit(BEHIND, room, waiting) then return {2} end
+end
 -- The start bucket: {tokens, time of the last take} (absent: full). Taken last, so a start
 -- refused by any other check takes no token; a clock behind the bucket's refills nothing.
 local tokens, taken_at
@@ -79,6 +89,8 @@ if running then
   redis.call('ZADD', LEASES, ARGV[8], id)
 elseif not behind then
   enqueue(key, id)
+else
+  redis.call('SADD', BEHIND, id)
 end
 if req ~= '' then
   redis.call('HSET', key, 'request_id', req)
