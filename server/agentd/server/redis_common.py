@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from importlib.resources import files
 from typing import Any, Awaitable, Callable, TypeVar, Union
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -103,6 +104,28 @@ class LuaScript:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+
+class ScriptFolder:
+    """An engine's ``scripts/*.lua`` (package data), read with importlib.resources.
+
+    ``with_prelude(name)`` is ``scripts/_prelude.lua`` (the key names and helpers an engine's
+    scripts share) then the script, each after a blank line, exactly as the scripts have
+    always been joined, so their SHAs stay what servers already loaded.
+    """
+
+    def __init__(self, package: str) -> None:
+        self._dir = files(package).joinpath("scripts")
+        self._prelude = self.read("_prelude")
+
+    def read(self, name: str) -> str:
+        return self._dir.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+    def with_prelude(self, name: str) -> LuaScript:
+        return LuaScript(f"\n{self._prelude}\n{self.read(name)}")
+
+    def alone(self, name: str) -> LuaScript:
+        return LuaScript(f"\n{self.read(name)}")
 
 
 def one_timeout() -> Callable[[Exception], bool]:

@@ -7,29 +7,14 @@ ARGV and reply.
 
 from __future__ import annotations
 
-from importlib.resources import files
-
-from agentd.server.redis_common import LuaScript
+from agentd.server.redis_common import ScriptFolder
 
 __all__ = [
     "CANCEL", "CLAIM", "CREATE", "FINISH", "LIST", "PROGRESS", "RELEASE", "RENEW", "REQUEUE", "SCRIPTS", "SUBMIT",
     "SWEEP",
 ]
 
-_DIR = files(__package__).joinpath("scripts")
-
-
-def _read(name: str) -> str:
-    return _DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
-_PRELUDE = _read("_prelude")
-
-
-def _script(name: str) -> LuaScript:
-    # A blank line before and after the prelude: each script's text, hence its SHA, stays as it has been.
-    return LuaScript(f"\n{_PRELUDE}\n{_read(name)}")
-
+_script = ScriptFolder(__package__).with_prelude
 
 CREATE = _script("create")
 CLAIM = _script("claim")

@@ -8,9 +8,7 @@ is not a session script: it stands alone.
 
 from __future__ import annotations
 
-from importlib.resources import files
-
-from agentd.server.redis_common import LuaScript
+from agentd.server.redis_common import ScriptFolder
 
 __all__ = [
     "APPEND", "CLEAR", "CREATE", "DELETE", "GET", "HISTORY", "LIST_ITEMS", "POP", "REAP", "SCRIPTS", "UPDATE", "ZFIX",
@@ -18,20 +16,8 @@ __all__ = [
 
 _CHUNK = 1000  # values per command inside scripts: Lua's unpack() has a stack limit
 
-_DIR = files(__package__).joinpath("scripts")
-
-
-def _read(name: str) -> str:
-    return _DIR.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
-_PRELUDE = _read("_prelude")
-
-
-def _session_script(name: str) -> LuaScript:
-    # A blank line before and after the prelude: each script's text, hence its SHA, stays as it has been.
-    return LuaScript(f"\n{_PRELUDE}\n{_read(name)}")
-
+_FOLDER = ScriptFolder(__package__)
+_session_script = _FOLDER.with_prelude
 
 CREATE = _session_script("create")
 GET = _session_script("get")
@@ -43,5 +29,5 @@ POP = _session_script("pop")
 CLEAR = _session_script("clear")
 DELETE = _session_script("delete")
 REAP = _session_script("reap")
-ZFIX = LuaScript(f"\n{_read('zfix')}")
+ZFIX = _FOLDER.alone("zfix")
 SCRIPTS = (CREATE, GET, HISTORY, APPEND, LIST_ITEMS, UPDATE, POP, CLEAR, DELETE, REAP, ZFIX)
