@@ -88,6 +88,17 @@ def credentials_of(metadata: Sequence[tuple[str, Any]] | None, context: grpc.aio
     return Credentials(bearer=bearer, certificate_identities=identities)
 
 
+async def decoded(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, first: list[Any] | None = None
+) -> AsyncIterator[Any]:
+    """A request stream that aborts on a message that did not decode; keeps the first in ``first``."""
+    async for message in requests:
+        await reject_undecodable(message, context)
+        if first is not None and not first:
+            first.append(message)
+        yield message
+
+
 class Authentication:
     """The configured authenticators, tried in order; none configured means everyone is ANONYMOUS."""
 
@@ -249,17 +260,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 principal = await admit(details, context, method)
                 first: list[Any] = []
-
-                async def checked() -> AsyncIterator[Any]:
-                    async for message in requests:
-                        await reject_undecodable(message, context)
-                        if not first:
-                            first.append(message)
-                        yield message
-
                 error: BaseException | None = None
                 try:
-                    async for response in inner_ss(checked(), context):
+                    async for response in inner_ss(decoded(requests, context, first), context):
                         yield response
                 except BaseException as exc:
                     error = exc
@@ -275,14 +278,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             await admit(details, context, method)
-
-            async def checked() -> AsyncIterator[Any]:
-                async for message in requests:
-                    await reject_undecodable(message, context)
-                    yield message
-
             try:
-                return await inner_su(checked(), context)
+                return await inner_su(decoded(requests, context), context)
             finally:
                 release()
 
