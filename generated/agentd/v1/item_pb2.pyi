@@ -22,7 +22,7 @@ ROLE_ASSISTANT: Role
 ROLE_SYSTEM: Role
 
 class Item(_message.Message):
-    __slots__ = ("name", "sequence", "create_time", "agent", "message", "tool_call", "tool_result")
+    __slots__ = ("name", "sequence", "create_time", "agent", "message", "tool_call", "tool_result", "summary")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Item(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     name: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -37,7 +38,8 @@ class Item(_message.Message):
     message: Message
     tool_call: ToolCall
     tool_result: ToolResult
-    def __init__(self, name: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ...) -> None: ...
+    summary: Summary
+    def __init__(self, name: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "text")
@@ -70,3 +72,13 @@ class ToolResult(_message.Message):
     output: str
     is_error: bool
     def __init__(self, call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., output: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("text", "summarised_items", "kept_items")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARISED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    summarised_items: int
+    kept_items: int
+    def __init__(self, text: _Optional[str] = ..., summarised_items: _Optional[int] = ..., kept_items: _Optional[int] = ...) -> None: ...

@@ -72,7 +72,34 @@ class ToolResultItem:
         }
 
 
-Item = Union[MessageItem, ToolCallItem, ToolResultItem]
+@dataclass(slots=True, frozen=True)
+class SummaryItem:
+    """A summary of a session's older items, written by history compaction.
+
+    It is appended at the end of the session. ``kept_items`` is how many items just
+    before it the summary does not cover: a run sends the summary first, then those
+    items and everything after it verbatim (``history_view``). ``summarised_items``
+    counts every item it stands for, including those an earlier summary it folds in
+    stood for.
+    """
+
+    text: str
+    summarised_items: int
+    kept_items: int
+    agent: str = ""
+    type: Literal["summary"] = "summary"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "summary",
+            "text": self.text,
+            "summarised_items": self.summarised_items,
+            "kept_items": self.kept_items,
+            "agent": self.agent,
+        }
+
+
+Item = Union[MessageItem, ToolCallItem, ToolResultItem, SummaryItem]
 
 
 def item_from_dict(data: dict[str, Any]) -> Item:
@@ -94,6 +121,13 @@ def item_from_dict(data: dict[str, Any]) -> Item:
                 tool_name=data["tool_name"],
                 output=data["output"],
                 is_error=bool(data.get("is_error", False)),
+                agent=data.get("agent", ""),
+            )
+        if kind == "summary":
+            return SummaryItem(
+                text=data["text"],
+                summarised_items=int(data["summarised_items"]),
+                kept_items=int(data["kept_items"]),
                 agent=data.get("agent", ""),
             )
     except KeyError as exc:
