@@ -89,16 +89,13 @@ async def windowed(model_server: ScriptedOpenAIServer, tmp_path: Path) -> AsyncI
 async def test_a_run_over_a_long_session_sends_only_the_default_window(windowed: Harness) -> None:
     await add_all(windowed.client, "long", conversation(5000))
     windowed.model.set_script("plain", Script.of(say("ok")))
-    started = time.perf_counter()
     events = await collect(windowed.client.run("plain", "what now?", session_id="long"))
-    elapsed = time.perf_counter() - started
     assert_well_formed(events)
     assert events[-1].WhichOneof("payload") == "run_completed"
     run_started = events[0].run_started
     assert (run_started.history_items, run_started.history_omitted) == (200, 4800)
     # The model got the 200 newest items and the input, nothing older.
     assert sent_texts(windowed.model.requests[-1]) == [f"m{i}" for i in range(4800, 5000)] + ["what now?"]
-    assert elapsed < 5, elapsed
     # The session keeps everything: the window only bounds what a run reads.
     items = await windowed.client.all_items("long")
     assert len(items) == 5002 and items[0].message.text == "m0" and items[-1].message.text == "ok"

@@ -243,6 +243,7 @@ async def test_tables_indexes_and_functions() -> None:
             "agentd_append",
             "agentd_pop",
             "agentd_clear",
+            "agentd_drop_through",
         }
         assert all(row["proconfig"] == [f"search_path={store.schema}, pg_temp"] for row in functions)
 
@@ -337,6 +338,7 @@ async def test_every_call_is_one_round_trip() -> None:
                     "read_history_create": lambda: store.read_history(f"new{next(ids)}", create=True),
                     "pop_item": lambda: store.pop_item("s0"),
                     "clear_items": lambda: store.clear_items("other"),
+                    "drop_items_through": lambda: store.drop_items_through("s0", next(ids)),
                     "sweep_expired": lambda: store.sweep_expired(),
                     "ping": lambda: store.ping(),
                     "delete_session": lambda: store.delete_session(f"d{next(deletable)}"),

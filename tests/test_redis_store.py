@@ -166,6 +166,29 @@ async def test_ttl_lives_on_every_key_and_writes_refresh_it(store: RedisSessionS
     assert await all_keys(raw, p) == set()
 
 
+async def test_a_drop_refreshes_every_keys_ttl_and_keeps_the_layout(store: RedisSessionStore, raw: Redis) -> None:
+    p = store.prefix
+    await store.create_session("s1", metadata={"a": "b"}, state={"c": 1}, ttl_s=0.5)
+    await store.append_items("s1", [msg("x"), msg("y"), msg("z")], request_id="r")
+    keys = session_keys(store, "s1")
+    await asyncio.sleep(0.3)
+    assert await store.drop_items_through("s1", 0) == 0  # removes nothing: not a write
+    assert all(0 < ms <= 200 for ms in (await pttls(raw, keys)).values())
+    assert await store.drop_items_through("s1", 2) == 2  # a write: every key's expiry starts over
+    assert all(400 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    assert [r.split(b"|", 1)[0] for r in await raw.lrange(keys["items"], 0, -1)] == [b"3"]
+    info = await raw.hgetall(keys["info"])
+    assert info[b"last_seq"] == b"3"  # sequences never rewind
+    assert await raw.hgetall(keys["requests"]) == {b"r": b"1:3"}  # request ids outlive their items
+
+    assert await store.drop_items_through("s1", 10) == 1
+    assert not await raw.exists(keys["items"])  # an emptied list is no key at all
+    assert (await store.get_session("s1")).item_count == 0
+    assert [s.sequence for s in await store.append_items("s1", [msg("w")])] == [4]
+    assert all(400 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    assert await raw.zscore(f"{p}:expiries", "s1") is not None
+
+
 async def test_expiry_follows_the_callers_clock(
     store: RedisSessionStore, raw: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,6 +310,14 @@ async def test_unsafe_operations_are_not_retried_after_a_lost_reply(
     assert len(calls) == 1
     monkeypatch.undo()
     assert await store.read_history("s1") == [msg("a"), msg("c")]
+
+    calls = lose_first_reply(monkeypatch, store, "_eval")
+    with pytest.raises(StoreUnavailableError):
+        await store.drop_items_through("s1", 1)  # ran, but a resend would report 0 removed
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert await store.read_history("s1") == [msg("c")]
+    assert await store.drop_items_through("s1", 1) == 0  # the caller may repeat it: harmless
 
 
 async def test_scripts_reload_when_the_server_forgot_them(

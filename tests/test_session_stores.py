@@ -527,6 +527,205 @@ async def test_request_id_replay_returns_only_surviving_items(store: SessionStor
     assert await store.read_history("s1") == []
 
 
+# --- dropping items (history compaction) -----------------------------------------------
+
+
+async def test_drop_items_through_removes_exactly_the_older_items(
+    store: SessionStore, clock: Callable[[float], None]
+) -> None:
+    await store.create_session("s1", metadata={"m": "1"}, state={"s": 2}, ttl_s=3600)
+    appended = await append_texts(store, "s1", 4) + await append_texts(store, "s1", 6, prefix="n")
+    assert seqs(appended) == list(range(1, 11))
+    before = await store.get_session("s1")
+
+    assert await store.drop_items_through("s1", 4) == 4
+    after = await store.get_session("s1")
+    assert (after.item_count, after.metadata, after.state) == (6, {"m": "1"}, {"s": 2})
+    assert after.created_at == before.created_at
+    assert after.updated_at > before.updated_at  # a write: the idle clock restarts
+    assert after.expires_at == pytest.approx(after.updated_at + 3600)
+    # The later items are untouched: same sequences, times and payloads.
+    assert await store.list_items("s1", 100) == appended[4:]
+    assert await store.read_history("s1") == [s.item for s in appended[4:]]
+
+    # Dropping again through the same sequence removes nothing and writes nothing.
+    assert await store.drop_items_through("s1", 4) == 0
+    assert await store.drop_items_through("s1", 2) == 0
+    assert await store.get_session("s1") == after
+
+    assert await store.drop_items_through("s1", 6) == 2
+    assert seqs(await store.list_items("s1", 100)) == [7, 8, 9, 10]
+    assert (await store.get_session("s1")).item_count == 4
+
+
+async def test_history_window_and_paging_after_a_drop(store: SessionStore) -> None:
+    await store.create_session("s1")
+    items = [msg(f"m{i}") for i in range(12)]
+    await store.append_items("s1", items[:5])
+    await store.append_items("s1", items[5:])
+    assert await store.drop_items_through("s1", 5) == 5  # left: sequences 6..12
+
+    window = await store.read_history("s1", limit=3)
+    assert window == items[9:] and window.omitted == 4
+    exact = await store.read_history("s1", limit=7)
+    assert exact == items[5:] and exact.omitted == 0
+    larger = await store.read_history("s1", create=True, limit=100)
+    assert larger == items[5:] and larger.omitted == 0
+    everything = await store.read_history("s1")
+    assert everything == items[5:] and everything.omitted == 0
+
+    pages: list[list[int]] = []
+    after = 0
+    while page := await store.list_items("s1", 3, after_sequence=after):
+        pages.append(seqs(page))
+        after = page[-1].sequence
+    assert pages == [[6, 7, 8], [9, 10, 11], [12]]
+    assert seqs(await store.list_items("s1", 2, after_sequence=3)) == [6, 7]
+    assert seqs(await store.list_items("s1", 2, after_sequence=7)) == [8, 9]
+
+    pages = []
+    before: int | None = None
+    while page := await store.list_items("s1", 3, newest_first=True, before_sequence=before):
+        pages.append(seqs(page))
+        before = page[-1].sequence
+    assert pages == [[12, 11, 10], [9, 8, 7], [6]]
+    assert await store.list_items("s1", 5, newest_first=True, before_sequence=6) == []
+    assert await store.list_items("s1", 5, newest_first=True, before_sequence=3) == []
+    assert seqs(await store.list_items("s1", 2, newest_first=True, before_sequence=8)) == [7, 6]
+
+    # Appends continue after the newest sequence ever given; pop takes the newest.
+    assert seqs(await store.append_items("s1", [msg("new")])) == [13]
+    assert (await store.get_session("s1")).item_count == 8
+    popped = await store.pop_item("s1")
+    assert popped is not None and (popped.sequence, popped.item) == (13, msg("new"))
+    window = await store.read_history("s1", limit=2)
+    assert window == items[10:] and window.omitted == 5
+
+    # Pop down to the cut: the session then holds nothing, and says so.
+    for expected in range(12, 5, -1):
+        popped = await store.pop_item("s1")
+        assert popped is not None and popped.sequence == expected
+    assert await store.pop_item("s1") is None
+    empty = await store.read_history("s1", limit=2)
+    assert empty == [] and empty.omitted == 0
+    assert (await store.get_session("s1")).item_count == 0
+    assert seqs(await store.append_items("s1", [msg("after")])) == [14]
+
+
+async def test_drop_items_through_out_of_range_sequences(store: SessionStore, clock: Callable[[float], None]) -> None:
+    created = await store.create_session("s1")
+    assert await store.drop_items_through("s1", 5) == 0  # no items at all
+    assert await store.get_session("s1") == created  # a no-op drop writes nothing
+
+    await append_texts(store, "s1", 5)
+    before = await store.get_session("s1")
+    for below in (0, -1, -(2**70)):
+        assert await store.drop_items_through("s1", below) == 0
+    assert await store.get_session("s1") == before
+    assert seqs(await store.list_items("s1", 10)) == [1, 2, 3, 4, 5]
+
+    # Through a gap: after a pop and an append the items are 1-4 and 6; through 5 removes four.
+    await store.pop_item("s1")
+    await store.append_items("s1", [msg("x")])  # 6
+    assert await store.drop_items_through("s1", 5) == 4
+    assert seqs(await store.list_items("s1", 10)) == [6]
+
+    await append_texts(store, "s1", 3, prefix="n")  # 7, 8, 9
+    assert await store.drop_items_through("s1", 2**70) == 4  # beyond the newest: all
+    record = await store.get_session("s1")
+    assert record.item_count == 0
+    history = await store.read_history("s1", limit=3)
+    assert history == [] and history.omitted == 0
+    assert await store.list_items("s1", 10) == []
+    assert await store.list_items("s1", 10, newest_first=True) == []
+    assert await store.pop_item("s1") is None
+    assert seqs(await store.append_items("s1", [msg("again")])) == [10]
+
+    await append_texts(store, "s1", 2, prefix="k")  # 11, 12
+    assert await store.drop_items_through("s1", 12) == 3  # exactly the newest: all
+    assert seqs(await store.append_items("s1", [msg("more")])) == [13]
+    assert await store.drop_items_through("s1", 2**63 - 1) == 1
+
+
+async def test_a_retried_append_whose_items_were_dropped_is_not_appended_again(store: SessionStore) -> None:
+    """Request ids outlive dropped items (as they do popped and cleared ones): the retry
+    appends nothing and returns what is left of its items, so dropped originals never
+    come back."""
+    await store.create_session("s1")
+    r1 = await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="r1")
+    r2 = await store.append_items("s1", [msg("d"), msg("e")], request_id="r2")
+    assert (seqs(r1), seqs(r2)) == ([1, 2, 3], [4, 5])
+
+    assert await store.drop_items_through("s1", 2) == 2
+    assert await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="r1") == r1[2:]
+    assert await store.drop_items_through("s1", 3) == 1
+    assert await store.append_items("s1", [msg("a"), msg("b"), msg("c")], request_id="r1") == []
+    assert await store.append_items("s1", [msg("d"), msg("e")], request_id="r2") == r2
+    assert await store.read_history("s1") == [msg("d"), msg("e")]
+    assert (await store.get_session("s1")).item_count == 2
+
+    assert await store.drop_items_through("s1", 100) == 2
+    assert await store.append_items("s1", [msg("d"), msg("e")], request_id="r2") == []
+    assert await store.read_history("s1") == []
+    assert (await store.get_session("s1")).item_count == 0
+    # A new request id appends as usual, after the newest sequence ever given.
+    assert seqs(await store.append_items("s1", [msg("f")], request_id="r3")) == [6]
+
+
+async def check_drop_racing_appends(stores: list[SessionStore], writers: int = 4, per_writer: int = 40) -> None:
+    """Writers on ``stores`` append (some with request ids) while a dropper repeatedly
+    drops through the newest sequence an append has returned so far."""
+    await stores[0].create_session("s1")
+    appended = list(await append_texts(stores[0], "s1", 10, prefix="old"))
+    requests: dict[str, list[StoredItem]] = {}
+
+    async def writer(w: int) -> None:
+        store = stores[w % len(stores)]
+        for i in range(per_writer):
+            rid = f"w{w}-{i}" if i % 2 else None
+            stored = await store.append_items("s1", [msg(f"w{w}-{i}a"), msg(f"w{w}-{i}b")], request_id=rid)
+            appended.extend(stored)
+            if rid is not None:
+                requests[rid] = stored
+            await asyncio.sleep(0)
+
+    async def dropper() -> tuple[int, int]:
+        store = stores[-1]
+        removed = cut = 0
+        for _ in range(30):
+            cut = max(s.sequence for s in appended)  # every item up to here exists already
+            removed += await store.drop_items_through("s1", cut)
+            await asyncio.sleep(0)
+        return removed, cut
+
+    *_, (removed, cut) = await asyncio.gather(*(writer(w) for w in range(writers)), dropper())
+
+    total = 10 + 2 * writers * per_writer
+    assert sorted(seqs(appended)) == list(range(1, total + 1))  # unique, gapless sequences
+    survivors = sorted((s for s in appended if s.sequence > cut), key=lambda s: s.sequence)
+    listed = await stores[0].list_items("s1", total + 10)
+    assert listed == survivors  # every item above the cut exactly once, none at or below it
+    assert removed + len(listed) == total  # each item was removed by exactly one drop
+    assert (await stores[0].get_session("s1")).item_count == len(listed)
+    window = await stores[-1].read_history("s1", limit=5)
+    assert window == [s.item for s in survivors[-5:]] and window.omitted == max(0, len(listed) - 5)
+
+    # Retried requests append nothing and return exactly their surviving items.
+    for rid, stored in requests.items():
+        replay = await stores[0].append_items("s1", [msg("retry")], request_id=rid)
+        assert replay == [s for s in stored if s.sequence > cut]
+    assert await stores[-1].list_items("s1", total + 10) == listed
+    assert seqs(await stores[0].append_items("s1", [msg("last")])) == [total + 1]
+
+
+async def test_drop_racing_appends_leaves_a_consistent_session(store: SessionStore) -> None:
+    await check_drop_racing_appends([store])
+
+
+async def test_drop_racing_appends_on_two_replicas(replicas: tuple[SessionStore, SessionStore]) -> None:
+    await check_drop_racing_appends(list(replicas))
+
+
 async def check_concurrent_writers(stores: list[SessionStore], writers: int = 8, per_writer: int = 500) -> None:
     """``writers`` tasks spread over ``stores`` append one item at a time to one session."""
     await stores[0].create_session("s1")
@@ -656,6 +855,8 @@ async def test_ttl_is_reported_and_idle_expiry_hides_the_session(store: SessionS
         await store.list_items("short", 10)
     with pytest.raises(SessionNotFoundError):
         await store.update_session("short", metadata={"k": "w"})
+    with pytest.raises(SessionNotFoundError):
+        await store.drop_items_through("short", 10)
     assert await store.read_history("short") == []
     assert [r.session_id for r in (await store.list_sessions(10)).sessions] == ["forever"]
 
@@ -732,6 +933,8 @@ MISSING_SESSION_CALLS: dict[str, Callable[[SessionStore], Awaitable[object]]] = 
     "list_items_newest": lambda s: s.list_items("ghost", 10, newest_first=True),
     "pop_item": lambda s: s.pop_item("ghost"),
     "clear_items": lambda s: s.clear_items("ghost"),
+    "drop_items_through": lambda s: s.drop_items_through("ghost", 5),
+    "drop_items_through_nothing": lambda s: s.drop_items_through("ghost", 0),
 }
 
 

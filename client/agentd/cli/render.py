@@ -97,6 +97,14 @@ class RunRenderer:
                 f"↻ resumed (attempt {resumed.attempt}, {resumed.turns} turn(s) kept): {resumed.reason}",
                 style="bold yellow",
             ))
+        elif kind == "history_compacted":
+            compacted = event.history_compacted
+            dropped = f", {compacted.dropped_items} dropped" if compacted.dropped_items else ""
+            self.line(Text(
+                f"  ≡ history compacted: {compacted.summarised_items} item(s) summarised, "
+                f"{compacted.kept_items} kept{dropped}",
+                style="dim",
+            ))
         elif kind == "action_required":
             required = event.action_required
             call = required.item.tool_call
@@ -114,6 +122,8 @@ def _item_text(item: item_pb2.Item) -> tuple[str, str]:
         return role, item.message.text
     if kind == "tool_call":
         return "tool call", f"{item.tool_call.tool_name}({_arguments(item.tool_call)})"
+    if kind == "summary":
+        return "summary", f"({item.summary.summarised_items} items) {item.summary.text}"
     return "tool result", f"{item.tool_result.tool_name}: {item.tool_result.output}"
 
 

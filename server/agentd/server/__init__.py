@@ -8,11 +8,13 @@ from agentd.server.models.base import ModelSettings
 from agentd.server.models.script import Script, call, calls, say
 from agentd.server.runtime.agent import Agent
 from agentd.server.runtime.context import RunContext, ToolContext
+from agentd.server.runtime.history import Compaction
 from agentd.server.runtime.tools import FunctionTool, function_tool
 
 __all__ = [
     "Agent",
     "App",
+    "Compaction",
     "FunctionTool",
     "ModelSettings",
     "RunContext",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem
 
 _TURN_ROLES = frozenset({"user", "assistant", "tool"})
 
@@ -43,12 +43,20 @@ def to_chat_messages(instructions: str, items: Iterable[Item]) -> list[dict[str,
         assistant = None
         if isinstance(item, ToolResultItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        elif isinstance(item, SummaryItem):
+            # Context, not a turn of the exchange: a system message, like the instructions.
+            messages.append({"role": "system", "content": summary_message(item)})
         elif isinstance(item, MessageItem):
             message: dict[str, Any] = {"role": item.role, "content": item.text}
             if item.role == "assistant":
                 assistant = message
             messages.append(message)
     return messages
+
+
+def summary_message(item: SummaryItem) -> str:
+    """How a compaction summary reads to the model."""
+    return f"Summary of the earlier conversation ({item.summarised_items} items):\n{item.text}"
 
 
 def chat_roles(messages: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Mapping
 from agentd.server.models.base import ModelChunk, ModelRequest, ModelResponse, ModelToolCall
 from agentd.server.models.script import Script, ScriptedTurn, ScriptExhaustedError, count_assistant_turns
 from agentd.server.runtime.errors import ModelError
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem
 from agentd.server.runtime.usage import Usage
 
 _WORDS = re.compile(r"\S+\s*|\s+")
@@ -39,6 +39,8 @@ def estimate_usage(input_chars: int, turn: ScriptedTurn) -> Usage:
 
 
 def _role(item: Item) -> str | None:
+    if isinstance(item, SummaryItem):
+        return None
     if isinstance(item, MessageItem):
         return None if item.role == "system" else item.role
     if isinstance(item, ToolCallItem):
@@ -47,7 +49,7 @@ def _role(item: Item) -> str | None:
 
 
 def _item_chars(item: Item) -> int:
-    if isinstance(item, MessageItem):
+    if isinstance(item, (MessageItem, SummaryItem)):
         return len(item.text)
     if isinstance(item, ToolCallItem):
         return len(item.arguments)

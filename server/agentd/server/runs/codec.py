@@ -144,6 +144,12 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
         return {"t": "run_resumed", "attempt": p.attempt, "reason": p.reason, "turns": p.turns}
     if t is ev.ActionRequired:
         return {"t": "action_required", "kind": p.kind, "agent": p.agent, "item": p.item.to_dict()}
+    if t is ev.HistoryCompacted:
+        return {
+            "t": "history_compacted", "agent": p.agent, "session_id": p.session_id, "summary": p.summary.to_dict(),
+            "summary_sequence": p.summary_sequence, "summarised_items": p.summarised_items,
+            "kept_items": p.kept_items, "dropped_items": p.dropped_items,
+        }
     raise ValueError(f"cannot encode event payload {t.__name__}")
 
 
@@ -177,6 +183,11 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
         return ev.RunResumed(d["attempt"], d["reason"], d["turns"])
     if t == "action_required":
         return ev.ActionRequired(d["kind"], d["agent"], item_from_dict(d["item"]))  # type: ignore[arg-type]
+    if t == "history_compacted":
+        return ev.HistoryCompacted(
+            d["agent"], d["session_id"], item_from_dict(d["summary"]),  # type: ignore[arg-type]
+            d["summary_sequence"], d["summarised_items"], d["kept_items"], d["dropped_items"],
+        )
     raise ValueError(f"unknown event payload type {t!r}")
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from agentd.server.models.base import ModelSettings, OutputSchema, ToolSpec
 from agentd.server.runtime.context import RunContext
+from agentd.server.runtime.history import Compaction
 from agentd.server.runtime.tools import FunctionTool, strict_json_schema
 
 AGENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -31,6 +32,9 @@ class Agent:
     most that many of its session's newest items to the model (None: the server's
     ``AGENTD_HISTORY_MAX_ITEMS``, 200 by default; 0: the whole session, however long). The
     older items stay in the session; the run's ``RunStarted.history_omitted`` counts them.
+
+    ``compaction`` (opt-in) summarises the older items of a long history into one summary
+    item with a model call before a run's first turn (see ``Compaction``).
     """
 
     name: str
@@ -43,6 +47,7 @@ class Agent:
     output_type: type[BaseModel] | None = None
     max_turns: int = 10
     history_limit: int | None = None
+    compaction: Compaction | None = None
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
@@ -51,6 +56,11 @@ class Agent:
             raise ValueError(f"agent {self.name!r}: max_turns must be >= 1")
         if self.history_limit is not None and self.history_limit < 0:
             raise ValueError(f"agent {self.name!r}: history_limit must be >= 0 (0: the whole session) or None")
+        if self.compaction is not None and self.history_limit and self.compaction.trigger_items >= self.history_limit:
+            raise ValueError(
+                f"agent {self.name!r}: compaction.trigger_items ({self.compaction.trigger_items}) must be below "
+                f"history_limit ({self.history_limit}), or the history never grows long enough to compact"
+            )
 
     @property
     def handoff_names(self) -> list[str]:

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Union
 
-from agentd.server.runtime.items import MessageItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import MessageItem, SummaryItem, ToolCallItem, ToolResultItem
 from agentd.server.runtime.usage import Usage
 
 
@@ -120,6 +120,25 @@ class ActionRequired:
     item: ToolCallItem
 
 
+@dataclass(slots=True, frozen=True)
+class HistoryCompacted:
+    """The run compacted its session's history before its first turn (``runtime.history``).
+
+    ``summary`` is the stored summary item, ``summary_sequence`` its sequence in the
+    session; ``summarised_items`` the items this compaction folded (an earlier summary
+    counting as one), ``kept_items`` the newest items left verbatim, ``dropped_items`` the
+    items deleted from the session (0 when the policy keeps the originals).
+    """
+
+    agent: str
+    session_id: str
+    summary: SummaryItem
+    summary_sequence: int
+    summarised_items: int
+    kept_items: int
+    dropped_items: int
+
+
 Payload = Union[
     RunStarted,
     AgentUpdated,
@@ -134,6 +153,7 @@ Payload = Union[
     RunCancelled,
     RunResumed,
     ActionRequired,
+    HistoryCompacted,
 ]
 
 TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)

@@ -56,6 +56,7 @@ from agentd.server.runtime.events import (
     ActionRequired,
     AgentUpdated,
     Handoff,
+    HistoryCompacted,
     MessageOutput,
     Payload,
     RunCancelled,
@@ -69,7 +70,8 @@ from agentd.server.runtime.events import (
     ToolOutput,
     UsageUpdated,
 )
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem, json_problem
+from agentd.server.runtime.history import history_view, plan_compaction, transcript, window_start
+from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem, json_problem
 from agentd.server.runtime.tools import FunctionTool, ToolResult
 from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import History, SessionStore
@@ -203,13 +205,16 @@ class AgentRunner:
             if resume is not None:
                 sink.emit(RunResumed(resume.attempt, resume.reason, turns))
             if cp is None:
-                history, omitted = await self._read_window(run.session_id, agent)
+                history, history_len, omitted = await self._read_window(run.session_id, agent)
                 if resume is None:  # a resumed run's log already begins with its run_started
                     sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id, omitted))
+                if agent.agent.compaction is not None and run.session_id is not None:
+                    compacted = await self._compact(run, agent, history, usage, sink, trace, run_span)
+                    if compacted is not None:
+                        history, history_len = compacted
                 input_item = MessageItem("user", run.input)
                 run_items: list[Item] = [input_item]
                 unsaved: list[Item] = [input_item]  # saved with the first completed step
-                history_len = len(history)
             else:
                 # Redo the checkpointed step's session write (a no-op if the previous execution
                 # got that far: same request id), then rebuild from the history the run started with.
@@ -314,26 +319,97 @@ class AgentRunner:
         except StoreUnavailableError as exc:
             raise _RunFailure(RunErrorCode.SESSION_UNAVAILABLE, f"could not read session history: {exc}") from exc
 
-    async def _read_window(self, session_id: str | None, agent: CompiledAgent) -> tuple[list[Item], int]:
-        """The history a new run sends to the model, and how many older session items it leaves out.
+    async def _read_window(self, session_id: str | None, agent: CompiledAgent) -> tuple[list[Item], int, int]:
+        """The history a new run sends to the model, how many of the session's newest items it
+        spans, and how many older session items it does not send verbatim.
 
         The history window: the session's newest ``history_limit`` items (the starting agent's,
         else the server's ``history_max_items``; 0 reads the whole session). The store reads
         only those, however long the session. A window that was cut must not begin inside a
         step: its leading items are dropped until none of them is a tool result whose call was
-        cut off (see ``window_start``), and those count as omitted too. An uncut history is
-        sent as it is.
+        cut off (see ``window_start``), and those count as omitted too. A compacted session's
+        newest summary then stands for the items before those it kept (``history_view``):
+        they are omitted as well.
         """
         if session_id is None:
-            return [], 0
+            return [], 0, 0
         limit = agent.agent.history_limit
         if limit is None:
             limit = self._history_max_items
         history = await self._read_history(session_id, limit or None)
-        if not history.omitted:
-            return list(history), 0
-        start = window_start(history)
-        return history[start:], history.omitted + start
+        start = window_start(history) if history.omitted else 0
+        window = history[start:]
+        view = history_view(window)
+        return view, len(window), history.omitted + start + len(window) - len(view)
+
+    async def _compact(
+        self,
+        run: RunInput,
+        agent: CompiledAgent,
+        view: list[Item],
+        usage: Usage,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> tuple[list[Item], int] | None:
+        """Compact the history under the agent's policy when it is over the trigger: the new
+        history and the number of the session's newest items it spans; None when nothing changed.
+
+        The summary is appended to the session with a request id of the run's, so an execution
+        that takes the run over appends nothing twice (and finds the history short already).
+        Compaction fails open: a model or store failure leaves the history as it was (the
+        span records why) and the run goes on with it; only a cancel stops the run.
+        """
+        policy = agent.agent.compaction
+        assert policy is not None and run.session_id is not None
+        plan = plan_compaction(view, policy)
+        if plan is None:
+            return None
+        model = policy.model or agent.model
+        request = ModelRequest(model, policy.instructions, (MessageItem("user", transcript(plan.fold)),))
+        span = trace.span(SpanKind.GENERATION, model, parent, model=model, agent=agent.name, purpose="compaction")
+        response: ModelResponse | None = None
+        try:
+            async for chunk in self._models.get_model(model).stream(request):
+                if type(chunk) is not str:
+                    response = chunk  # type: ignore[assignment]
+        except (ModelUnavailableError, ModelError) as exc:
+            span.end(error=str(exc))
+            log.warning("run %s: history compaction skipped, the model failed: %s", run.run_id, exc)
+            return None
+        except BaseException as exc:
+            span.end(error=f"{type(exc).__name__}: {exc}")
+            raise
+        if response is None or not response.text.strip():
+            span.end(error="the model wrote no summary")
+            return None
+        span.end(finish_reason=response.finish_reason, **_usage_attributes(response.usage))
+        usage.add(response.usage)
+        summary = SummaryItem(response.text, plan.summarised_items, plan.keep, agent.name)
+        try:
+            appended = await self._sessions.append_items(
+                run.session_id, [summary], request_id=f"{run.run_id}/compaction"
+            )
+            if not appended:  # a replay whose summary a later compaction dropped: nothing to add
+                return None
+            stored = appended[0]
+            dropped = 0
+            if policy.drop_originals:
+                older = await self._sessions.list_items(
+                    run.session_id, plan.keep + 1, newest_first=True, before_sequence=stored.sequence
+                )
+                if len(older) == plan.keep + 1:  # the newest item the summary stands for, and all before it
+                    dropped = await self._sessions.drop_items_through(run.session_id, older[-1].sequence)
+        except (StoreUnavailableError, SessionNotFoundError) as exc:
+            log.warning("run %s: history compaction not saved: %s", run.run_id, exc)
+            sink.emit(UsageUpdated(agent.name, model, response.usage, usage.copy()))
+            return None
+        sink.emit(HistoryCompacted(
+            agent.name, run.session_id, summary, stored.sequence, len(plan.fold), plan.keep, dropped,
+        ))
+        sink.emit(UsageUpdated(agent.name, model, response.usage, usage.copy()))
+        kept = view[len(view) - plan.keep :] if plan.keep else []
+        return [summary, *kept], plan.keep + 1
 
     async def _resume_history(self, session_id: str | None, cp: Checkpoint) -> list[Item]:
         """Redo the checkpoint's session write, then read the history the run started with.
@@ -352,7 +428,7 @@ class AgentRunner:
             await self._save(session_id, list(cp.step_items), cp.step_request_id)
         saved = len(cp.run_items) - len(cp.unsaved)  # every run item but those not saved yet
         history = await self._read_history(session_id, max(1, cp.history_items + saved))
-        return history[: cp.history_items]
+        return history_view(history[: cp.history_items])
 
     async def _save(self, session_id: str | None, items: list[Item], step_id: str) -> None:
         """Append one step, retrying once after a store failure.
@@ -575,32 +651,6 @@ class AgentRunner:
             agent_span.end(error=error)
         run_span.end(error=error)
         trace.end(error=error)
-
-
-def window_start(items: list[Item]) -> int:
-    """Where a cut history window may start: the index of its first item to send.
-
-    Cutting a session at an item count can split a step: the window would then begin with
-    tool results (or calls and results) whose calls were cut off, which a model refuses.
-    Leading items are dropped until no tool result before the window's first user message
-    lacks its call in the window: the window then starts at a user message or at a whole
-    step. (Results after a user message belong to calls after it, so they are left alone.)
-    """
-    start = 0
-    while True:
-        calls: set[str] = set()
-        orphan = -1
-        for i in range(start, len(items)):
-            item = items[i]
-            if isinstance(item, MessageItem) and item.role == "user":
-                break
-            if isinstance(item, ToolCallItem):
-                calls.add(item.call_id)
-            elif isinstance(item, ToolResultItem) and item.call_id not in calls:
-                orphan = i
-        if orphan < 0:
-            return start
-        start = orphan + 1  # its siblings' results may be orphans now: look again
 
 
 def _stop_if_cancelled(sink: EventSink) -> None:

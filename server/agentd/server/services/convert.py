@@ -11,7 +11,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.server.runs.records import RunRecord, RunStatus
 from agentd.server.runtime import events as ev
-from agentd.server.runtime.items import Item, MessageItem, ToolCallItem, ToolResultItem, parse_json_object
+from agentd.server.runtime.items import (
+    Item,
+    MessageItem,
+    SummaryItem,
+    ToolCallItem,
+    ToolResultItem,
+    parse_json_object,
+)
 from agentd.server.runtime.usage import Usage
 from agentd.server.services.validation import InvalidArgument, check_id, check_struct, check_text
 from agentd.server.sessions.base import SessionRecord, StoredItem
@@ -74,11 +81,19 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
         # at most MAX_JSON_DEPTH deep, finite numbers. Anything else (malformed, too deep, not
         # an object), whoever wrote it, stays the verbatim text in raw_arguments: never parsed
         # past what is safe, so no stored item can make a session or a run's events unreadable.
+        # ``arguments`` is always set when they are an object, even ``{}`` (a handoff's): a
+        # Struct left unset would read as "no arguments" (JSON null) with raw_arguments empty.
         arguments = parse_json_object(item.arguments) if item.arguments else {}
         if arguments is not None:
+            call.arguments.SetInParent()
             call.arguments.update(arguments)
         else:
             call.raw_arguments = item.arguments
+    elif type(item) is SummaryItem:
+        summary = message.summary
+        summary.text = item.text
+        summary.summarised_items = item.summarised_items
+        summary.kept_items = item.kept_items
     else:
         result = message.tool_result
         result.call_id = item.call_id
@@ -119,7 +134,15 @@ def item_from_proto(message: item_pb2.Item, field: str) -> Item:
         check_id(f"{field}.tool_result.tool_name", result.tool_name)
         check_text(f"{field}.tool_result.output", result.output)
         return ToolResultItem(result.call_id, result.tool_name, result.output, result.is_error, message.agent)
-    raise InvalidArgument(field, "must set one of message, tool_call or tool_result")
+    if kind == "summary":
+        summary = message.summary
+        check_text(f"{field}.summary.text", summary.text)
+        if summary.summarised_items < 0:
+            raise InvalidArgument(f"{field}.summary.summarised_items", "must be 0 or more")
+        if summary.kept_items < 0:
+            raise InvalidArgument(f"{field}.summary.kept_items", "must be 0 or more")
+        return SummaryItem(summary.text, summary.summarised_items, summary.kept_items, message.agent)
+    raise InvalidArgument(field, "must set one of message, tool_call, tool_result or summary")
 
 
 def stored_item_to_proto(stored: StoredItem) -> item_pb2.Item:
@@ -259,6 +282,18 @@ def _action_required(p: ev.ActionRequired, out: run_event_pb2.RunEvent) -> None:
     m.item.CopyFrom(item_to_proto(p.item))
 
 
+def _history_compacted(p: ev.HistoryCompacted, out: run_event_pb2.RunEvent) -> None:
+    m = out.history_compacted
+    m.agent = p.agent
+    summary = m.summary
+    summary.CopyFrom(item_to_proto(p.summary))
+    summary.name = f"sessions/{local(p.session_id)}/items/{p.summary_sequence}"
+    summary.sequence = p.summary_sequence
+    m.summarised_items = p.summarised_items
+    m.kept_items = p.kept_items
+    m.dropped_items = p.dropped_items
+
+
 _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunStarted: _run_started,
     ev.AgentUpdated: _agent_updated,
@@ -273,6 +308,7 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunCancelled: _run_cancelled,
     ev.RunResumed: _run_resumed,
     ev.ActionRequired: _action_required,
+    ev.HistoryCompacted: _history_compacted,
 }
 
 

@@ -2,12 +2,12 @@
 
 A session is an ordered list of items plus a key/value ``state`` and string
 ``metadata``. Items get per-session sequence numbers 1, 2, 3... assigned atomically
-at append; numbers are never reused (a pop or clear does not rewind the counter).
+at append; numbers are never reused (a pop, clear or drop does not rewind the counter).
 Every method is a single atomic operation on the backend: on failure nothing was
 written and ``StoreUnavailableError`` (or a not-found/exists error) is raised.
 
 Expiry is idle-based: a session with a TTL expires ``ttl_s`` seconds after its last
-write (create, update, append, pop, clear; reads do not extend it). From then on it
+write (create, update, append, pop, clear, drop; reads do not extend it). From then on it
 behaves exactly like a session that does not exist, even before ``sweep_expired``
 (or the backend's own expiry) has removed its data.
 """
@@ -238,3 +238,27 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def clear_items(self, session_id: str) -> int:
         """Remove all items (state and metadata stay); returns how many were removed."""
+
+    @abc.abstractmethod
+    async def drop_items_through(self, session_id: str, sequence: int) -> int:
+        """Remove every item whose sequence is <= ``sequence``; return how many were removed.
+
+        Atomic (all those items or none), for history compaction dropping the originals a
+        summary stands for. Later items keep their sequences (sequences are never reused or
+        renumbered, so the next append still continues after the newest sequence ever
+        given). Afterwards the session's ``item_count``, ``read_history`` (its window and
+        ``History.omitted``), ``list_items`` paging and ``pop_item`` see only the remaining
+        items, exactly as if the dropped ones had never been appended.
+
+        Request ids are the exception: they outlive the items they stored, as they do across
+        ``pop_item`` and ``clear_items``. A retried ``append_items`` whose request id was used
+        before the drop is still recognised: it appends nothing and returns only that
+        request's items that still exist (an empty list when the drop removed them all), so
+        compaction can never bring dropped originals back.
+
+        Like the other writes it restarts the idle clock, but only when it removed something
+        (as ``clear_items``). Repeating a drop is harmless: it removes nothing more and
+        returns 0. ``SessionNotFoundError`` for a missing or expired session, whatever
+        ``sequence`` is. A ``sequence`` below 1 removes nothing; beyond the newest item it
+        removes all items.
+        """

@@ -261,3 +261,12 @@ class MemorySessionStore(SessionStore):
             session.items.clear()
             self._touch(session, time.time())
         return removed
+
+    async def drop_items_through(self, session_id: str, sequence: int) -> int:
+        session = self._get(session_id)
+        # Request ids stay in ``session.requests``: a retried append still replays, never re-adds.
+        removed = bisect.bisect_right(session.items, sequence, key=lambda s: s.sequence)
+        if removed:
+            del session.items[:removed]
+            self._touch(session, time.time())
+        return removed

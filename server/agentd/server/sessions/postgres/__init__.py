@@ -2,7 +2,7 @@
 
 Several agentd replicas can serve the same sessions: every public method is one
 statement, so one round trip and one transaction. The writes that need several steps
-(append, pop, clear, create, read-and-create) are PL/pgSQL functions created by the
+(append, pop, clear, drop, create, read-and-create) are PL/pgSQL functions created by the
 migrations; each starts by locking the session row, which serialises writers of one
 session across all replicas and makes sequence numbers gap-free and unique. A
 cancelled caller cannot leave anything half-written: a statement commits or rolls back

@@ -78,6 +78,8 @@ class Statements:
     history_window_create: str = "SELECT total, data FROM {s}.agentd_read_history_create($1, $2, $3, $4)"
     pop: str = "SELECT seq, created_at, data FROM {s}.agentd_pop($1, $2)"
     clear: str = "SELECT {s}.agentd_clear($1, $2)"
+    # $3: the last sequence to remove, clamped by the caller to [0, 2**63 - 1].
+    drop_through: str = "SELECT {s}.agentd_drop_through($1, $2, $3)"
     # SKIP LOCKED: a session some write holds is left for the next sweep, never waited on.
     # ANY(ARRAY(...)): the delete then finds each row through the primary key.
     sweep: str = (

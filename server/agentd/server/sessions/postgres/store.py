@@ -41,6 +41,7 @@ T = TypeVar("T")
 _CONNECTION_IN_DOUBT = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _SWEEP_BATCH = 1000
 _PING_TIMEOUT_S = 2.0
+_MAX_SEQ = 2**63 - 1  # sequences are bigint
 
 
 class _StaleConnection(Exception):
@@ -438,4 +439,12 @@ class PostgresSessionStore(SessionStore):
     async def clear_items(self, session_id: str) -> int:
         now = _now()
         removed: int = await self._run(lambda conn: conn.fetchval(self._sql.clear, session_id, now), session_id)
+        return removed
+
+    async def drop_items_through(self, session_id: str, sequence: int) -> int:
+        through = max(0, min(int(sequence), _MAX_SEQ))  # a bigint; beyond it there are no items
+        now = _now()
+        removed: int = await self._run(
+            lambda conn: conn.fetchval(self._sql.drop_through, session_id, now, through), session_id
+        )
         return removed

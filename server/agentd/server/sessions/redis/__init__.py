@@ -48,8 +48,8 @@ exponential backoff, only operations whose repetition is harmless: reads,
 ``read_history`` (create-if-missing), ``update_session`` (same values, same timestamp),
 appends with a request id (replayed, not duplicated), ``create_session`` (a retry that
 finds the session created at its own timestamp knows it was its own) and the sweep.
-Deletes, pops, clears and appends without a request id are retried only on errors that
-prove the command was refused unexecuted (CLUSTERDOWN, TRYAGAIN, LOADING, NOSCRIPT);
+Deletes, pops, clears, drops and appends without a request id are retried only on errors
+that prove the command was refused unexecuted (CLUSTERDOWN, TRYAGAIN, LOADING, NOSCRIPT);
 otherwise the failure surfaces as ``StoreUnavailableError`` and the caller decides
 (the run loop retries its step with a request id). A timeout is retried once only:
 against a partitioned server every attempt costs a full socket timeout.

@@ -11,7 +11,8 @@ from __future__ import annotations
 from agentd.server.redis_common import ScriptFolder
 
 __all__ = [
-    "APPEND", "CLEAR", "CREATE", "DELETE", "GET", "HISTORY", "LIST_ITEMS", "POP", "REAP", "SCRIPTS", "UPDATE", "ZFIX",
+    "APPEND", "CLEAR", "CREATE", "DELETE", "DROP_THROUGH", "GET", "HISTORY", "LIST_ITEMS", "POP", "REAP", "SCRIPTS",
+    "UPDATE", "ZFIX",
 ]
 
 _CHUNK = 1000  # values per command inside scripts: Lua's unpack() has a stack limit
@@ -27,7 +28,8 @@ LIST_ITEMS = _session_script("list_items")
 UPDATE = _session_script("update")
 POP = _session_script("pop")
 CLEAR = _session_script("clear")
+DROP_THROUGH = _session_script("drop_through")
 DELETE = _session_script("delete")
 REAP = _session_script("reap")
 ZFIX = _FOLDER.alone("zfix")
-SCRIPTS = (CREATE, GET, HISTORY, APPEND, LIST_ITEMS, UPDATE, POP, CLEAR, DELETE, REAP, ZFIX)
+SCRIPTS = (CREATE, GET, HISTORY, APPEND, LIST_ITEMS, UPDATE, POP, CLEAR, DROP_THROUGH, DELETE, REAP, ZFIX)

@@ -56,6 +56,7 @@ T = TypeVar("T")
 
 _SWEEP_BATCH = 500
 _LIST_READ_AHEAD_MAX = 1000
+_MAX_SEQ = 2**63 - 1  # what the other stores' sequences can reach; beyond it there are no items
 
 
 class RedisSessionStore(SessionStore):
@@ -513,6 +514,16 @@ class RedisSessionStore(SessionStore):
     async def clear_items(self, session_id: str) -> int:
         keys = self._keys(session_id)
         removed: int = await self._run(lambda: self._eval(lua.CLEAR, keys, (repr(time.time()),)), idempotent=False)
+        if removed < 0:
+            raise SessionNotFoundError(session_id)
+        return removed
+
+    async def drop_items_through(self, session_id: str, sequence: int) -> int:
+        keys = self._keys(session_id)
+        args = (repr(time.time()), max(0, min(int(sequence), _MAX_SEQ)))
+        # Not retried after a lost reply: the data would come out the same, but the retry
+        # would report 0 removed. The caller may repeat the drop itself; it is harmless.
+        removed: int = await self._run(lambda: self._eval(lua.DROP_THROUGH, keys, args), idempotent=False)
         if removed < 0:
             raise SessionNotFoundError(session_id)
         return removed

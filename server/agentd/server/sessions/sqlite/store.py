@@ -37,6 +37,8 @@ _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 T = TypeVar("T")
 
+_MAX_SEQ = 2**63 - 1
+
 
 # One encoder for the process: json.dumps with options builds a new one on every call.
 _dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -404,9 +406,25 @@ class SqliteSessionStore(SessionStore):
 
         return await self._run(True, op)
 
+    async def drop_items_through(self, session_id: str, sequence: int) -> int:
+        through = max(0, min(int(sequence), _MAX_SEQ))  # SQLite integers are 64-bit
+
+        def op(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            _require_session(conn, session_id, now)
+            # A range of the primary key; last_seq and append_requests stay as they are.
+            removed: int = conn.execute(
+                "DELETE FROM items WHERE session_id = ? AND seq <= ?", (session_id, through)
+            ).rowcount
+            if removed:
+                _touch(conn, session_id, now, "item_count = item_count - ?, ", (removed,))
+            return removed
+
+        return await self._run(True, op)
+
 
 def _items_between(conn: sqlite3.Connection, session_id: str, first: int, last: int) -> list[StoredItem]:
-    """What an earlier request stored and still exists (some may since have been popped)."""
+    """What an earlier request stored and still exists (some may since have been popped or dropped)."""
     rows = conn.execute(
         "SELECT seq, created_at, data FROM items WHERE session_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
         (session_id, first, last),
