@@ -68,3 +68,20 @@ async def wait_for_action(client: AgentdClient, run_id: str) -> str:
     finally:
         watch.cancel()
     raise AssertionError(f"run {run_id} ended without asking for approval")
+
+
+async def wait_for_actions(client: AgentdClient, run_id: str, count: int) -> list[tuple[str, str]]:
+    """The first ``count`` answers the run asked for, as (tool name, call id), in order, from its
+    event stream (no polling): returns once the ``count``-th ``action_required`` event is durable."""
+    watch = client.agents.WatchRun(apb.WatchRunRequest(name=f"runs/{run_id}"))
+    asked: list[tuple[str, str]] = []
+    try:
+        async for response in watch:
+            if response.event.WhichOneof("payload") == "action_required":
+                call = response.event.action_required.item.tool_call
+                asked.append((call.tool_name, call.call_id))
+                if len(asked) == count:
+                    return asked
+    finally:
+        watch.cancel()
+    raise AssertionError(f"run {run_id} ended after asking for {len(asked)} of {count} answers: {asked}")

@@ -261,9 +261,13 @@ async def test_caller_executed_tool_and_approval(h: Harness, approved: bool) -> 
 
     await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
         name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output='{"tier": "gold"}')]))
-    # A retried answer is harmless: the first one stands.
+    # A retried answer is harmless (OK, nothing changes); a different one is refused: the first stands.
     await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
-        name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output="changed")]))
+        name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output='{"tier": "gold"}')]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.client.agents.SubmitToolOutputs(pb.SubmitToolOutputsRequest(
+            name=run.name, outputs=[pb.ToolOutputSubmission(call_id=lookup_id, output="changed")]))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "gold" in caught.value.details()
     still = await wait_for(h, run_id, lambda r: len(r.required_actions) == 1)
     assert still.status == pb.RUN_STATUS_REQUIRES_ACTION
     await h.client.agents.ApproveToolCall(pb.ApproveToolCallRequest(
@@ -284,7 +288,7 @@ async def test_caller_executed_tool_and_approval(h: Harness, approved: bool) -> 
     assert not done.required_actions
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await h.client.agents.ApproveToolCall(pb.ApproveToolCallRequest(
-            name=run.name, approval=pb.ToolApproval(call_id=refund_id, approved=True)))
+            name=run.name, approval=pb.ToolApproval(call_id=refund_id, approved=not approved)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ended" in caught.value.details()
 
 

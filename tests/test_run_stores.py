@@ -8,8 +8,10 @@ are tested the way a deployment exercises them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
+from typing import Awaitable
 
 import pytest
 
@@ -22,6 +24,7 @@ from agentd.server.runs.records import (
     Control,
     LeaseLostError,
     QueueFullError,
+    RunNotWaitingError,
     RunStatus,
     SessionBusyError,
     SessionPolicy,
@@ -400,6 +403,165 @@ async def test_caller_actions_are_recorded_once_and_travel_with_the_run(replicas
     assert late is not None and "output:call_3" not in late.actions  # an ended run takes no answers
     assert (await one.get_run(s.run_id)).actions == {"output:call_1": answer, "approval:call_2": approval}
     assert await one.submit_action("run_missing", "output:x", answer, now=t0) is None
+
+
+# -- the caller's answers (submit_answers) ----------------------------------------------------
+
+OUT1, OUT3, APPROVE2 = "output:call_1", "output:call_3", "approval:call_2"
+
+
+async def waiting_run(replicas: Replica, *awaiting: str) -> tuple[RunStore, RunStore, RunInput]:
+    """Two replicas' stores and a run executed by replica one ("ra", attempt 1) whose checkpoint
+    waits for ``awaiting`` (action keys)."""
+    (one, _), (two, _) = await replicas(), await replicas()
+    s = spec()
+    now = time.time()
+    await one.create_run(s, policy=REJECT, owner="ra", lease_s=LEASE, max_queued=10, now=now)
+    await one.record_progress(s.run_id, 1, events(s.run_id, 1, 1), waiting(awaiting, sequence=1), now=now)
+    return one, two, s
+
+
+def waiting(awaiting: tuple[str, ...], sequence: int) -> Checkpoint:
+    calls = tuple(ToolCallItem(key.partition(":")[2], "lookup", "{}", "assistant") for key in awaiting)
+    return dataclasses.replace(checkpoint(1, sequence), pending=calls, awaiting=awaiting)
+
+
+async def refusal(call: Awaitable[object]) -> RunNotWaitingError:
+    with pytest.raises(RunNotWaitingError) as caught:
+        await call
+    return caught.value
+
+
+async def test_a_repeated_answer_is_taken_and_recorded_once(replicas: Replica) -> None:
+    one, two, s = await waiting_run(replicas, OUT1, APPROVE2)
+    output, approval = {"output": '42 ü \u0000 "q" \\n', "is_error": False}, {"approved": True, "reason": "fine"}
+    first = await one.submit_answers(s.run_id, [(OUT1, output)], now=time.time())
+    assert first is not None and first.recorded == (OUT1,) and first.record.actions == {OUT1: output}
+    again = await two.submit_answers(s.run_id, [(OUT1, dict(output))], now=time.time())
+    assert again is not None and again.recorded == () and again.record.actions == {OUT1: output}
+    assert again.record.awaiting == (APPROVE2,)
+    error = await refusal(two.submit_answers(s.run_id, [(OUT1, {**output, "output": '42 ü \u0000 "q" \\N'})],
+                                             now=time.time()))
+    assert error.reason == "ANSWER_CONFLICT"
+    assert (await two.submit_answers(s.run_id, [(APPROVE2, approval)], now=time.time())).recorded == (APPROVE2,)
+    # The same decision is the same answer, whatever its reason says; the first reason stands.
+    repeat = await one.submit_answers(s.run_id, [(APPROVE2, {"approved": True, "reason": "retry"})], now=time.time())
+    assert repeat is not None and repeat.recorded == () and repeat.record.actions == {OUT1: output, APPROVE2: approval}
+    # Both at once, one of them a repeat: taken, only the new one recorded.
+    _, _, s2 = await waiting_run(replicas, OUT1, OUT3)
+    await one.submit_answers(s2.run_id, [(OUT1, output)], now=time.time())
+    both = await two.submit_answers(s2.run_id, [(OUT1, output), (OUT3, output)], now=time.time())
+    assert both is not None and both.recorded == (OUT3,) and both.record.awaiting == ()
+    assert await one.submit_answers("run_missing", [(OUT1, output)], now=time.time()) is None
+    with pytest.raises(ValueError):
+        await one.submit_answers(s.run_id, [(OUT1, output), (OUT1, output)], now=time.time())
+
+
+@pytest.mark.parametrize("first", ["one", "two"])
+@pytest.mark.parametrize("key", [OUT1, APPROVE2])
+async def test_identical_answers_sent_at_once_are_both_taken_and_recorded_once(
+    replicas: Replica, first: str, key: str
+) -> None:
+    one, two, s = await waiting_run(replicas, OUT1, APPROVE2)
+    answer = {"output": "same", "is_error": True} if key == OUT1 else {"approved": False, "reason": "no"}
+    stores = (one, two) if first == "one" else (two, one)
+    results = await asyncio.gather(*(store.submit_answers(s.run_id, [(key, dict(answer))], now=time.time())
+                                     for store in stores))
+    assert all(r is not None and r.record.actions == {key: answer} for r in results)
+    assert sorted(len(r.recorded) for r in results) == [0, 1]  # applied once
+    got = await one.get_run(s.run_id)
+    assert got is not None and got.actions == {key: answer}
+
+
+async def test_a_different_answer_for_an_answered_call_is_refused(replicas: Replica) -> None:
+    one, two, s = await waiting_run(replicas, OUT1, APPROVE2, OUT3)
+    long_output = "x" * 500 + " the end"
+    await one.submit_answers(s.run_id, [(OUT1, {"output": long_output, "is_error": False})], now=time.time())
+    before = await one.get_run(s.run_id)
+    for changed in ({"output": "other", "is_error": False}, {"output": long_output, "is_error": True}):
+        error = await refusal(two.submit_answers(s.run_id, [(OUT1, changed)], now=time.time()))
+        assert (error.reason, error.run_id, error.call_id) == ("ANSWER_CONFLICT", s.run_id, "call_1")
+        assert error.waiting_for == ["call_2", "call_3"]
+        text = str(error)
+        assert "has a tool output for call 'call_1'" in text and "'xxxx" in text and "the end" not in text
+        assert len(text) < 400 and "output:" not in text and "approval:" not in text
+    await one.submit_answers(s.run_id, [(APPROVE2, {"approved": True, "reason": ""})], now=time.time())
+    error = await refusal(two.submit_answers(s.run_id, [(APPROVE2, {"approved": False, "reason": "no"})],
+                                             now=time.time()))
+    assert (error.reason, error.call_id, error.waiting_for) == ("ANSWER_CONFLICT", "call_2", ["call_3"])
+    assert "call 'call_2'" in str(error) and "approved" in str(error) and "approval:" not in str(error)
+    # One refused answer refuses the call: the new answer beside it is not recorded either.
+    error = await refusal(one.submit_answers(
+        s.run_id, [(OUT3, {"output": "new", "is_error": False}), (OUT1, {"output": "other", "is_error": False})],
+        now=time.time()))
+    assert error.reason == "ANSWER_CONFLICT" and error.call_id == "call_1"
+    after = await two.get_run(s.run_id)
+    assert after is not None and OUT3 not in after.actions and after.awaiting == (OUT3,)
+    assert after.actions == {**before.actions, APPROVE2: {"approved": True, "reason": ""}}
+
+
+async def test_an_answer_for_a_call_the_run_does_not_wait_for_is_refused(replicas: Replica) -> None:
+    one, two, s = await waiting_run(replicas, OUT1, APPROVE2)
+    output = {"output": "x", "is_error": False}
+    error = await refusal(two.submit_answers(s.run_id, [("output:nope", output)], now=time.time()))
+    assert (error.reason, error.run_id, error.call_id) == ("RUN_NOT_WAITING", s.run_id, "nope")
+    assert error.waiting_for == ["call_1", "call_2"]
+    assert str(error) == (f"run {s.run_id} is not waiting for call 'nope'; it waits for a tool output for call "
+                          "'call_1' and an approval for call 'call_2'")
+    # The wrong kind of answer for a call it waits for.
+    error = await refusal(one.submit_answers(s.run_id, [("output:call_2", output)], now=time.time()))
+    assert (error.reason, error.call_id, error.waiting_for) == ("RUN_NOT_WAITING", "call_2", ["call_1", "call_2"])
+    assert str(error).startswith(f"run {s.run_id} is not waiting for a tool output for call 'call_2'; it waits for")
+    assert "output:" not in str(error) and "approval:" not in str(error)
+    got = await one.get_run(s.run_id)
+    assert got is not None and got.actions == {} and got.awaiting == (OUT1, APPROVE2)
+
+
+async def test_answers_after_the_run_moved_on_and_after_it_ended(replicas: Replica) -> None:
+    one, two, s = await waiting_run(replicas, OUT1)
+    output = {"output": "42", "is_error": False}
+    await two.submit_answers(s.run_id, [(OUT1, output)], now=time.time())
+    # The run used the answer and waits for the next call's approval.
+    await one.record_progress(s.run_id, 1, events(s.run_id, 2, 1), waiting((APPROVE2,), sequence=2), now=time.time())
+    again = await two.submit_answers(s.run_id, [(OUT1, output)], now=time.time())
+    assert again is not None and again.recorded == () and again.record.awaiting == (APPROVE2,)
+    error = await refusal(two.submit_answers(s.run_id, [(OUT1, {"output": "43", "is_error": False})],
+                                             now=time.time()))
+    assert error.reason == "ANSWER_CONFLICT" and error.waiting_for == ["call_2"]
+    await two.submit_answers(s.run_id, [(APPROVE2, {"approved": False, "reason": "no"})], now=time.time())
+    await one.finish(s.run_id, 1, events(s.run_id, 3, 0, completed()), retention_s=60, now=time.time())
+    # Ended: a repeat is still taken (the answer is in the record until its retention ends)...
+    ended = await two.submit_answers(s.run_id, [(OUT1, output), (APPROVE2, {"approved": False, "reason": ""})],
+                                     now=time.time())
+    assert ended is not None and ended.recorded == () and ended.record.status is RunStatus.COMPLETED
+    # ...a different one is a conflict, and nothing new is taken.
+    error = await refusal(one.submit_answers(s.run_id, [(APPROVE2, {"approved": True, "reason": ""})],
+                                             now=time.time()))
+    assert (error.reason, error.waiting_for) == ("ANSWER_CONFLICT", []) and "denied" in str(error)
+    assert "ended" in str(error)
+    error = await refusal(one.submit_answers(s.run_id, [(OUT3, output)], now=time.time()))
+    assert (error.reason, error.call_id, error.waiting_for) == ("RUN_NOT_WAITING", "call_3", [])
+    assert "has ended (completed)" in str(error) and "output:" not in str(error)
+
+
+async def test_an_answer_written_by_submit_action_counts_as_recorded(replicas: Replica) -> None:
+    one, two, s = await waiting_run(replicas, OUT1)
+    output = {"output": "nul \x00 ü", "is_error": False}
+    await one.submit_action(s.run_id, OUT1, output, now=time.time())
+    taken = await two.submit_answers(s.run_id, [(OUT1, dict(output))], now=time.time())
+    assert taken is not None and taken.recorded == () and taken.record.actions == {OUT1: output}
+    error = await refusal(two.submit_answers(s.run_id, [(OUT1, {**output, "output": "other"})], now=time.time()))
+    assert error.reason == "ANSWER_CONFLICT" and error.call_id == "call_1"
+
+
+async def test_a_queued_run_takes_answers_for_its_checkpoint(replicas: Replica) -> None:
+    """Between executions (lease expired, not claimed again) the run still waits for its answers."""
+    one, two, s = await waiting_run(replicas, OUT1)
+    assert await two.requeue_expired(now=time.time() + LEASE + 1) == [s.run_id]
+    taken = await two.submit_answers(s.run_id, [(OUT1, {"output": "1", "is_error": False})], now=time.time())
+    assert taken is not None and taken.recorded == (OUT1,) and taken.record.status is RunStatus.QUEUED
+    claimed = await one.claim("rb", 5, lease_s=LEASE, now=time.time(), wait_s=1)
+    assert claimed[0].actions == {OUT1: {"output": "1", "is_error": False}} and claimed[0].awaiting == ()
 
 
 # -- per-tenant limits --------------------------------------------------------------------

@@ -21,7 +21,15 @@ from __future__ import annotations
 import abc
 from typing import Any, AsyncIterator, Sequence
 
-from agentd.server.runs.records import Control, CreatedRun, RenewOutcome, RunRecord, SessionPolicy, TenantLimits
+from agentd.server.runs.records import (
+    Answered,
+    Control,
+    CreatedRun,
+    RenewOutcome,
+    RunRecord,
+    SessionPolicy,
+    TenantLimits,
+)
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import RunEvent
 from agentd.server.runtime.run_loop import RunInput
@@ -160,7 +168,34 @@ class RunStore(abc.ABC):
         """Record the caller's answer ``action`` under ``key`` in ``RunRecord.actions`` when the run is
         active (QUEUED or RUNNING) and has no answer under ``key`` yet; otherwise change nothing (the
         first answer wins). Return the run afterwards (None if unknown). ``get_run``, ``claim`` and
-        every other record read return the recorded actions; they go with the run's retention."""
+        every other record read return the recorded actions; they go with the run's retention.
+
+        The bare write, checking neither what the run waits for nor whether a repeat matches:
+        callers answering for the caller use ``submit_answers``."""
+
+    @abc.abstractmethod
+    async def submit_answers(
+        self, run_id: str, answers: Sequence[tuple[str, dict[str, Any]]], *, now: float
+    ) -> Answered | None:
+        """Take the caller's answers (``(action key, action)``, distinct keys, else ValueError) for a
+        run, deciding from the run as stored, atomically with the write (one script, one
+        transaction), so the outcome never depends on when an executing replica picks an answer up:
+
+        - unknown run (or past retention): None, nothing changes;
+        - each answer, in order, is
+          - a *repeat* when the key already has an answer equal to it (``records.same_answer``:
+            the same output and is_error; the same approve/deny decision): taken, nothing changes,
+            whatever the run does now (waits for it, moved on, ended);
+          - a *conflict* when the key already has a different answer: refused;
+          - *new* when the run is active (QUEUED or RUNNING) and its checkpoint's ``awaiting``
+            holds the key: recorded in ``RunRecord.actions`` (as ``submit_action``);
+          - else (unknown call, the wrong kind of answer for it, an ended run) refused.
+        - One refused answer refuses the call: ``RunNotWaitingError.refusing(record, key, action)``
+          for the first one, from the record as it was when refused, and nothing is recorded.
+        - Otherwise returns ``Answered``: the record afterwards and the keys recorded by this call
+          (repeats are not), so of two identical answers sent at once, from any replicas, both
+          are taken and exactly one records it.
+        """
 
     @abc.abstractmethod
     async def sweep(self, *, now: float) -> int:

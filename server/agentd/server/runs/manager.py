@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 from agentd.server.runs.active import ActiveRun
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
+    ANSWER_CONFLICT,
     LEASE_EXPIRED,
     Control,
     CreatedRun,
@@ -31,6 +32,8 @@ from agentd.server.runs.records import (
     ServerDrainingError,
     SessionPolicy,
     TenantLimits,
+    same_answer,
+    split_action_key,
 )
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.runtime.events import Handoff, RunCancelled, RunEvent, ToolOutput
@@ -452,31 +455,38 @@ class RunManager:
     async def answer(self, run_id: str, answers: list[tuple[str, dict[str, Any]]]) -> RunRecord:
         """Record the caller's answers (``(action key, action)``) and get them to the executing replica.
 
-        Only answers the run asked for are taken; a repeated answer is ignored (the first wins), so
-        a retried call is harmless.
+        The store decides, from the run as it holds it and atomically with the write
+        (``RunStore.submit_answers``), so every replica agrees whatever the run's timing: a repeat of
+        an answer the run has is taken (OK, the run returned) even after the run moved on or ended,
+        so a retried call is harmless; a different answer for an answered call, or an answer for a
+        call the run does not wait for, raises ``RunNotWaitingError`` and records none of them.
         """
-        record = await self.store.get_run(run_id)
-        if record is None:
-            raise RunNotFoundError(run_id)
-        if record.status.is_terminal:
-            raise RunNotWaitingError(f"run {run_id} has ended ({record.status.value}); it takes no more answers")
-        asked = record.checkpoint.awaiting if record.checkpoint is not None else ()
-        for key, _ in answers:
-            if key not in asked:
-                kind, _, call_id = key.partition(":")
-                what = "an approval" if kind == "approval" else "a tool output"
-                waits = ", ".join(asked) or "nothing"
-                raise RunNotWaitingError(
-                    f"run {run_id} is not waiting for {what} for call {call_id!r}; it waits for: {waits}"
-                )
-        local = self._local.get(run_id)
+        distinct: dict[str, dict[str, Any]] = {}
         for key, action in answers:
-            updated = await self.store.submit_action(run_id, key, action, now=time.time())
-            if updated is None:
-                raise RunNotFoundError(run_id)
-            record = updated
+            first = distinct.setdefault(key, action)
+            if not same_answer(key, first, action):
+                kind, call_id = split_action_key(key)
+                raise RunNotWaitingError(
+                    f"the request sends two different {'decisions' if kind == 'approval' else 'outputs'} for call "
+                    f"{call_id!r} of run {run_id}; send one",
+                    run_id=run_id, call_id=call_id, reason=ANSWER_CONFLICT,
+                )
+        taken = await self.store.submit_answers(run_id, list(distinct.items()), now=time.time())
+        if taken is None:
+            raise RunNotFoundError(run_id)
+        record = taken.record
+        if record.status.is_terminal or record.checkpoint is None:
+            return record
+        # Wake the execution for every answer its checkpoint waits for, repeats included: the
+        # first call may have recorded its answer and lost its notice (the run re-reads its answers
+        # now and then anyway).
+        awaited = set(record.checkpoint.awaiting)
+        local = self._local.get(run_id)
+        for key in distinct:
+            if key not in awaited:
+                continue
             if local is not None:
-                local.action_arrived(key, record.actions.get(key, action))
+                local.action_arrived(key, record.actions[key])
             else:
                 await self._bus.publish(Control(run_id, "action", key))
         return record

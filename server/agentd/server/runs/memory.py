@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Sequence
 from agentd.server.runs import codec
 from agentd.server.runs.base import ControlBus, RunStore
 from agentd.server.runs.records import (
+    Answered,
     Control,
     CreatedRun,
     HANDED_OFF,
@@ -29,6 +30,7 @@ from agentd.server.runs.records import (
     LeaseLostError,
     QueueFullError,
     RenewOutcome,
+    RunNotWaitingError,
     RunRecord,
     RunStatus,
     SessionBusyError,
@@ -38,6 +40,8 @@ from agentd.server.runs.records import (
     TENANT_START_RATE,
     TenantLimitError,
     TenantLimits,
+    check_answers,
+    same_answer,
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
@@ -276,6 +280,29 @@ class MemoryRunStore(RunStore):
             record.actions = {**record.actions, key: dict(action)}
             record.update_time = now
         return _copy(record)
+
+    async def submit_answers(
+        self, run_id: str, answers: Sequence[tuple[str, dict[str, Any]]], *, now: float
+    ) -> Answered | None:
+        check_answers(answers)
+        record = self._runs.get(run_id)
+        if record is None:
+            return None
+        awaiting = record.checkpoint.awaiting if record.checkpoint is not None else ()
+        new: dict[str, dict[str, Any]] = {}
+        for key, action in answers:
+            recorded = record.actions.get(key)
+            if recorded is not None:
+                if same_answer(key, recorded, action):
+                    continue  # a repeat
+            elif not record.status.is_terminal and key in awaiting:
+                new[key] = dict(action)
+                continue
+            raise RunNotWaitingError.refusing(_copy(record), key, action)
+        if new:
+            record.actions = {**record.actions, **new}
+            record.update_time = now
+        return Answered(_copy(record), tuple(new))
 
     async def sweep(self, *, now: float) -> int:
         for tenant in [t for t, (_, _, full_at) in self._buckets.items() if full_at <= now]:

@@ -18,10 +18,16 @@ Times are the caller's unix seconds stored as ``double precision``, so they read
 exactly as written. Specs, checkpoints, results and events are the codec's JSON stored
 as ``json`` (verbatim, and unlike ``jsonb`` it accepts ``\\u0000``).
 
-The caller's answers (``submit_action``) are rows of ``run_actions`` (migration 2), one
-per action key, inserted ``ON CONFLICT DO NOTHING`` (the first answer wins) by a function
-that holds the run's row lock; every record read returns them as one JSON object, and
-they are deleted with their run (``ON DELETE CASCADE``).
+The caller's answers are rows of ``run_actions`` (migration 2), one per action key; every
+record read returns them as one JSON object, and they are deleted with their run (``ON
+DELETE CASCADE``). ``submit_answers`` (migration 6) decides every answer of a call under
+the run's row lock and inserts them only when all are taken: a key with a row is a repeat
+when its ``ident`` (``records.answer_identity``, the JSON text of the fields that make the
+answer what it is: Postgres cannot read fields out of a json value holding ``\\u0000``)
+equals the answer's, else the call is refused; a new key is taken when the run is active
+and its checkpoint's ``awaiting`` holds it. Rows without an ident (written by
+``submit_action``, the bare ``ON CONFLICT DO NOTHING`` insert, or by a replica before
+migration 6) compare by their whole JSON text.
 
 Per-tenant limits (migration 3): ``runs.tenant`` is a column generated from the spec's
 principal, so every row has it whoever inserted it; partial indexes count a tenant's

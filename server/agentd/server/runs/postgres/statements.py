@@ -71,6 +71,8 @@ def statements(q: str) -> dict[str, str]:
         "requeue": f"SELECT * FROM {q}.agentd_run_requeue_expired($1)",
         "cancel": f"SELECT c.*, {q}.agentd_run_actions(c.o_run_id) FROM {q}.agentd_run_cancel($1, $2, $3, $4, $5) c",
         "submit_action": f"SELECT * FROM {q}.agentd_run_submit_action($1, $2, $3, $4)",
+        # (code, refused position, recorded positions), then the run as run_record() reads it.
+        "submit_answers": f"SELECT * FROM {q}.agentd_run_submit_answers($1, $2, $3, $4, $5)",
         # SKIP LOCKED: a run some write holds is left for the next batch, never waited on.
         # A run's actions go with it (ON DELETE CASCADE).
         "sweep": (

@@ -29,10 +29,12 @@ from agentd.server.runs.postgres.schema import (
 )
 from agentd.server.runs.postgres.statements import encoded_events, run_record, statements
 from agentd.server.runs.records import (
+    Answered,
     CreatedRun,
     LeaseLostError,
     QueueFullError,
     RenewOutcome,
+    RunNotWaitingError,
     RunRecord,
     RunStatus,
     SessionBusyError,
@@ -42,6 +44,8 @@ from agentd.server.runs.records import (
     TENANT_START_RATE,
     TenantLimitError,
     TenantLimits,
+    answer_identity,
+    check_answers,
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
@@ -424,6 +428,25 @@ class PostgresRunStore(Common, RunStore):
         # A repeat (the connection died after the commit) changes nothing: the first answer stays.
         row = await self._call(lambda conn: conn.fetchrow(self._sql["submit_action"], *args), idempotent=True)
         return run_record(row) if row is not None else None
+
+    async def submit_answers(
+        self, run_id: str, answers: Sequence[tuple[str, dict[str, Any]]], *, now: float
+    ) -> Answered | None:
+        check_answers(answers)
+        args = (
+            run_id, [key for key, _ in answers], [encode_action(action) for _, action in answers],
+            [answer_identity(key, action) for key, action in answers], now,
+        )
+        # A retry after the commit (its reply lost) finds its own answers recorded: repeats, taken again.
+        row = await self._call(lambda conn: conn.fetchrow(self._sql["submit_answers"], *args), idempotent=True)
+        if row is None:
+            return None
+        code, refused, recorded = row[0], row[1], row[2]
+        record = run_record(row[3:])
+        if code != 0:
+            key, action = answers[refused]
+            raise RunNotWaitingError.refusing(record, key, action)
+        return Answered(record, tuple(answers[i][0] for i in recorded))
 
     async def sweep(self, *, now: float) -> int:
         await self._call(lambda conn: conn.execute(self._sql["sweep_buckets"], now), idempotent=True)

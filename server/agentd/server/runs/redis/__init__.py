@@ -9,9 +9,11 @@ trip, atomic, with its checks and its writes together. All run keys share one ha
                                                       update_time, spec, checkpoint, result (JSON
                                                       from ``runs.codec``), cancel_reason, trace_id,
                                                       session, request_id, queue_entry, requeued
-                                                      (why it was last requeued), and one
-                                                      field ``action:<key>`` per answer of the
-                                                      caller (``codec.encode_action`` JSON)
+                                                      (why it was last requeued), awaiting
+                                                      ("<bytes of its checkpoint>:<JSON array>":
+                                                      the checkpoint's awaiting action keys),
+                                                      and one field ``action:<key>`` per answer
+                                                      of the caller (``codec.encode_action`` JSON)
     <prefix>:{<prefix>:runs}:events:<id>      STREAM  the event log; entry ``0-<sequence>``,
                                                       field ``e`` = ``codec.encode_event`` JSON
     <prefix>:{<prefix>:runs}:queue            STREAM  claimable runs (field ``r`` = run id), oldest
@@ -48,10 +50,20 @@ separate client (so waiting claimers and event watchers never starve the pool of
 short commands), and then claims what it got with the same script: a wake-up costs two
 more round trips. A run created RUNNING never touches the queue; requeues XADD again.
 
-Caller actions. ``submit_action`` runs one script: HSETNX of the answer's field in the
-record, when the record exists and is not terminal (the first answer wins). Being fields
-of the record, the answers come back with every HGETALL (``get_run``, ``claim``,
-``list_runs``, ``cancel``, ``create_run``'s existing run) and share its TTL and deletion.
+Caller actions. ``submit_answers`` runs one script (``answer.lua``) that decides every
+answer of the call from the record and writes them only when all are taken: a field
+``action:<key>`` already there is compared with the answer on the fields that make it the
+answer it is (``records.answer_fields``, decoded with cjson): equal is a repeat, taken
+without a write; different refuses the call. A new answer is taken when the run is not
+terminal and its checkpoint waits for the key, read from the ``awaiting`` field that
+``record_progress``'s script writes beside every checkpoint, so the checkpoint (the run's
+whole history) is not decoded in Redis. That field starts with the byte size of the
+checkpoint it belongs to; when the checkpoint has another size (written by an older
+replica during an upgrade, without the field) the script decodes the checkpoint instead.
+``submit_action`` is the bare write: HSETNX of the answer's field when the record exists
+and is not terminal (the first answer wins). Being fields of the record, the answers come
+back with every HGETALL (``get_run``, ``claim``, ``list_runs``, ``cancel``,
+``create_run``'s existing run) and share its TTL and deletion.
 
 Tenant limits (``TenantLimits``). ``create_run``'s script counts the tenant's indexes
 (SCARD) and takes a token from its bucket, in the same script as the creation, so every
@@ -71,7 +83,7 @@ log and its request id (Redis reclaims them by itself) and note the run in ``exp
 which also skips and removes entries whose record is gone.
 
 Round trips: one for ``create_run``, ``get_run``, ``list_runs``, ``active_run``, ``renew``,
-``record_progress``, ``finish``, ``release``, ``submit_action``, ``read_events``,
+``record_progress``, ``finish``, ``release``, ``submit_action``, ``submit_answers``, ``read_events``,
 ``wait_events`` (XREAD BLOCK), ``requeue_expired`` and ``sweep`` (per 500 due runs), and
 ``cancel`` of a running, ended or unknown run; two for ``cancel`` of a queued run (its
 RunCancelled event is built from the record by ``codec`` and written by a second script
@@ -80,7 +92,8 @@ plus the blocking read plus one on wake-up.
 
 Retries follow ``redis_common.RetryPolicy``, as in the session store: reads, ``renew``,
 ``create_run`` (a retry finds its own run id and reports it created), ``cancel``,
-``submit_action`` (HSETNX: a repeat changes nothing), ``requeue_expired`` and ``sweep`` are
+``submit_action`` (HSETNX: a repeat changes nothing), ``submit_answers`` (a repeat finds
+its answers recorded: taken again, none recorded), ``requeue_expired`` and ``sweep`` are
 retried on connection errors and once on a timeout; ``claim``, ``record_progress``,
 ``finish`` and ``release`` only on errors proving Redis refused them unexecuted. Everything
 else surfaces as ``StoreUnavailableError`` naming the location.

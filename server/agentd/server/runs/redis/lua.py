@@ -10,7 +10,7 @@ from __future__ import annotations
 from agentd.server.redis_common import ScriptFolder
 
 __all__ = [
-    "CANCEL", "CLAIM", "CREATE", "FINISH", "LIST", "PROGRESS", "RELEASE", "RENEW", "REQUEUE", "SCRIPTS", "SUBMIT",
+    "ANSWER", "CANCEL", "CLAIM", "CREATE", "FINISH", "LIST", "PROGRESS", "RELEASE", "RENEW", "REQUEUE", "SCRIPTS", "SUBMIT",
     "SWEEP",
 ]
 
@@ -25,6 +25,7 @@ RELEASE = _script("release")
 REQUEUE = _script("requeue")
 CANCEL = _script("cancel")
 SUBMIT = _script("submit")
+ANSWER = _script("answer")
 LIST = _script("list")
 SWEEP = _script("sweep")
-SCRIPTS = (CREATE, CLAIM, RENEW, PROGRESS, FINISH, RELEASE, REQUEUE, CANCEL, SUBMIT, LIST, SWEEP)
+SCRIPTS = (CREATE, CLAIM, RENEW, PROGRESS, FINISH, RELEASE, REQUEUE, CANCEL, SUBMIT, ANSWER, LIST, SWEEP)

@@ -4,6 +4,7 @@ docstring for the keys and the scripts)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -21,10 +22,12 @@ from agentd.server.redis_common import (
 from agentd.server.runs import codec
 from agentd.server.runs.base import RunStore
 from agentd.server.runs.records import (
+    Answered,
     CreatedRun,
     LeaseLostError,
     QueueFullError,
     RenewOutcome,
+    RunNotWaitingError,
     RunRecord,
     RunStatus,
     SessionBusyError,
@@ -34,6 +37,8 @@ from agentd.server.runs.records import (
     TENANT_START_RATE,
     TenantLimitError,
     TenantLimits,
+    answer_fields,
+    check_answers,
     terminal_status,
 )
 from agentd.server.runs.redis import lua
@@ -363,6 +368,7 @@ class RedisRunStore(RedisOps, RunStore):
         args = [
             self._base, str(attempt), repr(now),
             utf8(codec.encode_checkpoint(checkpoint)) if checkpoint is not None else b"",
+            utf8(json.dumps(list(checkpoint.awaiting), ensure_ascii=False)) if checkpoint is not None else b"",
             events[0].trace_id if events else "",
             *event_args(events),
         ]
@@ -438,6 +444,26 @@ class RedisRunStore(RedisOps, RunStore):
         keys = (self._run_key(run_id),)
         reply = await self._run(lambda: self._eval(lua.SUBMIT, keys, args), idempotent=True)
         return record_from_reply(run_id, reply) if reply != 0 else None
+
+    async def submit_answers(
+        self, run_id: str, answers: Sequence[tuple[str, dict[str, Any]]], *, now: float
+    ) -> Answered | None:
+        check_answers(answers)
+        args: list[Any] = [self._base, repr(now)]
+        for key, action in answers:
+            args += [utf8(key), ACTION + utf8(key), utf8(codec.encode_action(action)),
+                     ",".join(answer_fields(key, action))]
+        keys = (self._run_key(run_id),)
+        # A retry after a reply was lost finds its own answers recorded: repeats, taken again.
+        reply = await self._run(lambda: self._eval(lua.ANSWER, keys, args), idempotent=True)
+        if reply == 0:
+            return None
+        code, detail, flat = reply
+        record = record_from_reply(run_id, flat)
+        if code != 0:
+            key, action = answers[int(detail)]
+            raise RunNotWaitingError.refusing(record, key, action)
+        return Answered(record, tuple(answers[int(i)][0] for i in detail))
 
     async def sweep(self, *, now: float) -> int:
         args = (self._base, repr(now), _BATCH)
