@@ -244,6 +244,8 @@ class Supervisor:
         self.replicas: list[Replica] = []
         self.stop_requested = threading.Event()
         self.signals = 0
+        # Why the replicas could not all start (the replica that stopped, or the timeout); None while they could.
+        self.start_failure: str | None = None
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals += 1
@@ -318,6 +320,8 @@ class Supervisor:
                     self.report_exits()
                     say(f"replicas: {replica.name} stopped before it was ready"
                         + (f" (see {replica.log_path})" if replica.log_path else ""), sys.stderr)
+                    self.start_failure = f"{replica.name} could not start" + (
+                        f" (see {replica.log_path.name})" if replica.log_path else "")
                     return False
                 last[replica.name] = health_status(replica)
                 if last[replica.name] == "SERVING":
@@ -327,6 +331,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 states = ", ".join(f"{r.name}: {last.get(r.name, '?')}" for r in pending)
                 say(f"replicas: not SERVING within {self.args.ready_timeout:.0f}s ({states})", sys.stderr)
+                self.start_failure = f"the replicas were not all SERVING within {self.args.ready_timeout:.0f}s"
                 return False
             self.stop_requested.wait(0.2)
         return True
@@ -343,7 +348,13 @@ class Supervisor:
         say("\n".join(lines))
 
     def shutdown(self, failed_to_start: bool) -> int:
-        """SIGTERM every running replica (a drain), wait, kill stragglers; 0 when all exited 0."""
+        """SIGTERM every running replica (a drain), wait, kill stragglers; 0 when all exited 0.
+
+        When the replicas could not all start (fail fast: one that stops before it is ready
+        stops them all), each replica stopped here may not have got as far as its own error
+        (or may have had none): its log says it was stopped, and why, so that no log is left
+        empty and unexplained. The log of the replica that could not start shows its error.
+        """
         running = [r for r in self.replicas if r.running()]
         for replica in running:
             try:
@@ -365,6 +376,15 @@ class Supervisor:
             if replica.reader is not None:
                 replica.reader.join(timeout=5)
         self.report_exits()
+        if failed_to_start and self.start_failure:
+            for replica in running:  # every one has exited by now: nothing else writes to its log
+                if replica.process.returncode > 0:  # type: ignore[union-attr]
+                    continue  # it failed on its own, just before it was stopped: its log says why
+                note = f"replicas: stopped {replica.name} before it was ready, because {self.start_failure}"
+                say(note)
+                if replica.log_path is not None:
+                    with open(replica.log_path, "a", encoding="utf-8") as log:
+                        log.write(note + "\n")
         if failed_to_start or killed:
             return 1
         failed = [r.name for r in self.replicas if r.process is not None and r.process.returncode != 0]

@@ -114,7 +114,7 @@ async def test_bad_items_and_names(harness):
     # Nothing of a rejected request was stored.
     assert (await harness.client.get_session("items")).item_count == 0
     await expect_status(
-        harness.client.sessions.GetSession(session_service_pb2.GetSessionRequest(name="items")),
+        harness.client.sessions.GetSession(session_service_pb2.GetSessionRequest(name="runs/items")),
         grpc.StatusCode.INVALID_ARGUMENT, "name", "sessions/ID",
     )
     await expect_status(harness.client.get_session("missing"), grpc.StatusCode.NOT_FOUND, "'missing'")

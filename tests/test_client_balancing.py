@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+
+import agentd.client
 import pytest
 
 from agentd.client import AgentdClient, RunStreamError, RunStreamGapError, SyncAgentdClient
@@ -89,30 +91,35 @@ async def wait_for_status(client: AgentdClient, run_id: str, status: int, within
 
 def test_service_config_retries_only_idempotent_methods_that_exist():
     config = service_config()
+    # The file shipped for other languages is exactly what the Python client uses.
+    shipped = Path(agentd.client.__file__).with_name("service_config.json")
+    assert json.loads(shipped.read_text()) == config
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method_config,) = config["methodConfig"]
-    policy = method_config["retryPolicy"]
+    retrying, writes = config["methodConfig"]
+    policy = retrying["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert 4 <= policy["maxAttempts"] <= 5
     assert policy["initialBackoff"] == "0.05s" and policy["maxBackoff"] == "1s"
-    named = {(n["service"], n["method"]) for n in method_config["name"]}
+    named = {(n["service"], n["method"]) for n in retrying["name"]}
     # Every name is a real method of the contract (a typo would silently disable its retries).
     files = (agent_service_pb2, session_service_pb2, trace_service_pb2)
     methods = {
-        (service.full_name, method.name)
+        (service.full_name, method.name): method
         for module in files for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods
     }
-    assert named <= methods
+    assert named <= set(methods)
     assert {m for _, m in named} == {
-        "ListAgents", "GetAgent", "CreateRun", "GetRun", "ListRuns", "CancelRun",
-        "GetSession", "ListSessions", "ListSessionItems", "ListTraces", "GetTrace",
+        "ListAgents", "GetAgent", "CreateRun", "GetRun", "ListRuns", "CancelRun", "SubmitToolOutputs",
+        "ApproveToolCall", "GetSession", "ListSessions", "ListSessionItems", "ListTraces", "GetTrace",
     }
     assert named == {(s, m) for s, ms in RETRYABLE_METHODS.items() for m in ms}
-    # Streams and non-idempotent writes are never retried by gRPC.
-    for method in ("Run", "StreamRun", "WatchRun", "CreateSession", "AddSessionItems", "PopSessionItem",
-                   "ClearSessionItems", "DeleteSession", "UpdateSession"):
-        assert method not in {m for _, m in named}
-    assert "methodConfig" not in service_config(retry=False)
+    # Every unary method has a deadline; streams have none; writes are never retried by gRPC.
+    unretried = {(n["service"], n["method"]) for n in writes["name"]}
+    assert "retryPolicy" not in writes and retrying["timeout"] == writes["timeout"] == "30s"
+    unary = {key for key, m in methods.items() if not m.client_streaming and not m.server_streaming}
+    assert named | unretried == unary and not named & unretried
+    assert "methodConfig" in service_config(retry=False)
+    assert not any("retryPolicy" in c for c in service_config(retry=False)["methodConfig"])
     json.dumps(config)
 
 

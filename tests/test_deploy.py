@@ -606,19 +606,57 @@ def test_replicas_script_starts_serving_replicas_and_drains_them_on_sigterm(scri
     assert script.leftover_processes() == []
 
 
+def assert_failed_fast(script: Script, logs: Path, error: str) -> str:
+    """The script stopped every replica once one could not start: exit 1, no target, the log of
+    the replica that could not start shows ``error``, and every other log either shows its own
+    error too or says the script stopped that replica and why (none is left empty). Which replica
+    fails first, and how far the others got by then, is up to the scheduler. Returns the name of
+    the replica the script reported."""
+    code = script.process.wait(timeout=60)
+    script.drain_output()
+    assert code == 1, script.output
+    failed = re.search(r"replicas: (replica-\d+) stopped before it was ready \(see (\S+)\)", script.output)
+    assert failed, script.output
+    assert Path(failed.group(2)) == logs / f"{failed.group(1)}.log"
+    assert error in Path(failed.group(2)).read_text()
+    assert "target:" not in script.output
+    for name in ("replica-1", "replica-2"):
+        log = (logs / f"{name}.log").read_text()
+        stopped = f"replicas: stopped {name} before it was ready, because {failed.group(1)} could not start"
+        assert error in log or stopped in log, f"{name}.log:\n{log}\n{script.output}"
+    assert script.leftover_processes() == []
+    return failed.group(1)
+
+
 def test_replicas_script_fails_fast_when_a_replica_cannot_start(script_env, scripts, tmp_path):
     logs = tmp_path / "logs"
     script = Script("--count", "2", "--base-port", "0", "--log-dir", str(logs), "--",
                     "--app", "no_such_module:app", env=script_env)
     scripts.append(script)
-    code = script.process.wait(timeout=60)
-    script.drain_output()
-    assert code == 1, script.output
-    assert "stopped before it was ready" in script.output
-    assert "target:" not in script.output
-    for name in ("replica-1", "replica-2"):
-        assert "cannot import app module 'no_such_module'" in (logs / f"{name}.log").read_text()
-    assert script.leftover_processes() == []
+    assert_failed_fast(script, logs, "cannot import app module 'no_such_module'")
+
+
+def test_replicas_script_says_why_it_stopped_a_replica_that_was_still_starting(script_env, scripts, tmp_path):
+    """The interleaving the test above only sometimes gets (it was flaky when it expected every log
+    to show its own import error), made certain: replica-1 cannot import its app while replica-2
+    is still importing (it blocks until stopped), so the script stops replica-2 before it reaches
+    an error of its own, and replica-2's log says so."""
+    (tmp_path / "half_broken_app.py").write_text(
+        "import os, threading\n"
+        "if os.environ['AGENTD_REPLICA_ID'] == 'replica-1':\n"
+        "    raise ImportError('replica-1 is the broken one')\n"
+        "threading.Event().wait()  # replica-2: still importing until the script stops it\n"
+    )
+    env = {**script_env, "PYTHONPATH": str(tmp_path)}
+    logs = tmp_path / "logs"
+    script = Script("--count", "2", "--base-port", "0", "--log-dir", str(logs), "--",
+                    "--app", "half_broken_app:app", env=env)
+    scripts.append(script)
+    assert assert_failed_fast(script, logs, "replica-1 is the broken one") == "replica-1"
+    replica_2 = (logs / "replica-2.log").read_text()
+    assert "cannot import" not in replica_2
+    assert "replicas: stopped replica-2 before it was ready, because replica-1 could not start (see replica-1.log)" \
+        in replica_2
 
 
 def test_replicas_script_refuses_ports_in_use(script_env, scripts):

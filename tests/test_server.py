@@ -228,4 +228,6 @@ def test_wheel_ships_one_namespace_and_a_thin_client(tmp_path):
     assert "agentd/v1/agent_service_pb2.py" in names and "agentd/client/async_client.py" in names
     assert "agentd/server/runtime/run_loop.py" in names and not any(n.startswith("agentd/__init__") for n in names)
     always = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    assert sorted(re.split(r"[<>=!~ ;]", line.split(":", 1)[1].strip())[0] for line in always) == ["grpcio", "protobuf"]
+    assert sorted(re.split(r"[<>=!~ ;]", line.split(":", 1)[1].strip())[0] for line in always) == [
+        "googleapis-common-protos", "grpcio", "protobuf"
+    ]

@@ -7,7 +7,17 @@ and its run streams resume across broken connections; see ``AgentdClient``.
 from agentd.client._requests import python_value
 from agentd.client._security import TlsConfig
 from agentd.client.async_client import AgentdClient, RunStream
-from agentd.client.errors import RunCancelledError, RunError, RunFailedError, RunStreamError, RunStreamGapError
+from agentd.client.errors import (
+    AgentdRpcError,
+    FieldViolation,
+    RunCancelledError,
+    RunError,
+    RunFailedError,
+    RunStreamError,
+    RunStreamGapError,
+    SyncAgentdRpcError,
+    error_reason,
+)
 from agentd.client.sync_client import SyncAgentdClient, SyncRunStream
 
 __all__ = [
@@ -20,6 +30,10 @@ __all__ = [
     "RunCancelledError",
     "RunStreamError",
     "RunStreamGapError",
+    "AgentdRpcError",
+    "SyncAgentdRpcError",
+    "FieldViolation",
+    "error_reason",
     "python_value",
     "TlsConfig",
 ]

@@ -19,7 +19,9 @@ per call, with no proxy in between:
     on another replica is safe *if* doing it twice has the effect of doing it
     once. That holds for reads (ListAgents, GetAgent, GetRun, ListRuns,
     GetSession, ListSessions, ListSessionItems, ListTraces, GetTrace), for
-    ``CancelRun`` (cancelling a cancelled or ended run returns it unchanged) and
+    ``CancelRun`` (cancelling a cancelled or ended run returns it unchanged), for
+    ``SubmitToolOutputs`` and ``ApproveToolCall`` (repeating the answer a call already
+    has returns the run and changes nothing) and
     for ``CreateRun`` because this client always sends a ``request_id`` (a
     uuid4 when the caller gives none): a repeat returns the run the first
     attempt created. Writes that are not idempotent are left alone: CreateSession
@@ -36,6 +38,11 @@ per call, with no proxy in between:
     is up; INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS and
     RESOURCE_EXHAUSTED are the server's answer and would be the same on any
     replica (RESOURCE_EXHAUSTED is a full queue: retrying it would only add load).
+
+``timeout 30s`` on every unary method
+    A unary call that gets no answer in 30 s fails with DEADLINE_EXCEEDED instead of
+    waiting forever (a caller's own shorter deadline wins). Streams have none: a run
+    streams as long as it runs.
 
 ``maxAttempts 5, initialBackoff 0.05 s, maxBackoff 1 s, multiplier 2``
     gRPC waits a random time up to 0.05, 0.1, 0.2, 0.4 s between attempts: about
@@ -61,46 +68,48 @@ Reconnect backoff (channel options, not service config): 0.1 s initial, 5 s max
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
+from importlib import resources
 from typing import Any, Sequence
 
-RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {
-    "agentd.v1.AgentService": ("ListAgents", "GetAgent", "CreateRun", "GetRun", "ListRuns", "CancelRun"),
-    "agentd.v1.SessionService": ("GetSession", "ListSessions", "ListSessionItems"),
-    "agentd.v1.TraceService": ("ListTraces", "GetTrace"),
-}
+SERVICE_CONFIG_FILE = "service_config.json"
+"""The service config, shipped beside this module: load the same file in Go, Java or Node
+(``grpc.service_config`` channel option / ``WithDefaultServiceConfig`` /
+``defaultServiceConfig``) to get the same balancing, retries and timeouts."""
+
+
+def _load_service_config() -> dict[str, Any]:
+    return json.loads(resources.files("agentd.client").joinpath(SERVICE_CONFIG_FILE).read_text("utf-8"))
+
+
+_SERVICE_CONFIG = _load_service_config()
+_RETRY_CONFIG = next(c for c in _SERVICE_CONFIG["methodConfig"] if "retryPolicy" in c)
+
+RETRYABLE_METHODS: dict[str, tuple[str, ...]] = {}
+for _name in _RETRY_CONFIG["name"]:
+    RETRYABLE_METHODS.setdefault(_name["service"], ())
+    RETRYABLE_METHODS[_name["service"]] += (_name["method"],)
 """Unary methods safe to repeat after UNAVAILABLE (see the module docstring for why each)."""
 
-MAX_ATTEMPTS = 5
-INITIAL_BACKOFF_S = 0.05
-MAX_BACKOFF_S = 1.0
-BACKOFF_MULTIPLIER = 2.0
-
-RETRY_POLICY: dict[str, Any] = {
-    "maxAttempts": MAX_ATTEMPTS,
-    "initialBackoff": f"{INITIAL_BACKOFF_S}s",
-    "maxBackoff": f"{MAX_BACKOFF_S:g}s",
-    "backoffMultiplier": BACKOFF_MULTIPLIER,
-    "retryableStatusCodes": ["UNAVAILABLE"],
-}
-
-RETRY_THROTTLING: dict[str, Any] = {"maxTokens": 100, "tokenRatio": 0.1}
+RETRY_POLICY: dict[str, Any] = _RETRY_CONFIG["retryPolicy"]
+MAX_ATTEMPTS: int = RETRY_POLICY["maxAttempts"]
+INITIAL_BACKOFF_S = float(RETRY_POLICY["initialBackoff"].removesuffix("s"))
+MAX_BACKOFF_S = float(RETRY_POLICY["maxBackoff"].removesuffix("s"))
+BACKOFF_MULTIPLIER: float = RETRY_POLICY["backoffMultiplier"]
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
 def service_config(retry: bool = True) -> dict[str, Any]:
-    """The service config every client channel gets: round_robin, plus retries unless ``retry`` is False."""
-    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
-    if retry:
-        names = [
-            {"service": service, "method": method}
-            for service, methods in RETRYABLE_METHODS.items()
-            for method in methods
-        ]
-        config["methodConfig"] = [{"name": names, "retryPolicy": RETRY_POLICY}]
-        config["retryThrottling"] = RETRY_THROTTLING
+    """The service config every client channel gets (``service_config.json``): round_robin and
+    30 s deadlines on unary calls, plus retries unless ``retry`` is False."""
+    config = copy.deepcopy(_SERVICE_CONFIG)
+    if not retry:
+        for method_config in config["methodConfig"]:
+            method_config.pop("retryPolicy", None)
+        config.pop("retryThrottling", None)
     return config
 
 

@@ -18,7 +18,7 @@ import time
 import grpc
 
 from agentd.client._channel import INITIAL_BACKOFF_S, MAX_BACKOFF_S
-from agentd.client.errors import RunStreamError, RunStreamGapError
+from agentd.client.errors import RunStreamError, RunStreamGapError, error_reason
 from agentd.v1 import run_event_pb2
 
 TERMINAL_EVENTS = frozenset({"run_completed", "run_failed", "run_cancelled"})
@@ -41,6 +41,8 @@ def is_stream_break(error: grpc.RpcError) -> bool:
     - UNAVAILABLE: the replica went away, refused the stream or is draining.
     - CANCELLED: this client never cancels a call it still reads, so a CANCELLED
       status came from the other side (server stopping, proxy reset).
+    - RESOURCE_EXHAUSTED with reason STREAM_LAGGED: the server ended a stream that fell
+      too far behind the run's events; a WatchRun after the last event picks it up.
     - INTERNAL/UNKNOWN that say RST_STREAM or "Stream removed": HTTP/2 reset the
       stream under us (a proxy or load balancer dropped it).
     Everything else is an answer and goes to the caller unchanged: DEADLINE_EXCEEDED
@@ -51,6 +53,10 @@ def is_stream_break(error: grpc.RpcError) -> bool:
     code = error.code() if callable(getattr(error, "code", None)) else None
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return True
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # The server ended a stream that fell too far behind the run: the client is reading
+        # now, so re-attaching after its last event is the documented remedy.
+        return error_reason(error) == "STREAM_LAGGED"
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         details = error.details() if callable(getattr(error, "details", None)) else ""
         return any(marker in (details or "") for marker in _BREAK_MARKERS)

@@ -23,6 +23,7 @@ from agentd.client._requests import (
     tool_output_request,
 )
 from agentd.client._security import Token, TlsConfig, async_channel, resolve_tls
+from agentd.client.errors import converted, raises_agentd_errors
 from agentd.client._resume import (
     CANCEL_TIMEOUT_S,
     DEFAULT_RESUME_TIMEOUT_S,
@@ -48,6 +49,7 @@ T = TypeVar("T")
 Metadata = Sequence[tuple[str, str]]
 
 
+@raises_agentd_errors
 class RunStream:
     """A run's events: iterate it for ``RunEvent`` messages; ``cancel()`` asks the server to stop the run.
 
@@ -168,6 +170,8 @@ class RunStream:
                 yield event
                 if finished:
                     break
+        except grpc.RpcError as exc:
+            raise converted(exc) from None
         finally:
             if finished:
                 await self._call.done_writing()
@@ -182,7 +186,7 @@ class RunStream:
         except grpc.RpcError as exc:
             if not self._log.run_id and not is_stream_break(exc) and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._rejected = True
-            raise
+            raise converted(exc) from None
         finally:
             await events.aclose()
             await self._finish()
@@ -383,6 +387,7 @@ def _describe(error: BaseException | None) -> str:
     return repr(error)
 
 
+@raises_agentd_errors
 class AgentdClient:
     """``async with AgentdClient("127.0.0.1:50051") as client: ...``
 

@@ -23,6 +23,7 @@ from agentd.client._requests import (
     tool_output_request,
 )
 from agentd.client._resume import CANCEL_TIMEOUT_S, DEFAULT_RESUME_TIMEOUT_S, EventLog, Reconnects, is_stream_break
+from agentd.client.errors import converted, raises_agentd_errors
 from agentd.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -36,6 +37,7 @@ from agentd.v1 import (
 log = logging.getLogger("agentd.client")
 
 
+@raises_agentd_errors
 class SyncRunStream:
     """Iterate for ``RunEvent`` messages; ``cancel()`` (from any thread) stops the run.
 
@@ -104,10 +106,13 @@ class SyncRunStream:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def _plain_events(self) -> Iterator[run_event_pb2.RunEvent]:
-        for response in self._call:
-            self._log.run_id = response.event.run_id
-            self._log.last_sequence = response.event.sequence
-            yield response.event
+        try:
+            for response in self._call:
+                self._log.run_id = response.event.run_id
+                self._log.last_sequence = response.event.sequence
+                yield response.event
+        except grpc.RpcError as exc:
+            raise converted(exc) from None
 
     def _ensure_created(self) -> str:
         """The run's id, creating the run first if needed (idempotent by request_id; any thread)."""
@@ -149,7 +154,7 @@ class SyncRunStream:
                     failure = self._log.ended_early()
                 except grpc.RpcError as exc:
                     if self._closing or not (self._resume and self._log.resumable and is_stream_break(exc)):
-                        raise
+                        raise converted(exc) from None
                     failure = exc
                 if not self._resume:
                     return
@@ -205,6 +210,7 @@ class SyncRunStream:
         raise RuntimeError("the run stream ended without a terminal event")
 
 
+@raises_agentd_errors
 class SyncAgentdClient:
     """Blocking twin of ``AgentdClient``: same ``target`` forms, ``retry``, ``resume`` and run methods."""
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from agentd.server.app import App
 from agentd.server.auth.factory import (
@@ -69,6 +71,58 @@ def build_models(settings: Settings, app: App) -> ModelProvider:
             "or give the app an offline_script for the built-in scripted model"
         )
     return ScriptedProvider(default=app.offline_script)
+
+
+# gRPC server reflection: v1 (what current tools ask first: grpcurl, buf curl, Postman) and
+# v1alpha (older tools). grpcio-reflection ships only v1alpha; v1 is the same protocol under
+# another package (grpc/reflection/v1/reflection.proto: the same messages, field numbers and
+# types; only the package differs, and a package never appears on the wire). So v1 is served
+# by the v1alpha servicer: v1 requests decode as v1alpha ones and v1alpha answers encode as
+# v1 ones, byte for byte. v1's descriptor is registered too, so reflection describes it.
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def reflection_v1_descriptor() -> _descriptor.FileDescriptor:
+    """grpc/reflection/v1/reflection.proto, in the default pool: the v1alpha file renamed."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindFileByName(_REFLECTION_V1_FILE)  # registered already (this or another library)
+    except KeyError:
+        pass
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = _REFLECTION_V1_FILE
+    proto.package = "grpc.reflection.v1"
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name[len(old):]
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = new + method.input_type[len(old):]
+            method.output_type = new + method.output_type[len(old):]
+    proto.options.java_package = "io.grpc.reflection.v1"
+    proto.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    proto.options.ClearField("deprecated")  # v1alpha is deprecated in favour of v1
+    return pool.AddSerializedFile(proto.SerializeToString())
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Serve reflection v1 and v1alpha, each listing ``service_names`` and both reflection services."""
+    reflection_v1_descriptor()  # so that reflection can describe its own v1 service
+    servicer = reflection.aio.ReflectionServicer((*service_names, REFLECTION_V1_SERVICE, reflection.SERVICE_NAME))
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    for service in (REFLECTION_V1_SERVICE, reflection.SERVICE_NAME):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
 
 
 # Calls gRPC core holds for the event loop to pick up (each a few hundred bytes).
@@ -213,10 +267,7 @@ async def start_server(
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     async def give_up(what: str) -> NoReturn:
         """Could not listen: close what is open, say where."""
         await server.stop(0)

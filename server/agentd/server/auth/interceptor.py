@@ -30,11 +30,18 @@ from agentd.server.auth.audit import audit, resource_of
 from agentd.server.auth.base import AuthenticationError, Authenticator, AuthUnavailableError, Credentials
 from agentd.server.auth.methods import HEALTH_PREFIX, METHOD_SCOPES, MUTATING, REFLECTION_PREFIXES
 from agentd.server.auth.principal import ANONYMOUS, Principal, set_current_principal
+from agentd.server.services.status import Problem, abort, invalid_argument
 from agentd.server.tenancy import valid_tenant
 
 log = logging.getLogger("agentd.auth")
 
 TENANT_HEADER = "x-agentd-tenant"
+
+
+# RetryInfo delays: an overloaded replica frees call slots within moments; a JWKS endpoint
+# that did not answer is asked again after this long.
+OVERLOADED_RETRY_S = 0.05
+AUTH_UNAVAILABLE_RETRY_S = 1.0
 
 
 class Undecodable:
@@ -61,11 +68,11 @@ def guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 
 async def reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
     if isinstance(request, Undecodable):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"request: not a valid protobuf message of this method's request type ({request.problem});"
+        await abort(context, invalid_argument(
+            "request",
+            f"not a valid protobuf message of this method's request type ({request.problem});"
             " strings must be UTF-8 and Struct/ListValue nesting must stay under 50 levels",
-        )
+        ))
 _MAX_TOKEN_CHARS = 16_384
 
 
@@ -167,34 +174,42 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         The caller releases the slot (``_release``) when the call ends, however it ends.
         """
         if self._in_flight >= self._max_in_flight:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await abort(context, Problem(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_OVERLOADED",
                 f"the server is serving its limit of {self._max_in_flight} calls at once (AGENTD_MAX_CONCURRENT_RPCS);"
                 " retry with backoff, or on another replica",
-            )
+                {"limit": str(self._max_in_flight)}, retry_after_s=OVERLOADED_RETRY_S,
+            ))
         try:
             principal = await self._auth.principal(credentials_of(details.invocation_metadata, context))
         except AuthenticationError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await abort(context, Problem(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", str(exc)))
         except AuthUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await abort(context, Problem(
+                grpc.StatusCode.UNAVAILABLE, "AUTH_UNAVAILABLE", str(exc), retry_after_s=AUTH_UNAVAILABLE_RETRY_S
+            ))
         if method is not None:
             scope = METHOD_SCOPES.get(method)
             if scope is None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to callers")
+                await abort(context, Problem(
+                    grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", f"{method} is not open to callers",
+                    {"method": method},
+                ))
             if not principal.allows(scope):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                await abort(context, Problem(
+                    grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
                     f"{method.rsplit('/', 1)[-1]} needs the '{scope.value}' scope, which this caller does not have",
-                )
+                    {"method": method, "required_scope": scope.value},
+                ))
         tenant = next((v for k, v in details.invocation_metadata or () if k == TENANT_HEADER), None)
         if tenant is not None and tenant != principal.tenant:
             if not principal.is_admin:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only 'admin' callers may send {TENANT_HEADER}")
+                await abort(context, Problem(
+                    grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                    f"only 'admin' callers may send {TENANT_HEADER}", {"method": details.method},
+                ))
             if not isinstance(tenant, str) or not valid_tenant(tenant):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER}: 1-64 characters of A-Z a-z 0-9 . _ -"
-                )
+                await abort(context, invalid_argument(TENANT_HEADER, "1-64 characters of A-Z a-z 0-9 . _ -"))
             principal = principal.acting_in(tenant)
         set_current_principal(principal)
         self._in_flight += 1

@@ -21,11 +21,12 @@ from agentd.server.runs.manager import RunManager
 from agentd.server.runs.records import DuplicateRunError, RunNotFoundError, RunRecord, SessionPolicy, action_key
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
-from agentd.server.services import validation
+from agentd.server.services import status, validation
 from agentd.server.services.convert import dict_from_struct, run_to_proto, struct_from_dict, write_run_event
 from agentd.server.services.errors import HANDLED, NotFound, abort, unary_errors
+from agentd.server.services.status import Problem
 from agentd.server.services.validation import InvalidArgument
-from agentd.server.tenancy import scoped
+from agentd.server.tenancy import local, scoped
 from agentd.v1 import agent_service_pb2 as pb
 from agentd.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -55,7 +56,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> pb.GetAgentResponse:
-        name = validation.check_id("name", validation.resource_id("name", request.name, "agents"))
+        name = validation.resource_id("name", request.name, "agents")
         return pb.GetAgentResponse(agent=self._agent_proto(name, "name"))
 
     async def StreamRun(
@@ -71,9 +72,9 @@ class AgentService(pb_grpc.AgentServiceServicer):
     ) -> AsyncIterator[pb.RunResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("action") != "start":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "start: the first message on a Run stream must set 'start'"
-            )
+            await status.abort(context, status.invalid_argument(
+                "start", "the first message on a Run stream must set 'start'"
+            ))
         record = await self._start_attached(first.start, "start", context)
         reader = asyncio.create_task(_read_controls(request_iterator, record.run_id, self._runs))
         try:
@@ -95,9 +96,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
-        if not request.session:
-            raise InvalidArgument("session", "is required: runs are listed per session, e.g. 'sessions/abc'")
-        local_id = validation.session_id("session", request.session, allow_bare=True)
+        local_id = validation.session_id("session", request.session)
         session_id = scoped(current_principal().tenant, local_id)
         size = validation.page_size(request.page_size, DEFAULT_RUN_PAGE)
         cursor = validation.decode_page_token("runs", request.page_token, scope=session_id)
@@ -199,7 +198,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
         async def end_behind() -> None:
             try:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, behind)
+                await status.abort(context, Problem(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "STREAM_LAGGED", behind,
+                    {"run": f"runs/{local(run_id)}", "last_sequence": str(sent)},
+                ))
             except BaseException:  # AbortError: the status is on its way
                 pass
             if handler is not None and not handler.done():
@@ -252,8 +254,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             await asyncio.wait({ender})  # it sends the status and ends this call
 
     def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
-        agent = validation.resource_id(f"{field}.agent", start.agent, "agents", allow_bare=True)
-        validation.check_id(f"{field}.agent", agent)
+        agent = validation.resource_id(f"{field}.agent", start.agent, "agents")
         self._agent_proto(agent, f"{field}.agent")
         validation.check_text(f"{field}.input", start.input)
         if not start.input.strip():
@@ -275,7 +276,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         principal = current_principal()
         local_session = None
         if start.session:
-            local_session = validation.session_id(f"{field}.session", start.session, allow_bare=True)
+            local_session = validation.session_id(f"{field}.session", start.session)
         session_id = scoped(principal.tenant, local_session) if local_session else None
         return RunInput(
             run_id=new_run_id(),
@@ -296,7 +297,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
         agent = self._agents.get(name)
         if agent is None:
             known = ", ".join(self._agent_order)
-            raise NotFound(f"{field}: agent {validation.quote(name)} does not exist; this server hosts: {known}")
+            raise NotFound(
+                f"{field}: agent {validation.quote(name)} does not exist; this server hosts: {known}",
+                reason="AGENT_NOT_FOUND", resource=f"agents/{name}", metadata={"agent": name},
+            )
         return agent
 
 
@@ -342,10 +346,8 @@ def _approval_answer(approval: pb.ToolApproval, field: str) -> tuple[str, dict[s
 
 
 def _run_id(field: str, name: str) -> str:
-    run_id = validation.resource_id(field, name, "runs", allow_bare=True)
-    if not run_id or len(run_id) > validation.MAX_ID_CHARS:
-        raise InvalidArgument(field, "must name a run, e.g. 'runs/run_0123…'")
-    return validation.check_id(field, run_id)
+    """The run id of ``runs/{run}`` or a bare run id (``validation.resource_id``)."""
+    return validation.resource_id(field, name, "runs")
 
 
 async def _read_controls(request_iterator: AsyncIterator[pb.RunRequest], run_id: str, runs: RunManager) -> None:

@@ -32,9 +32,8 @@ DEFAULT_SESSION_PAGE = 50
 DEFAULT_ITEM_PAGE = 100
 MAX_ITEMS_PER_ADD = 1000
 _REQUEST_ID_NAMESPACE = uuid.UUID("6f1d2c1e-3b0a-4c8e-9a57-2f5f0c1d7a10")
-_UPDATABLE = {"metadata", "state", "ttl"}
-# An empty update mask replaces these (plus ttl when the request sets it).
-_DEFAULT_UPDATE = {"metadata", "state"}
+# The Session fields UpdateSession can change (update_mask paths); "*" names them all.
+_UPDATABLE = ("metadata", "state", "ttl")
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
@@ -92,12 +91,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary_errors
     async def UpdateSession(self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext) -> pb.UpdateSessionResponse:
+        """AIP-134: with an update mask, exactly the masked fields (one masked but empty is
+        cleared; ``*`` masks them all); without one, the fields set in ``session``."""
         session_id = _scoped(validation.session_id("session.name", request.session.name))
-        paths = set(request.update_mask.paths) or _DEFAULT_UPDATE | ({"ttl"} if request.session.HasField("ttl") else set())
-        unknown = paths - _UPDATABLE
-        if unknown:
-            got = ", ".join(validation.quote(path) for path in sorted(unknown)[:5])
-            raise InvalidArgument("update_mask", f"can only name 'metadata', 'state' and 'ttl', got {got}")
+        paths = _update_paths(request)
         if "state" in paths:
             validation.check_struct("session.state", request.session.state)
         record = await self._store.update_session(
@@ -171,9 +168,43 @@ class SessionService(pb_grpc.SessionServiceServicer):
         run_id = await self._runs.active_run_for_session(session_id)
         if run_id is not None:
             raise FailedPrecondition(
-                f"session {local(session_id)!r} has an active run ({run_id}); wait for it to end or cancel it"
+                f"session {local(session_id)!r} has an active run ({run_id}); wait for it to end or cancel it",
+                reason="SESSION_BUSY",
+                metadata={"session": f"sessions/{local(session_id)}", "active_run": f"runs/{local(run_id)}"},
             )
         return session_id
+
+
+def _update_paths(request: pb.UpdateSessionRequest) -> set[str]:
+    """The Session fields an UpdateSession request replaces (AIP-134).
+
+    With an update mask: exactly its paths, each one of ``_UPDATABLE`` or ``*`` (all of
+    them); a masked field left empty in ``session`` is cleared (a ttl masked but unset
+    removes the expiry). Without one (or with no paths): the fields ``session`` sets, that
+    is a non-empty ``metadata`` or ``state``, and a ``ttl`` that is present (zero removes
+    the expiry); a field not sent is left as it is.
+    """
+    session = request.session
+    if not request.update_mask.paths:
+        implied = {"metadata"} if session.metadata else set()
+        if session.state.fields:
+            implied.add("state")
+        if session.HasField("ttl"):
+            implied.add("ttl")
+        return implied
+    paths: set[str] = set()
+    for index, path in enumerate(request.update_mask.paths):
+        if path == "*":
+            paths.update(_UPDATABLE)
+        elif path in _UPDATABLE:
+            paths.add(path)
+        else:
+            raise InvalidArgument(
+                f"update_mask.paths[{index}]",
+                f"{validation.quote(path)} is not a field UpdateSession can change; "
+                "use 'metadata', 'state', 'ttl' or '*' (all three)",
+            )
+    return paths
 
 
 def _scoped(session_id: str) -> str:

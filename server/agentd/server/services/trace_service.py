@@ -40,8 +40,10 @@ class TraceService(pb_grpc.TraceServiceServicer):
         status = _STATUS_FILTER.get(request.status)
         if status is None:
             raise InvalidArgument("status", f"unknown status value {request.status}")
-        for field in ("workflow_name", "group_id", "agent"):
+        for field in ("workflow_name", "group_id"):
             validation.check_id(field, getattr(request, field))
+        # The agent filter names an agent: 'agents/ID' or the bare ID, as every name field.
+        agent = validation.resource_id("agent", request.agent, "agents") if request.agent else ""
         start_from = validation.unix_ns("start_time_from", request.start_time_from) \
             if request.HasField("start_time_from") else 0
         start_to = validation.unix_ns("start_time_to", request.start_time_to) if request.HasField("start_time_to") else 0
@@ -49,7 +51,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
         tenant = current_principal().tenant
         # A token continues the listing it came from: the same tenant and the same filters.
-        scope = "\x00".join((tenant, request.workflow_name, request.group_id, request.agent, status,
+        scope = "\x00".join((tenant, request.workflow_name, request.group_id, agent, status,
                              str(start_from), str(start_to)))
         cursor = validation.decode_page_token("traces", request.page_token, scope=scope)
         before = None
@@ -64,7 +66,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
             before=before,
             workflow_name=request.workflow_name,
             group_id=request.group_id,
-            agent=request.agent,
+            agent=agent,
             status=status,
             start_from_ns=start_from,
             start_to_ns=start_to,
@@ -80,12 +82,15 @@ class TraceService(pb_grpc.TraceServiceServicer):
 
     @unary_errors
     async def GetTrace(self, request: pb.GetTraceRequest, context: grpc.aio.ServicerContext) -> pb.GetTraceResponse:
-        trace_id = validation.check_id("name", validation.resource_id("name", request.name, "traces", allow_bare=True))
+        trace_id = validation.resource_id("name", request.name, "traces")
         tenant = current_principal().tenant
         trace = await self._store.get_trace(trace_id, tenant)
         # Another tenant's trace is answered exactly as a missing one: the same code, the same message.
         if trace is None or trace.tenant != tenant:
-            raise NotFound(f"name: trace {validation.quote(trace_id)} does not exist (or has aged out of the trace store)")
+            raise NotFound(
+                f"name: trace {validation.quote(trace_id)} does not exist (or has aged out of the trace store)",
+                reason="TRACE_NOT_FOUND", resource=f"traces/{trace_id}", metadata={"trace": trace_id},
+            )
         spans = sorted(trace.spans, key=lambda s: s.start_ns)
         return pb.GetTraceResponse(trace=_trace_to_proto(trace), spans=[_span_to_proto(s) for s in spans])
 

@@ -7,6 +7,8 @@ the reply's metadata, which has a size limit).
 
 What the rules keep out of the stores, whichever store runs:
 
+- resource names (every request field naming an agent, session, run or trace):
+  ``{collection}/{id}`` or the bare ``{id}``, nothing else (``resource_id``);
 - ids and names (request ids, run, session, agent, trace and call ids, tool names,
   trace labels, metadata keys): no control characters, at most ``MAX_ID_CHARS``;
 - text (run input, item text, tool outputs, reasons, metadata values, Struct strings
@@ -45,6 +47,7 @@ class InvalidArgument(Exception):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
 
 
 def quote(value: str, limit: int = QUOTE_CHARS) -> str:
@@ -117,22 +120,44 @@ def check_struct(field: str, message: struct_pb2.Struct | struct_pb2.ListValue |
 
 
 # Resource names
+#
+# One rule for every request field that names a resource (an agent, a session, a run, a
+# trace, the parent of items): the full resource name (``sessions/abc``) or the bare id
+# (``abc``). A name in another collection (``runs/x`` where a session is expected), an
+# empty id (``sessions/``) or a deeper path (``sessions/a/b``) is INVALID_ARGUMENT naming
+# the field and the form expected. Responses always carry full names.
+
+# The collections, and what one of their ids is called in messages.
+COLLECTIONS = {"agents": "agent", "sessions": "session", "runs": "run", "traces": "trace"}
 
 
-def resource_id(field: str, value: str, collection: str, *, allow_bare: bool = False) -> str:
-    """The ``{id}`` of ``{collection}/{id}``."""
-    prefix = f"{collection}/"
-    if value.startswith(prefix):
-        return value[len(prefix):]
-    if allow_bare and value and "/" not in value:
-        return value
+def name_forms(collection: str) -> str:
+    """The accepted forms of a name in ``collection``, as error messages state them."""
+    return f"'{collection}/ID' or a bare {COLLECTIONS[collection]} ID"
+
+
+def resource_id(field: str, value: str, collection: str) -> str:
+    """The ``{id}`` of ``{collection}/{id}`` or of a bare ``{id}``, checked as an id (``check_id``)."""
+    expected = name_forms(collection)
     if not value:
-        raise InvalidArgument(field, f"is required; send a resource name like '{collection}/ID'")
-    raise InvalidArgument(field, f"must be a resource name like '{collection}/ID', got {quote(value)}")
+        raise InvalidArgument(field, f"is required; send {expected}")
+    head, slash, rest = value.partition("/")
+    if not slash:
+        rid = value
+    elif head != collection:
+        other = COLLECTIONS.get(head)
+        what = f"names a {other}, not a {COLLECTIONS[collection]}" if other else "is not a resource name here"
+        raise InvalidArgument(field, f"{quote(value)} {what}; send {expected}")
+    elif not rest or "/" in rest:
+        raise InvalidArgument(field, f"must be {expected}, got {quote(value)}")
+    else:
+        rid = rest
+    return check_id(field, rid)
 
 
-def session_id(field: str, value: str, *, allow_bare: bool = False) -> str:
-    sid = resource_id(field, value, "sessions", allow_bare=allow_bare)
+def session_id(field: str, value: str) -> str:
+    """The session id of a session name or bare id (``resource_id``), in the session id alphabet."""
+    sid = resource_id(field, value, "sessions")
     check_session_id(field, sid)
     return sid
 
