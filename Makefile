@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/agentd/v1/*.proto)
 
-.PHONY: demo serve replicas test test-throwaway proto proto-check bench clean
+.PHONY: demo serve replicas test test-throwaway proto proto-check proto-baseline bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,18 +44,53 @@ STORE_TESTS := tests/test_test_servers.py tests/test_run_stores.py tests/test_se
 test-throwaway: $(VENV)/.dev
 	AGENTD_TEST_THROWAWAY_SERVERS=1 $(PY) -m pytest $(STORE_TESTS)
 
-## Regenerate generated/ from protos/.
-proto: $(VENV)/.dev
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTO_FILES)
+## Contracts: buf (in the venv, from the `dev` extra) lints protos/, checks them against the last
+## released contract and runs the code generators of buf.gen.yaml (Python via the pinned
+## grpcio-tools, TypeScript via @bufbuild/protoc-gen-es pinned in scripts/codegen/).
+BUF            := $(VENV)/bin/buf
+CODEGEN        := scripts/codegen
+CODEGEN_DEPS   := $(CODEGEN)/node_modules/.package-lock.json
+# The last released contract (a buf image): `make proto-check` fails on a change that breaks it.
+PROTO_BASELINE := protos/baseline/agentd-v0.1.binpb
 
-## Fail when generated/ is stale or buf lint finds problems.
-proto-check: $(VENV)/.dev
-	$(VENV)/bin/buf lint
+$(CODEGEN_DEPS): $(CODEGEN)/package.json $(CODEGEN)/package-lock.json
+	cd $(CODEGEN) && npm ci
+	touch $@
+
+## Regenerate generated/ from protos/: Python (generated/agentd/v1/, its __init__.py kept) and
+## TypeScript (generated/ts/agentd/v1/), both with `buf generate` (buf.gen.yaml).
+proto: $(VENV)/.dev $(CODEGEN_DEPS)
+	rm -rf generated/ts
+	find generated/agentd/v1 -maxdepth 1 -name '*_pb2*.py*' -delete
+	$(BUF) generate
+
+## Fail when buf lint finds problems (STANDARD and COMMENTS rules), when protos/ breaks the last
+## released contract (buf breaking, FILE rules, against $(PROTO_BASELINE)), or when generated/
+## (Python or TypeScript) differs from a fresh `buf generate`.
+##
+## Cutting a new baseline at a release (say v0.2), from the commit being released, with
+## `make proto-check` passing:
+##   1. make proto-baseline RELEASE=v0.2   (writes protos/baseline/agentd-v0.2.binpb)
+##   2. point PROTO_BASELINE above at that file, delete the previous image, and commit both
+##      with the release. From then on breaking changes are judged against v0.2.
+## A deliberate breaking change (a new major version, e.g. agentd.v2 in protos/agentd/v2) is
+## not pushed past the check: add the new package beside the old one.
+proto-check: $(VENV)/.dev $(CODEGEN_DEPS)
+	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_BASELINE)
 	@tmp=$$(mktemp -d) && \
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_FILES) && \
-	cp generated/agentd/v1/__init__.py $$tmp/agentd/v1/__init__.py && \
-	if diff -r -x __pycache__ $$tmp/agentd generated/agentd >/dev/null; then echo "generated/ is up to date"; rm -rf $$tmp; \
-	else echo "generated/ is stale: run 'make proto' and commit the result"; diff -r -q -x __pycache__ $$tmp/agentd generated/agentd; rm -rf $$tmp; exit 1; fi
+	$(BUF) generate --output $$tmp && \
+	cp generated/agentd/v1/__init__.py $$tmp/generated/agentd/v1/__init__.py && \
+	if diff -r -x __pycache__ $$tmp/generated generated >/dev/null; then echo "generated/ is up to date"; rm -rf $$tmp; \
+	else echo "generated/ is stale: run 'make proto' and commit the result"; diff -r -q -x __pycache__ $$tmp/generated generated; rm -rf $$tmp; exit 1; fi
+
+## Record the contract as released: protos/ as a buf image, protos/baseline/agentd-$(RELEASE).binpb
+## (see proto-check for the steps of a release).
+proto-baseline: $(VENV)/.dev
+	@test -n "$(RELEASE)" || { echo "usage: make proto-baseline RELEASE=v0.2"; exit 2; }
+	$(BUF) lint
+	$(BUF) build --exclude-source-info -o protos/baseline/agentd-$(RELEASE).binpb
+	@echo "wrote protos/baseline/agentd-$(RELEASE).binpb; now point PROTO_BASELINE in the Makefile at it"
 
 ## Benchmark: latency, overhead per turn, throughput, RSS, stores, replicas (see README, Performance).
 bench: $(VENV)/.dev
@@ -64,6 +99,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_replicas.py
 	$(PY) bench/bench_auth.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_long_session.py
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache

@@ -28,15 +28,41 @@ if _version_not_supported:
 class AgentServiceStub:
     """AgentService lists the agents a server hosts and runs them.
 
+    Transport: agentd serves gRPC over HTTP/2 (over TLS when configured) and
+    nothing else: it does not serve gRPC-Web or JSON. Browsers should reach
+    agentd through their own backend, or through a gRPC-Web proxy such as
+    Envoy's grpc_web filter, which agentd does not ship (through such a proxy
+    only unary and server-streaming calls work: StreamRun and WatchRun, not
+    Run). A message in either direction is at most AGENTD_MAX_MESSAGE_BYTES
+    (8 MiB by default).
+
+    Names: every request field that names a resource accepts the full resource
+    name (`agents/{agent}`, `sessions/{session}`, `runs/{run}`) or the bare id
+    (`{agent}`, `{session}`, `{run}`); a name of another collection, an empty
+    id or a deeper path is INVALID_ARGUMENT. Ids are at most 200 characters
+    without control characters (session ids: 1..128 of `[A-Za-z0-9._:-]`).
+    Responses carry full names; run events (RunEvent) carry bare ids where
+    their comments say so.
+
+    Tenancy: a run belongs to the tenant of the caller that started it. Another
+    tenant's run answers exactly as a missing one (RUN_NOT_FOUND); session ids
+    and request ids are the caller's tenant's own.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope, named on each RPC), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
+
     Runs are resources kept in a shared run store (Redis or Postgres when
     configured, in memory on the embedded default), so any replica can answer
     for any run:
     - `Run` is a bidirectional stream. The caller's first message carries
     `start`; the server answers with the run's events as they happen; the
-    caller may send `cancel` on the same stream while the run is going.
-    Half-closing the request side does not cancel the run.
-    - `StreamRun` is the server-streaming form for callers that cannot hold a
-    bidirectional stream (grpc-web, simple scripts).
+    caller may send `cancel` (and answers to the run's tool calls) on the same
+    stream while the run is going. Half-closing the request side does not
+    cancel the run.
+    - `StreamRun` is the server-streaming form, for callers that cannot hold a
+    bidirectional stream (simple scripts, gRPC-Web proxies).
     - `CreateRun` starts a background run and returns it at once; `GetRun`,
     `ListRuns` and `CancelRun` work from any replica.
     - `WatchRun(run, after_sequence)` replays a run's events after that
@@ -50,16 +76,20 @@ class AgentServiceStub:
 
     Event streams end with exactly one terminal event (run_completed,
     run_failed or run_cancelled) and then an OK status. An error status on
-    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
-    request, unknown agent, busy session, full queue, draining replica).
+    `Run`, `StreamRun` or `CreateRun` before any event means the run was not
+    created (invalid request, unknown agent, busy session, full queue, draining
+    replica). An error status after events ends the stream, not the run
+    (STREAM_LAGGED: the caller reads too slowly): re-attach with WatchRun.
 
     Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
     once; beyond that a new run is queued (status QUEUED) and any replica with
-    free capacity picks it up. The executing replica holds a lease and
-    checkpoints the run after every completed step; if it dies, another replica
-    resumes the run from its last checkpoint and the event stream continues with
-    a `run_resumed` event. A tool call that was in flight at the crash may
-    execute again: tools receive a stable call id to deduplicate.
+    free capacity picks it up. The executing replica holds a lease
+    (AGENTD_RUN_LEASE_S) and checkpoints the run after every completed step; if
+    it dies, another replica resumes the run from its last checkpoint and the
+    event stream continues with a `run_resumed` event. A tool call that was in
+    flight at the crash may execute again: tools receive a stable call id to
+    deduplicate. Ended runs, their events and their request ids are kept for
+    AGENTD_RUN_RETENTION_S (one day by default); then they are NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -128,15 +158,41 @@ class AgentServiceStub:
 class AgentServiceServicer:
     """AgentService lists the agents a server hosts and runs them.
 
+    Transport: agentd serves gRPC over HTTP/2 (over TLS when configured) and
+    nothing else: it does not serve gRPC-Web or JSON. Browsers should reach
+    agentd through their own backend, or through a gRPC-Web proxy such as
+    Envoy's grpc_web filter, which agentd does not ship (through such a proxy
+    only unary and server-streaming calls work: StreamRun and WatchRun, not
+    Run). A message in either direction is at most AGENTD_MAX_MESSAGE_BYTES
+    (8 MiB by default).
+
+    Names: every request field that names a resource accepts the full resource
+    name (`agents/{agent}`, `sessions/{session}`, `runs/{run}`) or the bare id
+    (`{agent}`, `{session}`, `{run}`); a name of another collection, an empty
+    id or a deeper path is INVALID_ARGUMENT. Ids are at most 200 characters
+    without control characters (session ids: 1..128 of `[A-Za-z0-9._:-]`).
+    Responses carry full names; run events (RunEvent) carry bare ids where
+    their comments say so.
+
+    Tenancy: a run belongs to the tenant of the caller that started it. Another
+    tenant's run answers exactly as a missing one (RUN_NOT_FOUND); session ids
+    and request ids are the caller's tenant's own.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope, named on each RPC), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
+
     Runs are resources kept in a shared run store (Redis or Postgres when
     configured, in memory on the embedded default), so any replica can answer
     for any run:
     - `Run` is a bidirectional stream. The caller's first message carries
     `start`; the server answers with the run's events as they happen; the
-    caller may send `cancel` on the same stream while the run is going.
-    Half-closing the request side does not cancel the run.
-    - `StreamRun` is the server-streaming form for callers that cannot hold a
-    bidirectional stream (grpc-web, simple scripts).
+    caller may send `cancel` (and answers to the run's tool calls) on the same
+    stream while the run is going. Half-closing the request side does not
+    cancel the run.
+    - `StreamRun` is the server-streaming form, for callers that cannot hold a
+    bidirectional stream (simple scripts, gRPC-Web proxies).
     - `CreateRun` starts a background run and returns it at once; `GetRun`,
     `ListRuns` and `CancelRun` work from any replica.
     - `WatchRun(run, after_sequence)` replays a run's events after that
@@ -150,20 +206,29 @@ class AgentServiceServicer:
 
     Event streams end with exactly one terminal event (run_completed,
     run_failed or run_cancelled) and then an OK status. An error status on
-    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
-    request, unknown agent, busy session, full queue, draining replica).
+    `Run`, `StreamRun` or `CreateRun` before any event means the run was not
+    created (invalid request, unknown agent, busy session, full queue, draining
+    replica). An error status after events ends the stream, not the run
+    (STREAM_LAGGED: the caller reads too slowly): re-attach with WatchRun.
 
     Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
     once; beyond that a new run is queued (status QUEUED) and any replica with
-    free capacity picks it up. The executing replica holds a lease and
-    checkpoints the run after every completed step; if it dies, another replica
-    resumes the run from its last checkpoint and the event stream continues with
-    a `run_resumed` event. A tool call that was in flight at the crash may
-    execute again: tools receive a stable call id to deduplicate.
+    free capacity picks it up. The executing replica holds a lease
+    (AGENTD_RUN_LEASE_S) and checkpoints the run after every completed step; if
+    it dies, another replica resumes the run from its last checkpoint and the
+    event stream continues with a `run_resumed` event. A tool call that was in
+    flight at the crash may execute again: tools receive a stable call id to
+    deduplicate. Ended runs, their events and their request ids are kept for
+    AGENTD_RUN_RETENTION_S (one day by default); then they are NOT_FOUND.
     """
 
     def ListAgents(self, request, context):
-        """Lists the agents this server hosts.
+        """Lists the agents this server hosts, ordered by id. The list is fixed for
+        the server's lifetime and the same for every tenant.
+
+        Scope `agents:read`. Errors: INVALID_ARGUMENT (page_size, page_token),
+        plus UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+        SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,51 +236,98 @@ class AgentServiceServicer:
 
     def GetAgent(self, request, context):
         """Gets one agent, with its tools' JSON schemas and its handoffs.
+
+        Scope `agents:read`. Errors: INVALID_ARGUMENT (name), AGENT_NOT_FOUND,
+        plus UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+        SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Run(self, request_iterator, context):
-        """Starts a run and streams its events; see the service comment.
+        """Starts a run and streams its events on one bidirectional stream.
+
+        The first request must set `start` (else INVALID_ARGUMENT). Later
+        requests may set `cancel`, `tool_outputs` or `approval` while the run
+        goes on; the stream has no reply for them: one the run does not take (an
+        answer it does not wait for, an invalid one) is dropped and logged by the
+        server (SubmitToolOutputs and ApproveToolCall answer with a status). A
+        second `start` cancels the run. Half-closing the request side does not
+        cancel the run; the stream going away does, unless `start.detached` is
+        set.
+
+        Scope `runs:write`. Errors before any event (no run was created):
+        INVALID_ARGUMENT, AGENT_NOT_FOUND, SESSION_BUSY, DUPLICATE_REQUEST,
+        QUEUE_FULL, TENANT_LIMIT, DRAINING, STORE_UNAVAILABLE. Errors after
+        events (the run goes on; re-attach with WatchRun): STREAM_LAGGED,
+        STORE_UNAVAILABLE, RUN_NOT_FOUND (the run store forgot the run meanwhile).
+        Plus UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+        SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamRun(self, request, context):
-        """Starts a run and streams its events, without a request stream.
+        """Starts a run and streams its events, without a request stream; cancel it
+        with CancelRun, answer its tool calls with SubmitToolOutputs and
+        ApproveToolCall. The stream going away cancels the run unless
+        `start.detached` is set.
+
+        Scope `runs:write`. Errors: as Run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateRun(self, request, context):
-        """Creates a background run and returns it at once (queued or running).
-        With a `request_id` it is idempotent: a retry returns the run the first
-        call created, whatever its status.
+        """Creates a background run and returns it at once (QUEUED, or RUNNING when
+        this replica had capacity). The run is always detached. With a
+        `start.request_id` it is idempotent: a retry returns the run the first
+        call created, whatever its status, as long as that run is kept.
+
+        Scope `runs:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+        SESSION_BUSY, QUEUE_FULL, TENANT_LIMIT, DRAINING, STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+        as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Gets a run: status, executing replica, result.
+        """Gets a run: status, executing replica, what it waits for, result.
+
+        Scope `runs:read`. Errors: INVALID_ARGUMENT (name), RUN_NOT_FOUND,
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Lists a session's runs, newest first.
+        """Lists a session's runs (those the run store still keeps), newest first. A
+        session without runs, or one that does not exist, lists none.
+
+        Scope `runs:read`. Errors: INVALID_ARGUMENT (session, page_size,
+        page_token), STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Cancels a run wherever it executes; a run that already ended is returned
-        unchanged.
+        """Cancels a run wherever it executes: a queued run ends at once, a running
+        one at its next step boundary (it emits run_cancelled). A run that already
+        ended is returned unchanged, and so is one already being cancelled (the
+        first reason stands).
+
+        Scope `runs:write`. Errors: INVALID_ARGUMENT (name, reason),
+        RUN_NOT_FOUND, STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,7 +335,14 @@ class AgentServiceServicer:
 
     def WatchRun(self, request, context):
         """Streams a run's events after `after_sequence`, then its live tail, until
-        its terminal event.
+        its terminal event; then the stream ends with OK. For a run that already
+        ended, the stream replays the rest of its events (none when
+        `after_sequence` is at or past its last one) and ends. Watching does not
+        attach: a watcher going away never cancels the run.
+
+        Scope `runs:read`. Errors: INVALID_ARGUMENT (name, after_sequence),
+        RUN_NOT_FOUND, STREAM_LAGGED, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,7 +350,15 @@ class AgentServiceServicer:
 
     def SubmitToolOutputs(self, request, context):
         """Hands the run the outputs of caller-executed tool calls it asked for
-        (`action_required` events with TOOL_OUTPUT), from any replica.
+        (`action_required` events with TOOL_OUTPUT), from any replica. Each call
+        takes one output: a repeat of the output it has is accepted and changes
+        nothing (a retry is harmless, even after the run moved on); a different
+        one is ANSWER_CONFLICT. The outputs of one request are taken all or none.
+
+        Scope `runs:write`. Errors: INVALID_ARGUMENT (name, outputs),
+        RUN_NOT_FOUND, RUN_NOT_WAITING, ANSWER_CONFLICT, STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+        as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,7 +366,14 @@ class AgentServiceServicer:
 
     def ApproveToolCall(self, request, context):
         """Approves or denies a tool call the run asked approval for
-        (`action_required` events with APPROVAL), from any replica.
+        (`action_required` events with APPROVAL), from any replica. Each call
+        takes one decision: repeating it is accepted and changes nothing (the
+        first reason stands); the opposite decision is ANSWER_CONFLICT.
+
+        Scope `runs:write`. Errors: INVALID_ARGUMENT (name, approval),
+        RUN_NOT_FOUND, RUN_NOT_WAITING, ANSWER_CONFLICT, STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+        as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -314,15 +448,41 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """AgentService lists the agents a server hosts and runs them.
 
+    Transport: agentd serves gRPC over HTTP/2 (over TLS when configured) and
+    nothing else: it does not serve gRPC-Web or JSON. Browsers should reach
+    agentd through their own backend, or through a gRPC-Web proxy such as
+    Envoy's grpc_web filter, which agentd does not ship (through such a proxy
+    only unary and server-streaming calls work: StreamRun and WatchRun, not
+    Run). A message in either direction is at most AGENTD_MAX_MESSAGE_BYTES
+    (8 MiB by default).
+
+    Names: every request field that names a resource accepts the full resource
+    name (`agents/{agent}`, `sessions/{session}`, `runs/{run}`) or the bare id
+    (`{agent}`, `{session}`, `{run}`); a name of another collection, an empty
+    id or a deeper path is INVALID_ARGUMENT. Ids are at most 200 characters
+    without control characters (session ids: 1..128 of `[A-Za-z0-9._:-]`).
+    Responses carry full names; run events (RunEvent) carry bare ids where
+    their comments say so.
+
+    Tenancy: a run belongs to the tenant of the caller that started it. Another
+    tenant's run answers exactly as a missing one (RUN_NOT_FOUND); session ids
+    and request ids are the caller's tenant's own.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope, named on each RPC), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
+
     Runs are resources kept in a shared run store (Redis or Postgres when
     configured, in memory on the embedded default), so any replica can answer
     for any run:
     - `Run` is a bidirectional stream. The caller's first message carries
     `start`; the server answers with the run's events as they happen; the
-    caller may send `cancel` on the same stream while the run is going.
-    Half-closing the request side does not cancel the run.
-    - `StreamRun` is the server-streaming form for callers that cannot hold a
-    bidirectional stream (grpc-web, simple scripts).
+    caller may send `cancel` (and answers to the run's tool calls) on the same
+    stream while the run is going. Half-closing the request side does not
+    cancel the run.
+    - `StreamRun` is the server-streaming form, for callers that cannot hold a
+    bidirectional stream (simple scripts, gRPC-Web proxies).
     - `CreateRun` starts a background run and returns it at once; `GetRun`,
     `ListRuns` and `CancelRun` work from any replica.
     - `WatchRun(run, after_sequence)` replays a run's events after that
@@ -336,16 +496,20 @@ class AgentService:
 
     Event streams end with exactly one terminal event (run_completed,
     run_failed or run_cancelled) and then an OK status. An error status on
-    `Run`, `StreamRun` or `CreateRun` means the run was not created (invalid
-    request, unknown agent, busy session, full queue, draining replica).
+    `Run`, `StreamRun` or `CreateRun` before any event means the run was not
+    created (invalid request, unknown agent, busy session, full queue, draining
+    replica). An error status after events ends the stream, not the run
+    (STREAM_LAGGED: the caller reads too slowly): re-attach with WatchRun.
 
     Work distribution: a replica executes at most AGENTD_MAX_ACTIVE_RUNS runs at
     once; beyond that a new run is queued (status QUEUED) and any replica with
-    free capacity picks it up. The executing replica holds a lease and
-    checkpoints the run after every completed step; if it dies, another replica
-    resumes the run from its last checkpoint and the event stream continues with
-    a `run_resumed` event. A tool call that was in flight at the crash may
-    execute again: tools receive a stable call id to deduplicate.
+    free capacity picks it up. The executing replica holds a lease
+    (AGENTD_RUN_LEASE_S) and checkpoints the run after every completed step; if
+    it dies, another replica resumes the run from its last checkpoint and the
+    event stream continues with a `run_resumed` event. A tool call that was in
+    flight at the crash may execute again: tools receive a stable call id to
+    deduplicate. Ended runs, their events and their request ids are kept for
+    AGENTD_RUN_RETENTION_S (one day by default); then they are NOT_FOUND.
     """
 
     @staticmethod

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/errors.proto\x12\tagentd.v1*\xa6\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\n\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x0c\x12 \n\x1c\x45RROR_REASON_TRACE_NOT_FOUND\x10\r\x12\x1f\n\x1b\x45RROR_REASON_SESSION_EXISTS\x10\x14\x12\"\n\x1e\x45RROR_REASON_DUPLICATE_REQUEST\x10\x15\x12\x1d\n\x19\x45RROR_REASON_SESSION_BUSY\x10\x1e\x12 \n\x1c\x45RROR_REASON_RUN_NOT_WAITING\x10\x1f\x12 \n\x1c\x45RROR_REASON_ANSWER_CONFLICT\x10 \x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10(\x12\x1d\n\x19\x45RROR_REASON_TENANT_LIMIT\x10)\x12\"\n\x1e\x45RROR_REASON_SERVER_OVERLOADED\x10*\x12\x1e\n\x1a\x45RROR_REASON_STREAM_LAGGED\x10+\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x32\x12\x19\n\x15\x45RROR_REASON_DRAINING\x10\x33\x12!\n\x1d\x45RROR_REASON_AUTH_UNAVAILABLE\x10\x34\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/errors.proto\x12\tagentd.v1*\xa6\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x02\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x03\x12 \n\x1c\x45RROR_REASON_AGENT_NOT_FOUND\x10\n\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_RUN_NOT_FOUND\x10\x0c\x12 \n\x1c\x45RROR_REASON_TRACE_NOT_FOUND\x10\r\x12\x1f\n\x1b\x45RROR_REASON_SESSION_EXISTS\x10\x14\x12\"\n\x1e\x45RROR_REASON_DUPLICATE_REQUEST\x10\x15\x12\x1d\n\x19\x45RROR_REASON_SESSION_BUSY\x10\x1e\x12 \n\x1c\x45RROR_REASON_RUN_NOT_WAITING\x10\x1f\x12 \n\x1c\x45RROR_REASON_ANSWER_CONFLICT\x10 \x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10(\x12\x1d\n\x19\x45RROR_REASON_TENANT_LIMIT\x10)\x12\"\n\x1e\x45RROR_REASON_SERVER_OVERLOADED\x10*\x12\x1e\n\x1a\x45RROR_REASON_STREAM_LAGGED\x10+\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x32\x12\x19\n\x15\x45RROR_REASON_DRAINING\x10\x33\x12!\n\x1d\x45RROR_REASON_AUTH_UNAVAILABLE\x10\x34\x42\x8a\x01\n\rdev.agentd.v1B\x0b\x45rrorsProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentd.v1.errors_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.agentd.v1B\013ErrorsProtoP\001Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\242\002\003AXX\252\002\tAgentd.V1\272\002\nAgentd_V1_\312\002\tAgentd\\V1\352\002\nAgentd::V1'
   _globals['_ERRORREASON']._serialized_start=38
   _globals['_ERRORREASON']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

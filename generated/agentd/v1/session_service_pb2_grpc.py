@@ -29,12 +29,25 @@ class SessionServiceStub:
     """SessionService keeps conversations: each session holds an ordered list of
     items (its messages), a key/value `state` and string `metadata`.
 
-    Item writes are refused with FAILED_PRECONDITION while a run is active on
-    the session, so a client cannot interleave with a run's own appends.
+    Names: every request field that names a session accepts the full resource
+    name `sessions/{session}` or the bare session id; a session id is 1..128
+    characters of `[A-Za-z0-9._:-]`. Responses carry full names. A session
+    belongs to the caller's tenant: another tenant's session with the same id
+    is another session, and never visible.
+
+    Item writes (add, pop, clear) and deletes are refused with SESSION_BUSY
+    (FAILED_PRECONDITION) while a run is active on the session (queued,
+    running or waiting for the caller), so a client cannot interleave with a
+    run's own appends. Metadata, state and ttl can be updated at any time.
 
     A session with a `ttl` expires after that long without a write (creating,
     updating, appending, popping or clearing; reading does not count). An expired
     session is NOT_FOUND everywhere and its id can be created again.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope), AUTH_UNAVAILABLE and SERVER_OVERLOADED;
+    a request that does not decode is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -94,16 +107,34 @@ class SessionServiceServicer:
     """SessionService keeps conversations: each session holds an ordered list of
     items (its messages), a key/value `state` and string `metadata`.
 
-    Item writes are refused with FAILED_PRECONDITION while a run is active on
-    the session, so a client cannot interleave with a run's own appends.
+    Names: every request field that names a session accepts the full resource
+    name `sessions/{session}` or the bare session id; a session id is 1..128
+    characters of `[A-Za-z0-9._:-]`. Responses carry full names. A session
+    belongs to the caller's tenant: another tenant's session with the same id
+    is another session, and never visible.
+
+    Item writes (add, pop, clear) and deletes are refused with SESSION_BUSY
+    (FAILED_PRECONDITION) while a run is active on the session (queued,
+    running or waiting for the caller), so a client cannot interleave with a
+    run's own appends. Metadata, state and ttl can be updated at any time.
 
     A session with a `ttl` expires after that long without a write (creating,
     updating, appending, popping or clearing; reading does not count). An expired
     session is NOT_FOUND everywhere and its id can be created again.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope), AUTH_UNAVAILABLE and SERVER_OVERLOADED;
+    a request that does not decode is INVALID_ARGUMENT.
     """
 
     def CreateSession(self, request, context):
         """Creates a session.
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (session_id, request_id,
+        session.metadata, session.state, session.ttl), SESSION_EXISTS,
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,55 +142,94 @@ class SessionServiceServicer:
 
     def GetSession(self, request, context):
         """Gets a session (without its items).
+
+        Scope `sessions:read`. Errors: INVALID_ARGUMENT (name),
+        SESSION_NOT_FOUND, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists sessions, newest first.
+        """Lists the caller's tenant's live sessions (without their items), newest
+        created first.
+
+        Scope `sessions:read`. Errors: INVALID_ARGUMENT (page_size, page_token),
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSession(self, request, context):
-        """Replaces a session's metadata, state and/or ttl.
+        """Replaces a session's metadata, state and/or ttl (AIP-134; see
+        UpdateSessionRequest). Allowed while a run is active.
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (session.name,
+        update_mask, session.metadata, session.state, session.ttl),
+        SESSION_NOT_FOUND, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Deletes a session and its items.
+        """Deletes a session and its items; its id can be created again. The
+        session's runs stay (ListRuns) until their retention ends.
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (name),
+        SESSION_NOT_FOUND, SESSION_BUSY, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessionItems(self, request, context):
-        """Lists a session's items, a page at a time.
+        """Lists a session's items, a page at a time, oldest or newest first.
+
+        Scope `sessions:read`. Errors: INVALID_ARGUMENT (parent, page_size,
+        page_token), SESSION_NOT_FOUND, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddSessionItems(self, request, context):
-        """Appends items atomically; all or none are stored.
+        """Appends items at the end of a session, atomically: all or none are
+        stored.
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (parent, items,
+        request_id), SESSION_NOT_FOUND, SESSION_BUSY, STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+        SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PopSessionItem(self, request, context):
-        """Removes and returns the newest item.
+        """Removes and returns the newest item (its sequence number is not reused).
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (parent),
+        SESSION_NOT_FOUND, SESSION_BUSY, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ClearSessionItems(self, request, context):
-        """Removes all items; state and metadata stay.
+        """Removes all items; state and metadata stay, and sequence numbers go on
+        from where they were.
+
+        Scope `sessions:write`. Errors: INVALID_ARGUMENT (parent),
+        SESSION_NOT_FOUND, SESSION_BUSY, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,12 +295,25 @@ class SessionService:
     """SessionService keeps conversations: each session holds an ordered list of
     items (its messages), a key/value `state` and string `metadata`.
 
-    Item writes are refused with FAILED_PRECONDITION while a run is active on
-    the session, so a client cannot interleave with a run's own appends.
+    Names: every request field that names a session accepts the full resource
+    name `sessions/{session}` or the bare session id; a session id is 1..128
+    characters of `[A-Za-z0-9._:-]`. Responses carry full names. A session
+    belongs to the caller's tenant: another tenant's session with the same id
+    is another session, and never visible.
+
+    Item writes (add, pop, clear) and deletes are refused with SESSION_BUSY
+    (FAILED_PRECONDITION) while a run is active on the session (queued,
+    running or waiting for the caller), so a client cannot interleave with a
+    run's own appends. Metadata, state and ttl can be updated at any time.
 
     A session with a `ttl` expires after that long without a write (creating,
     updating, appending, popping or clearing; reading does not count). An expired
     session is NOT_FOUND everywhere and its id can be created again.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the RPC's scope), AUTH_UNAVAILABLE and SERVER_OVERLOADED;
+    a request that does not decode is INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -28,6 +28,26 @@ if _version_not_supported:
 class TraceServiceStub:
     """TraceService answers what runs did: one trace per run, with a span per
     agent segment, model call, tool call and handoff.
+
+    A trace's id is the `trace_id` of its run's events. A running trace lives
+    in the memory of the replica executing the run; when it ends it is archived
+    (SQLite or Postgres, per AGENTD_TRACE_STORE; memory only with the memory
+    store), where any replica sharing the database finds it. The newest
+    AGENTD_TRACE_RETENTION traces (10,000 by default) are kept, archived ones
+    at most AGENTD_TRACE_RETENTION_DAYS (30 by default); older ones are
+    TRACE_NOT_FOUND. Runs started with the same caller `traceparent` share its
+    trace id: the newest such run's trace replaces the older one's. A trace
+    belongs to its run's tenant; another tenant's trace answers exactly as a
+    missing one.
+
+    Tool arguments and results (content) are recorded only when the server
+    allows it (AGENTD_TRACE_CONTENT); the same spans are exported over OTLP when
+    configured, under the same ids.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the `traces:read` scope), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -51,10 +71,35 @@ class TraceServiceStub:
 class TraceServiceServicer:
     """TraceService answers what runs did: one trace per run, with a span per
     agent segment, model call, tool call and handoff.
+
+    A trace's id is the `trace_id` of its run's events. A running trace lives
+    in the memory of the replica executing the run; when it ends it is archived
+    (SQLite or Postgres, per AGENTD_TRACE_STORE; memory only with the memory
+    store), where any replica sharing the database finds it. The newest
+    AGENTD_TRACE_RETENTION traces (10,000 by default) are kept, archived ones
+    at most AGENTD_TRACE_RETENTION_DAYS (30 by default); older ones are
+    TRACE_NOT_FOUND. Runs started with the same caller `traceparent` share its
+    trace id: the newest such run's trace replaces the older one's. A trace
+    belongs to its run's tenant; another tenant's trace answers exactly as a
+    missing one.
+
+    Tool arguments and results (content) are recorded only when the server
+    allows it (AGENTD_TRACE_CONTENT); the same spans are exported over OTLP when
+    configured, under the same ids.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the `traces:read` scope), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
     """
 
     def ListTraces(self, request, context):
-        """Lists traces, newest first.
+        """Lists the caller's tenant's traces, without their spans, newest first
+        (by start time, then trace id).
+
+        Scope `traces:read`. Errors: INVALID_ARGUMENT (page_size, page_token, a
+        filter), STORE_UNAVAILABLE (the trace archive), plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +107,10 @@ class TraceServiceServicer:
 
     def GetTrace(self, request, context):
         """Gets one trace with all its spans.
+
+        Scope `traces:read`. Errors: INVALID_ARGUMENT (name), TRACE_NOT_FOUND,
+        STORE_UNAVAILABLE (the trace archive), plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +140,26 @@ def add_TraceServiceServicer_to_server(servicer, server):
 class TraceService:
     """TraceService answers what runs did: one trace per run, with a span per
     agent segment, model call, tool call and handoff.
+
+    A trace's id is the `trace_id` of its run's events. A running trace lives
+    in the memory of the replica executing the run; when it ends it is archived
+    (SQLite or Postgres, per AGENTD_TRACE_STORE; memory only with the memory
+    store), where any replica sharing the database finds it. The newest
+    AGENTD_TRACE_RETENTION traces (10,000 by default) are kept, archived ones
+    at most AGENTD_TRACE_RETENTION_DAYS (30 by default); older ones are
+    TRACE_NOT_FOUND. Runs started with the same caller `traceparent` share its
+    trace id: the newest such run's trace replaces the older one's. A trace
+    belongs to its run's tenant; another tenant's trace answers exactly as a
+    missing one.
+
+    Tool arguments and results (content) are recorded only when the server
+    allows it (AGENTD_TRACE_CONTENT); the same spans are exported over OTLP when
+    configured, under the same ids.
+
+    Errors: each RPC names the ErrorReason values (errors.proto) it can answer.
+    Every call can also answer UNAUTHENTICATED, PERMISSION_DENIED (the
+    credential lacks the `traces:read` scope), AUTH_UNAVAILABLE and
+    SERVER_OVERLOADED; a request that does not decode is INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -18,6 +18,11 @@ from agentd.server.tenancy import DEFAULT_TENANT
 # the operator allows it (AGENTD_TRACE_CONTENT), since they may carry personal data.
 CONTENT_ATTRIBUTES = frozenset({"arguments", "output"})
 
+# The attribute naming the tool on every tool span (SpanKind.FUNCTION): the tool the model
+# called, as it called it. Recorders add it themselves (``kind_attributes``), so no caller
+# opening a tool span can leave it out; trace_service.proto's Span.attributes lists it.
+TOOL_NAME = "tool_name"
+
 
 def parse_traceparent(header: str) -> tuple[str, str] | None:
     """(trace id, parent span id) of a W3C ``traceparent``; None when absent or malformed."""
@@ -42,6 +47,14 @@ class SpanKind(enum.Enum):
     GENERATION = "generation"
     FUNCTION = "function"
     HANDOFF = "handoff"
+
+
+def kind_attributes(kind: SpanKind, name: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` plus those every span of ``kind`` carries: a tool span (named after its
+    tool) gets ``tool_name``, unless the caller set it."""
+    if kind is SpanKind.FUNCTION and TOOL_NAME not in attributes:
+        return {TOOL_NAME: name, **attributes}
+    return attributes
 
 
 class SpanHandle(Protocol):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 log = logging.getLogger("agentd.tracing")
 
 from agentd.server.tenancy import DEFAULT_TENANT
-from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, parse_traceparent
+from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, kind_attributes, parse_traceparent
 
 
 def _new_id(nbytes: int) -> str:
@@ -89,7 +89,7 @@ class TraceRecord:
             kind=kind,
             name=name,
             start_ns=time.time_ns(),
-            attributes=_allowed(attributes, self.capture_content),
+            attributes=_allowed(kind_attributes(kind, name, attributes), self.capture_content),
             capture_content=self.capture_content,
         )
         self.spans.append(record)

@@ -24,7 +24,7 @@ from opentelemetry.trace import Span, SpanKind as OtelSpanKind, Status, StatusCo
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agentd.server.tenancy import DEFAULT_TENANT
-from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind
+from agentd.server.tracing.base import CONTENT_ATTRIBUTES, SpanKind, kind_attributes
 from agentd.server.tracing.memory import InMemoryTraceStore, SpanRecord, TraceRecord
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -41,6 +41,7 @@ _ATTRIBUTE_NAMES: dict[str, str] = {
     "model": "gen_ai.request.model",
     "input_tokens": "gen_ai.usage.input_tokens",
     "output_tokens": "gen_ai.usage.output_tokens",
+    "tool_name": "gen_ai.tool.name",
     "call_id": "gen_ai.tool.call.id",
     "arguments": "gen_ai.tool.call.arguments",
     "output": "gen_ai.tool.call.result",
@@ -122,6 +123,7 @@ class _OtelTrace:
         return self.record.trace_id
 
     def span(self, kind: SpanKind, name: str, parent: _OtelSpan | None, **attributes: Any) -> _OtelSpan:
+        attributes = kind_attributes(kind, name, attributes)
         otel_attributes = {"gen_ai.operation.name": _OPERATION[kind], "agentd.span_kind": kind.value}
         otel_attributes.update(_otel_attributes(attributes, self._capture_content))
         if parent is None and self._root is not None:
