@@ -146,6 +146,7 @@ async def test_db_status_and_migrate_against_postgres():
         code, out, err = await agentd("db", "migrate", *flags)
         assert code == 0, err
         assert "(up to date)" in out and "trace archive (postgres): schema up to date" in out
+        assert "agent store (postgres): schema version" in out
         code, again, err = await agentd("db", "migrate", *flags)  # idempotent
         assert code == 0 and again == out, err
 

@@ -109,7 +109,7 @@ def test_service_config_retries_only_idempotent_methods_that_exist():
     }
     assert named <= set(methods)
     assert {m for _, m in named} == {
-        "ListAgents", "GetAgent", "CreateRun", "GetRun", "ListRuns", "CancelRun", "SubmitToolOutputs",
+        "ListAgents", "GetAgent", "ListAgentVersions", "ListAgentAliases", "SetAgentAlias", "CreateRun", "GetRun", "ListRuns", "CancelRun", "SubmitToolOutputs",
         "ApproveToolCall", "GetSession", "ListSessions", "ListSessionItems", "ListTraces", "GetTrace",
     }
     assert named == {(s, m) for s, ms in RETRYABLE_METHODS.items() for m in ms}

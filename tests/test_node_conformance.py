@@ -36,6 +36,13 @@ NODE_TIMEOUT_S = 60
 
 TOOL_OUTPUT = '{"customer": "c-7", "tier": "gold", "via": "node"}'
 USER = "Ada from Node"
+# agent-api: the customers of the runs of version 1 and 2 of the agent the Node program creates
+# (its instructions are "You quote prices for {customer} (v1)." / "(v2)."), its model, and what
+# that model answers (the agent's output schema is {sku: string, price_eur: number}).
+CUSTOMER_V1 = "Ada Lovelace via Node"
+CUSTOMER_V2 = "Grace Hopper via Node"
+PRICING_MODEL = "pricing"
+PRICING_ANSWER = '{"sku": "A-1", "price_eur": 12.5}'
 
 OPERATOR_SCRIPT = Script.of(
     calls(call("lookup_customer", customer_id="c-7"), call("issue_refund", order_id="A-1", amount_eur=5)),
@@ -53,6 +60,8 @@ SCRIPTS: dict[str, dict[str, Script]] = {
     # The first run stays active (its tool waits) until the check cancels it.
     "error-session-busy-stream": {"assistant": Script.of(calls(call("wait", seconds=10, label="busy")), say("late"))},
     "error-session-busy-unary": {"assistant": Script.of(calls(call("wait", seconds=10, label="busy")), say("late"))},
+    # Keyed by model: the agent is defined by the Node program, with `"model": "pricing"`.
+    "agent-api": {PRICING_MODEL: Script.of(calls(call("price_lookup", sku="A-1")), say(PRICING_ANSWER))},
 }
 
 
@@ -105,6 +114,9 @@ async def run_node(node: str, target: str, *checks: str) -> tuple[int, str]:
         "AGENTD_PROTO_INCLUDE": str(RPC_PROTO_INCLUDE),
         "CONFORMANCE_TOOL_OUTPUT": TOOL_OUTPUT,
         "CONFORMANCE_USER": USER,
+        "CONFORMANCE_CUSTOMER_V1": CUSTOMER_V1,
+        "CONFORMANCE_CUSTOMER_V2": CUSTOMER_V2,
+        "CONFORMANCE_AGENT_ANSWER": PRICING_ANSWER,
     }
     proc = await asyncio.create_subprocess_exec(
         node, str(PROGRAM), *checks, cwd=NODE_DIR, env=env,
@@ -128,6 +140,10 @@ def _text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else json.dumps(content)
 
 
+def _system_prompt(request: dict[str, Any]) -> str:
+    return "\n".join(_text(m) for m in request.get("messages") or [] if m.get("role") in ("system", "developer"))
+
+
 @pytest.mark.parametrize("check", list(SCRIPTS))
 async def test_node_client(check: str, node: str, harness: Harness) -> None:
     for agent, script in SCRIPTS[check].items():
@@ -147,3 +163,11 @@ async def test_node_client(check: str, node: str, harness: Harness) -> None:
         assert TOOL_OUTPUT in [_text(m) for m in tool_results], (
             f"the model never saw the caller's tool output: {tool_results}"
         )
+    elif check == "agent-api":
+        requests = [r for r in harness.model.requests if r.get("model") == PRICING_MODEL]
+        prompts = [_system_prompt(r) for r in requests]
+        v1, v2 = f"You quote prices for {CUSTOMER_V1} (v1).", f"You quote prices for {CUSTOMER_V2} (v2)."
+        assert v1 in prompts and v2 in prompts, f"the two versions' instructions were not both used: {prompts}"
+        # Each run's turn after the tool answer (for the first run: after the update) kept its version.
+        answered = {_system_prompt(r) for r in requests if any(m.get("role") == "tool" for m in r.get("messages") or [])}
+        assert answered == {v1, v2}, f"the turns after the tool outputs used: {answered}"

@@ -175,6 +175,12 @@ _APPROVAL = apb.ToolApproval(call_id="c1", approved=True)
 # expects, the call made from (client, name)).
 NAME_FIELDS: list[tuple[str, str, str, Callable[[Any, str], Any]]] = [
     ("GetAgent", "name", "agents", lambda c, n: c.agents.GetAgent(apb.GetAgentRequest(name=n))),
+    ("UpdateAgent", "name", "agents", lambda c, n: c.agents.UpdateAgent(apb.UpdateAgentRequest(name=n))),
+    ("DeleteAgent", "name", "agents", lambda c, n: c.agents.DeleteAgent(apb.DeleteAgentRequest(name=n))),
+    ("ListAgentVersions", "parent", "agents",
+     lambda c, n: c.agents.ListAgentVersions(apb.ListAgentVersionsRequest(parent=n))),
+    ("ListAgentAliases", "parent", "agents",
+     lambda c, n: c.agents.ListAgentAliases(apb.ListAgentAliasesRequest(parent=n))),
     ("CreateRun", "start.agent", "agents",
      lambda c, n: c.agents.CreateRun(apb.CreateRunRequest(start=_start(agent=n)))),
     ("StreamRun", "start.agent", "agents",
@@ -252,6 +258,9 @@ NOT_NAMES = {
     ("CreateSession", "session.name"),  # ignored on create: the session's id is session_id
     ("AddSessionItems", "items.name"),  # assigned by the server
     ("AddSessionItems", "items.agent"),  # the label of the agent that produced an item (bare, as in replies)
+    # Alias names (`agents/{agent}/aliases/{alias}`): one form only, tested in tests/test_agent_api.py.
+    ("SetAgentAlias", "alias.name"),
+    ("DeleteAgentAlias", "name"),
 }
 RUN_STREAM_NAMES = {("Run", "start.agent"), ("Run", "start.session")}  # tested above, on the Run stream
 

@@ -21,6 +21,12 @@
 //                          model saw exactly this)
 //   CONFORMANCE_USER       the `user` sent in the run context (the pytest checks the
 //                          model's instructions name this user)
+//   CONFORMANCE_CUSTOMER_V1, CONFORMANCE_CUSTOMER_V2
+//                          the `customer` in the run context of agent-api's run of
+//                          version 1 and of version 2 of its agent (the pytest checks the
+//                          model's instructions of each version name its customer)
+//   CONFORMANCE_AGENT_ANSWER  the JSON text agent-api's scripted model answers; both
+//                          runs must complete with it as their structured final output
 
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
@@ -38,6 +44,11 @@ const PROTO_DIR = resolve(process.env.AGENTD_PROTO_DIR || join(REPO, "protos"));
 const INCLUDE_DIRS = (process.env.AGENTD_PROTO_INCLUDE || "").split(delimiter).filter(Boolean).map((d) => resolve(d));
 const TOOL_OUTPUT = process.env.CONFORMANCE_TOOL_OUTPUT || '{"customer": "c-7", "tier": "gold"}';
 const USER = process.env.CONFORMANCE_USER || "Ada from Node";
+const CUSTOMER_V1 = process.env.CONFORMANCE_CUSTOMER_V1 || "Ada (node, v1)";
+const CUSTOMER_V2 = process.env.CONFORMANCE_CUSTOMER_V2 || "Bob (node, v2)";
+const AGENT_ANSWER = JSON.parse(process.env.CONFORMANCE_AGENT_ANSWER || '{"sku": "A-1", "price_eur": 12.5}');
+// The model agent-api's agent calls: the pytest scripts the model of this name.
+const AGENT_MODEL = "pricing";
 const CALL_TIMEOUT_MS = 10_000;
 const TERMINAL = new Set(["run_completed", "run_failed", "run_cancelled"]);
 const NOT_FOUND = grpc.status.NOT_FOUND; // 5
@@ -50,6 +61,8 @@ const FAILED_PRECONDITION = grpc.status.FAILED_PRECONDITION; // 9
 // `{fields: {key: Value}}` and a Value is `{stringValue: "v"}`, `{numberValue: 1}`, ...
 // A plain object such as `{user: "Ada"}` given as `context` has no `fields` key, so it is
 // encoded as an empty Struct: the context is dropped without an error. Convert first.
+// As JSON.stringify does, a property whose value is `undefined` is left out of a Struct,
+// and `undefined` in a list becomes null.
 
 export function toValue(value) {
   if (value === null || value === undefined) return { nullValue: "NULL_VALUE" };
@@ -66,7 +79,38 @@ export function toValue(value) {
 }
 
 export function toStruct(obj) {
-  return { fields: Object.fromEntries(Object.entries(obj).map(([k, v]) => [k, toValue(v)])) };
+  if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
+    throw new TypeError(`a Struct is made from a plain object, not ${Array.isArray(obj) ? "an array" : obj === null ? "null" : `a ${typeof obj}`}`);
+  }
+  const entries = Object.entries(obj).filter(([, v]) => v !== undefined);
+  return { fields: Object.fromEntries(entries.map(([k, v]) => [k, toValue(v)])) };
+}
+
+// And back: a google.protobuf.Value / Struct as decoded (`oneofs: true`, `defaults: false`:
+// an empty list or Struct comes without `values` / `fields`) to plain JS.
+
+const VALUE_KINDS = ["nullValue", "numberValue", "stringValue", "boolValue", "structValue", "listValue"];
+
+export function fromValue(value) {
+  const which = value?.kind ?? VALUE_KINDS.find((k) => value?.[k] !== undefined);
+  switch (which) {
+    case "nullValue":
+      return null;
+    case "numberValue":
+    case "stringValue":
+    case "boolValue":
+      return value[which];
+    case "structValue":
+      return fromStruct(value.structValue);
+    case "listValue":
+      return (value.listValue?.values ?? []).map(fromValue);
+    default:
+      throw new TypeError(`a Value without a kind: ${JSON.stringify(value)}`);
+  }
+}
+
+export function fromStruct(struct) {
+  return Object.fromEntries(Object.entries(struct?.fields ?? {}).map(([k, v]) => [k, fromValue(v)]));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -121,15 +165,19 @@ function unary(client, method, request) {
   });
 }
 
-/** Reads a server stream to its end: {events, status}; rejects with the call's error on a non-OK status. */
-function readStream(call, { stopAfter = Infinity } = {}) {
+/**
+ * Reads a server stream to its end: {events, status}; rejects with the call's error on a non-OK status.
+ * Breaks off (cancels the call; `cancelled: true`) after `stopAfter` events, or after the first event
+ * `stopWhen` accepts.
+ */
+function readStream(call, { stopAfter = Infinity, stopWhen = () => false } = {}) {
   return new Promise((resolvePromise, reject) => {
     const events = [];
     let cancelled = false;
     call.on("data", (response) => {
       if (cancelled) return; // a caller that broke off does not process later messages
       events.push(response.event);
-      if (events.length >= stopAfter) {
+      if (events.length >= stopAfter || stopWhen(response.event)) {
         cancelled = true;
         call.cancel();
         resolvePromise({ events, cancelled: true });
@@ -335,7 +383,140 @@ const checks = {
       assertSessionBusy(rpc, err, session, activeRun);
     });
   },
+
+  /**
+   * 5. A service with no Python code defines an agent (CreateAgent, from a plain JS object),
+   * runs it, updates it while a run of version 1 waits for the caller's tool, runs version 2,
+   * and the waiting run finishes on version 1; both end with the structured output.
+   */
+  async "agent-api"({ client, rpc }) {
+    const id = unique("node-pricing");
+    const agentName = `agents/${id}`;
+    const v1 = pricingAgent(id, "v1");
+
+    const created = (await unary(client, "CreateAgent", { definition: toStruct(v1) })).agent;
+    assert.equal(created.name, agentName);
+    assert.equal(created.version, 1, `CreateAgent made version ${created.version}`);
+    assert.equal(created.source, "AGENT_SOURCE_API");
+    assert.deepEqual(
+      (created.tools ?? []).map((t) => [t.name, t.caller_executed === true]),
+      [["price_lookup", true]],
+      `tools: ${JSON.stringify(created.tools)}`,
+    );
+    // The nested schemas (arrays, `additionalProperties: false`) made the round trip intact.
+    const stored = fromStruct(created.definition);
+    assert.equal(stored.instructions, v1.instructions);
+    assert.deepEqual(stored.tools?.[0]?.parameters, v1.tools[0].parameters, `stored tool: ${JSON.stringify(stored.tools)}`);
+    assert.deepEqual(stored.output_schema, v1.output_schema, `stored output_schema: ${JSON.stringify(stored.output_schema)}`);
+
+    // A run of version 1 waits for the caller's tool...
+    const first = (await unary(client, "CreateRun", {
+      start: { agent: agentName, input: "price of A-1?", context: toStruct({ customer: CUSTOMER_V1 }) },
+    })).run;
+    assert.equal(first.agent_version, 1, `the first run executes version ${first.agent_version}`);
+    const firstCall = await waitForToolCall(client, first.name);
+
+    // ...while the agent is updated to version 2 (and a stale update conflicts).
+    const v2 = pricingAgent(id, "v2");
+    const updated = (await unary(client, "UpdateAgent", { name: agentName, definition: toStruct(v2), expected_version: 1 })).agent;
+    assert.equal(updated.version, 2, `UpdateAgent made version ${updated.version}`);
+    assert.equal(fromStruct(updated.definition).instructions, v2.instructions);
+    const stale = await expectError(
+      unary(client, "UpdateAgent", { name: agentName, definition: toStruct(pricingAgent(id, "v3")), expected_version: 1 }),
+      "UpdateAgent with a stale expected_version",
+    );
+    assertStatusDetails(rpc, stale, grpc.status.ABORTED, (decoded) => {
+      const info = detail(decoded, "google.rpc.ErrorInfo");
+      assert.equal(info.reason, "VERSION_CONFLICT");
+      assert.equal(info.metadata?.latest_version, "2", `ErrorInfo.metadata: ${JSON.stringify(info.metadata)}`);
+    });
+    assert.equal((await unary(client, "GetAgent", { name: agentName })).agent.version, 2, "GetAgent does not serve the latest version");
+    const versions = (await unary(client, "ListAgentVersions", { parent: agentName })).versions ?? [];
+    assert.deepEqual(versions.map((v) => v.name), [`${agentName}/versions/2`, `${agentName}/versions/1`]);
+
+    // A run started now executes version 2, to the end.
+    const second = (await unary(client, "CreateRun", {
+      start: { agent: agentName, input: "price of A-1?", context: toStruct({ customer: CUSTOMER_V2 }) },
+    })).run;
+    assert.equal(second.agent_version, 2, `the second run executes version ${second.agent_version}`);
+    const secondCall = await waitForToolCall(client, second.name);
+    await answerPrice(client, second.name, secondCall);
+    await assertPricedOn(client, second.name, 2);
+
+    // The run started before the update finishes on version 1.
+    await answerPrice(client, first.name, firstCall);
+    await assertPricedOn(client, first.name, 1);
+  },
 };
+
+/** An agent in the agent file format (agent.schema.json), as a plain JS object. */
+function pricingAgent(id, label) {
+  return {
+    name: id,
+    description: "Quotes prices.",
+    instructions: `You quote prices for {customer} (${label}).`,
+    model: AGENT_MODEL,
+    tools: [{
+      type: "caller",
+      name: "price_lookup",
+      description: "Look a price up in the caller's catalogue.",
+      parameters: {
+        type: "object",
+        properties: { sku: { type: "string" } },
+        required: ["sku"],
+        additionalProperties: false,
+      },
+      needs_approval: false,
+    }],
+    output_schema: {
+      type: "object",
+      properties: { sku: { type: "string" }, price_eur: { type: "number" } },
+      required: ["sku", "price_eur"],
+      additionalProperties: false,
+    },
+  };
+}
+
+/** The caller-executed tool call a run waits on, from its event stream (WatchRun, no polling). */
+async function waitForToolCall(client, name) {
+  const { events, cancelled } = await readStream(client.WatchRun({ name }, { deadline: deadline() }), {
+    stopWhen: (e) => kind(e) === "action_required" || TERMINAL.has(kind(e)),
+  });
+  const last = events.at(-1);
+  assert.ok(cancelled && kind(last) === "action_required", `${name} never asked for a tool output: ${events.map(kind).join(",")}`);
+  const { action, item } = last.action_required;
+  assert.equal(action, "REQUIRED_ACTION_TOOL_OUTPUT");
+  const toolCall = item.tool_call;
+  assert.equal(toolCall.tool_name, "price_lookup");
+  const args = fromStruct(toolCall.arguments);
+  assert.equal(typeof args.sku, "string", `price_lookup's arguments: ${JSON.stringify(args)}`);
+  return toolCall;
+}
+
+/** Answers a price_lookup call as the calling service would. */
+async function answerPrice(client, name, toolCall) {
+  const { run } = await unary(client, "SubmitToolOutputs", {
+    name,
+    outputs: [{ call_id: toolCall.call_id, output: JSON.stringify({ price_eur: AGENT_ANSWER.price_eur }) }],
+  });
+  assert.equal(run.name, name);
+}
+
+/** The run completed on `version` with the scripted structured answer: in its events and in GetRun. */
+async function assertPricedOn(client, name, version) {
+  const { events } = await readStream(client.WatchRun({ name }, { deadline: deadline() }));
+  assertWellFormed(events, `WatchRun ${name}`);
+  assert.equal(events[0].run_started.agent_version, version, `${name}: run_started.agent_version ${events[0].run_started.agent_version}`);
+  const last = events.at(-1);
+  assert.equal(kind(last), "run_completed", `${name} ended with ${JSON.stringify(last)}`);
+  const output = last.run_completed.final_output;
+  assert.equal(output?.kind, "structValue", `${name}: the final output is not structured: ${JSON.stringify(output)}`);
+  assert.deepEqual(fromValue(output), AGENT_ANSWER);
+  const { run } = await unary(client, "GetRun", { name });
+  assert.equal(run.status, "RUN_STATUS_COMPLETED");
+  assert.equal(run.agent_version, version, `${name}: GetRun agent_version ${run.agent_version}`);
+  assert.deepEqual(fromValue(run.completed?.final_output), AGENT_ANSWER);
+}
 
 function assertAgentNotFound(rpc, err, agent) {
   assertStatusDetails(rpc, err, NOT_FOUND, (decoded) => {

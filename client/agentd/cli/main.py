@@ -56,7 +56,8 @@ SECURITY_FLAGS = ("insecure", "tls_cert_file", "tls_key_file", "tls_client_ca_fi
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    names = ("app", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS, *SECURITY_FLAGS)
+    names = ("app", "agents_dir", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS,
+             *SECURITY_FLAGS)
     settings = _settings(args, "serve", names)
     import asyncio
 
@@ -122,9 +123,22 @@ def cmd_db(args: argparse.Namespace) -> int:
         finally:
             await store.close()
         if args.action == "migrate":
+            await migrate_agent_store()
             await migrate_trace_archive()
             await migrate_run_store()
         return status
+
+    async def migrate_agent_store() -> None:
+        """The tables of agents made through the API, beside the sessions."""
+        from agentd.server.agents.store.factory import build_agent_store
+
+        agents = build_agent_store(settings)
+        try:
+            status = await agents.migrate()
+        finally:
+            await agents.close()
+        if status is not None:
+            print(f"agent store ({status.backend}): schema version {status.current} of {status.latest}")
 
     async def migrate_run_store() -> None:
         """The run store's tables (Postgres) migrate when it opens with auto-migration on."""
@@ -444,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the agents of an app module")
     serve.add_argument("--app", help=f"module:attribute of the App (default: $AGENTD_APP or {EXAMPLE_APP})")
+    serve.add_argument("--agents-dir", help="a directory of agent definition files (YAML/JSON) to serve too")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     add_store_flags(serve)

@@ -105,6 +105,12 @@ class RunRenderer:
                 f"{compacted.kept_items} kept{dropped}",
                 style="dim",
             ))
+        elif kind == "guardrail_tripped":
+            tripped = event.guardrail_tripped
+            stage = run_event_pb2.GuardrailStage.Name(tripped.stage).removeprefix("GUARDRAIL_STAGE_").lower()
+            where = f" · {tripped.tool_name} call {tripped.call_id}" if tripped.tool_name else ""
+            reason = f": {tripped.reason}" if tripped.reason else ""
+            self.line(Text(f"  ⛔ guardrail {tripped.guardrail} tripped ({stage}{where}){reason}", style="bold red"))
         elif kind == "action_required":
             required = event.action_required
             call = required.item.tool_call

@@ -21,10 +21,13 @@ per call, with no proxy in between:
     GetSession, ListSessions, ListSessionItems, ListTraces, GetTrace), for
     ``CancelRun`` (cancelling a cancelled or ended run returns it unchanged), for
     ``SubmitToolOutputs`` and ``ApproveToolCall`` (repeating the answer a call already
-    has returns the run and changes nothing) and
+    has returns the run and changes nothing), for ``SetAgentAlias`` (setting the same
+    routes again changes nothing) and
     for ``CreateRun`` because this client always sends a ``request_id`` (a
     uuid4 when the caller gives none): a repeat returns the run the first
-    attempt created. Writes that are not idempotent are left alone: CreateSession
+    attempt created. Writes that are not idempotent are left alone: CreateAgent (a repeat
+    is AGENT_EXISTS), UpdateAgent (a repeat makes another version), DeleteAgent and
+    DeleteAgentAlias (a repeat is NOT_FOUND), CreateSession
     (with a caller-chosen id a repeat is ALREADY_EXISTS), AddSessionItems (a
     repeat without request_id appends twice), PopSessionItem (pops twice),
     ClearSessionItems, DeleteSession, UpdateSession. The client retries the

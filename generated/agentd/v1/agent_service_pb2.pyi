@@ -12,6 +12,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AgentSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_SOURCE_UNSPECIFIED: _ClassVar[AgentSource]
+    AGENT_SOURCE_CODE: _ClassVar[AgentSource]
+    AGENT_SOURCE_FILE: _ClassVar[AgentSource]
+    AGENT_SOURCE_API: _ClassVar[AgentSource]
+
 class SessionPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SESSION_POLICY_UNSPECIFIED: _ClassVar[SessionPolicy]
@@ -27,6 +34,10 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_COMPLETED: _ClassVar[RunStatus]
     RUN_STATUS_FAILED: _ClassVar[RunStatus]
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
+AGENT_SOURCE_UNSPECIFIED: AgentSource
+AGENT_SOURCE_CODE: AgentSource
+AGENT_SOURCE_FILE: AgentSource
+AGENT_SOURCE_API: AgentSource
 SESSION_POLICY_UNSPECIFIED: SessionPolicy
 SESSION_POLICY_REJECT: SessionPolicy
 SESSION_POLICY_ENQUEUE: SessionPolicy
@@ -39,7 +50,7 @@ RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
 
 class Agent(_message.Message):
-    __slots__ = ("name", "description", "model", "tools", "handoffs", "output_schema", "max_turns")
+    __slots__ = ("name", "description", "model", "tools", "handoffs", "output_schema", "max_turns", "version", "source", "definition", "create_time", "update_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +58,11 @@ class Agent(_message.Message):
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     MAX_TURNS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     model: str
@@ -54,7 +70,120 @@ class Agent(_message.Message):
     handoffs: _containers.RepeatedScalarFieldContainer[str]
     output_schema: _struct_pb2.Struct
     max_turns: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., handoffs: _Optional[_Iterable[str]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ...) -> None: ...
+    version: int
+    source: AgentSource
+    definition: _struct_pb2.Struct
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., handoffs: _Optional[_Iterable[str]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ..., version: _Optional[int] = ..., source: _Optional[_Union[AgentSource, str]] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateAgentRequest(_message.Message):
+    __slots__ = ("definition",)
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    definition: _struct_pb2.Struct
+    def __init__(self, definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class CreateAgentResponse(_message.Message):
+    __slots__ = ("agent",)
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    agent: Agent
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ...) -> None: ...
+
+class UpdateAgentRequest(_message.Message):
+    __slots__ = ("name", "definition", "expected_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    definition: _struct_pb2.Struct
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class UpdateAgentResponse(_message.Message):
+    __slots__ = ("agent",)
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    agent: Agent
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ...) -> None: ...
+
+class DeleteAgentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteAgentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAgentVersionsRequest(_message.Message):
+    __slots__ = ("parent", "page_size", "page_token")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    page_size: int
+    page_token: str
+    def __init__(self, parent: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAgentVersionsResponse(_message.Message):
+    __slots__ = ("versions", "next_page_token")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[Agent]
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class AgentAlias(_message.Message):
+    __slots__ = ("name", "routes", "update_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    routes: _containers.RepeatedCompositeFieldContainer[AliasRoute]
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[AliasRoute, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AliasRoute(_message.Message):
+    __slots__ = ("version", "weight")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    weight: int
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class SetAgentAliasRequest(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: AgentAlias
+    def __init__(self, alias: _Optional[_Union[AgentAlias, _Mapping]] = ...) -> None: ...
+
+class SetAgentAliasResponse(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: AgentAlias
+    def __init__(self, alias: _Optional[_Union[AgentAlias, _Mapping]] = ...) -> None: ...
+
+class ListAgentAliasesRequest(_message.Message):
+    __slots__ = ("parent",)
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    def __init__(self, parent: _Optional[str] = ...) -> None: ...
+
+class ListAgentAliasesResponse(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[AgentAlias]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[AgentAlias, _Mapping]]] = ...) -> None: ...
+
+class DeleteAgentAliasRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteAgentAliasResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters", "strict", "caller_executed", "needs_approval")
@@ -123,7 +252,7 @@ class StartRun(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., session: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[TraceOptions, _Mapping]] = ..., session_policy: _Optional[_Union[SessionPolicy, str]] = ..., detached: _Optional[bool] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("name", "status", "agent", "session", "request_id", "create_time", "update_time", "replica", "attempt", "last_sequence", "completed", "failed", "cancelled", "required_actions")
+    __slots__ = ("name", "status", "agent", "session", "request_id", "create_time", "update_time", "replica", "attempt", "last_sequence", "completed", "failed", "cancelled", "required_actions", "agent_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +267,7 @@ class RunInfo(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: RunStatus
     agent: str
@@ -152,7 +282,8 @@ class RunInfo(_message.Message):
     failed: _run_event_pb2.RunFailed
     cancelled: _run_event_pb2.RunCancelled
     required_actions: _containers.RepeatedCompositeFieldContainer[_run_event_pb2.ActionRequired]
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., agent: _Optional[str] = ..., session: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., attempt: _Optional[int] = ..., last_sequence: _Optional[int] = ..., completed: _Optional[_Union[_run_event_pb2.RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[_run_event_pb2.RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[_run_event_pb2.RunCancelled, _Mapping]] = ..., required_actions: _Optional[_Iterable[_Union[_run_event_pb2.ActionRequired, _Mapping]]] = ...) -> None: ...
+    agent_version: int
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., agent: _Optional[str] = ..., session: _Optional[str] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica: _Optional[str] = ..., attempt: _Optional[int] = ..., last_sequence: _Optional[int] = ..., completed: _Optional[_Union[_run_event_pb2.RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[_run_event_pb2.RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[_run_event_pb2.RunCancelled, _Mapping]] = ..., required_actions: _Optional[_Iterable[_Union[_run_event_pb2.ActionRequired, _Mapping]]] = ..., agent_version: _Optional[int] = ...) -> None: ...
 
 class TraceOptions(_message.Message):
     __slots__ = ("workflow_name", "group_id", "metadata")

@@ -108,6 +108,41 @@ class AgentServiceStub:
                 request_serializer=agentd_dot_v1_dot_agent__service__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agent__service__pb2.GetAgentResponse.FromString,
                 _registered_method=True)
+        self.CreateAgent = channel.unary_unary(
+                '/agentd.v1.AgentService/CreateAgent',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.CreateAgentRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.CreateAgentResponse.FromString,
+                _registered_method=True)
+        self.UpdateAgent = channel.unary_unary(
+                '/agentd.v1.AgentService/UpdateAgent',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.UpdateAgentRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.UpdateAgentResponse.FromString,
+                _registered_method=True)
+        self.DeleteAgent = channel.unary_unary(
+                '/agentd.v1.AgentService/DeleteAgent',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentResponse.FromString,
+                _registered_method=True)
+        self.ListAgentVersions = channel.unary_unary(
+                '/agentd.v1.AgentService/ListAgentVersions',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsResponse.FromString,
+                _registered_method=True)
+        self.SetAgentAlias = channel.unary_unary(
+                '/agentd.v1.AgentService/SetAgentAlias',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAgentAliases = channel.unary_unary(
+                '/agentd.v1.AgentService/ListAgentAliases',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAgentAlias = channel.unary_unary(
+                '/agentd.v1.AgentService/DeleteAgentAlias',
+                request_serializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasResponse.FromString,
+                _registered_method=True)
         self.Run = channel.stream_stream(
                 '/agentd.v1.AgentService/Run',
                 request_serializer=agentd_dot_v1_dot_agent__service__pb2.RunRequest.SerializeToString,
@@ -240,6 +275,98 @@ class AgentServiceServicer:
         Scope `agents:read`. Errors: INVALID_ARGUMENT (name), AGENT_NOT_FOUND,
         plus UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
         SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAgent(self, request, context):
+        """Creates an agent from a definition (the agent file format, published as
+        JSON Schema in server/agentd/server/agents/agent.schema.json): version 1,
+        owned by the caller's tenant. The id must not be taken by an agent of the
+        app module or of the agent files (those are read-only), nor by a live
+        agent of the tenant.
+
+        Scope `agents:write`. Errors: INVALID_ARGUMENT (every problem of the
+        definition at once in BadRequest: unknown tool or handoff target, invalid
+        JSON schema, bad template...), AGENT_EXISTS, STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+        as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAgent(self, request, context):
+        """Changes an agent made through the API: every change makes a new immutable
+        version (`agents/{agent}/versions/{n}`, n+1); runs started before keep
+        the version they started with. Every replica serves the new version
+        within a second.
+
+        Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+        AGENT_READ_ONLY (an app-module or file agent), VERSION_CONFLICT
+        (`expected_version` is not the latest), STORE_UNAVAILABLE, plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+        as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAgent(self, request, context):
+        """Deletes an agent made through the API and its aliases. New runs cannot
+        start it; runs already going finish on their version.
+
+        Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+        AGENT_READ_ONLY, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+        PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgentVersions(self, request, context):
+        """Lists an API agent's versions, newest first.
+
+        Scope `agents:read`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAgentAlias(self, request, context):
+        """Creates or replaces a named alias (`agents/{agent}/aliases/{alias}`) that
+        points at one version or splits runs between versions by weight (sticky
+        per session).
+
+        Scope `agents:write`. Errors: INVALID_ARGUMENT (weights, alias id),
+        AGENT_NOT_FOUND (the agent or a version), AGENT_READ_ONLY,
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgentAliases(self, request, context):
+        """Lists an API agent's aliases, ordered by alias id.
+
+        Scope `agents:read`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+        STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAgentAlias(self, request, context):
+        """Deletes an alias; runs already started through it keep their version.
+
+        Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND (the agent
+        or the alias), STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+        AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -391,6 +518,41 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetAgent,
                     request_deserializer=agentd_dot_v1_dot_agent__service__pb2.GetAgentRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_agent__service__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'CreateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAgent,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.CreateAgentRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.CreateAgentResponse.SerializeToString,
+            ),
+            'UpdateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAgent,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.UpdateAgentRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.UpdateAgentResponse.SerializeToString,
+            ),
+            'DeleteAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAgent,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentResponse.SerializeToString,
+            ),
+            'ListAgentVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgentVersions,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsResponse.SerializeToString,
+            ),
+            'SetAgentAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAgentAlias,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasResponse.SerializeToString,
+            ),
+            'ListAgentAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgentAliases,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesResponse.SerializeToString,
+            ),
+            'DeleteAgentAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAgentAlias,
+                    request_deserializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasResponse.SerializeToString,
             ),
             'Run': grpc.stream_stream_rpc_method_handler(
                     servicer.Run,
@@ -556,6 +718,195 @@ class AgentService:
             '/agentd.v1.AgentService/GetAgent',
             agentd_dot_v1_dot_agent__service__pb2.GetAgentRequest.SerializeToString,
             agentd_dot_v1_dot_agent__service__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/CreateAgent',
+            agentd_dot_v1_dot_agent__service__pb2.CreateAgentRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.CreateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/UpdateAgent',
+            agentd_dot_v1_dot_agent__service__pb2.UpdateAgentRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.UpdateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/DeleteAgent',
+            agentd_dot_v1_dot_agent__service__pb2.DeleteAgentRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.DeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgentVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/ListAgentVersions',
+            agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.ListAgentVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAgentAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/SetAgentAlias',
+            agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.SetAgentAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgentAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/ListAgentAliases',
+            agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.ListAgentAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAgentAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.AgentService/DeleteAgentAlias',
+            agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasRequest.SerializeToString,
+            agentd_dot_v1_dot_agent__service__pb2.DeleteAgentAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

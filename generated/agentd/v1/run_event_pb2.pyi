@@ -21,12 +21,21 @@ class RunErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_ERROR_CODE_INVALID_OUTPUT: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_SESSION_UNAVAILABLE: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_INTERNAL: _ClassVar[RunErrorCode]
+    RUN_ERROR_CODE_GUARDRAIL_TRIPPED: _ClassVar[RunErrorCode]
 
 class RequiredAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REQUIRED_ACTION_UNSPECIFIED: _ClassVar[RequiredAction]
     REQUIRED_ACTION_TOOL_OUTPUT: _ClassVar[RequiredAction]
     REQUIRED_ACTION_APPROVAL: _ClassVar[RequiredAction]
+
+class GuardrailStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUARDRAIL_STAGE_UNSPECIFIED: _ClassVar[GuardrailStage]
+    GUARDRAIL_STAGE_INPUT: _ClassVar[GuardrailStage]
+    GUARDRAIL_STAGE_OUTPUT: _ClassVar[GuardrailStage]
+    GUARDRAIL_STAGE_TOOL_BEFORE: _ClassVar[GuardrailStage]
+    GUARDRAIL_STAGE_TOOL_AFTER: _ClassVar[GuardrailStage]
 RUN_ERROR_CODE_UNSPECIFIED: RunErrorCode
 RUN_ERROR_CODE_MAX_TURNS_EXCEEDED: RunErrorCode
 RUN_ERROR_CODE_MODEL_UNAVAILABLE: RunErrorCode
@@ -34,12 +43,18 @@ RUN_ERROR_CODE_MODEL_ERROR: RunErrorCode
 RUN_ERROR_CODE_INVALID_OUTPUT: RunErrorCode
 RUN_ERROR_CODE_SESSION_UNAVAILABLE: RunErrorCode
 RUN_ERROR_CODE_INTERNAL: RunErrorCode
+RUN_ERROR_CODE_GUARDRAIL_TRIPPED: RunErrorCode
 REQUIRED_ACTION_UNSPECIFIED: RequiredAction
 REQUIRED_ACTION_TOOL_OUTPUT: RequiredAction
 REQUIRED_ACTION_APPROVAL: RequiredAction
+GUARDRAIL_STAGE_UNSPECIFIED: GuardrailStage
+GUARDRAIL_STAGE_INPUT: GuardrailStage
+GUARDRAIL_STAGE_OUTPUT: GuardrailStage
+GUARDRAIL_STAGE_TOOL_BEFORE: GuardrailStage
+GUARDRAIL_STAGE_TOOL_AFTER: GuardrailStage
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed", "action_required", "history_compacted")
+    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed", "action_required", "history_compacted", "guardrail_tripped")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +73,7 @@ class RunEvent(_message.Message):
     RUN_RESUMED_FIELD_NUMBER: _ClassVar[int]
     ACTION_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAIL_TRIPPED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -76,7 +92,8 @@ class RunEvent(_message.Message):
     run_resumed: RunResumed
     action_required: ActionRequired
     history_compacted: HistoryCompacted
-    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ..., history_compacted: _Optional[_Union[HistoryCompacted, _Mapping]] = ...) -> None: ...
+    guardrail_tripped: GuardrailTripped
+    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ..., history_compacted: _Optional[_Union[HistoryCompacted, _Mapping]] = ..., guardrail_tripped: _Optional[_Union[GuardrailTripped, _Mapping]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests")
@@ -91,18 +108,20 @@ class TokenUsage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class RunStarted(_message.Message):
-    __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted")
+    __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted", "agent_version")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     agent: str
     session: str
     history_items: int
     request_id: str
     history_omitted: int
-    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ..., history_omitted: _Optional[int] = ...) -> None: ...
+    agent_version: int
+    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ..., history_omitted: _Optional[int] = ..., agent_version: _Optional[int] = ...) -> None: ...
 
 class AgentUpdated(_message.Message):
     __slots__ = ("agent",)
@@ -235,3 +254,21 @@ class HistoryCompacted(_message.Message):
     kept_items: int
     dropped_items: int
     def __init__(self, agent: _Optional[str] = ..., summary: _Optional[_Union[_item_pb2.Item, _Mapping]] = ..., summarised_items: _Optional[int] = ..., kept_items: _Optional[int] = ..., dropped_items: _Optional[int] = ...) -> None: ...
+
+class GuardrailTripped(_message.Message):
+    __slots__ = ("guardrail", "stage", "agent", "reason", "output", "tool_name", "call_id")
+    GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    guardrail: str
+    stage: GuardrailStage
+    agent: str
+    reason: str
+    output: _struct_pb2.Struct
+    tool_name: str
+    call_id: str
+    def __init__(self, guardrail: _Optional[str] = ..., stage: _Optional[_Union[GuardrailStage, str]] = ..., agent: _Optional[str] = ..., reason: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_name: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...

@@ -26,6 +26,7 @@ class SpanKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPAN_KIND_GENERATION: _ClassVar[SpanKind]
     SPAN_KIND_FUNCTION: _ClassVar[SpanKind]
     SPAN_KIND_HANDOFF: _ClassVar[SpanKind]
+    SPAN_KIND_GUARDRAIL: _ClassVar[SpanKind]
 SPAN_STATUS_UNSPECIFIED: SpanStatus
 SPAN_STATUS_OK: SpanStatus
 SPAN_STATUS_ERROR: SpanStatus
@@ -36,6 +37,7 @@ SPAN_KIND_AGENT: SpanKind
 SPAN_KIND_GENERATION: SpanKind
 SPAN_KIND_FUNCTION: SpanKind
 SPAN_KIND_HANDOFF: SpanKind
+SPAN_KIND_GUARDRAIL: SpanKind
 
 class Trace(_message.Message):
     __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents")

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class TraceServiceStub:
     """TraceService answers what runs did: one trace per run, with a span per
-    agent segment, model call, tool call and handoff.
+    agent segment, model call, tool call, handoff and guardrail check.
 
     A trace's id is the `trace_id` of its run's events. A running trace lives
     in the memory of the replica executing the run; when it ends it is archived
@@ -70,7 +70,7 @@ class TraceServiceStub:
 
 class TraceServiceServicer:
     """TraceService answers what runs did: one trace per run, with a span per
-    agent segment, model call, tool call and handoff.
+    agent segment, model call, tool call, handoff and guardrail check.
 
     A trace's id is the `trace_id` of its run's events. A running trace lives
     in the memory of the replica executing the run; when it ends it is archived
@@ -139,7 +139,7 @@ def add_TraceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TraceService:
     """TraceService answers what runs did: one trace per run, with a span per
-    agent segment, model call, tool call and handoff.
+    agent segment, model call, tool call, handoff and guardrail check.
 
     A trace's id is the `trace_id` of its run's events. A running trace lives
     in the memory of the replica executing the run; when it ends it is archived

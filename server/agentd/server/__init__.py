@@ -8,20 +8,42 @@ from agentd.server.models.base import ModelSettings
 from agentd.server.models.script import Script, call, calls, say
 from agentd.server.runtime.agent import Agent
 from agentd.server.runtime.context import RunContext, ToolContext
+from agentd.server.runtime.guardrails import (
+    ClassifierGuardrail,
+    DenyListGuardrail,
+    GuardrailResult,
+    InputGuardrail,
+    OutputGuardrail,
+    RegexGuardrail,
+    ToolGuardrail,
+    input_guardrail,
+    output_guardrail,
+    tool_guardrail,
+)
 from agentd.server.runtime.history import Compaction
 from agentd.server.runtime.tools import FunctionTool, function_tool
 
 __all__ = [
     "Agent",
     "App",
+    "ClassifierGuardrail",
     "Compaction",
+    "DenyListGuardrail",
     "FunctionTool",
+    "GuardrailResult",
+    "InputGuardrail",
     "ModelSettings",
+    "OutputGuardrail",
+    "RegexGuardrail",
     "RunContext",
     "Script",
     "ToolContext",
+    "ToolGuardrail",
     "call",
     "calls",
     "function_tool",
+    "input_guardrail",
+    "output_guardrail",
     "say",
+    "tool_guardrail",
 ]

@@ -20,7 +20,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from agentd.server.agents.catalog import AgentCatalog
+from agentd.server.agents.files import AgentFiles, FilesSnapshot
+from agentd.server.agents.store.base import AgentStore
+from agentd.server.agents.store.factory import build_agent_store
 from agentd.server.app import App
+from agentd.server.tenancy import DEFAULT_TENANT
 from agentd.server.auth.factory import (
     build_authentication,
     build_interceptor,
@@ -179,6 +184,11 @@ class RunningServer:
     # The plaintext health-only listener (AGENTD_HEALTH_PORT), for probes that cannot speak TLS.
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    # Every agent the server runs (code, files, API) and what keeps it current.
+    catalog: AgentCatalog | None = None
+    agent_store: AgentStore | None = None
+    agent_files: AgentFiles | None = None
+    file_watch: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
@@ -196,6 +206,13 @@ class RunningServer:
         await stopping
         await self.runs.close()
         await self.runs.close_stores()
+        if self.file_watch is not None:
+            self.file_watch.cancel()
+            await asyncio.gather(self.file_watch, return_exceptions=True)
+        if self.catalog is not None:
+            await self.catalog.stop()
+        if self.agent_store is not None:
+            await self.agent_store.close()
         await self.models.aclose()
         # Runs are drained: every trace has ended; write them out before closing.
         await self.traces.close()
@@ -224,11 +241,20 @@ async def start_server(
     models = models or build_models(settings, app)
     store = store or build_store(settings)
     await store.open()
+    # Agents made through the API live beside the sessions (opened after them: one SQLite file).
+    agent_store = build_agent_store(settings)
+    try:
+        await agent_store.open()
+    except BaseException:
+        await store.close()
+        raise
+    catalog, agent_files = load_catalog(settings, app, agent_store)
+    await catalog.start()
     traces = build_trace_store(settings)
     await traces.open()  # an archive that cannot be reached is logged and retried, never fatal
     tracer, trace_provider = build_tracer(settings, traces.memory)
     runner = AgentRunner(
-        app, models, store, tracer, tool_timeout_s=settings.tool_timeout_s, history_max_items=settings.history_max_items
+        catalog, models, store, tracer, tool_timeout_s=settings.tool_timeout_s, history_max_items=settings.history_max_items
     )
     run_store, control_bus = build_run_store(settings)
     try:
@@ -261,7 +287,7 @@ async def start_server(
         options=server_options(settings),
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentService(app, runs, max_input_chars=settings.max_input_chars), server
+        AgentService(catalog, runs, max_input_chars=settings.max_input_chars, agent_store=agent_store), server
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, runs), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
@@ -313,12 +339,42 @@ async def start_server(
         "agentd listening on %s:%d (%s, auth=%s, replica=%s, store=%s, runs=%s, models=%s, agents=%s)",
         settings.host, port, "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
         ",".join(a.name for a in authentication.authenticators) or "none", runs.replica_id, settings.store, run_store.location, type(models).__name__,
-        ",".join(sorted(app.compiled)),
+        ",".join(e.name for e in catalog.list(DEFAULT_TENANT)),
     )
+    file_watch = None
+    if agent_files is not None:
+        file_watch = asyncio.create_task(agent_files.watch(
+            lambda snapshot: apply_agent_files(catalog, snapshot), poll_interval_s=settings.agents_poll_interval_s
+        ))
     return RunningServer(
         settings, server, port, runs, store, models, traces, health_servicer, upkeep, authentication, trace_provider,
-        health_server, health_port,
+        health_server, health_port, catalog, agent_store, agent_files, file_watch,
     )
+
+
+def load_catalog(settings: Settings, app: App, agent_store: AgentStore) -> tuple[AgentCatalog, AgentFiles | None]:
+    """The catalog of the app's agents, the agent files' (when configured) and the API's."""
+    catalog = AgentCatalog(app, store=agent_store)
+    if settings.agents_dir is None:
+        return catalog, None
+    files = AgentFiles(
+        settings.agents_dir, app_tools=catalog.app_tools, app_guardrails=catalog.app_guardrails,
+        known_agents=lambda: catalog.static_names,
+    )
+    apply_agent_files(catalog, files.load())
+    return catalog, files
+
+
+def apply_agent_files(catalog: AgentCatalog, snapshot: FilesSnapshot) -> None:
+    """Serve what the agent files define now; log every problem (a bad file keeps its last good agents)."""
+    for error in snapshot.errors:
+        log.error("agent file problem: %s", error)
+    for name, path in snapshot.kept.items():
+        log.warning("agent %r: %s has problems; its last good version keeps serving", name, path)
+    for name, problem in catalog.set_file_definitions(snapshot.definitions):
+        log.error("agent %r from the agent files cannot be served: %s", name, problem)
+    log.info("agent files: %d agent(s) from %s", len(snapshot.definitions), ", ".join(
+        sorted({str(p) for p in snapshot.paths.values()})) or "no files")
 
 
 async def serve(settings: Settings, app: App) -> None:
@@ -334,6 +390,8 @@ async def serve(settings: Settings, app: App) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.agent_files is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.agent_files.request_reload)
     await stop.wait()
     log.info("shutdown requested; draining (grace %.1fs)", settings.shutdown_grace_s)
     await running.stop()

@@ -14,6 +14,17 @@ class Settings(BaseSettings):
 
     # The example app ships in the package, so an installed agentd serves it from any directory.
     app: str = Field("agentd.examples.support:app", description="App to serve, as 'module:attribute'.")
+    agents_dir: Path | None = Field(
+        None,
+        description=(
+            "A directory of agent definition files (*.yaml, *.yml, *.json; format: agent.schema.json), served "
+            "beside the app's agents; reloaded when a file changes (polled every second) and on SIGHUP. A file "
+            "that does not validate is reported and the previous version of its agent keeps serving."
+        ),
+    )
+    agents_poll_interval_s: float = Field(
+        1.0, gt=0, description="How often the agents directory is checked for changed files."
+    )
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port.")
 

@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/agent_service.proto.
  */
 export const file_agentd_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudGQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIq4BCgVBZ2VudBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEg0KBW1vZGVsGAMgASgJEh4KBXRvb2xzGAQgAygLMg8uYWdlbnRkLnYxLlRvb2wSEAoIaGFuZG9mZnMYBSADKAkSLgoNb3V0cHV0X3NjaGVtYRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJbWF4X3R1cm5zGAcgASgFIpcBCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDgoGc3RyaWN0GAQgASgIEhcKD2NhbGxlcl9leGVjdXRlZBgFIAEoCBIWCg5uZWVkc19hcHByb3ZhbBgGIAEoCCI6ChFMaXN0QWdlbnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJPChJMaXN0QWdlbnRzUmVzcG9uc2USIAoGYWdlbnRzGAEgAygLMhAuYWdlbnRkLnYxLkFnZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIfCg9HZXRBZ2VudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSIzChBHZXRBZ2VudFJlc3BvbnNlEh8KBWFnZW50GAEgASgLMhAuYWdlbnRkLnYxLkFnZW50IvYBCghTdGFydFJ1bhINCgVhZ2VudBgBIAEoCRINCgVpbnB1dBgCIAEoCRIPCgdzZXNzaW9uGAMgASgJEigKB2NvbnRleHQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCW1heF90dXJucxgFIAEoBRISCgpyZXF1ZXN0X2lkGAYgASgJEiYKBXRyYWNlGAcgASgLMhcuYWdlbnRkLnYxLlRyYWNlT3B0aW9ucxIwCg5zZXNzaW9uX3BvbGljeRgIIAEoDjIYLmFnZW50ZC52MS5TZXNzaW9uUG9saWN5EhAKCGRldGFjaGVkGAkgASgIIs8DCgdSdW5JbmZvEgwKBG5hbWUYASABKAkSJAoGc3RhdHVzGAIgASgOMhQuYWdlbnRkLnYxLlJ1blN0YXR1cxINCgVhZ2VudBgDIAEoCRIPCgdzZXNzaW9uGAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXBsaWNhGAggASgJEg8KB2F0dGVtcHQYCSABKAUSFQoNbGFzdF9zZXF1ZW5jZRgKIAEoAxIsCgljb21wbGV0ZWQYCyABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASJgoGZmFpbGVkGAwgASgLMhQuYWdlbnRkLnYxLlJ1bkZhaWxlZEgAEiwKCWNhbmNlbGxlZBgNIAEoCzIXLmFnZW50ZC52MS5SdW5DYW5jZWxsZWRIABIzChByZXF1aXJlZF9hY3Rpb25zGA4gAygLMhkuYWdlbnRkLnYxLkFjdGlvblJlcXVpcmVkQggKBnJlc3VsdCKhAQoMVHJhY2VPcHRpb25zEhUKDXdvcmtmbG93X25hbWUYASABKAkSEAoIZ3JvdXBfaWQYAiABKAkSNwoIbWV0YWRhdGEYAyADKAsyJS5hZ2VudGQudjEuVHJhY2VPcHRpb25zLk1ldGFkYXRhRW50cnkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIhsKCUNhbmNlbFJ1bhIOCgZyZWFzb24YASABKAkiwQEKClJ1blJlcXVlc3QSJAoFc3RhcnQYASABKAsyEy5hZ2VudGQudjEuU3RhcnRSdW5IABImCgZjYW5jZWwYAiABKAsyFC5hZ2VudGQudjEuQ2FuY2VsUnVuSAASLgoMdG9vbF9vdXRwdXRzGAMgASgLMhYuYWdlbnRkLnYxLlRvb2xPdXRwdXRzSAASKwoIYXBwcm92YWwYBCABKAsyFy5hZ2VudGQudjEuVG9vbEFwcHJvdmFsSABCCAoGYWN0aW9uIj8KC1Rvb2xPdXRwdXRzEjAKB291dHB1dHMYASADKAsyHy5hZ2VudGQudjEuVG9vbE91dHB1dFN1Ym1pc3Npb24iSQoUVG9vbE91dHB1dFN1Ym1pc3Npb24SDwoHY2FsbF9pZBgBIAEoCRIOCgZvdXRwdXQYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgiQQoMVG9vbEFwcHJvdmFsEg8KB2NhbGxfaWQYASABKAkSEAoIYXBwcm92ZWQYAiABKAgSDgoGcmVhc29uGAMgASgJIjEKC1J1blJlc3BvbnNlEiIKBWV2ZW50GAEgASgLMhMuYWdlbnRkLnYxLlJ1bkV2ZW50IjYKEFN0cmVhbVJ1blJlcXVlc3QSIgoFc3RhcnQYASABKAsyEy5hZ2VudGQudjEuU3RhcnRSdW4iNwoRU3RyZWFtUnVuUmVzcG9uc2USIgoFZXZlbnQYASABKAsyEy5hZ2VudGQudjEuUnVuRXZlbnQiNgoQQ3JlYXRlUnVuUmVxdWVzdBIiCgVzdGFydBgBIAEoCzITLmFnZW50ZC52MS5TdGFydFJ1biI0ChFDcmVhdGVSdW5SZXNwb25zZRIfCgNydW4YASABKAsyEi5hZ2VudGQudjEuUnVuSW5mbyIdCg1HZXRSdW5SZXF1ZXN0EgwKBG5hbWUYASABKAkiMQoOR2V0UnVuUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iSQoPTGlzdFJ1bnNSZXF1ZXN0Eg8KB3Nlc3Npb24YASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiTQoQTGlzdFJ1bnNSZXNwb25zZRIgCgRydW5zGAEgAygLMhIuYWdlbnRkLnYxLlJ1bkluZm8SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKEENhbmNlbFJ1blJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZyZWFzb24YAiABKAkiNAoRQ2FuY2VsUnVuUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iWgoYU3VibWl0VG9vbE91dHB1dHNSZXF1ZXN0EgwKBG5hbWUYASABKAkSMAoHb3V0cHV0cxgCIAMoCzIfLmFnZW50ZC52MS5Ub29sT3V0cHV0U3VibWlzc2lvbiI8ChlTdWJtaXRUb29sT3V0cHV0c1Jlc3BvbnNlEh8KA3J1bhgBIAEoCzISLmFnZW50ZC52MS5SdW5JbmZvIlEKFkFwcHJvdmVUb29sQ2FsbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIpCghhcHByb3ZhbBgCIAEoCzIXLmFnZW50ZC52MS5Ub29sQXBwcm92YWwiOgoXQXBwcm92ZVRvb2xDYWxsUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iNwoPV2F0Y2hSdW5SZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMiNgoQV2F0Y2hSdW5SZXNwb25zZRIiCgVldmVudBgBIAEoCzITLmFnZW50ZC52MS5SdW5FdmVudCpmCg1TZXNzaW9uUG9saWN5Eh4KGlNFU1NJT05fUE9MSUNZX1VOU1BFQ0lGSUVEEAASGQoVU0VTU0lPTl9QT0xJQ1lfUkVKRUNUEAESGgoWU0VTU0lPTl9QT0xJQ1lfRU5RVUVVRRACKsEBCglSdW5TdGF0dXMSGgoWUlVOX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEVJVTl9TVEFUVVNfUVVFVUVEEAESFgoSUlVOX1NUQVRVU19SVU5OSU5HEAISHgoaUlVOX1NUQVRVU19SRVFVSVJFU19BQ1RJT04QAxIYChRSVU5fU1RBVFVTX0NPTVBMRVRFRBAEEhUKEVJVTl9TVEFUVVNfRkFJTEVEEAUSGAoUUlVOX1NUQVRVU19DQU5DRUxMRUQQBjK3BgoMQWdlbnRTZXJ2aWNlEkkKCkxpc3RBZ2VudHMSHC5hZ2VudGQudjEuTGlzdEFnZW50c1JlcXVlc3QaHS5hZ2VudGQudjEuTGlzdEFnZW50c1Jlc3BvbnNlEkMKCEdldEFnZW50EhouYWdlbnRkLnYxLkdldEFnZW50UmVxdWVzdBobLmFnZW50ZC52MS5HZXRBZ2VudFJlc3BvbnNlEjgKA1J1bhIVLmFnZW50ZC52MS5SdW5SZXF1ZXN0GhYuYWdlbnRkLnYxLlJ1blJlc3BvbnNlKAEwARJICglTdHJlYW1SdW4SGy5hZ2VudGQudjEuU3RyZWFtUnVuUmVxdWVzdBocLmFnZW50ZC52MS5TdHJlYW1SdW5SZXNwb25zZTABEkYKCUNyZWF0ZVJ1bhIbLmFnZW50ZC52MS5DcmVhdGVSdW5SZXF1ZXN0GhwuYWdlbnRkLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEj0KBkdldFJ1bhIYLmFnZW50ZC52MS5HZXRSdW5SZXF1ZXN0GhkuYWdlbnRkLnYxLkdldFJ1blJlc3BvbnNlEkMKCExpc3RSdW5zEhouYWdlbnRkLnYxLkxpc3RSdW5zUmVxdWVzdBobLmFnZW50ZC52MS5MaXN0UnVuc1Jlc3BvbnNlEkYKCUNhbmNlbFJ1bhIbLmFnZW50ZC52MS5DYW5jZWxSdW5SZXF1ZXN0GhwuYWdlbnRkLnYxLkNhbmNlbFJ1blJlc3BvbnNlEkUKCFdhdGNoUnVuEhouYWdlbnRkLnYxLldhdGNoUnVuUmVxdWVzdBobLmFnZW50ZC52MS5XYXRjaFJ1blJlc3BvbnNlMAESXgoRU3VibWl0VG9vbE91dHB1dHMSIy5hZ2VudGQudjEuU3VibWl0VG9vbE91dHB1dHNSZXF1ZXN0GiQuYWdlbnRkLnYxLlN1Ym1pdFRvb2xPdXRwdXRzUmVzcG9uc2USWAoPQXBwcm92ZVRvb2xDYWxsEiEuYWdlbnRkLnYxLkFwcHJvdmVUb29sQ2FsbFJlcXVlc3QaIi5hZ2VudGQudjEuQXBwcm92ZVRvb2xDYWxsUmVzcG9uc2VCkAEKDWRldi5hZ2VudGQudjFCEUFnZW50U2VydmljZVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_agentd_v1_run_event, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch1hZ2VudGQvdjEvYWdlbnRfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIvYCCgVBZ2VudBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEg0KBW1vZGVsGAMgASgJEh4KBXRvb2xzGAQgAygLMg8uYWdlbnRkLnYxLlRvb2wSEAoIaGFuZG9mZnMYBSADKAkSLgoNb3V0cHV0X3NjaGVtYRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJbWF4X3R1cm5zGAcgASgFEg8KB3ZlcnNpb24YCCABKAMSJgoGc291cmNlGAkgASgOMhYuYWdlbnRkLnYxLkFnZW50U291cmNlEisKCmRlZmluaXRpb24YCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Ei8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiQQoSQ3JlYXRlQWdlbnRSZXF1ZXN0EisKCmRlZmluaXRpb24YASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IjYKE0NyZWF0ZUFnZW50UmVzcG9uc2USHwoFYWdlbnQYASABKAsyEC5hZ2VudGQudjEuQWdlbnQiaQoSVXBkYXRlQWdlbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkSKwoKZGVmaW5pdGlvbhgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSGAoQZXhwZWN0ZWRfdmVyc2lvbhgDIAEoAyI2ChNVcGRhdGVBZ2VudFJlc3BvbnNlEh8KBWFnZW50GAEgASgLMhAuYWdlbnRkLnYxLkFnZW50IiIKEkRlbGV0ZUFnZW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIhUKE0RlbGV0ZUFnZW50UmVzcG9uc2UiUQoYTGlzdEFnZW50VmVyc2lvbnNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChlMaXN0QWdlbnRWZXJzaW9uc1Jlc3BvbnNlEiIKCHZlcnNpb25zGAEgAygLMhAuYWdlbnRkLnYxLkFnZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyCgpBZ2VudEFsaWFzEgwKBG5hbWUYASABKAkSJQoGcm91dGVzGAIgAygLMhUuYWdlbnRkLnYxLkFsaWFzUm91dGUSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIi0KCkFsaWFzUm91dGUSDwoHdmVyc2lvbhgBIAEoAxIOCgZ3ZWlnaHQYAiABKAUiPAoUU2V0QWdlbnRBbGlhc1JlcXVlc3QSJAoFYWxpYXMYASABKAsyFS5hZ2VudGQudjEuQWdlbnRBbGlhcyI9ChVTZXRBZ2VudEFsaWFzUmVzcG9uc2USJAoFYWxpYXMYASABKAsyFS5hZ2VudGQudjEuQWdlbnRBbGlhcyIpChdMaXN0QWdlbnRBbGlhc2VzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkiQgoYTGlzdEFnZW50QWxpYXNlc1Jlc3BvbnNlEiYKB2FsaWFzZXMYASADKAsyFS5hZ2VudGQudjEuQWdlbnRBbGlhcyInChdEZWxldGVBZ2VudEFsaWFzUmVxdWVzdBIMCgRuYW1lGAEgASgJIhoKGERlbGV0ZUFnZW50QWxpYXNSZXNwb25zZSKXAQoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnN0cmljdBgEIAEoCBIXCg9jYWxsZXJfZXhlY3V0ZWQYBSABKAgSFgoObmVlZHNfYXBwcm92YWwYBiABKAgiOgoRTGlzdEFnZW50c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiTwoSTGlzdEFnZW50c1Jlc3BvbnNlEiAKBmFnZW50cxgBIAMoCzIQLmFnZW50ZC52MS5BZ2VudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiHwoPR2V0QWdlbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiMwoQR2V0QWdlbnRSZXNwb25zZRIfCgVhZ2VudBgBIAEoCzIQLmFnZW50ZC52MS5BZ2VudCL2AQoIU3RhcnRSdW4SDQoFYWdlbnQYASABKAkSDQoFaW5wdXQYAiABKAkSDwoHc2Vzc2lvbhgDIAEoCRIoCgdjb250ZXh0GAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCgltYXhfdHVybnMYBSABKAUSEgoKcmVxdWVzdF9pZBgGIAEoCRImCgV0cmFjZRgHIAEoCzIXLmFnZW50ZC52MS5UcmFjZU9wdGlvbnMSMAoOc2Vzc2lvbl9wb2xpY3kYCCABKA4yGC5hZ2VudGQudjEuU2Vzc2lvblBvbGljeRIQCghkZXRhY2hlZBgJIAEoCCLmAwoHUnVuSW5mbxIMCgRuYW1lGAEgASgJEiQKBnN0YXR1cxgCIAEoDjIULmFnZW50ZC52MS5SdW5TdGF0dXMSDQoFYWdlbnQYAyABKAkSDwoHc2Vzc2lvbhgEIAEoCRISCgpyZXF1ZXN0X2lkGAUgASgJEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHcmVwbGljYRgIIAEoCRIPCgdhdHRlbXB0GAkgASgFEhUKDWxhc3Rfc2VxdWVuY2UYCiABKAMSLAoJY29tcGxldGVkGAsgASgLMhcuYWdlbnRkLnYxLlJ1bkNvbXBsZXRlZEgAEiYKBmZhaWxlZBgMIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIsCgljYW5jZWxsZWQYDSABKAsyFy5hZ2VudGQudjEuUnVuQ2FuY2VsbGVkSAASMwoQcmVxdWlyZWRfYWN0aW9ucxgOIAMoCzIZLmFnZW50ZC52MS5BY3Rpb25SZXF1aXJlZBIVCg1hZ2VudF92ZXJzaW9uGA8gASgDQggKBnJlc3VsdCKhAQoMVHJhY2VPcHRpb25zEhUKDXdvcmtmbG93X25hbWUYASABKAkSEAoIZ3JvdXBfaWQYAiABKAkSNwoIbWV0YWRhdGEYAyADKAsyJS5hZ2VudGQudjEuVHJhY2VPcHRpb25zLk1ldGFkYXRhRW50cnkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIhsKCUNhbmNlbFJ1bhIOCgZyZWFzb24YASABKAkiwQEKClJ1blJlcXVlc3QSJAoFc3RhcnQYASABKAsyEy5hZ2VudGQudjEuU3RhcnRSdW5IABImCgZjYW5jZWwYAiABKAsyFC5hZ2VudGQudjEuQ2FuY2VsUnVuSAASLgoMdG9vbF9vdXRwdXRzGAMgASgLMhYuYWdlbnRkLnYxLlRvb2xPdXRwdXRzSAASKwoIYXBwcm92YWwYBCABKAsyFy5hZ2VudGQudjEuVG9vbEFwcHJvdmFsSABCCAoGYWN0aW9uIj8KC1Rvb2xPdXRwdXRzEjAKB291dHB1dHMYASADKAsyHy5hZ2VudGQudjEuVG9vbE91dHB1dFN1Ym1pc3Npb24iSQoUVG9vbE91dHB1dFN1Ym1pc3Npb24SDwoHY2FsbF9pZBgBIAEoCRIOCgZvdXRwdXQYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgiQQoMVG9vbEFwcHJvdmFsEg8KB2NhbGxfaWQYASABKAkSEAoIYXBwcm92ZWQYAiABKAgSDgoGcmVhc29uGAMgASgJIjEKC1J1blJlc3BvbnNlEiIKBWV2ZW50GAEgASgLMhMuYWdlbnRkLnYxLlJ1bkV2ZW50IjYKEFN0cmVhbVJ1blJlcXVlc3QSIgoFc3RhcnQYASABKAsyEy5hZ2VudGQudjEuU3RhcnRSdW4iNwoRU3RyZWFtUnVuUmVzcG9uc2USIgoFZXZlbnQYASABKAsyEy5hZ2VudGQudjEuUnVuRXZlbnQiNgoQQ3JlYXRlUnVuUmVxdWVzdBIiCgVzdGFydBgBIAEoCzITLmFnZW50ZC52MS5TdGFydFJ1biI0ChFDcmVhdGVSdW5SZXNwb25zZRIfCgNydW4YASABKAsyEi5hZ2VudGQudjEuUnVuSW5mbyIdCg1HZXRSdW5SZXF1ZXN0EgwKBG5hbWUYASABKAkiMQoOR2V0UnVuUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iSQoPTGlzdFJ1bnNSZXF1ZXN0Eg8KB3Nlc3Npb24YASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiTQoQTGlzdFJ1bnNSZXNwb25zZRIgCgRydW5zGAEgAygLMhIuYWdlbnRkLnYxLlJ1bkluZm8SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKEENhbmNlbFJ1blJlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZyZWFzb24YAiABKAkiNAoRQ2FuY2VsUnVuUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iWgoYU3VibWl0VG9vbE91dHB1dHNSZXF1ZXN0EgwKBG5hbWUYASABKAkSMAoHb3V0cHV0cxgCIAMoCzIfLmFnZW50ZC52MS5Ub29sT3V0cHV0U3VibWlzc2lvbiI8ChlTdWJtaXRUb29sT3V0cHV0c1Jlc3BvbnNlEh8KA3J1bhgBIAEoCzISLmFnZW50ZC52MS5SdW5JbmZvIlEKFkFwcHJvdmVUb29sQ2FsbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRIpCghhcHByb3ZhbBgCIAEoCzIXLmFnZW50ZC52MS5Ub29sQXBwcm92YWwiOgoXQXBwcm92ZVRvb2xDYWxsUmVzcG9uc2USHwoDcnVuGAEgASgLMhIuYWdlbnRkLnYxLlJ1bkluZm8iNwoPV2F0Y2hSdW5SZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMiNgoQV2F0Y2hSdW5SZXNwb25zZRIiCgVldmVudBgBIAEoCzITLmFnZW50ZC52MS5SdW5FdmVudCpvCgtBZ2VudFNvdXJjZRIcChhBR0VOVF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIVChFBR0VOVF9TT1VSQ0VfQ09ERRABEhUKEUFHRU5UX1NPVVJDRV9GSUxFEAISFAoQQUdFTlRfU09VUkNFX0FQSRADKmYKDVNlc3Npb25Qb2xpY3kSHgoaU0VTU0lPTl9QT0xJQ1lfVU5TUEVDSUZJRUQQABIZChVTRVNTSU9OX1BPTElDWV9SRUpFQ1QQARIaChZTRVNTSU9OX1BPTElDWV9FTlFVRVVFEAIqwQEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASFQoRUlVOX1NUQVRVU19RVUVVRUQQARIWChJSVU5fU1RBVFVTX1JVTk5JTkcQAhIeChpSVU5fU1RBVFVTX1JFUVVJUkVTX0FDVElPThADEhgKFFJVTl9TVEFUVVNfQ09NUExFVEVEEAQSFQoRUlVOX1NUQVRVU19GQUlMRUQQBRIYChRSVU5fU1RBVFVTX0NBTkNFTExFRBAGMo8LCgxBZ2VudFNlcnZpY2USSQoKTGlzdEFnZW50cxIcLmFnZW50ZC52MS5MaXN0QWdlbnRzUmVxdWVzdBodLmFnZW50ZC52MS5MaXN0QWdlbnRzUmVzcG9uc2USQwoIR2V0QWdlbnQSGi5hZ2VudGQudjEuR2V0QWdlbnRSZXF1ZXN0GhsuYWdlbnRkLnYxLkdldEFnZW50UmVzcG9uc2USTAoLQ3JlYXRlQWdlbnQSHS5hZ2VudGQudjEuQ3JlYXRlQWdlbnRSZXF1ZXN0Gh4uYWdlbnRkLnYxLkNyZWF0ZUFnZW50UmVzcG9uc2USTAoLVXBkYXRlQWdlbnQSHS5hZ2VudGQudjEuVXBkYXRlQWdlbnRSZXF1ZXN0Gh4uYWdlbnRkLnYxLlVwZGF0ZUFnZW50UmVzcG9uc2USTAoLRGVsZXRlQWdlbnQSHS5hZ2VudGQudjEuRGVsZXRlQWdlbnRSZXF1ZXN0Gh4uYWdlbnRkLnYxLkRlbGV0ZUFnZW50UmVzcG9uc2USXgoRTGlzdEFnZW50VmVyc2lvbnMSIy5hZ2VudGQudjEuTGlzdEFnZW50VmVyc2lvbnNSZXF1ZXN0GiQuYWdlbnRkLnYxLkxpc3RBZ2VudFZlcnNpb25zUmVzcG9uc2USUgoNU2V0QWdlbnRBbGlhcxIfLmFnZW50ZC52MS5TZXRBZ2VudEFsaWFzUmVxdWVzdBogLmFnZW50ZC52MS5TZXRBZ2VudEFsaWFzUmVzcG9uc2USWwoQTGlzdEFnZW50QWxpYXNlcxIiLmFnZW50ZC52MS5MaXN0QWdlbnRBbGlhc2VzUmVxdWVzdBojLmFnZW50ZC52MS5MaXN0QWdlbnRBbGlhc2VzUmVzcG9uc2USWwoQRGVsZXRlQWdlbnRBbGlhcxIiLmFnZW50ZC52MS5EZWxldGVBZ2VudEFsaWFzUmVxdWVzdBojLmFnZW50ZC52MS5EZWxldGVBZ2VudEFsaWFzUmVzcG9uc2USOAoDUnVuEhUuYWdlbnRkLnYxLlJ1blJlcXVlc3QaFi5hZ2VudGQudjEuUnVuUmVzcG9uc2UoATABEkgKCVN0cmVhbVJ1bhIbLmFnZW50ZC52MS5TdHJlYW1SdW5SZXF1ZXN0GhwuYWdlbnRkLnYxLlN0cmVhbVJ1blJlc3BvbnNlMAESRgoJQ3JlYXRlUnVuEhsuYWdlbnRkLnYxLkNyZWF0ZVJ1blJlcXVlc3QaHC5hZ2VudGQudjEuQ3JlYXRlUnVuUmVzcG9uc2USPQoGR2V0UnVuEhguYWdlbnRkLnYxLkdldFJ1blJlcXVlc3QaGS5hZ2VudGQudjEuR2V0UnVuUmVzcG9uc2USQwoITGlzdFJ1bnMSGi5hZ2VudGQudjEuTGlzdFJ1bnNSZXF1ZXN0GhsuYWdlbnRkLnYxLkxpc3RSdW5zUmVzcG9uc2USRgoJQ2FuY2VsUnVuEhsuYWdlbnRkLnYxLkNhbmNlbFJ1blJlcXVlc3QaHC5hZ2VudGQudjEuQ2FuY2VsUnVuUmVzcG9uc2USRQoIV2F0Y2hSdW4SGi5hZ2VudGQudjEuV2F0Y2hSdW5SZXF1ZXN0GhsuYWdlbnRkLnYxLldhdGNoUnVuUmVzcG9uc2UwARJeChFTdWJtaXRUb29sT3V0cHV0cxIjLmFnZW50ZC52MS5TdWJtaXRUb29sT3V0cHV0c1JlcXVlc3QaJC5hZ2VudGQudjEuU3VibWl0VG9vbE91dHB1dHNSZXNwb25zZRJYCg9BcHByb3ZlVG9vbENhbGwSIS5hZ2VudGQudjEuQXBwcm92ZVRvb2xDYWxsUmVxdWVzdBoiLmFnZW50ZC52MS5BcHByb3ZlVG9vbENhbGxSZXNwb25zZUKQAQoNZGV2LmFnZW50ZC52MUIRQWdlbnRTZXJ2aWNlUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_agentd_v1_run_event, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * An agent the server hosts (defined by the served app; read-only over the
@@ -80,6 +80,46 @@ export type Agent = Message<"agentd.v1.Agent"> & {
    * @generated from field: int32 max_turns = 7;
    */
   maxTurns: number;
+
+  /**
+   * The version served: 1, 2, 3... for agents made through the API (the
+   * latest, unless the request named a version or an alias); 0 for agents of
+   * the app module and of the agent files, which have no versions.
+   *
+   * @generated from field: int64 version = 8;
+   */
+  version: bigint;
+
+  /**
+   * Where the agent is defined.
+   *
+   * @generated from field: agentd.v1.AgentSource source = 9;
+   */
+  source: AgentSource;
+
+  /**
+   * The definition as data, in the agent file format (see CreateAgent); unset
+   * for agents of the app module, which are Python code.
+   *
+   * @generated from field: google.protobuf.Struct definition = 10;
+   */
+  definition?: JsonObject | undefined;
+
+  /**
+   * When the agent was created (API agents; files: when first loaded by this
+   * replica); unset for app-module agents.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 11;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When this version was made (API agents; files: when last loaded); unset
+   * for app-module agents.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 12;
+   */
+  updateTime?: Timestamp | undefined;
 };
 
 /**
@@ -88,6 +128,395 @@ export type Agent = Message<"agentd.v1.Agent"> & {
  */
 export const AgentSchema: GenMessage<Agent> = /*@__PURE__*/
   messageDesc(file_agentd_v1_agent_service, 0);
+
+/**
+ * Request of AgentService.CreateAgent.
+ *
+ * @generated from message agentd.v1.CreateAgentRequest
+ */
+export type CreateAgentRequest = Message<"agentd.v1.CreateAgentRequest"> & {
+  /**
+   * The agent's definition, in the agent file format (agent.schema.json). Its
+   * `name` is the agent id: 1..64 characters of `[a-z0-9_-]`, starting with a
+   * letter or digit. Required.
+   *
+   * @generated from field: google.protobuf.Struct definition = 1;
+   */
+  definition?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.CreateAgentRequest.
+ * Use `create(CreateAgentRequestSchema)` to create a new message.
+ */
+export const CreateAgentRequestSchema: GenMessage<CreateAgentRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 1);
+
+/**
+ * Response of AgentService.CreateAgent.
+ *
+ * @generated from message agentd.v1.CreateAgentResponse
+ */
+export type CreateAgentResponse = Message<"agentd.v1.CreateAgentResponse"> & {
+  /**
+   * The agent as created (version 1).
+   *
+   * @generated from field: agentd.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.CreateAgentResponse.
+ * Use `create(CreateAgentResponseSchema)` to create a new message.
+ */
+export const CreateAgentResponseSchema: GenMessage<CreateAgentResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 2);
+
+/**
+ * Request of AgentService.UpdateAgent.
+ *
+ * @generated from message agentd.v1.UpdateAgentRequest
+ */
+export type UpdateAgentRequest = Message<"agentd.v1.UpdateAgentRequest"> & {
+  /**
+   * The agent: `agents/{agent}` or the bare agent id. Required.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The new definition (whole, in the agent file format); its `name`, when
+   * set, must be the agent's id. Required.
+   *
+   * @generated from field: google.protobuf.Struct definition = 2;
+   */
+  definition?: JsonObject | undefined;
+
+  /**
+   * Optimistic concurrency: when set (above 0), the update applies only if
+   * this is still the latest version, else VERSION_CONFLICT; 0 updates
+   * whatever the latest version is.
+   *
+   * @generated from field: int64 expected_version = 3;
+   */
+  expectedVersion: bigint;
+};
+
+/**
+ * Describes the message agentd.v1.UpdateAgentRequest.
+ * Use `create(UpdateAgentRequestSchema)` to create a new message.
+ */
+export const UpdateAgentRequestSchema: GenMessage<UpdateAgentRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 3);
+
+/**
+ * Response of AgentService.UpdateAgent.
+ *
+ * @generated from message agentd.v1.UpdateAgentResponse
+ */
+export type UpdateAgentResponse = Message<"agentd.v1.UpdateAgentResponse"> & {
+  /**
+   * The agent at its new version.
+   *
+   * @generated from field: agentd.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.UpdateAgentResponse.
+ * Use `create(UpdateAgentResponseSchema)` to create a new message.
+ */
+export const UpdateAgentResponseSchema: GenMessage<UpdateAgentResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 4);
+
+/**
+ * Request of AgentService.DeleteAgent.
+ *
+ * @generated from message agentd.v1.DeleteAgentRequest
+ */
+export type DeleteAgentRequest = Message<"agentd.v1.DeleteAgentRequest"> & {
+  /**
+   * The agent: `agents/{agent}` or the bare agent id. Required.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message agentd.v1.DeleteAgentRequest.
+ * Use `create(DeleteAgentRequestSchema)` to create a new message.
+ */
+export const DeleteAgentRequestSchema: GenMessage<DeleteAgentRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 5);
+
+/**
+ * Response of AgentService.DeleteAgent (empty).
+ *
+ * @generated from message agentd.v1.DeleteAgentResponse
+ */
+export type DeleteAgentResponse = Message<"agentd.v1.DeleteAgentResponse"> & {
+};
+
+/**
+ * Describes the message agentd.v1.DeleteAgentResponse.
+ * Use `create(DeleteAgentResponseSchema)` to create a new message.
+ */
+export const DeleteAgentResponseSchema: GenMessage<DeleteAgentResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 6);
+
+/**
+ * Request of AgentService.ListAgentVersions.
+ *
+ * @generated from message agentd.v1.ListAgentVersionsRequest
+ */
+export type ListAgentVersionsRequest = Message<"agentd.v1.ListAgentVersionsRequest"> & {
+  /**
+   * The agent: `agents/{agent}` or the bare agent id. Required.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * Versions per page: 1..1000, 0 means 100.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` of the previous page; empty for the first page.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message agentd.v1.ListAgentVersionsRequest.
+ * Use `create(ListAgentVersionsRequestSchema)` to create a new message.
+ */
+export const ListAgentVersionsRequestSchema: GenMessage<ListAgentVersionsRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 7);
+
+/**
+ * Response of AgentService.ListAgentVersions.
+ *
+ * @generated from message agentd.v1.ListAgentVersionsResponse
+ */
+export type ListAgentVersionsResponse = Message<"agentd.v1.ListAgentVersionsResponse"> & {
+  /**
+   * The versions, newest first; each `name` is `agents/{agent}/versions/{n}`.
+   *
+   * @generated from field: repeated agentd.v1.Agent versions = 1;
+   */
+  versions: Agent[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message agentd.v1.ListAgentVersionsResponse.
+ * Use `create(ListAgentVersionsResponseSchema)` to create a new message.
+ */
+export const ListAgentVersionsResponseSchema: GenMessage<ListAgentVersionsResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 8);
+
+/**
+ * A named pointer at one version of an API agent, or a weighted split.
+ *
+ * @generated from message agentd.v1.AgentAlias
+ */
+export type AgentAlias = Message<"agentd.v1.AgentAlias"> & {
+  /**
+   * Resource name `agents/{agent}/aliases/{alias}`; the alias id is 1..64
+   * characters of `[a-z0-9_-]`. StartRun may name it as its agent.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Where runs started through the alias go: one route at weight 100, or
+   * several whose weights (1..100) sum to 100. A session always lands on the
+   * same version while the routes stay the same; runs without a session are
+   * spread at random.
+   *
+   * @generated from field: repeated agentd.v1.AliasRoute routes = 2;
+   */
+  routes: AliasRoute[];
+
+  /**
+   * When the alias was last set.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 3;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.AgentAlias.
+ * Use `create(AgentAliasSchema)` to create a new message.
+ */
+export const AgentAliasSchema: GenMessage<AgentAlias> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 9);
+
+/**
+ * One version an alias sends runs to.
+ *
+ * @generated from message agentd.v1.AliasRoute
+ */
+export type AliasRoute = Message<"agentd.v1.AliasRoute"> & {
+  /**
+   * The version number (1, 2, 3...), which must exist.
+   *
+   * @generated from field: int64 version = 1;
+   */
+  version: bigint;
+
+  /**
+   * The share of runs, in percent (1..100).
+   *
+   * @generated from field: int32 weight = 2;
+   */
+  weight: number;
+};
+
+/**
+ * Describes the message agentd.v1.AliasRoute.
+ * Use `create(AliasRouteSchema)` to create a new message.
+ */
+export const AliasRouteSchema: GenMessage<AliasRoute> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 10);
+
+/**
+ * Request of AgentService.SetAgentAlias.
+ *
+ * @generated from message agentd.v1.SetAgentAliasRequest
+ */
+export type SetAgentAliasRequest = Message<"agentd.v1.SetAgentAliasRequest"> & {
+  /**
+   * The alias to create or replace, with its name and routes. Required.
+   *
+   * @generated from field: agentd.v1.AgentAlias alias = 1;
+   */
+  alias?: AgentAlias | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.SetAgentAliasRequest.
+ * Use `create(SetAgentAliasRequestSchema)` to create a new message.
+ */
+export const SetAgentAliasRequestSchema: GenMessage<SetAgentAliasRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 11);
+
+/**
+ * Response of AgentService.SetAgentAlias.
+ *
+ * @generated from message agentd.v1.SetAgentAliasResponse
+ */
+export type SetAgentAliasResponse = Message<"agentd.v1.SetAgentAliasResponse"> & {
+  /**
+   * The alias as stored.
+   *
+   * @generated from field: agentd.v1.AgentAlias alias = 1;
+   */
+  alias?: AgentAlias | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.SetAgentAliasResponse.
+ * Use `create(SetAgentAliasResponseSchema)` to create a new message.
+ */
+export const SetAgentAliasResponseSchema: GenMessage<SetAgentAliasResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 12);
+
+/**
+ * Request of AgentService.ListAgentAliases.
+ *
+ * @generated from message agentd.v1.ListAgentAliasesRequest
+ */
+export type ListAgentAliasesRequest = Message<"agentd.v1.ListAgentAliasesRequest"> & {
+  /**
+   * The agent: `agents/{agent}` or the bare agent id. Required.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+};
+
+/**
+ * Describes the message agentd.v1.ListAgentAliasesRequest.
+ * Use `create(ListAgentAliasesRequestSchema)` to create a new message.
+ */
+export const ListAgentAliasesRequestSchema: GenMessage<ListAgentAliasesRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 13);
+
+/**
+ * Response of AgentService.ListAgentAliases.
+ *
+ * @generated from message agentd.v1.ListAgentAliasesResponse
+ */
+export type ListAgentAliasesResponse = Message<"agentd.v1.ListAgentAliasesResponse"> & {
+  /**
+   * The agent's aliases, ordered by alias id (at most 100 per agent).
+   *
+   * @generated from field: repeated agentd.v1.AgentAlias aliases = 1;
+   */
+  aliases: AgentAlias[];
+};
+
+/**
+ * Describes the message agentd.v1.ListAgentAliasesResponse.
+ * Use `create(ListAgentAliasesResponseSchema)` to create a new message.
+ */
+export const ListAgentAliasesResponseSchema: GenMessage<ListAgentAliasesResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 14);
+
+/**
+ * Request of AgentService.DeleteAgentAlias.
+ *
+ * @generated from message agentd.v1.DeleteAgentAliasRequest
+ */
+export type DeleteAgentAliasRequest = Message<"agentd.v1.DeleteAgentAliasRequest"> & {
+  /**
+   * The alias: `agents/{agent}/aliases/{alias}`. Required.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message agentd.v1.DeleteAgentAliasRequest.
+ * Use `create(DeleteAgentAliasRequestSchema)` to create a new message.
+ */
+export const DeleteAgentAliasRequestSchema: GenMessage<DeleteAgentAliasRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 15);
+
+/**
+ * Response of AgentService.DeleteAgentAlias (empty).
+ *
+ * @generated from message agentd.v1.DeleteAgentAliasResponse
+ */
+export type DeleteAgentAliasResponse = Message<"agentd.v1.DeleteAgentAliasResponse"> & {
+};
+
+/**
+ * Describes the message agentd.v1.DeleteAgentAliasResponse.
+ * Use `create(DeleteAgentAliasResponseSchema)` to create a new message.
+ */
+export const DeleteAgentAliasResponseSchema: GenMessage<DeleteAgentAliasResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_agent_service, 16);
 
 /**
  * A function the model can call.
@@ -152,7 +581,7 @@ export type Tool = Message<"agentd.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 1);
+  messageDesc(file_agentd_v1_agent_service, 17);
 
 /**
  * Request for ListAgents.
@@ -181,7 +610,7 @@ export type ListAgentsRequest = Message<"agentd.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 2);
+  messageDesc(file_agentd_v1_agent_service, 18);
 
 /**
  * Response for ListAgents.
@@ -210,7 +639,7 @@ export type ListAgentsResponse = Message<"agentd.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 3);
+  messageDesc(file_agentd_v1_agent_service, 19);
 
 /**
  * Request for GetAgent.
@@ -219,7 +648,9 @@ export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PUR
  */
 export type GetAgentRequest = Message<"agentd.v1.GetAgentRequest"> & {
   /**
-   * The agent: `agents/{agent}` or the bare agent id. Required.
+   * The agent: `agents/{agent}` or the bare agent id (its latest version),
+   * `agents/{agent}/versions/{n}` or `agents/{agent}/aliases/{alias}` (the
+   * version the alias points at; its first route for a split). Required.
    *
    * @generated from field: string name = 1;
    */
@@ -231,7 +662,7 @@ export type GetAgentRequest = Message<"agentd.v1.GetAgentRequest"> & {
  * Use `create(GetAgentRequestSchema)` to create a new message.
  */
 export const GetAgentRequestSchema: GenMessage<GetAgentRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 4);
+  messageDesc(file_agentd_v1_agent_service, 20);
 
 /**
  * Response for GetAgent.
@@ -252,7 +683,7 @@ export type GetAgentResponse = Message<"agentd.v1.GetAgentResponse"> & {
  * Use `create(GetAgentResponseSchema)` to create a new message.
  */
 export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 5);
+  messageDesc(file_agentd_v1_agent_service, 21);
 
 /**
  * What to run.
@@ -261,8 +692,12 @@ export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*
  */
 export type StartRun = Message<"agentd.v1.StartRun"> & {
   /**
-   * The starting agent: `agents/{agent}` or the bare agent id. Required; an
-   * agent this server does not host is AGENT_NOT_FOUND.
+   * The starting agent: `agents/{agent}` or the bare agent id (its latest
+   * version), `agents/{agent}/versions/{n}` (that version) or
+   * `agents/{agent}/aliases/{alias}` (the version the alias sends this session
+   * to). Required; an agent, version or alias the caller cannot see is
+   * AGENT_NOT_FOUND. The run records the exact version (RunInfo.agent_version,
+   * RunStarted.agent_version) and keeps it through a takeover.
    *
    * @generated from field: string agent = 1;
    */
@@ -356,7 +791,7 @@ export type StartRun = Message<"agentd.v1.StartRun"> & {
  * Use `create(StartRunSchema)` to create a new message.
  */
 export const StartRunSchema: GenMessage<StartRun> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 6);
+  messageDesc(file_agentd_v1_agent_service, 22);
 
 /**
  * A run as a resource.
@@ -478,6 +913,14 @@ export type RunInfo = Message<"agentd.v1.RunInfo"> & {
    * @generated from field: repeated agentd.v1.ActionRequired required_actions = 14;
    */
   requiredActions: ActionRequired[];
+
+  /**
+   * The version of the starting agent the run executes (0: an app-module or
+   * file agent, which have no versions).
+   *
+   * @generated from field: int64 agent_version = 15;
+   */
+  agentVersion: bigint;
 };
 
 /**
@@ -485,7 +928,7 @@ export type RunInfo = Message<"agentd.v1.RunInfo"> & {
  * Use `create(RunInfoSchema)` to create a new message.
  */
 export const RunInfoSchema: GenMessage<RunInfo> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 7);
+  messageDesc(file_agentd_v1_agent_service, 23);
 
 /**
  * Labels for the run's trace (TraceService).
@@ -525,7 +968,7 @@ export type TraceOptions = Message<"agentd.v1.TraceOptions"> & {
  * Use `create(TraceOptionsSchema)` to create a new message.
  */
 export const TraceOptionsSchema: GenMessage<TraceOptions> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 8);
+  messageDesc(file_agentd_v1_agent_service, 24);
 
 /**
  * Asks the server to cancel the run on this Run stream.
@@ -547,7 +990,7 @@ export type CancelRun = Message<"agentd.v1.CancelRun"> & {
  * Use `create(CancelRunSchema)` to create a new message.
  */
 export const CancelRunSchema: GenMessage<CancelRun> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 9);
+  messageDesc(file_agentd_v1_agent_service, 25);
 
 /**
  * A message from the caller on the Run stream.
@@ -603,7 +1046,7 @@ export type RunRequest = Message<"agentd.v1.RunRequest"> & {
  * Use `create(RunRequestSchema)` to create a new message.
  */
 export const RunRequestSchema: GenMessage<RunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 10);
+  messageDesc(file_agentd_v1_agent_service, 26);
 
 /**
  * Outputs of caller-executed tool calls, on the Run stream.
@@ -624,7 +1067,7 @@ export type ToolOutputs = Message<"agentd.v1.ToolOutputs"> & {
  * Use `create(ToolOutputsSchema)` to create a new message.
  */
 export const ToolOutputsSchema: GenMessage<ToolOutputs> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 11);
+  messageDesc(file_agentd_v1_agent_service, 27);
 
 /**
  * The output of one caller-executed tool call.
@@ -662,7 +1105,7 @@ export type ToolOutputSubmission = Message<"agentd.v1.ToolOutputSubmission"> & {
  * Use `create(ToolOutputSubmissionSchema)` to create a new message.
  */
 export const ToolOutputSubmissionSchema: GenMessage<ToolOutputSubmission> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 12);
+  messageDesc(file_agentd_v1_agent_service, 28);
 
 /**
  * The caller's decision on one tool call that needs approval.
@@ -700,7 +1143,7 @@ export type ToolApproval = Message<"agentd.v1.ToolApproval"> & {
  * Use `create(ToolApprovalSchema)` to create a new message.
  */
 export const ToolApprovalSchema: GenMessage<ToolApproval> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 13);
+  messageDesc(file_agentd_v1_agent_service, 29);
 
 /**
  * One event of the run on the Run stream.
@@ -721,7 +1164,7 @@ export type RunResponse = Message<"agentd.v1.RunResponse"> & {
  * Use `create(RunResponseSchema)` to create a new message.
  */
 export const RunResponseSchema: GenMessage<RunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 14);
+  messageDesc(file_agentd_v1_agent_service, 30);
 
 /**
  * Request for StreamRun.
@@ -742,7 +1185,7 @@ export type StreamRunRequest = Message<"agentd.v1.StreamRunRequest"> & {
  * Use `create(StreamRunRequestSchema)` to create a new message.
  */
 export const StreamRunRequestSchema: GenMessage<StreamRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 15);
+  messageDesc(file_agentd_v1_agent_service, 31);
 
 /**
  * One event of the run on the StreamRun stream.
@@ -763,7 +1206,7 @@ export type StreamRunResponse = Message<"agentd.v1.StreamRunResponse"> & {
  * Use `create(StreamRunResponseSchema)` to create a new message.
  */
 export const StreamRunResponseSchema: GenMessage<StreamRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 16);
+  messageDesc(file_agentd_v1_agent_service, 32);
 
 /**
  * Request for CreateRun.
@@ -785,7 +1228,7 @@ export type CreateRunRequest = Message<"agentd.v1.CreateRunRequest"> & {
  * Use `create(CreateRunRequestSchema)` to create a new message.
  */
 export const CreateRunRequestSchema: GenMessage<CreateRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 17);
+  messageDesc(file_agentd_v1_agent_service, 33);
 
 /**
  * Response for CreateRun.
@@ -807,7 +1250,7 @@ export type CreateRunResponse = Message<"agentd.v1.CreateRunResponse"> & {
  * Use `create(CreateRunResponseSchema)` to create a new message.
  */
 export const CreateRunResponseSchema: GenMessage<CreateRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 18);
+  messageDesc(file_agentd_v1_agent_service, 34);
 
 /**
  * Request for GetRun.
@@ -828,7 +1271,7 @@ export type GetRunRequest = Message<"agentd.v1.GetRunRequest"> & {
  * Use `create(GetRunRequestSchema)` to create a new message.
  */
 export const GetRunRequestSchema: GenMessage<GetRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 19);
+  messageDesc(file_agentd_v1_agent_service, 35);
 
 /**
  * Response for GetRun.
@@ -849,7 +1292,7 @@ export type GetRunResponse = Message<"agentd.v1.GetRunResponse"> & {
  * Use `create(GetRunResponseSchema)` to create a new message.
  */
 export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 20);
+  messageDesc(file_agentd_v1_agent_service, 36);
 
 /**
  * Request for ListRuns.
@@ -886,7 +1329,7 @@ export type ListRunsRequest = Message<"agentd.v1.ListRunsRequest"> & {
  * Use `create(ListRunsRequestSchema)` to create a new message.
  */
 export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 21);
+  messageDesc(file_agentd_v1_agent_service, 37);
 
 /**
  * Response for ListRuns.
@@ -915,7 +1358,7 @@ export type ListRunsResponse = Message<"agentd.v1.ListRunsResponse"> & {
  * Use `create(ListRunsResponseSchema)` to create a new message.
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 22);
+  messageDesc(file_agentd_v1_agent_service, 38);
 
 /**
  * Request for CancelRun.
@@ -944,7 +1387,7 @@ export type CancelRunRequest = Message<"agentd.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 23);
+  messageDesc(file_agentd_v1_agent_service, 39);
 
 /**
  * Response for CancelRun.
@@ -967,7 +1410,7 @@ export type CancelRunResponse = Message<"agentd.v1.CancelRunResponse"> & {
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 24);
+  messageDesc(file_agentd_v1_agent_service, 40);
 
 /**
  * Request for SubmitToolOutputs.
@@ -998,7 +1441,7 @@ export type SubmitToolOutputsRequest = Message<"agentd.v1.SubmitToolOutputsReque
  * Use `create(SubmitToolOutputsRequestSchema)` to create a new message.
  */
 export const SubmitToolOutputsRequestSchema: GenMessage<SubmitToolOutputsRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 25);
+  messageDesc(file_agentd_v1_agent_service, 41);
 
 /**
  * Response for SubmitToolOutputs.
@@ -1020,7 +1463,7 @@ export type SubmitToolOutputsResponse = Message<"agentd.v1.SubmitToolOutputsResp
  * Use `create(SubmitToolOutputsResponseSchema)` to create a new message.
  */
 export const SubmitToolOutputsResponseSchema: GenMessage<SubmitToolOutputsResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 26);
+  messageDesc(file_agentd_v1_agent_service, 42);
 
 /**
  * Request for ApproveToolCall.
@@ -1048,7 +1491,7 @@ export type ApproveToolCallRequest = Message<"agentd.v1.ApproveToolCallRequest">
  * Use `create(ApproveToolCallRequestSchema)` to create a new message.
  */
 export const ApproveToolCallRequestSchema: GenMessage<ApproveToolCallRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 27);
+  messageDesc(file_agentd_v1_agent_service, 43);
 
 /**
  * Response for ApproveToolCall.
@@ -1069,7 +1512,7 @@ export type ApproveToolCallResponse = Message<"agentd.v1.ApproveToolCallResponse
  * Use `create(ApproveToolCallResponseSchema)` to create a new message.
  */
 export const ApproveToolCallResponseSchema: GenMessage<ApproveToolCallResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 28);
+  messageDesc(file_agentd_v1_agent_service, 44);
 
 /**
  * Request for WatchRun.
@@ -1098,7 +1541,7 @@ export type WatchRunRequest = Message<"agentd.v1.WatchRunRequest"> & {
  * Use `create(WatchRunRequestSchema)` to create a new message.
  */
 export const WatchRunRequestSchema: GenMessage<WatchRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 29);
+  messageDesc(file_agentd_v1_agent_service, 45);
 
 /**
  * One event of the run on the WatchRun stream.
@@ -1119,7 +1562,48 @@ export type WatchRunResponse = Message<"agentd.v1.WatchRunResponse"> & {
  * Use `create(WatchRunResponseSchema)` to create a new message.
  */
 export const WatchRunResponseSchema: GenMessage<WatchRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_agent_service, 30);
+  messageDesc(file_agentd_v1_agent_service, 46);
+
+/**
+ * Where an agent is defined.
+ *
+ * @generated from enum agentd.v1.AgentSource
+ */
+export enum AgentSource {
+  /**
+   * Not sent.
+   *
+   * @generated from enum value: AGENT_SOURCE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The server's Python app module (read-only through the API).
+   *
+   * @generated from enum value: AGENT_SOURCE_CODE = 1;
+   */
+  CODE = 1,
+
+  /**
+   * A file in the server's agents directory (read-only through the API).
+   *
+   * @generated from enum value: AGENT_SOURCE_FILE = 2;
+   */
+  FILE = 2,
+
+  /**
+   * Made through CreateAgent; versioned, owned by a tenant.
+   *
+   * @generated from enum value: AGENT_SOURCE_API = 3;
+   */
+  API = 3,
+}
+
+/**
+ * Describes the enum agentd.v1.AgentSource.
+ */
+export const AgentSourceSchema: GenEnum<AgentSource> = /*@__PURE__*/
+  enumDesc(file_agentd_v1_agent_service, 0);
 
 /**
  * What a run does when its session already has an active run (queued,
@@ -1156,7 +1640,7 @@ export enum SessionPolicy {
  * Describes the enum agentd.v1.SessionPolicy.
  */
 export const SessionPolicySchema: GenEnum<SessionPolicy> = /*@__PURE__*/
-  enumDesc(file_agentd_v1_agent_service, 0);
+  enumDesc(file_agentd_v1_agent_service, 1);
 
 /**
  * Where a run is in its life.
@@ -1220,7 +1704,7 @@ export enum RunStatus {
  * Describes the enum agentd.v1.RunStatus.
  */
 export const RunStatusSchema: GenEnum<RunStatus> = /*@__PURE__*/
-  enumDesc(file_agentd_v1_agent_service, 1);
+  enumDesc(file_agentd_v1_agent_service, 2);
 
 /**
  * AgentService lists the agents a server hosts and runs them.
@@ -1319,6 +1803,119 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof GetAgentRequestSchema;
     output: typeof GetAgentResponseSchema;
+  },
+  /**
+   * Creates an agent from a definition (the agent file format, published as
+   * JSON Schema in server/agentd/server/agents/agent.schema.json): version 1,
+   * owned by the caller's tenant. The id must not be taken by an agent of the
+   * app module or of the agent files (those are read-only), nor by a live
+   * agent of the tenant.
+   *
+   * Scope `agents:write`. Errors: INVALID_ARGUMENT (every problem of the
+   * definition at once in BadRequest: unknown tool or handoff target, invalid
+   * JSON schema, bad template...), AGENT_EXISTS, STORE_UNAVAILABLE, plus
+   * UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+   * as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.CreateAgent
+   */
+  createAgent: {
+    methodKind: "unary";
+    input: typeof CreateAgentRequestSchema;
+    output: typeof CreateAgentResponseSchema;
+  },
+  /**
+   * Changes an agent made through the API: every change makes a new immutable
+   * version (`agents/{agent}/versions/{n}`, n+1); runs started before keep
+   * the version they started with. Every replica serves the new version
+   * within a second.
+   *
+   * Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+   * AGENT_READ_ONLY (an app-module or file agent), VERSION_CONFLICT
+   * (`expected_version` is not the latest), STORE_UNAVAILABLE, plus
+   * UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED
+   * as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.UpdateAgent
+   */
+  updateAgent: {
+    methodKind: "unary";
+    input: typeof UpdateAgentRequestSchema;
+    output: typeof UpdateAgentResponseSchema;
+  },
+  /**
+   * Deletes an agent made through the API and its aliases. New runs cannot
+   * start it; runs already going finish on their version.
+   *
+   * Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+   * AGENT_READ_ONLY, STORE_UNAVAILABLE, plus UNAUTHENTICATED,
+   * PERMISSION_DENIED, AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.DeleteAgent
+   */
+  deleteAgent: {
+    methodKind: "unary";
+    input: typeof DeleteAgentRequestSchema;
+    output: typeof DeleteAgentResponseSchema;
+  },
+  /**
+   * Lists an API agent's versions, newest first.
+   *
+   * Scope `agents:read`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+   * STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+   * AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.ListAgentVersions
+   */
+  listAgentVersions: {
+    methodKind: "unary";
+    input: typeof ListAgentVersionsRequestSchema;
+    output: typeof ListAgentVersionsResponseSchema;
+  },
+  /**
+   * Creates or replaces a named alias (`agents/{agent}/aliases/{alias}`) that
+   * points at one version or splits runs between versions by weight (sticky
+   * per session).
+   *
+   * Scope `agents:write`. Errors: INVALID_ARGUMENT (weights, alias id),
+   * AGENT_NOT_FOUND (the agent or a version), AGENT_READ_ONLY,
+   * STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+   * AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.SetAgentAlias
+   */
+  setAgentAlias: {
+    methodKind: "unary";
+    input: typeof SetAgentAliasRequestSchema;
+    output: typeof SetAgentAliasResponseSchema;
+  },
+  /**
+   * Lists an API agent's aliases, ordered by alias id.
+   *
+   * Scope `agents:read`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND,
+   * STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+   * AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.ListAgentAliases
+   */
+  listAgentAliases: {
+    methodKind: "unary";
+    input: typeof ListAgentAliasesRequestSchema;
+    output: typeof ListAgentAliasesResponseSchema;
+  },
+  /**
+   * Deletes an alias; runs already started through it keep their version.
+   *
+   * Scope `agents:write`. Errors: INVALID_ARGUMENT, AGENT_NOT_FOUND (the agent
+   * or the alias), STORE_UNAVAILABLE, plus UNAUTHENTICATED, PERMISSION_DENIED,
+   * AUTH_UNAVAILABLE and SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.AgentService.DeleteAgentAlias
+   */
+  deleteAgentAlias: {
+    methodKind: "unary";
+    input: typeof DeleteAgentAliasRequestSchema;
+    output: typeof DeleteAgentAliasResponseSchema;
   },
   /**
    * Starts a run and streams its events on one bidirectional stream.

@@ -8,13 +8,13 @@ import type { Item } from "./item_pb.js";
 import { file_agentd_v1_item } from "./item_pb.js";
 import type { Duration, Timestamp, Value } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Message } from "@bufbuild/protobuf";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file agentd/v1/run_event.proto.
  */
 export const file_agentd_v1_run_event: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEinQYKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSABCCQoHcGF5bG9hZCJhCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhQKDHRvdGFsX3Rva2VucxgDIAEoAxIQCghyZXF1ZXN0cxgEIAEoAyJwCgpSdW5TdGFydGVkEg0KBWFnZW50GAEgASgJEg8KB3Nlc3Npb24YAiABKAkSFQoNaGlzdG9yeV9pdGVtcxgDIAEoAxISCgpyZXF1ZXN0X2lkGAQgASgJEhcKD2hpc3Rvcnlfb21pdHRlZBgFIAEoAyIdCgxBZ2VudFVwZGF0ZWQSDQoFYWdlbnQYASABKAkiKAoJVGV4dERlbHRhEg0KBWFnZW50GAEgASgJEgwKBHRleHQYAiABKAkiPQoNTWVzc2FnZU91dHB1dBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0iOgoKVG9vbENhbGxlZBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0iZwoKVG9vbE91dHB1dBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SKwoIZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iQAoHSGFuZG9mZhISCgpmcm9tX2FnZW50GAEgASgJEhAKCHRvX2FnZW50GAIgASgJEg8KB2NhbGxfaWQYAyABKAkidQoMVXNhZ2VVcGRhdGVkEg0KBWFnZW50GAEgASgJEg0KBW1vZGVsGAIgASgJEiMKBHR1cm4YAyABKAsyFS5hZ2VudGQudjEuVG9rZW5Vc2FnZRIiCgNydW4YBCABKAsyFS5hZ2VudGQudjEuVG9rZW5Vc2FnZSKyAQoMUnVuQ29tcGxldGVkEiwKDGZpbmFsX291dHB1dBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRISCgpsYXN0X2FnZW50GAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUSKwoIZHVyYXRpb24YBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ieAoJUnVuRmFpbGVkEiUKBGNvZGUYASABKA4yFy5hZ2VudGQudjEuUnVuRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSJAoFdXNhZ2UYAyABKAsyFS5hZ2VudGQudjEuVG9rZW5Vc2FnZRINCgV0dXJucxgEIAEoBSJTCgxSdW5DYW5jZWxsZWQSDgoGcmVhc29uGAEgASgJEiQKBXVzYWdlGAIgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYAyABKAUiPAoKUnVuUmVzdW1lZBIPCgdhdHRlbXB0GAEgASgFEg4KBnJlYXNvbhgCIAEoCRINCgV0dXJucxgDIAEoBSJpCg5BY3Rpb25SZXF1aXJlZBIpCgZhY3Rpb24YASABKA4yGS5hZ2VudGQudjEuUmVxdWlyZWRBY3Rpb24SDQoFYWdlbnQYAiABKAkSHQoEaXRlbRgDIAEoCzIPLmFnZW50ZC52MS5JdGVtIogBChBIaXN0b3J5Q29tcGFjdGVkEg0KBWFnZW50GAEgASgJEiAKB3N1bW1hcnkYAiABKAsyDy5hZ2VudGQudjEuSXRlbRIYChBzdW1tYXJpc2VkX2l0ZW1zGAMgASgDEhIKCmtlcHRfaXRlbXMYBCABKAMSFQoNZHJvcHBlZF9pdGVtcxgFIAEoAyqDAgoMUnVuRXJyb3JDb2RlEh4KGlJVTl9FUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASJQohUlVOX0VSUk9SX0NPREVfTUFYX1RVUk5TX0VYQ0VFREVEEAESJAogUlVOX0VSUk9SX0NPREVfTU9ERUxfVU5BVkFJTEFCTEUQAhIeChpSVU5fRVJST1JfQ09ERV9NT0RFTF9FUlJPUhADEiEKHVJVTl9FUlJPUl9DT0RFX0lOVkFMSURfT1VUUFVUEAQSJgoiUlVOX0VSUk9SX0NPREVfU0VTU0lPTl9VTkFWQUlMQUJMRRAFEhsKF1JVTl9FUlJPUl9DT0RFX0lOVEVSTkFMEAYqcAoOUmVxdWlyZWRBY3Rpb24SHwobUkVRVUlSRURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASHwobUkVRVUlSRURfQUNUSU9OX1RPT0xfT1VUUFVUEAESHAoYUkVRVUlSRURfQUNUSU9OX0FQUFJPVkFMEAJCjAEKDWRldi5hZ2VudGQudjFCDVJ1bkV2ZW50UHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEi1wYKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSAASOAoRZ3VhcmRyYWlsX3RyaXBwZWQYGCABKAsyGy5hZ2VudGQudjEuR3VhcmRyYWlsVHJpcHBlZEgAQgkKB3BheWxvYWQiYQoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIUCgx0b3RhbF90b2tlbnMYAyABKAMSEAoIcmVxdWVzdHMYBCABKAMihwEKClJ1blN0YXJ0ZWQSDQoFYWdlbnQYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIVCg1oaXN0b3J5X2l0ZW1zGAMgASgDEhIKCnJlcXVlc3RfaWQYBCABKAkSFwoPaGlzdG9yeV9vbWl0dGVkGAUgASgDEhUKDWFnZW50X3ZlcnNpb24YBiABKAMiHQoMQWdlbnRVcGRhdGVkEg0KBWFnZW50GAEgASgJIigKCVRleHREZWx0YRINCgVhZ2VudBgBIAEoCRIMCgR0ZXh0GAIgASgJIj0KDU1lc3NhZ2VPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtIjoKClRvb2xDYWxsZWQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtImcKClRvb2xPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkAKB0hhbmRvZmYSEgoKZnJvbV9hZ2VudBgBIAEoCRIQCgh0b19hZ2VudBgCIAEoCRIPCgdjYWxsX2lkGAMgASgJInUKDFVzYWdlVXBkYXRlZBINCgVhZ2VudBgBIAEoCRINCgVtb2RlbBgCIAEoCRIjCgR0dXJuGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USIgoDcnVuGAQgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2UisgEKDFJ1bkNvbXBsZXRlZBIsCgxmaW5hbF9vdXRwdXQYASABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoKbGFzdF9hZ2VudBgCIAEoCRIkCgV1c2FnZRgDIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAQgASgFEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIngKCVJ1bkZhaWxlZBIlCgRjb2RlGAEgASgOMhcuYWdlbnRkLnYxLlJ1bkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUiUwoMUnVuQ2FuY2VsbGVkEg4KBnJlYXNvbhgBIAEoCRIkCgV1c2FnZRgCIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAMgASgFIjwKClJ1blJlc3VtZWQSDwoHYXR0ZW1wdBgBIAEoBRIOCgZyZWFzb24YAiABKAkSDQoFdHVybnMYAyABKAUiaQoOQWN0aW9uUmVxdWlyZWQSKQoGYWN0aW9uGAEgASgOMhkuYWdlbnRkLnYxLlJlcXVpcmVkQWN0aW9uEg0KBWFnZW50GAIgASgJEh0KBGl0ZW0YAyABKAsyDy5hZ2VudGQudjEuSXRlbSKIAQoQSGlzdG9yeUNvbXBhY3RlZBINCgVhZ2VudBgBIAEoCRIgCgdzdW1tYXJ5GAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SGAoQc3VtbWFyaXNlZF9pdGVtcxgDIAEoAxISCgprZXB0X2l0ZW1zGAQgASgDEhUKDWRyb3BwZWRfaXRlbXMYBSABKAMiuwEKEEd1YXJkcmFpbFRyaXBwZWQSEQoJZ3VhcmRyYWlsGAEgASgJEigKBXN0YWdlGAIgASgOMhkuYWdlbnRkLnYxLkd1YXJkcmFpbFN0YWdlEg0KBWFnZW50GAMgASgJEg4KBnJlYXNvbhgEIAEoCRInCgZvdXRwdXQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXRvb2xfbmFtZRgGIAEoCRIPCgdjYWxsX2lkGAcgASgJKqkCCgxSdW5FcnJvckNvZGUSHgoaUlVOX0VSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIlCiFSVU5fRVJST1JfQ09ERV9NQVhfVFVSTlNfRVhDRUVERUQQARIkCiBSVU5fRVJST1JfQ09ERV9NT0RFTF9VTkFWQUlMQUJMRRACEh4KGlJVTl9FUlJPUl9DT0RFX01PREVMX0VSUk9SEAMSIQodUlVOX0VSUk9SX0NPREVfSU5WQUxJRF9PVVRQVVQQBBImCiJSVU5fRVJST1JfQ09ERV9TRVNTSU9OX1VOQVZBSUxBQkxFEAUSGwoXUlVOX0VSUk9SX0NPREVfSU5URVJOQUwQBhIkCiBSVU5fRVJST1JfQ09ERV9HVUFSRFJBSUxfVFJJUFBFRBAHKnAKDlJlcXVpcmVkQWN0aW9uEh8KG1JFUVVJUkVEX0FDVElPTl9VTlNQRUNJRklFRBAAEh8KG1JFUVVJUkVEX0FDVElPTl9UT09MX09VVFBVVBABEhwKGFJFUVVJUkVEX0FDVElPTl9BUFBST1ZBTBACKqkBCg5HdWFyZHJhaWxTdGFnZRIfChtHVUFSRFJBSUxfU1RBR0VfVU5TUEVDSUZJRUQQABIZChVHVUFSRFJBSUxfU1RBR0VfSU5QVVQQARIaChZHVUFSRFJBSUxfU1RBR0VfT1VUUFVUEAISHwobR1VBUkRSQUlMX1NUQUdFX1RPT0xfQkVGT1JFEAMSHgoaR1VBUkRSQUlMX1NUQUdFX1RPT0xfQUZURVIQBEKMAQoNZGV2LmFnZW50ZC52MUINUnVuRXZlbnRQcm90b1ABWjJnaXRodWIuY29tL2FnZW50ZC9hZ2VudGQvZ2VuL2dvL2FnZW50ZC92MTthZ2VudGR2MaICA0FYWKoCCUFnZW50ZC5WMboCCkFnZW50ZF9WMV/KAglBZ2VudGRcVjHqAgpBZ2VudGQ6OlYxYgZwcm90bzM", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One step of a run, as it happens.
@@ -33,7 +33,8 @@ export const file_agentd_v1_run_event: GenFile = /*@__PURE__*/
  * agent_updated when the turn handed off. The last turn's message_output is
  * followed by the terminal event. A run cancelled before it ever executed has
  * a single event, run_cancelled. After a takeover, run_resumed follows the
- * events of the execution that stopped.
+ * events of the execution that stopped. A guardrail's tripwire ends a run with
+ * guardrail_tripped, then run_failed (GUARDRAIL_TRIPPED).
  *
  * In events, `agent` fields hold the bare agent id (the `{agent}` of
  * `agents/{agent}`), which is also what handoff tools are named after.
@@ -190,6 +191,14 @@ export type RunEvent = Message<"agentd.v1.RunEvent"> & {
      */
     value: HistoryCompacted;
     case: "historyCompacted";
+  } | {
+    /**
+     * A guardrail's tripwire ended the run (run_failed follows).
+     *
+     * @generated from field: agentd.v1.GuardrailTripped guardrail_tripped = 24;
+     */
+    value: GuardrailTripped;
+    case: "guardrailTripped";
   } | { case: undefined; value?: undefined };
 };
 
@@ -294,6 +303,14 @@ export type RunStarted = Message<"agentd.v1.RunStarted"> & {
    * @generated from field: int64 history_omitted = 5;
    */
   historyOmitted: bigint;
+
+  /**
+   * The version of the starting agent the run executes (0: an app-module or
+   * file agent, which have no versions).
+   *
+   * @generated from field: int64 agent_version = 6;
+   */
+  agentVersion: bigint;
 };
 
 /**
@@ -391,7 +408,8 @@ export const MessageOutputSchema: GenMessage<MessageOutput> = /*@__PURE__*/
  * ApproveToolCall; a caller-executed tool emits one (TOOL_OUTPUT) and waits
  * for SubmitToolOutputs (approval first when it needs both). Every call,
  * including handoff calls and calls of tools the agent does not have, ends
- * with a tool_output event.
+ * with a tool_output event, unless the run ends first (it is cancelled, or a
+ * guardrail trips: then no tool of the turn starts after the tripwire).
  *
  * @generated from message agentd.v1.ToolCalled
  */
@@ -803,6 +821,76 @@ export const HistoryCompactedSchema: GenMessage<HistoryCompacted> = /*@__PURE__*
   messageDesc(file_agentd_v1_run_event, 15);
 
 /**
+ * A guardrail's tripwire ended the run; run_failed (GUARDRAIL_TRIPPED) comes
+ * next. An input tripwire cancels the first model call if it is still going
+ * and no tool of the run starts; an output tripwire rejects the final output
+ * (its text may have streamed already, but the session never keeps it); a
+ * tool tripwire stops the turn before (tool_before) or after (tool_after) the
+ * tool ran. At most one per run.
+ *
+ * @generated from message agentd.v1.GuardrailTripped
+ */
+export type GuardrailTripped = Message<"agentd.v1.GuardrailTripped"> & {
+  /**
+   * The guardrail's name, as the app or the agent definition names it.
+   *
+   * @generated from field: string guardrail = 1;
+   */
+  guardrail: string;
+
+  /**
+   * Where it checked.
+   *
+   * @generated from field: agentd.v1.GuardrailStage stage = 2;
+   */
+  stage: GuardrailStage;
+
+  /**
+   * The id of the agent whose input, final output or tool call it checked.
+   *
+   * @generated from field: string agent = 3;
+   */
+  agent: string;
+
+  /**
+   * Why, as the guardrail put it (for people; may be empty).
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * What the guardrail found, as it reported it: e.g. `pattern` and `match`
+   * for a regex guardrail, `word` for a deny list, `tripwire` and `reason` for
+   * a classifier. Empty when it reported nothing.
+   *
+   * @generated from field: google.protobuf.Struct output = 5;
+   */
+  output?: JsonObject | undefined;
+
+  /**
+   * The tool the call was for (tool stages only; empty otherwise).
+   *
+   * @generated from field: string tool_name = 6;
+   */
+  toolName: string;
+
+  /**
+   * The `call_id` of the tool call (tool stages only; empty otherwise).
+   *
+   * @generated from field: string call_id = 7;
+   */
+  callId: string;
+};
+
+/**
+ * Describes the message agentd.v1.GuardrailTripped.
+ * Use `create(GuardrailTrippedSchema)` to create a new message.
+ */
+export const GuardrailTrippedSchema: GenMessage<GuardrailTripped> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_run_event, 16);
+
+/**
  * Why a run failed.
  *
  * @generated from enum agentd.v1.RunErrorCode
@@ -858,6 +946,15 @@ export enum RunErrorCode {
    * @generated from enum value: RUN_ERROR_CODE_INTERNAL = 6;
    */
   INTERNAL = 6,
+
+  /**
+   * A guardrail's tripwire ended the run: the guardrail_tripped event before
+   * run_failed names the guardrail, the stage and what it found. The session
+   * keeps the run's whole steps before it, never a rejected final output.
+   *
+   * @generated from enum value: RUN_ERROR_CODE_GUARDRAIL_TRIPPED = 7;
+   */
+  GUARDRAIL_TRIPPED = 7,
 }
 
 /**
@@ -899,4 +996,55 @@ export enum RequiredAction {
  */
 export const RequiredActionSchema: GenEnum<RequiredAction> = /*@__PURE__*/
   enumDesc(file_agentd_v1_run_event, 1);
+
+/**
+ * Where a guardrail checked the run.
+ *
+ * @generated from enum agentd.v1.GuardrailStage
+ */
+export enum GuardrailStage {
+  /**
+   * Not sent.
+   *
+   * @generated from enum value: GUARDRAIL_STAGE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The run's input, when the run started (concurrently with its first model
+   * call, or before it, per the starting agent's input guardrail mode). A run
+   * taken over after its first completed step does not check it again.
+   *
+   * @generated from enum value: GUARDRAIL_STAGE_INPUT = 1;
+   */
+  INPUT = 1,
+
+  /**
+   * The final output of the agent that produced it, before it is saved.
+   *
+   * @generated from enum value: GUARDRAIL_STAGE_OUTPUT = 2;
+   */
+  OUTPUT = 2,
+
+  /**
+   * A tool call's arguments, before the tool runs (and before an approval is
+   * asked).
+   *
+   * @generated from enum value: GUARDRAIL_STAGE_TOOL_BEFORE = 3;
+   */
+  TOOL_BEFORE = 3,
+
+  /**
+   * A tool's result, before the model reads it.
+   *
+   * @generated from enum value: GUARDRAIL_STAGE_TOOL_AFTER = 4;
+   */
+  TOOL_AFTER = 4,
+}
+
+/**
+ * Describes the enum agentd.v1.GuardrailStage.
+ */
+export const GuardrailStageSchema: GenEnum<GuardrailStage> = /*@__PURE__*/
+  enumDesc(file_agentd_v1_run_event, 2);
 

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/trace_service.proto.
  */
 export const file_agentd_v1_trace_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIqgDCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKpAgoEU3BhbhIPCgdzcGFuX2lkGAEgASgJEhYKDnBhcmVudF9zcGFuX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIQoEa2luZBgEIAEoDjITLmFnZW50ZC52MS5TcGFuS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoGc3RhdHVzGAcgASgOMhUuYWdlbnRkLnYxLlNwYW5TdGF0dXMSFQoNZXJyb3JfbWVzc2FnZRgIIAEoCRIrCgphdHRyaWJ1dGVzGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKBAgoRTGlzdFRyYWNlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFQoNd29ya2Zsb3dfbmFtZRgDIAEoCRIQCghncm91cF9pZBgEIAEoCRINCgVhZ2VudBgFIAEoCRIlCgZzdGF0dXMYBiABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIzCg9zdGFydF90aW1lX2Zyb20YByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDXN0YXJ0X3RpbWVfdG8YCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk8KEkxpc3RUcmFjZXNSZXNwb25zZRIgCgZ0cmFjZXMYASADKAsyEC5hZ2VudGQudjEuVHJhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFRyYWNlUmVxdWVzdBIMCgRuYW1lGAEgASgJIlMKEEdldFRyYWNlUmVzcG9uc2USHwoFdHJhY2UYASABKAsyEC5hZ2VudGQudjEuVHJhY2USHgoFc3BhbnMYAiADKAsyDy5hZ2VudGQudjEuU3BhbipxCgpTcGFuU3RhdHVzEhsKF1NQQU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEgoOU1BBTl9TVEFUVVNfT0sQARIVChFTUEFOX1NUQVRVU19FUlJPUhACEhsKF1NQQU5fU1RBVFVTX0lOX1BST0dSRVNTEAMqlgEKCFNwYW5LaW5kEhkKFVNQQU5fS0lORF9VTlNQRUNJRklFRBAAEhEKDVNQQU5fS0lORF9SVU4QARITCg9TUEFOX0tJTkRfQUdFTlQQAhIYChRTUEFOX0tJTkRfR0VORVJBVElPThADEhYKElNQQU5fS0lORF9GVU5DVElPThAEEhUKEVNQQU5fS0lORF9IQU5ET0ZGEAUyngEKDFRyYWNlU2VydmljZRJJCgpMaXN0VHJhY2VzEhwuYWdlbnRkLnYxLkxpc3RUcmFjZXNSZXF1ZXN0Gh0uYWdlbnRkLnYxLkxpc3RUcmFjZXNSZXNwb25zZRJDCghHZXRUcmFjZRIaLmFnZW50ZC52MS5HZXRUcmFjZVJlcXVlc3QaGy5hZ2VudGQudjEuR2V0VHJhY2VSZXNwb25zZUKQAQoNZGV2LmFnZW50ZC52MUIRVHJhY2VTZXJ2aWNlUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIqgDCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKpAgoEU3BhbhIPCgdzcGFuX2lkGAEgASgJEhYKDnBhcmVudF9zcGFuX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIQoEa2luZBgEIAEoDjITLmFnZW50ZC52MS5TcGFuS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoGc3RhdHVzGAcgASgOMhUuYWdlbnRkLnYxLlNwYW5TdGF0dXMSFQoNZXJyb3JfbWVzc2FnZRgIIAEoCRIrCgphdHRyaWJ1dGVzGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKBAgoRTGlzdFRyYWNlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFQoNd29ya2Zsb3dfbmFtZRgDIAEoCRIQCghncm91cF9pZBgEIAEoCRINCgVhZ2VudBgFIAEoCRIlCgZzdGF0dXMYBiABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIzCg9zdGFydF90aW1lX2Zyb20YByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDXN0YXJ0X3RpbWVfdG8YCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk8KEkxpc3RUcmFjZXNSZXNwb25zZRIgCgZ0cmFjZXMYASADKAsyEC5hZ2VudGQudjEuVHJhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFRyYWNlUmVxdWVzdBIMCgRuYW1lGAEgASgJIlMKEEdldFRyYWNlUmVzcG9uc2USHwoFdHJhY2UYASABKAsyEC5hZ2VudGQudjEuVHJhY2USHgoFc3BhbnMYAiADKAsyDy5hZ2VudGQudjEuU3BhbipxCgpTcGFuU3RhdHVzEhsKF1NQQU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEgoOU1BBTl9TVEFUVVNfT0sQARIVChFTUEFOX1NUQVRVU19FUlJPUhACEhsKF1NQQU5fU1RBVFVTX0lOX1BST0dSRVNTEAMqrwEKCFNwYW5LaW5kEhkKFVNQQU5fS0lORF9VTlNQRUNJRklFRBAAEhEKDVNQQU5fS0lORF9SVU4QARITCg9TUEFOX0tJTkRfQUdFTlQQAhIYChRTUEFOX0tJTkRfR0VORVJBVElPThADEhYKElNQQU5fS0lORF9GVU5DVElPThAEEhUKEVNQQU5fS0lORF9IQU5ET0ZGEAUSFwoTU1BBTl9LSU5EX0dVQVJEUkFJTBAGMp4BCgxUcmFjZVNlcnZpY2USSQoKTGlzdFRyYWNlcxIcLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVxdWVzdBodLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVzcG9uc2USQwoIR2V0VHJhY2USGi5hZ2VudGQudjEuR2V0VHJhY2VSZXF1ZXN0GhsuYWdlbnRkLnYxLkdldFRyYWNlUmVzcG9uc2VCkAEKDWRldi5hZ2VudGQudjFCEVRyYWNlU2VydmljZVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A run's trace.
@@ -210,7 +210,8 @@ export type Span = Message<"agentd.v1.Span"> & {
    *   run's totals).
    * - AGENT: `agent` (the agent's id).
    * - GENERATION: `model`, `agent` (the agent's id), `purpose`
-   *   ("compaction" for a history compaction call, absent for a turn); once
+   *   ("compaction" for a history compaction call, "guardrail" for a
+   *   classifier guardrail's call, absent for a turn); once
    *   the call succeeded, `finish_reason` (the model's, e.g. "stop",
    *   "tool_calls"), `input_tokens`, `output_tokens`.
    * - FUNCTION: `tool_name` (the tool as the model called it, also the
@@ -218,6 +219,12 @@ export type Span = Message<"agentd.v1.Span"> & {
    *   `arguments` (the model's arguments, the JSON text verbatim) and, once
    *   the tool returned, `output` (the result the model read).
    * - HANDOFF: `from_agent`, `to_agent` (agent ids).
+   * - GUARDRAIL: `guardrail` (its name, also the span's name), `stage`
+   *   ("input", "output", "tool_before", "tool_after"), `agent`; at the tool
+   *   stages `tool_name` and `call_id`; once checked, `tripwire` (a bool) and,
+   *   when a tool_after check replaced the result, `replaced` (true). A
+   *   classifier guardrail's model call is a GENERATION span under it
+   *   (`purpose` "guardrail").
    *
    * @generated from field: google.protobuf.Struct attributes = 9;
    */
@@ -478,6 +485,13 @@ export enum SpanKind {
    * @generated from enum value: SPAN_KIND_HANDOFF = 5;
    */
   HANDOFF = 5,
+
+  /**
+   * One guardrail check (of the run's input, a final output or a tool call).
+   *
+   * @generated from enum value: SPAN_KIND_GUARDRAIL = 6;
+   */
+  GUARDRAIL = 6,
 }
 
 /**
@@ -488,7 +502,7 @@ export const SpanKindSchema: GenEnum<SpanKind> = /*@__PURE__*/
 
 /**
  * TraceService answers what runs did: one trace per run, with a span per
- * agent segment, model call, tool call and handoff.
+ * agent segment, model call, tool call, handoff and guardrail check.
  *
  * A trace's id is the `trace_id` of its run's events. A running trace lives
  * in the memory of the replica executing the run; when it ends it is archived

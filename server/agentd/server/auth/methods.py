@@ -15,6 +15,13 @@ _TRACES = "/agentd.v1.TraceService/"
 METHOD_SCOPES: dict[str, Scope] = {
     _AGENTS + "ListAgents": Scope.AGENTS_READ,
     _AGENTS + "GetAgent": Scope.AGENTS_READ,
+    _AGENTS + "ListAgentVersions": Scope.AGENTS_READ,
+    _AGENTS + "ListAgentAliases": Scope.AGENTS_READ,
+    _AGENTS + "CreateAgent": Scope.AGENTS_WRITE,
+    _AGENTS + "UpdateAgent": Scope.AGENTS_WRITE,
+    _AGENTS + "DeleteAgent": Scope.AGENTS_WRITE,
+    _AGENTS + "SetAgentAlias": Scope.AGENTS_WRITE,
+    _AGENTS + "DeleteAgentAlias": Scope.AGENTS_WRITE,
     _AGENTS + "Run": Scope.RUNS_WRITE,
     _AGENTS + "StreamRun": Scope.RUNS_WRITE,
     _AGENTS + "CreateRun": Scope.RUNS_WRITE,

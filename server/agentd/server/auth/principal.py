@@ -13,6 +13,7 @@ class Scope(str, enum.Enum):
     """What a principal may do. ``admin`` implies every other scope and may act in any tenant."""
 
     AGENTS_READ = "agents:read"
+    AGENTS_WRITE = "agents:write"  # create, update and delete the tenant's agents and aliases
     RUNS_READ = "runs:read"  # GetRun, ListRuns, WatchRun
     RUNS_WRITE = "runs:write"  # start, cancel, answer tool calls and approvals
     SESSIONS_READ = "sessions:read"

@@ -22,6 +22,8 @@ class ModelSettings:
     # "auto" | "required" | "none" | a tool name
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None
+    # "minimal" | "low" | "medium" | "high": how hard a reasoning model thinks (None: its default).
+    reasoning_effort: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -81,6 +81,8 @@ def _settings_params(settings: ModelSettings, has_tools: bool) -> dict[str, Any]
     if settings.max_tokens is not None:
         # `max_tokens` is deprecated by OpenAI and refused by its reasoning models.
         params["max_completion_tokens"] = settings.max_tokens
+    if settings.reasoning_effort is not None:
+        params["reasoning_effort"] = settings.reasoning_effort
     # The API rejects tool options on a request that declares no tools.
     if has_tools:
         if settings.tool_choice is not None:

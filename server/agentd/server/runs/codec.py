@@ -125,7 +125,7 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
         return {
             "t": "run_started", "agent": p.agent, "session_id": p.session_id,
             "history_items": p.history_items, "request_id": p.request_id,
-            "history_omitted": p.history_omitted,
+            "history_omitted": p.history_omitted, "agent_version": p.agent_version,
         }
     if t is ev.AgentUpdated:
         return {"t": "agent_updated", "agent": p.agent}
@@ -150,6 +150,11 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
             "summary_sequence": p.summary_sequence, "summarised_items": p.summarised_items,
             "kept_items": p.kept_items, "dropped_items": p.dropped_items,
         }
+    if t is ev.GuardrailTripped:
+        return {
+            "t": "guardrail_tripped", "guardrail": p.guardrail, "stage": p.stage, "agent": p.agent,
+            "reason": p.reason, "output": p.output, "tool_name": p.tool_name, "call_id": p.call_id,
+        }
     raise ValueError(f"cannot encode event payload {t.__name__}")
 
 
@@ -168,7 +173,7 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
     if t == "run_started":
         # Logs written before the history window have no "history_omitted": nothing was left out.
         return ev.RunStarted(d["agent"], d["session_id"], d["history_items"], d["request_id"],
-                             d.get("history_omitted", 0))
+                             d.get("history_omitted", 0), d.get("agent_version", 0))
     if t == "agent_updated":
         return ev.AgentUpdated(d["agent"])
     if t == "handoff":
@@ -187,6 +192,11 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
         return ev.HistoryCompacted(
             d["agent"], d["session_id"], item_from_dict(d["summary"]),  # type: ignore[arg-type]
             d["summary_sequence"], d["summarised_items"], d["kept_items"], d["dropped_items"],
+        )
+    if t == "guardrail_tripped":
+        return ev.GuardrailTripped(
+            d["guardrail"], d["stage"], d["agent"], d["reason"], d.get("output") or {},
+            d.get("tool_name", ""), d.get("call_id", ""),
         )
     raise ValueError(f"unknown event payload type {t!r}")
 

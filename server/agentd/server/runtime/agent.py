@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Union
 
 from pydantic import BaseModel
 
 from agentd.server.models.base import ModelSettings, OutputSchema, ToolSpec
 from agentd.server.runtime.context import RunContext
+from agentd.server.runtime.guardrails import Guardrail, InputGuardrailMode, resolve_guardrails
 from agentd.server.runtime.history import Compaction
-from agentd.server.runtime.tools import FunctionTool, strict_json_schema
+from agentd.server.runtime.tools import FunctionTool, strict_json_schema, strict_schema_for
 
 AGENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -33,8 +34,17 @@ class Agent:
     ``AGENTD_HISTORY_MAX_ITEMS``, 200 by default; 0: the whole session, however long). The
     older items stay in the session; the run's ``RunStarted.history_omitted`` counts them.
 
+    ``output_schema`` is a raw JSON schema for the final output (declarative agents), the
+    alternative to ``output_type``: the final output must be JSON valid under it.
+
     ``compaction`` (opt-in) summarises the older items of a long history into one summary
     item with a model call before a run's first turn (see ``Compaction``).
+
+    Guardrails (``runtime.guardrails``): ``input_guardrails`` check the run's input when the
+    run starts with this agent (``input_guardrail_mode``: "parallel", concurrently with the
+    first model call, or "blocking", before it); ``output_guardrails`` its final output;
+    ``tool_guardrails`` the calls of its tools, before they run and on their results. Each
+    entry is a guardrail or the name of one in ``App.guardrails``; a tripwire fails the run.
     """
 
     name: str
@@ -48,12 +58,21 @@ class Agent:
     max_turns: int = 10
     history_limit: int | None = None
     compaction: Compaction | None = None
+    output_schema: dict[str, Any] | None = None
+    input_guardrails: list[Union[Guardrail, str, Any]] = field(default_factory=list)
+    output_guardrails: list[Union[Guardrail, str, Any]] = field(default_factory=list)
+    tool_guardrails: list[Union[Guardrail, str, Any]] = field(default_factory=list)
+    input_guardrail_mode: InputGuardrailMode = "parallel"
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
             raise ValueError(f"agent name {self.name!r} must match {AGENT_NAME_RE.pattern} (it is a resource id)")
         if self.max_turns < 1:
             raise ValueError(f"agent {self.name!r}: max_turns must be >= 1")
+        if self.input_guardrail_mode not in ("parallel", "blocking"):
+            raise ValueError(f"agent {self.name!r}: input_guardrail_mode must be 'parallel' or 'blocking'")
+        if self.output_type is not None and self.output_schema is not None:
+            raise ValueError(f"agent {self.name!r}: give output_type or output_schema, not both")
         if self.history_limit is not None and self.history_limit < 0:
             raise ValueError(f"agent {self.name!r}: history_limit must be >= 0 (0: the whole session) or None")
         if self.compaction is not None and self.history_limit and self.compaction.trigger_items >= self.history_limit:
@@ -89,13 +108,19 @@ class CompiledAgent:
     handoffs_by_tool: dict[str, str]  # transfer_to_x -> agent name
     tool_specs: tuple[ToolSpec, ...]
     output_schema: OutputSchema | None
+    input_guardrails: tuple[Guardrail, ...] = ()
+    output_guardrails: tuple[Guardrail, ...] = ()
+    tool_guardrails: tuple[Guardrail, ...] = ()
 
     @property
     def name(self) -> str:
         return self.agent.name
 
 
-def compile_agent(agent: Agent, agents: dict[str, Agent], default_model: str) -> CompiledAgent:
+def compile_agent(
+    agent: Agent, agents: dict[str, Agent], default_model: str, guardrails: dict[str, Guardrail] | None = None
+) -> CompiledAgent:
+    """``guardrails``: the app's named guardrails (``App.guardrails``), which the agent's lists may name."""
     from agentd.server.runtime.errors import AppConfigError
 
     tools_by_name: dict[str, FunctionTool] = {}
@@ -127,6 +152,10 @@ def compile_agent(agent: Agent, agents: dict[str, Agent], default_model: str) ->
     if agent.output_type is not None:
         schema, strict = strict_json_schema(agent.output_type.model_json_schema())
         output_schema = OutputSchema(name=agent.output_type.__name__, schema=schema, strict=strict)
+    elif agent.output_schema is not None:
+        schema, strict = strict_schema_for(agent.output_schema)
+        # OpenAI's response format names are at most 64 characters.
+        output_schema = OutputSchema(name=f"{agent.name[:57]}_output", schema=schema, strict=strict)
     return CompiledAgent(
         agent=agent,
         model=agent.model or default_model,
@@ -134,5 +163,8 @@ def compile_agent(agent: Agent, agents: dict[str, Agent], default_model: str) ->
         handoffs_by_tool=handoffs_by_tool,
         tool_specs=tuple(specs),
         output_schema=output_schema,
+        input_guardrails=resolve_guardrails(agent, "input", agent.input_guardrails, guardrails or {}),
+        output_guardrails=resolve_guardrails(agent, "output", agent.output_guardrails, guardrails or {}),
+        tool_guardrails=resolve_guardrails(agent, "tool", agent.tool_guardrails, guardrails or {}),
     )
 

@@ -12,6 +12,13 @@ The loop takes a checkpoint after every completed step:
   session: ``step_items`` is what the step appends. A resuming replica first re-appends
   it under ``step_request_id`` — a no-op if the dead replica got that far, the missing
   write otherwise — so the session and the checkpoint always agree.
+
+Input guardrails (``runtime.guardrails``) are decided before the first checkpoint: the
+first turn waits for their verdict before anything of it is checkpointed (or its tools
+start). So a checkpoint exists only for a run whose input passed them, and a run resumed
+from one does not check its input again; a run taken over before its first checkpoint
+starts over, its input guardrails with the model call that was in flight. Output
+guardrails pass before the last step's checkpoint (``done``) is taken.
 """
 
 from __future__ import annotations

@@ -38,3 +38,21 @@ class StoreUnavailableError(AgentdError):
 
 class AppConfigError(AgentdError):
     """The app module's agents or tools are inconsistent (raised at load, never mid-run)."""
+
+
+class TemplateKeyError(AgentdError):
+    """An agent's instructions template names context keys the run's context does not hold.
+
+    Raised when the instructions are rendered (every turn); the agent loop ends the run with
+    ``RunFailed`` carrying this message. It names the keys, never the context's values.
+    """
+
+    def __init__(self, agent: str, missing: list[str], given: list[str]) -> None:
+        wanted = ", ".join(repr(key) for key in missing)
+        have = ", ".join(repr(key) for key in given[:20]) + (", ..." if len(given) > 20 else "") or "none"
+        super().__init__(
+            f"agent {agent!r}'s instructions use the context key(s) {wanted}, which the run's context "
+            f"does not hold (its keys: {have}); pass them in the request's context"
+        )
+        self.agent = agent
+        self.missing = list(missing)

@@ -21,6 +21,7 @@ class RunErrorCode(enum.Enum):
     INVALID_OUTPUT = "invalid_output"
     SESSION_UNAVAILABLE = "session_unavailable"
     INTERNAL = "internal"
+    GUARDRAIL_TRIPPED = "guardrail_tripped"
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,6 +32,8 @@ class RunStarted:
     request_id: str
     # Older session items left out by the history window (see AgentRunner._read_window); 0: none.
     history_omitted: int = 0
+    # The starting agent's version (0: an app-module or file agent).
+    agent_version: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,6 +142,24 @@ class HistoryCompacted:
     dropped_items: int
 
 
+@dataclass(slots=True, frozen=True)
+class GuardrailTripped:
+    """A guardrail's tripwire ended the run (``runtime.guardrails``); ``RunFailed`` follows.
+
+    ``stage``: "input", "output", "tool_before" or "tool_after"; ``agent`` the agent whose
+    input, output or tool call it checked; ``output`` what the guardrail found (JSON-able);
+    ``tool_name`` and ``call_id`` name the call at the tool stages ("" otherwise).
+    """
+
+    guardrail: str
+    stage: str
+    agent: str
+    reason: str
+    output: dict[str, Any]
+    tool_name: str = ""
+    call_id: str = ""
+
+
 Payload = Union[
     RunStarted,
     AgentUpdated,
@@ -154,6 +175,7 @@ Payload = Union[
     RunResumed,
     ActionRequired,
     HistoryCompacted,
+    GuardrailTripped,
 ]
 
 TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)

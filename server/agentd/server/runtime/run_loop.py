@@ -8,8 +8,17 @@ atomic write, so a session only ever holds whole steps: a tool call is stored to
 with its result, never alone.
 
 Every way a run can end produces exactly one terminal event — ``RunCompleted``,
-``RunFailed`` (max turns, model, store, output or internal errors) or
+``RunFailed`` (max turns, model, store, output or internal errors, guardrail tripwires) or
 ``RunCancelled`` (the task was cancelled) — and the run never raises to its caller.
+
+Guardrails (``runtime.guardrails``). The starting agent's input guardrails are checked on
+a new run's first turn, before it ("blocking") or concurrently with its model call
+("parallel": a tripwire cancels the call; an answer that came first waits for the
+verdict), so every checkpoint comes after they passed and a resumed run does not check
+its input again. Output guardrails check a final output before its step is checkpointed;
+tool guardrails check each function tool call before it runs and its result after. A
+tripwire raises a ``_RunFailure`` carrying the ``GuardrailTripped`` event, emitted just
+before the run's ``RunFailed``: exactly one per run, even when concurrent checks trip.
 
 Checkpoints. After every completed step the loop hands the sink a ``Checkpoint`` and
 waits until it is durable, *then* appends the step to the session. Given a
@@ -32,11 +41,12 @@ before any tool starts, so no tool starts after a cancel was recorded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
 
@@ -47,14 +57,17 @@ from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
 from agentd.server.runtime.errors import (
+    AgentdError,
     ModelError,
     ModelUnavailableError,
     SessionNotFoundError,
     StoreUnavailableError,
+    TemplateKeyError,
 )
 from agentd.server.runtime.events import (
     ActionRequired,
     AgentUpdated,
+    GuardrailTripped,
     Handoff,
     HistoryCompacted,
     MessageOutput,
@@ -70,6 +83,16 @@ from agentd.server.runtime.events import (
     ToolOutput,
     UsageUpdated,
 )
+from agentd.server.runtime.guardrails import (
+    Guardrail,
+    GuardrailEnv,
+    GuardrailResult,
+    GuardrailSubject,
+    Stage,
+    jsonable_output,
+    subject_text,
+    trip_message,
+)
 from agentd.server.runtime.history import history_view, plan_compaction, transcript, window_start
 from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem, json_problem
 from agentd.server.runtime.tools import FunctionTool, ToolResult
@@ -77,6 +100,9 @@ from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import History, SessionStore
 from agentd.server.tenancy import DEFAULT_TENANT, local
 from agentd.server.tracing.base import SpanHandle, SpanKind, TraceHandle, Tracer
+
+if TYPE_CHECKING:
+    from agentd.server.agents.catalog import AgentCatalog
 
 log = logging.getLogger("agentd.run")
 
@@ -104,6 +130,8 @@ class RunInput:
     traceparent: str = ""  # the caller's W3C trace context, continued by the run's trace
     # Who started the run: its tenant owns the run, and tools see the principal (RunContext.principal).
     principal: Principal | None = None
+    # The starting agent's version (agents.catalog): 0 for app-module and file agents.
+    agent_version: int = 0
 
     @property
     def tenant(self) -> str:
@@ -146,16 +174,17 @@ class Resume:
 
 
 class _RunFailure(Exception):
-    def __init__(self, code: RunErrorCode, message: str) -> None:
+    def __init__(self, code: RunErrorCode, message: str, event: Payload | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.event = event  # emitted just before the RunFailed (a GuardrailTripped): one per run
 
 
 class AgentRunner:
     def __init__(
         self,
-        app: App,
+        app: App | AgentCatalog,
         models: ModelProvider,
         sessions: SessionStore,
         tracer: Tracer,
@@ -166,7 +195,11 @@ class AgentRunner:
         if history_max_items < 0:
             raise ValueError(f"history_max_items must be >= 0 (0: the whole session), got {history_max_items}")
         self._history_max_items = history_max_items
-        self._app = app
+        if isinstance(app, App):
+            from agentd.server.agents.catalog import AgentCatalog
+
+            app = AgentCatalog(app)
+        self._agents = app
         self._models = models
         self._sessions = sessions
         self._tracer = tracer
@@ -175,8 +208,14 @@ class AgentRunner:
     async def run(self, run: RunInput, sink: EventSink, resume: Resume | None = None) -> None:
         started = time.perf_counter()
         cp = resume.checkpoint if resume is not None else None
-        agent = self._app.compiled[cp.agent if cp is not None else run.agent]
-        max_turns = run.max_turns or self._app.compiled[run.agent].agent.max_turns
+        try:
+            # The version the run started with, even if the agent changed since (a takeover).
+            starting = (await self._agents.get(run.tenant, run.agent, run.agent_version)).compiled
+            agent = starting if cp is None or cp.agent == run.agent else self._agents.handoff(run.tenant, cp.agent)
+        except AgentdError as exc:  # deleted meanwhile, or no longer builds: nothing ran yet
+            sink.emit(RunFailed(RunErrorCode.INTERNAL, f"agent {run.agent!r} cannot run: {exc}", Usage(), 0))
+            return
+        max_turns = run.max_turns or starting.agent.max_turns
         usage = cp.usage.copy() if cp is not None else Usage()
         turns = cp.turns if cp is not None else 0
         ctx = RunContext(
@@ -207,7 +246,9 @@ class AgentRunner:
             if cp is None:
                 history, history_len, omitted = await self._read_window(run.session_id, agent)
                 if resume is None:  # a resumed run's log already begins with its run_started
-                    sink.emit(RunStarted(agent.name, run.session_id or "", len(history), run.request_id, omitted))
+                    sink.emit(RunStarted(
+                        agent.name, run.session_id or "", len(history), run.request_id, omitted, run.agent_version
+                    ))
                 if agent.agent.compaction is not None and run.session_id is not None:
                     compacted = await self._compact(run, agent, history, usage, sink, trace, run_span)
                     if compacted is not None:
@@ -231,6 +272,8 @@ class AgentRunner:
             logged_outputs = dict(resume.tool_outputs) if resume is not None else {}
             logged_handoffs = resume.handoffs_logged if resume is not None else frozenset()
             agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
+            # Checked on the first turn; a checkpoint exists only once they passed (see checkpoint.py).
+            input_guardrails = agent.input_guardrails if cp is None else ()
             while True:
                 _stop_if_cancelled(sink)
                 ctx.agent_name = agent.name
@@ -245,8 +288,16 @@ class AgentRunner:
                             f"agent {agent.name!r} gave no final output within max_turns={max_turns}; "
                             "raise max_turns on the agent or in the request",
                         )
+                    if input_guardrails and agent.agent.input_guardrail_mode == "blocking":
+                        await self._guard(input_guardrails, GuardrailSubject("input", agent.name, run.input), ctx,
+                                          sink, trace, agent_span)  # before the model is called at all
+                        input_guardrails = ()
                     turns += 1
-                    response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
+                    if input_guardrails:  # "parallel": checked while the model answers; the answer waits
+                        response = await self._raced_turn(agent, ctx, items, run.input, sink, trace, agent_span)
+                        input_guardrails = ()
+                    else:
+                        response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
                     usage.add(response.usage)
                     sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
                     _stop_if_cancelled(sink)  # cancelled during the turn: its answer is not acted on
@@ -257,6 +308,9 @@ class AgentRunner:
                         sink.emit(MessageOutput(agent.name, message))
                     if not response.tool_calls:
                         final_output = self._final_output(agent, response.text)
+                        if agent.output_guardrails:  # a rejected output is never checkpointed nor saved
+                            subject = GuardrailSubject("output", agent.name, subject_text(final_output), final_output)
+                            await self._guard(agent.output_guardrails, subject, ctx, sink, trace, agent_span)
                         step_id = f"{run.run_id}/{turns}"
                         run_items.extend(step)
                         await sink.checkpoint(Checkpoint(
@@ -304,6 +358,8 @@ class AgentRunner:
             sink.emit(RunCancelled(reason, usage.copy(), turns))
         except _RunFailure as failure:
             self._end_spans(trace, run_span, agent_span, failure.message)
+            if failure.event is not None:
+                sink.emit(failure.event)
             sink.emit(RunFailed(failure.code, failure.message, usage.copy(), turns))
         except Exception as exc:  # app code (dynamic instructions...) or an agentd bug
             log.exception("run %s failed unexpectedly", run.run_id)
@@ -462,7 +518,10 @@ class AgentRunner:
         trace: TraceHandle,
         parent: SpanHandle,
     ) -> ModelResponse:
-        instructions = await agent.agent.resolve_instructions(ctx)
+        try:
+            instructions = await agent.agent.resolve_instructions(ctx)
+        except TemplateKeyError as exc:  # a declarative agent's template and the run's context disagree
+            raise _RunFailure(RunErrorCode.INTERNAL, str(exc)) from exc
         request = ModelRequest(
             model=agent.model,
             instructions=instructions,
@@ -529,7 +588,7 @@ class AgentRunner:
         step.extend(results)
         if handoff_call is None:
             return None, False
-        target = self._app.compiled[agent.handoffs_by_tool[handoff_call.tool_name]]
+        target = self._agents.handoff(ctx.tenant, agent.handoffs_by_tool[handoff_call.tool_name])
         span = trace.span(SpanKind.HANDOFF, f"{agent.name} -> {target.name}", parent, from_agent=agent.name,
                           to_agent=target.name)
         span.end()
@@ -569,24 +628,31 @@ class AgentRunner:
                     SpanKind.FUNCTION, call.tool_name, parent, call_id=call.call_id, arguments=call.arguments
                 ).end(error=output)
             else:
-                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments)
                 tool_ctx = ToolContext(
                     ctx.run_id, agent.name, ctx.session_id, ctx.context, ctx.usage, ctx.principal, call.call_id,
                     tool.name,
                 )
+                if agent.tool_guardrails:  # before the tool runs, and before its approval is asked
+                    await self._guard_call(agent, tool_ctx, call, "tool_before", call.arguments, sink, trace, parent)
+                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments)
                 try:
                     result = await self._call_tool(agent, tool, tool_ctx, call, sink)
                 except BaseException:
                     span.end(error="cancelled")
                     raise
                 output, is_error = result.output, result.is_error
-                # The span's error is the failure's content-free summary; recorders keep the full
-                # ``error_detail`` (an exception message, a caller's text) only when tracing content.
-                span.end(
-                    error=(result.error_summary or output) if is_error else "",
-                    error_detail=output if is_error else "",
-                    output=output,
-                )
+                try:
+                    if agent.tool_guardrails:  # on the result: the model reads a replacement, if one is given
+                        output = await self._guard_call(agent, tool_ctx, call, "tool_after", output, sink, trace,
+                                                        parent)
+                finally:
+                    # The span's error is the failure's content-free summary; recorders keep the full
+                    # ``error_detail`` (an exception message, a caller's text) only when tracing content.
+                    span.end(
+                        error=(result.error_summary or output) if is_error else "",
+                        error_detail=output if is_error else "",
+                        output=output,
+                    )
         item = ToolResultItem(call.call_id, call.tool_name, output, is_error, agent.name)
         sink.emit(ToolOutput(agent.name, item, time.perf_counter() - started))
         return item
@@ -627,8 +693,163 @@ class AgentRunner:
         except TimeoutError:
             return None
 
+    async def _raced_turn(
+        self,
+        agent: CompiledAgent,
+        ctx: RunContext,
+        items: list[Item],
+        text: str,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> ModelResponse:
+        """The run's first model turn with its input guardrails checked concurrently ("parallel").
+
+        A tripwire cancels the model call if it is still going; an answer that came first waits
+        for the verdict, so nothing of its turn (tools, checkpoint) happens before the input
+        passed. A model failure that comes first ends the run as it would without guardrails.
+        """
+        subject = GuardrailSubject("input", agent.name, text)
+        checks = asyncio.ensure_future(self._first_trip(agent.input_guardrails, subject, ctx, sink, trace, parent))
+        turn = asyncio.ensure_future(self._model_turn(agent, ctx, items, sink, trace, parent))
+        try:
+            await asyncio.wait((checks, turn), return_when=asyncio.FIRST_COMPLETED)
+            response: ModelResponse | None = None
+            if not checks.done():
+                response = turn.result()  # the model answered first (or failed: the run ends here)
+                trip = await checks
+            else:
+                trip = checks.result()
+                if trip is None:
+                    return await turn
+                if turn.done() and not turn.cancelled() and turn.exception() is None:
+                    response = turn.result()
+            if trip is None:
+                assert response is not None
+                return response
+            if response is not None:  # the call was made: it counts in the run's usage
+                ctx.usage.add(response.usage)
+                sink.emit(UsageUpdated(agent.name, agent.model, response.usage, ctx.usage.copy()))
+            raise trip
+        finally:
+            # A tripwire cancels the call in flight (and ends its text deltas) before the run reports it.
+            remaining = [t for t in (checks, turn) if not t.done()]
+            for task in remaining:
+                task.cancel()
+            if remaining:
+                await asyncio.wait(remaining)
+
+    async def _guard(
+        self,
+        guardrails: tuple[Guardrail, ...],
+        subject: GuardrailSubject,
+        ctx: RunContext,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> None:
+        """Check ``subject`` with every guardrail, concurrently: a tripwire ends the run."""
+        trip = await self._first_trip(guardrails, subject, ctx, sink, trace, parent)
+        if trip is not None:
+            raise trip
+
+    async def _first_trip(
+        self,
+        guardrails: tuple[Guardrail, ...],
+        subject: GuardrailSubject,
+        ctx: RunContext,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> _RunFailure | None:
+        """The checks run concurrently; the first tripwire cancels the others and is returned as
+        the run's failure, None when all passed. A check that raises ends them all."""
+        if len(guardrails) == 1:
+            result = await self._check(guardrails[0], subject, ctx, sink, trace, parent)
+            return _tripped(guardrails[0], subject, result) if result.tripwire else None
+        tasks = {asyncio.ensure_future(self._check(g, subject, ctx, sink, trace, parent)): g for g in guardrails}
+        try:
+            while tasks:
+                finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                # In list order among those that finished together, so the verdict is deterministic.
+                for task in sorted(finished, key=lambda t: guardrails.index(tasks[t])):
+                    guardrail = tasks.pop(task)
+                    result = task.result()
+                    if result.tripwire:
+                        return _tripped(guardrail, subject, result)
+            return None
+        finally:
+            remaining = [t for t in tasks if not t.done()]
+            for task in remaining:
+                task.cancel()
+            if remaining:
+                await asyncio.wait(remaining)
+
+    async def _guard_call(
+        self,
+        agent: CompiledAgent,
+        ctx: ToolContext,
+        call: ToolCallItem,
+        stage: Stage,
+        text: str,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> str:
+        """A tool call's checks at ``stage`` ("tool_before": its arguments, "tool_after": its result),
+        in the agent's order: a tripwire ends the run; the text the model reads is returned (after,
+        each replacement is what the next check sees)."""
+        subject = GuardrailSubject(stage, agent.name, text, tool_name=call.tool_name, call_id=call.call_id)
+        for guardrail in agent.tool_guardrails:
+            if not guardrail.checks(subject.stage):
+                continue
+            result = await self._check(guardrail, subject, ctx, sink, trace, parent)
+            if result.tripwire:
+                raise _tripped(guardrail, subject, result)
+            if result.replacement is not None:
+                subject = dataclasses.replace(subject, text=result.replacement)
+        return subject.text
+
+    async def _check(
+        self,
+        guardrail: Guardrail,
+        subject: GuardrailSubject,
+        ctx: RunContext,
+        sink: EventSink,
+        trace: TraceHandle,
+        parent: SpanHandle,
+    ) -> GuardrailResult:
+        """One guardrail check, as a GUARDRAIL span (its verdict in ``tripwire``)."""
+        attributes: dict[str, Any] = {"guardrail": guardrail.name, "stage": subject.stage, "agent": subject.agent}
+        if subject.tool_name:
+            attributes.update(tool_name=subject.tool_name, call_id=subject.call_id)
+        span = trace.span(SpanKind.GUARDRAIL, guardrail.name, parent, **attributes)
+
+        def on_usage(agent_name: str, model: str, call_usage: Usage) -> None:  # a classifier's model call
+            ctx.usage.add(call_usage)
+            sink.emit(UsageUpdated(agent_name, model, call_usage, ctx.usage.copy()))
+
+        env = GuardrailEnv(self._models, lambda name: self._agents.handoff(ctx.tenant, name), trace, span, on_usage)
+        try:
+            result = await guardrail.check(env, ctx, subject)
+        except asyncio.CancelledError:
+            span.end(error="cancelled")
+            raise
+        except (ModelUnavailableError, ModelError) as exc:  # a classifier's model: the run fails with its code
+            span.end(error=str(exc))
+            code = RunErrorCode.MODEL_ERROR if isinstance(exc, ModelError) else RunErrorCode.MODEL_UNAVAILABLE
+            raise _RunFailure(code, f"guardrail {guardrail.name!r} could not check: {exc}") from exc
+        except BaseException as exc:  # app code: the trace keeps the type, the server log the rest
+            span.end(error=type(exc).__name__)
+            raise
+        replaced = result.replacement is not None and not result.tripwire and subject.stage == "tool_after"
+        span.end(tripwire=result.tripwire, **({"replaced": True} if replaced else {}))
+        return result
+
     def _final_output(self, agent: CompiledAgent, text: str) -> Any:
         output_type = agent.agent.output_type
+        if output_type is None and agent.agent.output_schema is not None:
+            return _schema_output(agent.name, agent.agent.output_schema, text)
         if output_type is None:
             return text
         try:
@@ -651,6 +872,52 @@ class AgentRunner:
             agent_span.end(error=error)
         run_span.end(error=error)
         trace.end(error=error)
+
+
+def _schema_output(agent: str, schema: dict[str, Any], text: str) -> Any:
+    """The final output of an agent with a raw JSON ``output_schema``: the text parsed as JSON and
+    valid under the schema. The failure message names the first problem's place and the schema
+    keyword it breaks, never the output's content."""
+    import json
+
+    import jsonschema
+
+    try:
+        output = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _RunFailure(
+            RunErrorCode.INVALID_OUTPUT, f"agent {agent!r}'s final output is not JSON ({exc.msg} at char {exc.pos})"
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise _RunFailure(RunErrorCode.INVALID_OUTPUT, f"agent {agent!r}'s final output cannot be parsed") from exc
+    # The output travels as a protobuf Value and is stored as JSON: it must be both (and this
+    # bounds its depth before the validator recurses into it).
+    problem = json_problem(output)
+    if problem is not None:
+        raise _RunFailure(RunErrorCode.INVALID_OUTPUT, f"agent {agent!r}'s final output {problem}")
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    errors = [error for _, error in zip(range(100), validator.iter_errors(output))]
+    if errors:
+        first = jsonschema.exceptions.best_match(errors)
+        assert first is not None
+        expected = json.dumps(first.validator_value, ensure_ascii=False)
+        expected = expected if len(expected) <= 200 else expected[:200] + "..."
+        raise _RunFailure(
+            RunErrorCode.INVALID_OUTPUT,
+            f"agent {agent!r}'s final output does not match its output schema: "
+            f"{len(errors)}{'+' if len(errors) == 100 else ''} error(s), first: at {first.json_path}, "
+            f"fails {first.validator!r}: {expected}",
+        )
+    return output
+
+
+def _tripped(guardrail: Guardrail, subject: GuardrailSubject, result: GuardrailResult) -> _RunFailure:
+    """The run's failure for a tripwire, with its GuardrailTripped event."""
+    event = GuardrailTripped(
+        guardrail.name, subject.stage, subject.agent, result.reason, jsonable_output(result.output),
+        subject.tool_name, subject.call_id,
+    )
+    return _RunFailure(RunErrorCode.GUARDRAIL_TRIPPED, trip_message(guardrail.name, subject, result.reason), event)
 
 
 def _stop_if_cancelled(sink: EventSink) -> None:

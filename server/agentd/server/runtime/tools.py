@@ -54,6 +54,47 @@ class FunctionTool:
     caller_executed: bool = False
     needs_approval: bool = False
 
+    @classmethod
+    def caller_executed_from_schema(
+        cls,
+        name: str,
+        description: str,
+        parameters: dict[str, Any],
+        *,
+        needs_approval: bool = False,
+        timeout_s: float | None = None,
+    ) -> "FunctionTool":
+        """A tool the caller executes, declared by a JSON schema instead of a Python function
+        (declarative agents: ``agents.definition.CallerTool``).
+
+        The schema is offered in strict mode when that changes nothing a valid call may hold
+        (``strict_schema_for``), else as given, non-strict. The model's arguments are forwarded
+        to the caller as the model wrote them, unvalidated: the caller executes the tool and
+        checks them against the same schema (an invalid call is answered with an error output
+        the model can recover from). ``timeout_s``: how long the run waits for the caller's
+        output (None: without limit), as with ``function_tool(caller_executed=True)``.
+        """
+        if not TOOL_NAME_RE.match(name):
+            raise ValueError(f"tool name {name!r} must match {TOOL_NAME_RE.pattern}")
+        schema, strict = strict_schema_for(parameters)
+
+        def executed_by_the_caller(**_: Any) -> Any:
+            raise RuntimeError(f"tool {name!r} is executed by the caller, never by agentd")
+
+        return cls(
+            name=name,
+            description=description,
+            parameters=schema,
+            strict=strict,
+            timeout_s=timeout_s,
+            fn=executed_by_the_caller,
+            args_model=_CallerArguments,
+            takes_context=False,
+            null_means_default=frozenset(),
+            caller_executed=True,
+            needs_approval=needs_approval,
+        )
+
     async def invoke(self, ctx: ToolContext, raw_arguments: str, default_timeout_s: float | None) -> ToolResult:
         try:
             arguments = json.loads(raw_arguments) if raw_arguments.strip() else {}
@@ -99,6 +140,12 @@ class FunctionTool:
         # cannot be interrupted: on timeout or cancellation the run moves on and the
         # thread finishes in the background.
         return await asyncio.to_thread(functools.partial(self.fn, *args, **kwargs))
+
+
+class _CallerArguments(BaseModel):
+    """The arguments of a caller-executed tool declared by a schema: anything (the caller checks them)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def _error(message: str, summary: str = "") -> ToolResult:
@@ -264,6 +311,59 @@ def _strictify(node: Any) -> bool:
         if key in node:
             ok = _strictify(node[key]) and ok
     return ok
+
+
+# The keywords OpenAI's strict mode accepts (its "supported schemas"); a hand-written schema
+# using any other is offered non-strict.
+_STRICT_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "enum", "const",
+    "description", "title", "default", "$defs", "$ref", "pattern", "format", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems",
+})
+
+
+def strict_schema_for(schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A hand-written JSON schema (an agent definition's tool parameters or output schema) in
+    OpenAI's strict mode when strict mode changes nothing a valid value may hold, else as given.
+
+    ``strict_json_schema`` turns optional properties into required nullable ones; for a
+    pydantic model the runtime maps the nulls back, for a hand-written schema nothing would,
+    and the caller would get nulls its schema forbids. So a schema is made strict only when
+    every object already requires all its properties (and allows no others, or says nothing
+    about others), and it uses only keywords strict mode supports. Returns the schema and
+    whether it is strict.
+    """
+    if not isinstance(schema, dict) or schema.get("type") != "object" or not _strict_as_written(schema):
+        return schema, False
+    return strict_json_schema(schema)
+
+
+def _strict_as_written(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            return False
+        if not _STRICT_KEYWORDS.issuperset(node):
+            return False
+        if isinstance(node.get("type"), list) and "object" in node["type"]:
+            return False  # a nullable object: strict mode wants "anyOf" with a plain object
+        if node.get("type") == "object" or "properties" in node:
+            properties = node.get("properties")
+            if not isinstance(properties, dict) or node.get("additionalProperties", False) is not False:
+                return False
+            if not set(properties) <= set(node.get("required", ())):
+                return False
+            stack.extend(properties.values())
+        if isinstance(node.get("$defs"), dict):
+            stack.extend(node["$defs"].values())
+        for key in ("items", "anyOf"):
+            if key in node:
+                stack.append(node[key])
+    return True
 
 
 def _nullable(prop: dict[str, Any]) -> dict[str, Any]:

@@ -15,15 +15,16 @@ from typing import Any, AsyncIterator, Sequence, TypeVar
 
 import grpc
 
-from agentd.server.app import App
+from agentd.server.agents.catalog import AgentCatalog
+from agentd.server.agents.store.base import AgentStore
 from agentd.server.auth.principal import current_principal
 from agentd.server.runs.manager import RunManager
 from agentd.server.runs.records import DuplicateRunError, RunNotFoundError, RunRecord, SessionPolicy, action_key
-from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import status, validation
-from agentd.server.services.convert import dict_from_struct, run_to_proto, struct_from_dict, write_run_event
-from agentd.server.services.errors import HANDLED, NotFound, abort, unary_errors
+from agentd.server.services.convert import dict_from_struct, run_to_proto, write_run_event
+from agentd.server.services.agents_api import AgentResources, agent_ref
+from agentd.server.services.errors import HANDLED, abort, unary_errors
 from agentd.server.services.status import Problem
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.tenancy import local, scoped
@@ -32,32 +33,24 @@ from agentd.v1 import agent_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agentd.service.agents")
 
-DEFAULT_AGENT_PAGE = 100
 DEFAULT_RUN_PAGE = 100
 
 
-class AgentService(pb_grpc.AgentServiceServicer):
-    def __init__(self, app: App, runs: RunManager, *, max_input_chars: int) -> None:
-        self._app = app
+class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
+    """Runs (this module) and agent resources (``agents_api.AgentResources``) of one gRPC service."""
+
+    def __init__(
+        self,
+        catalog: AgentCatalog,
+        runs: RunManager,
+        *,
+        max_input_chars: int,
+        agent_store: AgentStore | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._agent_store = agent_store
         self._runs = runs
         self._max_input_chars = max_input_chars
-        self._agents = {name: _agent_to_proto(compiled) for name, compiled in app.compiled.items()}
-        self._agent_order = sorted(self._agents)
-
-    @unary_errors
-    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsResponse:
-        size = validation.page_size(request.page_size, DEFAULT_AGENT_PAGE)
-        after = validation.check_id("page_token", validation.decode_page_token("agents", request.page_token) or "")
-        names = [n for n in self._agent_order if n > after][: size + 1]
-        response = pb.ListAgentsResponse(agents=[self._agents[n] for n in names[:size]])
-        if len(names) > size:
-            response.next_page_token = validation.encode_page_token("agents", names[size - 1])
-        return response
-
-    @unary_errors
-    async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> pb.GetAgentResponse:
-        name = validation.resource_id("name", request.name, "agents")
-        return pb.GetAgentResponse(agent=self._agent_proto(name, "name"))
 
     async def StreamRun(
         self, request: pb.StreamRunRequest, context: grpc.aio.ServicerContext
@@ -86,7 +79,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @unary_errors
     async def CreateRun(self, request: pb.CreateRunRequest, context: grpc.aio.ServicerContext) -> pb.CreateRunResponse:
-        spec = self._run_input(request.start, "start", _traceparent(context))
+        spec = await self._run_input(request.start, "start", _traceparent(context))
         created = await self._runs.create(spec, _policy(request.start.session_policy))
         return pb.CreateRunResponse(run=run_to_proto(created.record))
 
@@ -159,7 +152,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def _start_attached(self, start: pb.StartRun, field: str, context: grpc.aio.ServicerContext) -> RunRecord:
         """Create the run of a Run/StreamRun stream; a known request id is ALREADY_EXISTS, not a second run."""
         try:
-            spec = self._run_input(start, field, _traceparent(context))
+            spec = await self._run_input(start, field, _traceparent(context))
             created = await self._runs.create(spec, _policy(start.session_policy))
             if not created.created:
                 raise DuplicateRunError(spec.request_id, created.record.run_id, created.record.status.value)
@@ -253,9 +246,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if ender is not None:
             await asyncio.wait({ender})  # it sends the status and ends this call
 
-    def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
-        agent = validation.resource_id(f"{field}.agent", start.agent, "agents")
-        self._agent_proto(agent, f"{field}.agent")
+    async def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
+        agent, rest = agent_ref(f"{field}.agent", start.agent)
         validation.check_text(f"{field}.input", start.input)
         if not start.input.strip():
             raise InvalidArgument(f"{field}.input", "must not be empty")
@@ -278,6 +270,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if start.session:
             local_session = validation.session_id(f"{field}.session", start.session)
         session_id = scoped(principal.tenant, local_session) if local_session else None
+        entry = await self.resolve_agent(f"{field}.agent", agent, rest, local_session)
         return RunInput(
             run_id=new_run_id(),
             agent=agent,
@@ -291,17 +284,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             trace_metadata=trace_metadata,
             traceparent=traceparent,
             principal=principal,
+            agent_version=entry.version,
         )
-
-    def _agent_proto(self, name: str, field: str) -> pb.Agent:
-        agent = self._agents.get(name)
-        if agent is None:
-            known = ", ".join(self._agent_order)
-            raise NotFound(
-                f"{field}: agent {validation.quote(name)} does not exist; this server hosts: {known}",
-                reason="AGENT_NOT_FOUND", resource=f"agents/{name}", metadata={"agent": name},
-            )
-        return agent
 
 
 Response = TypeVar("Response", pb.RunResponse, pb.StreamRunResponse, pb.WatchRunResponse)
@@ -377,25 +361,6 @@ async def _apply_control(message: pb.RunRequest, run_id: str, runs: RunManager) 
         await runs.answer(run_id, [_approval_answer(message.approval, "approval")])
     elif action == "start":
         await runs.cancel(run_id, "protocol error: a Run stream carries one run; 'start' may only be the first message")
-
-
-def _agent_to_proto(compiled: CompiledAgent) -> pb.Agent:
-    agent = compiled.agent
-    message = pb.Agent(
-        name=f"agents/{agent.name}",
-        description=agent.description,
-        model=compiled.model,
-        handoffs=[f"agents/{h}" for h in agent.handoff_names],
-        max_turns=agent.max_turns,
-    )
-    for tool in compiled.agent.tools:
-        message.tools.append(
-            pb.Tool(name=tool.name, description=tool.description, parameters=struct_from_dict(tool.parameters),
-                    strict=tool.strict, caller_executed=tool.caller_executed, needs_approval=tool.needs_approval)
-        )
-    if compiled.output_schema is not None:
-        message.output_schema.update(compiled.output_schema.schema)
-    return message
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str:

@@ -184,6 +184,7 @@ _ERROR_CODES = {
     ev.RunErrorCode.INVALID_OUTPUT: run_event_pb2.RUN_ERROR_CODE_INVALID_OUTPUT,
     ev.RunErrorCode.SESSION_UNAVAILABLE: run_event_pb2.RUN_ERROR_CODE_SESSION_UNAVAILABLE,
     ev.RunErrorCode.INTERNAL: run_event_pb2.RUN_ERROR_CODE_INTERNAL,
+    ev.RunErrorCode.GUARDRAIL_TRIPPED: run_event_pb2.RUN_ERROR_CODE_GUARDRAIL_TRIPPED,
 }
 
 
@@ -194,6 +195,7 @@ def _run_started(p: ev.RunStarted, out: run_event_pb2.RunEvent) -> None:
     m.history_items = p.history_items
     m.request_id = local(p.request_id)
     m.history_omitted = p.history_omitted
+    m.agent_version = p.agent_version
 
 
 def _agent_updated(p: ev.AgentUpdated, out: run_event_pb2.RunEvent) -> None:
@@ -294,6 +296,26 @@ def _history_compacted(p: ev.HistoryCompacted, out: run_event_pb2.RunEvent) -> N
     m.dropped_items = p.dropped_items
 
 
+_GUARDRAIL_STAGES = {
+    "input": run_event_pb2.GUARDRAIL_STAGE_INPUT,
+    "output": run_event_pb2.GUARDRAIL_STAGE_OUTPUT,
+    "tool_before": run_event_pb2.GUARDRAIL_STAGE_TOOL_BEFORE,
+    "tool_after": run_event_pb2.GUARDRAIL_STAGE_TOOL_AFTER,
+}
+
+
+def _guardrail_tripped(p: ev.GuardrailTripped, out: run_event_pb2.RunEvent) -> None:
+    m = out.guardrail_tripped
+    m.guardrail = p.guardrail
+    m.stage = _GUARDRAIL_STAGES.get(p.stage, run_event_pb2.GUARDRAIL_STAGE_UNSPECIFIED)
+    m.agent = p.agent
+    m.reason = p.reason
+    if p.output:
+        m.output.update(p.output)
+    m.tool_name = p.tool_name
+    m.call_id = p.call_id
+
+
 _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunStarted: _run_started,
     ev.AgentUpdated: _agent_updated,
@@ -309,6 +331,7 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunResumed: _run_resumed,
     ev.ActionRequired: _action_required,
     ev.HistoryCompacted: _history_compacted,
+    ev.GuardrailTripped: _guardrail_tripped,
 }
 
 
@@ -338,6 +361,7 @@ def run_to_proto(record: RunRecord) -> agent_service_pb2.RunInfo:
         name=f"runs/{record.run_id}",
         status=_RUN_STATUS[record.visible_status],
         agent=f"agents/{spec.agent}",
+        agent_version=spec.agent_version,
         session=f"sessions/{local(spec.session_id)}" if spec.session_id else "",
         request_id=local(spec.request_id),
         create_time=timestamp_s(record.create_time),

@@ -1,7 +1,7 @@
 """The tracing interface the agent loop records through.
 
-The loop opens one trace per run and spans for agent segments, model calls, tool calls
-and handoffs. Recorders decide where they go (the in-process store; OpenTelemetry and
+The loop opens one trace per run and spans for agent segments, model calls, tool calls,
+handoffs and guardrail checks. Recorders decide where they go (the in-process store; OpenTelemetry and
 OTLP on top of it); the loop never knows. Recording must be cheap and must never raise
 into the run.
 """
@@ -47,6 +47,7 @@ class SpanKind(enum.Enum):
     GENERATION = "generation"
     FUNCTION = "function"
     HANDOFF = "handoff"
+    GUARDRAIL = "guardrail"  # one guardrail check (runtime.guardrails)
 
 
 def kind_attributes(kind: SpanKind, name: str, attributes: dict[str, Any]) -> dict[str, Any]:

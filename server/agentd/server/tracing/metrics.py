@@ -17,6 +17,9 @@ metric                                 unit       attributes
                                                   gen_ai.token.type (input | output)
 ``agentd.tool.duration``               s          gen_ai.tool.name, error.type (failed calls only)
 ``agentd.tool.errors`` (counter)       {error}    gen_ai.tool.name, error.type
+``agentd.guardrail.checks`` (counter)  {check}    agentd.guardrail.name, agentd.guardrail.stage,
+                                                  agentd.guardrail.tripped, error.type (checks
+                                                  that did not finish only)
 =====================================  =========  ===============================================
 
 ``gen_ai.agent.name`` on run metrics is the agent the run started with (handoffs do not
@@ -25,6 +28,13 @@ change it). ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``.
 authentication); tenants are configured, so it stays bounded. A tool
 call cancelled with its run is timed but not counted in ``agentd.tool.errors``: the
 cancellation is the run's (``agentd.run.status=cancelled``), not the tool's failure.
+
+``agentd.guardrail.checks`` counts guardrail checks (``runtime.guardrails``) by guardrail,
+stage (``input``, ``output``, ``tool_before``, ``tool_after``) and verdict
+(``agentd.guardrail.tripped``, a bool); guardrail names come from the app and its agent
+definitions, so they stay bounded. A check that did not finish (cancelled when another
+input guardrail tripped first, or its code raised) has ``tripped=false`` and an
+``error.type`` (``cancelled``, the exception class...).
 
 Metric attributes must stay low-cardinality, so ``error.type`` is not the span's free-text
 status but a short class of it: an HTTP status code (``"500"``), ``timeout``,
@@ -146,6 +156,9 @@ class MetricsSpanProcessor(SpanProcessor):
         self._tool_errors = meter.create_counter(
             "agentd.tool.errors", unit="{error}", description="Function tool calls that failed (cancellations excluded)."
         )
+        self._guardrail_checks = meter.create_counter(
+            "agentd.guardrail.checks", unit="{check}", description="Guardrail checks, by guardrail, stage and verdict."
+        )
         self._failed_once = False
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -160,6 +173,8 @@ class MetricsSpanProcessor(SpanProcessor):
                 self._function(span)
             elif kind == "run":
                 self._run(span, attributes)
+            elif kind == "guardrail":
+                self._guardrail(span, attributes)
         except Exception:  # noqa: BLE001 (span.end() must never raise into the run loop)
             if not self._failed_once:
                 self._failed_once = True
@@ -207,6 +222,16 @@ class MetricsSpanProcessor(SpanProcessor):
         self._tool_duration.record(_seconds(span), labels)
         if error_type != "cancelled":
             self._tool_errors.add(1, labels)
+
+    def _guardrail(self, span: ReadableSpan, attributes: Mapping[str, Any]) -> None:
+        labels: dict[str, Any] = {
+            "agentd.guardrail.name": attributes.get("agentd.guardrail.name", OTHER),
+            "agentd.guardrail.stage": attributes.get("agentd.guardrail.stage", OTHER),
+            "agentd.guardrail.tripped": bool(attributes.get("agentd.guardrail.tripwire", False)),
+        }
+        if span.status.status_code is StatusCode.ERROR:
+            labels["error.type"] = _model_error_type(span.status.description or "", attributes.get("error.type"))
+        self._guardrail_checks.add(1, labels)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True  # measurements are recorded synchronously; the meter provider's reader exports them

@@ -34,6 +34,7 @@ _OPERATION = {
     SpanKind.GENERATION: "chat",
     SpanKind.FUNCTION: "execute_tool",
     SpanKind.HANDOFF: "handoff",
+    SpanKind.GUARDRAIL: "guardrail",
 }
 # agentd attribute -> OpenTelemetry attribute, per span kind.
 _ATTRIBUTE_NAMES: dict[str, str] = {
@@ -49,6 +50,10 @@ _ATTRIBUTE_NAMES: dict[str, str] = {
     "turns": "agentd.turns",
     "from_agent": "agentd.handoff.from_agent",
     "to_agent": "agentd.handoff.to_agent",
+    "guardrail": "agentd.guardrail.name",
+    "stage": "agentd.guardrail.stage",
+    "tripwire": "agentd.guardrail.tripwire",
+    "replaced": "agentd.guardrail.replaced",
 }
 
 
