@@ -4,8 +4,10 @@ Reports time to first event, latency of a 3-step run (tool call → tool output 
 text: two model turns), orchestration overhead per model turn, the same run with a
 session on SQLite, Postgres and Redis (the local servers; URLs from AGENTD_TEST_*_URL),
 runs/s with 1 and 64 concurrent clients, peak server RSS, and slow event-loop callbacks
-(>10 ms) seen by a second server in asyncio debug mode under the same load. Numbers,
-not pass/fail.
+(>10 ms) seen by a second server in asyncio debug mode under the same load. Then the same
+run over HTTP through the openai client against the zero-latency scripted endpoint
+(``python -m agentd.testing``, its own process), per model API: Chat Completions vs the
+Responses API (interleaved; per turn = run p50 / 2). Numbers, not pass/fail.
 
     python bench/bench_runs.py [--runs 500] [--seconds 5]
 """
@@ -47,13 +49,15 @@ def start_server(
     store: str = "memory",
     extra_env: dict[str, str] | None = None,
     app: str = "bench.app:app",
+    model_provider: str = "scripted",
 ) -> subprocess.Popen:
     env = {**os.environ, "AGENTD_ASYNCIO_DEBUG": "true" if debug else "false",
            "AGENTD_SQLITE_PATH": str(stderr_path.with_suffix(".db")), **(extra_env or {})}
-    env.pop("OPENAI_API_KEY", None)
+    if model_provider == "scripted":
+        env.pop("OPENAI_API_KEY", None)
     return subprocess.Popen(
         [sys.executable, "-m", "agentd.cli.main", "serve", "--app", app, "--port", str(port),
-         "--store", store, "--model-provider", "scripted", "--log-level", "WARNING"],
+         "--store", store, "--model-provider", model_provider, "--log-level", "WARNING"],
         cwd=ROOT, env=env, stderr=stderr_path.open("w"), stdout=subprocess.DEVNULL,
     )
 
@@ -76,12 +80,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_run(client: AgentdClient, session_id: str | None = None) -> tuple[float, float, int]:
+async def one_run(
+    client: AgentdClient, session_id: str | None = None, agent: str = "bench"
+) -> tuple[float, float, int]:
     """(time to first event, total latency, event count) in seconds."""
     started = time.perf_counter()
     first = 0.0
     count = 0
-    async for event in client.run("bench", "ping", session_id=session_id):
+    async for event in client.run(agent, "ping", session_id=session_id):
         if count == 0:
             first = time.perf_counter() - started
         count += 1
@@ -114,19 +120,23 @@ async def sequential(target: str, runs: int, session: bool) -> dict:
     }
 
 
-async def interleaved(targets: dict[str, str], rounds: int, runs_per_round: int) -> dict[str, float]:
+async def interleaved(
+    targets: dict[str, str], rounds: int, runs_per_round: int, agents: dict[str, str] | None = None
+) -> dict[str, float]:
     """Run p50 per target, alternating between them round by round so that machine noise
-    hits every target alike (for overhead comparisons on a shared machine)."""
+    hits every target alike (for overhead comparisons on a shared machine). ``agents``: the
+    agent each target runs (default "bench")."""
     totals: dict[str, list[float]] = {name: [] for name in targets}
     clients = {name: AgentdClient(target) for name, target in targets.items()}
+    agent = (agents or {}).get
     try:
-        for client in clients.values():
+        for name, client in clients.items():
             for _ in range(50):  # warm-up
-                await one_run(client)
+                await one_run(client, agent=agent(name, "bench"))
         for _ in range(rounds):
             for name, client in clients.items():
                 for _ in range(runs_per_round):
-                    totals[name].append((await one_run(client))[1])
+                    totals[name].append((await one_run(client, agent=agent(name, "bench")))[1])
     finally:
         for client in clients.values():
             await client.close()
@@ -196,6 +206,61 @@ async def concurrent(target: str, clients: int, seconds: float) -> dict:
     return {"runs_per_s": done / wall, "run_p50_ms": pct(latencies, 0.5) * 1e3, "run_p99_ms": pct(latencies, 0.99) * 1e3}
 
 
+def _http_app():  # type: ignore[no-untyped-def]
+    """The bench agent on each OpenAI API, for a server whose model is the scripted endpoint."""
+    from agentd.server import Agent, App
+
+    from bench.app import echo, echo_async
+
+    tools = [echo_async, echo]
+    return App(agents=[
+        Agent(name="bench", instructions="Benchmark agent.", tools=tools, model_api="chat_completions"),
+        Agent(name="bench_responses", instructions="Benchmark agent.", tools=tools, model_api="responses"),
+    ])
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    if name == "http_app":  # built on demand: only the server process that serves it needs agentd.server
+        return _http_app()
+    raise AttributeError(name)
+
+
+async def api_comparison(logs: Path, rounds: int) -> dict[str, float]:
+    """The 3-step run over HTTP (openai client → scripted endpoint, 0 ms) per model API, on one
+    server, interleaved: Chat Completions vs the Responses API."""
+    endpoint_port = free_port()
+    endpoint = subprocess.Popen(
+        [sys.executable, "-m", "agentd.testing", "--app", "bench.app:app", "--port", str(endpoint_port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(logs / "endpoint.log").open("w"),
+    )
+    port = free_port()
+    server = None
+    try:
+        for _ in range(300):  # the endpoint is up when it accepts connections
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", endpoint_port)) == 0:
+                    break
+            time.sleep(0.05)
+        env = {"OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": f"http://127.0.0.1:{endpoint_port}/v1"}
+        server = start_server(port, debug=False, stderr_path=logs / "http-server.log",
+                              extra_env=env, app="bench.bench_runs:http_app", model_provider="openai")
+        wait_ready(port)
+        target = f"127.0.0.1:{port}"
+        p50 = await interleaved({"chat_completions": target, "responses": target}, rounds, 50,
+                                agents={"chat_completions": "bench", "responses": "bench_responses"})
+    finally:
+        for process in (server, endpoint):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=20)
+    return {
+        "run_p50_ms_chat_completions": p50["chat_completions"],
+        "run_p50_ms_responses": p50["responses"],
+        "per_turn_p50_ms_chat_completions": p50["chat_completions"] / 2,
+        "per_turn_p50_ms_responses": p50["responses"] / 2,
+    }
+
+
 POSTGRES_URL = os.environ.get("AGENTD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AGENTD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -261,6 +326,7 @@ async def main() -> None:
     await drop_namespace(namespace)
 
     results["tracing"] = await tracing_overhead(logs, rounds=max(4, args.runs // 50))
+    results["model_api_over_http"] = await api_comparison(logs, rounds=max(4, args.runs // 50))
 
     port = free_port()
     debug_server = start_server(port, debug=True, stderr_path=logs / "debug-server.log")
@@ -293,6 +359,10 @@ async def main() -> None:
     overhead = tr["run_p50_ms_otlp"] / tr["run_p50_ms_off"] - 1
     print(f"  tracing over OTLP        run p50 {tr['run_p50_ms_otlp']:.2f} ms vs {tr['run_p50_ms_off']:.2f} ms off"
           f" ({overhead:+.0%}; interleaved; {tr['spans_received']:.0f} spans received)")
+    api = results["model_api_over_http"]
+    print(f"  over HTTP, per turn      p50 {api['per_turn_p50_ms_chat_completions']:.2f} ms Chat Completions vs"
+          f" {api['per_turn_p50_ms_responses']:.2f} ms Responses API (openai client → scripted endpoint, 0 ms;"
+          " interleaved)")
     print(f"  runs/s, 1 client         {results['concurrency_1']['runs_per_s']:.0f}")
     c64 = results["concurrency_64"]
     print(f"  runs/s, 64 clients       {c64['runs_per_s']:.0f}   (run p50 {c64['run_p50_ms']:.1f} ms, p99 {c64['run_p99_ms']:.1f} ms)")

@@ -254,3 +254,36 @@ async def test_a_change_on_one_replica_is_served_by_another(model_server: Script
         for h in (a, b):
             await h.client.close()
             await h.server.stop(grace_s=0)
+
+
+async def test_api_agents_reach_only_mcp_hosts_the_operator_allows_and_never_show_their_secrets(
+    model_server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    server = {"type": "streamable_http", "name": "crm", "url": "http://127.0.0.1:9/mcp",
+              "headers": {"Authorization": "Bearer s3cret"}}
+    # By default no API caller may point the server at any host (its own network included).
+    h = await start_harness(model_server, tmp_path / "closed")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(h.client, definition("v1", mcp_servers=[server]))
+        error = AgentdRpcError.of(caught.value)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.field_violations] == ["definition.mcp_servers[0].url"]
+        assert "AGENTD_MCP_ALLOWED_HOSTS" in error.field_violations[0].description
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # and processes never
+            await create(h.client, definition("v1", mcp_servers=[{"type": "stdio", "name": "sh", "command": "sh"}]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)
+    # An allowed host works; the header values (credentials) are write-only.
+    h = await start_harness(model_server, tmp_path / "open", mcp_allowed_hosts=["127.0.0.1"])
+    try:
+        agent = await create(h.client, definition("v1", mcp_servers=[server]))
+        shown = json_format.MessageToDict(agent.definition)["mcp_servers"][0]["headers"]
+        assert shown == {"Authorization": "<redacted>"}
+        listed = {a.name: a for a in await h.client.list_agents()}["agents/pricing"]
+        assert "s3cret" not in json.dumps(json_format.MessageToDict(listed.definition))
+    finally:
+        await h.client.close()
+        await h.server.stop(grace_s=0)

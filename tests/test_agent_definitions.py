@@ -493,7 +493,7 @@ async def test_a_missing_context_key_fails_the_run_with_a_clear_error() -> None:
     definition = {"name": "helper", "instructions": "Help {user} with {order}."}
     sink, provider = await run_definitions([definition], Script.of(say("never")), "helper", {"order": "A-1"})
     failed = sink.last
-    assert isinstance(failed, ev.RunFailed) and failed.code == ev.RunErrorCode.INTERNAL
+    assert isinstance(failed, ev.RunFailed) and failed.code == ev.RunErrorCode.INVALID_CONTEXT
     assert "agent 'helper'" in failed.message and "'user'" in failed.message and "'order'" in failed.message
     assert "internal error" not in failed.message
     assert provider.requests == []  # no model call without instructions
@@ -603,7 +603,7 @@ async def test_declarative_agents_over_a_real_server(declarative: Harness) -> No
     model.set_script("desk", Script.of(say("never")))
     events = await collect(client.run("desk", "hi", context={"customer": "Ada"}))
     failed = of_kind(events, "run_failed")
-    assert len(failed) == 1 and failed[0].code == run_event_pb2.RUN_ERROR_CODE_INTERNAL
+    assert len(failed) == 1 and failed[0].code == run_event_pb2.RUN_ERROR_CODE_INVALID_CONTEXT
     assert "'company'" in failed[0].message and "desk" in failed[0].message
 
     # An output the schema refuses fails the run with INVALID_OUTPUT.

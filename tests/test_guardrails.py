@@ -732,3 +732,15 @@ def test_the_cli_renders_a_tripwire_on_one_line() -> None:
     event.guardrail_tripped.call_id = "call_1"
     renderer.event(event)
     assert out.getvalue() == "  ⛔ guardrail no_drop tripped (tool_before · lookup call call_1): drops a table\n"
+
+
+async def test_a_catastrophic_regex_fails_closed_within_its_time_budget() -> None:
+    from agentd.server.runtime.guardrails import REGEX_TIMEOUT_S, GuardrailSubject, RegexGuardrail
+
+    # Patterns may come from API callers: one that backtracks catastrophically trips, saying
+    # why, instead of stalling the server's event loop.
+    guard = RegexGuardrail("backtracking", r"(x+x+)+y")
+    result = await guard.check(None, None, GuardrailSubject("input", "a", "x" * 5000))  # type: ignore[arg-type]
+    assert result.tripwire and "took longer" in result.reason and result.output["timeout_s"] == REGEX_TIMEOUT_S
+    assert not (await guard.check(None, None, GuardrailSubject("input", "a", "nothing"))).tripwire  # type: ignore[arg-type]
+    assert (await guard.check(None, None, GuardrailSubject("input", "a", "xxy"))).tripwire  # type: ignore[arg-type]

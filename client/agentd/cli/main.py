@@ -313,7 +313,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
                 status = trace_service_pb2.SpanStatus.Value(f"SPAN_STATUS_{args.status.upper()}") if args.status else 0
                 response = client.list_traces(
                     workflow_name=args.workflow, group_id=args.group, agent=args.agent, status=status,
-                    page_size=args.limit,
+                    page_size=args.limit, agent_version=args.agent_version,
                 )
                 console.print(traces_table(response.traces), crop=False)
             else:
@@ -548,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     tlist.add_argument("--workflow", default="")
     tlist.add_argument("--group", default="")
     tlist.add_argument("--agent", default="", help="traces in which this agent ran")
+    tlist.add_argument("--agent-version", type=int, default=None, metavar="N",
+                       help="traces of runs that started with version N of their agent (0: app-module and file"
+                            " agents); combine with --agent to compare an agent's versions")
     tlist.add_argument("--status", choices=["ok", "error", "in_progress"])
     tlist.add_argument("--limit", type=int, default=20)
     tshow = with_target(traces_sub.add_parser("show"))

@@ -27,7 +27,8 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 def _usage(usage: run_event_pb2.TokenUsage) -> str:
-    return f"{usage.input_tokens} in / {usage.output_tokens} out tokens, {usage.requests} model call(s)"
+    reasoning = f" ({usage.reasoning_tokens} reasoning)" if usage.reasoning_tokens else ""
+    return f"{usage.input_tokens} in / {usage.output_tokens} out tokens{reasoning}, {usage.requests} model call(s)"
 
 
 class RunRenderer:
@@ -111,6 +112,22 @@ class RunRenderer:
             where = f" · {tripped.tool_name} call {tripped.call_id}" if tripped.tool_name else ""
             reason = f": {tripped.reason}" if tripped.reason else ""
             self.line(Text(f"  ⛔ guardrail {tripped.guardrail} tripped ({stage}{where}){reason}", style="bold red"))
+        elif kind == "hosted_tool_call":
+            hosted = event.hosted_tool_call
+            details = json_format.MessageToDict(hosted.details)
+            what = next((str(details[k]) for k in ("query", "url", "code", "revised_prompt") if details.get(k)), "")
+            if not what and details.get("queries"):
+                what = ", ".join(str(q) for q in details["queries"])
+            found = ""
+            if details.get("sources"):
+                found = f" · {len(details['sources'])} source(s)"
+            elif "result_count" in details:
+                found = f" · {int(details['result_count'])} result(s)"
+            elif details.get("logs"):
+                found = f" · {_short(str(details['logs']), 80)}"
+            status = "" if hosted.status == "completed" else f" [{hosted.status}]"
+            style = "red" if hosted.status in ("failed", "incomplete") else "blue"
+            self.line(Text(f"  ⌕ {hosted.tool}({_short(what, 120)}){found}{status}", style=style))
         elif kind == "action_required":
             required = event.action_required
             call = required.item.tool_call
@@ -130,6 +147,8 @@ def _item_text(item: item_pb2.Item) -> tuple[str, str]:
         return "tool call", f"{item.tool_call.tool_name}({_arguments(item.tool_call)})"
     if kind == "summary":
         return "summary", f"({item.summary.summarised_items} items) {item.summary.text}"
+    if kind == "reasoning":
+        return "reasoning", " ".join(item.reasoning.summary) or "(no summary)"
     return "tool result", f"{item.tool_result.tool_name}: {item.tool_result.output}"
 
 
@@ -214,12 +233,14 @@ def _duration(ns: int) -> str:
 
 def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> FittedTable:
     """Traces, newest first. The trace id is what `traces show` takes, so it is never cut; at 80
-    columns the id, agents, status and start time stay and the tokens, workflow, span count and group go."""
+    columns the id, agents, status and start time stay and the tokens, version, workflow, span count
+    and group go. ``version`` is the starting agent's (0: an app-module or file agent)."""
     columns = [
         Column("trace", priority=100),
         Column("workflow", priority=40, min_width=8, optional=True),
         Column("group", priority=10, min_width=6, optional=True),
         Column("agents", priority=80, min_width=12),
+        Column("version", priority=50, optional=True, justify="right"),
         Column("status", priority=90),
         Column("started", priority=75, optional=True),
         Column("spans", priority=20, optional=True, justify="right"),
@@ -229,8 +250,9 @@ def traces_table(traces: Iterable[trace_service_pb2.Trace]) -> FittedTable:
     for trace in traces:
         agents = " → ".join(trace.agents) or trace.agent
         started = f"{trace.start_time.ToDatetime():%H:%M:%S}"
-        rows.append([trace.trace_id, trace.workflow_name, trace.group_id, agents, _status(trace.status), started,
-                     str(trace.span_count), f"{trace.input_tokens}/{trace.output_tokens}"])
+        rows.append([trace.trace_id, trace.workflow_name, trace.group_id, agents, str(trace.agent_version),
+                     _status(trace.status), started, str(trace.span_count),
+                     f"{trace.input_tokens}/{trace.output_tokens}"])
     return FittedTable(columns, rows, title="traces")
 
 

@@ -675,8 +675,10 @@ class AgentdClient:
         status: int = trace_service_pb2.SPAN_STATUS_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
+        agent_version: int | None = None,
     ) -> trace_service_pb2.ListTracesResponse:
-        """Newest first; filters combine (status: a ``trace_service_pb2.SPAN_STATUS_*`` value)."""
+        """Newest first; filters combine (status: a ``trace_service_pb2.SPAN_STATUS_*`` value;
+        agent_version: the starting agent's version, None for any, 0 for app-module and file agents)."""
         return await self.traces.ListTraces(
             trace_service_pb2.ListTracesRequest(
                 workflow_name=workflow_name,
@@ -685,6 +687,7 @@ class AgentdClient:
                 status=status,
                 page_size=page_size,
                 page_token=page_token,
+                agent_version=agent_version,
             )
         )
 

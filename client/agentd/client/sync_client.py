@@ -334,10 +334,13 @@ class SyncAgentdClient:
         agent: str = "",
         status: int = trace_service_pb2.SPAN_STATUS_UNSPECIFIED,
         page_size: int = 0,
+        agent_version: int | None = None,
     ) -> trace_service_pb2.ListTracesResponse:
+        """``agent_version``: the starting agent's version; None for any (0: app-module and file agents)."""
         return self.traces.ListTraces(
             trace_service_pb2.ListTracesRequest(
-                workflow_name=workflow_name, group_id=group_id, agent=agent, status=status, page_size=page_size
+                workflow_name=workflow_name, group_id=group_id, agent=agent, status=status, page_size=page_size,
+                agent_version=agent_version,
             )
         )
 

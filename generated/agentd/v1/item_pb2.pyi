@@ -2,10 +2,11 @@ import datetime
 
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -22,7 +23,7 @@ ROLE_ASSISTANT: Role
 ROLE_SYSTEM: Role
 
 class Item(_message.Message):
-    __slots__ = ("name", "sequence", "create_time", "agent", "message", "tool_call", "tool_result", "summary")
+    __slots__ = ("name", "sequence", "create_time", "agent", "message", "tool_call", "tool_result", "summary", "reasoning")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +32,7 @@ class Item(_message.Message):
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     name: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -39,7 +41,8 @@ class Item(_message.Message):
     tool_call: ToolCall
     tool_result: ToolResult
     summary: Summary
-    def __init__(self, name: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+    reasoning: Reasoning
+    def __init__(self, name: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent: _Optional[str] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., reasoning: _Optional[_Union[Reasoning, _Mapping]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("role", "text")
@@ -82,3 +85,9 @@ class Summary(_message.Message):
     summarised_items: int
     kept_items: int
     def __init__(self, text: _Optional[str] = ..., summarised_items: _Optional[int] = ..., kept_items: _Optional[int] = ...) -> None: ...
+
+class Reasoning(_message.Message):
+    __slots__ = ("summary",)
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    summary: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, summary: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -22,6 +22,7 @@ class RunErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_ERROR_CODE_SESSION_UNAVAILABLE: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_INTERNAL: _ClassVar[RunErrorCode]
     RUN_ERROR_CODE_GUARDRAIL_TRIPPED: _ClassVar[RunErrorCode]
+    RUN_ERROR_CODE_INVALID_CONTEXT: _ClassVar[RunErrorCode]
 
 class RequiredAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,7 @@ RUN_ERROR_CODE_INVALID_OUTPUT: RunErrorCode
 RUN_ERROR_CODE_SESSION_UNAVAILABLE: RunErrorCode
 RUN_ERROR_CODE_INTERNAL: RunErrorCode
 RUN_ERROR_CODE_GUARDRAIL_TRIPPED: RunErrorCode
+RUN_ERROR_CODE_INVALID_CONTEXT: RunErrorCode
 REQUIRED_ACTION_UNSPECIFIED: RequiredAction
 REQUIRED_ACTION_TOOL_OUTPUT: RequiredAction
 REQUIRED_ACTION_APPROVAL: RequiredAction
@@ -54,7 +56,7 @@ GUARDRAIL_STAGE_TOOL_BEFORE: GuardrailStage
 GUARDRAIL_STAGE_TOOL_AFTER: GuardrailStage
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed", "action_required", "history_compacted", "guardrail_tripped")
+    __slots__ = ("run_id", "sequence", "create_time", "trace_id", "run_started", "agent_updated", "text_delta", "message_output", "tool_called", "tool_output", "handoff", "usage_updated", "run_completed", "run_failed", "run_cancelled", "run_resumed", "action_required", "history_compacted", "guardrail_tripped", "hosted_tool_call")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,7 @@ class RunEvent(_message.Message):
     ACTION_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_COMPACTED_FIELD_NUMBER: _ClassVar[int]
     GUARDRAIL_TRIPPED_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sequence: int
     create_time: _timestamp_pb2.Timestamp
@@ -93,19 +96,22 @@ class RunEvent(_message.Message):
     action_required: ActionRequired
     history_compacted: HistoryCompacted
     guardrail_tripped: GuardrailTripped
-    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ..., history_compacted: _Optional[_Union[HistoryCompacted, _Mapping]] = ..., guardrail_tripped: _Optional[_Union[GuardrailTripped, _Mapping]] = ...) -> None: ...
+    hosted_tool_call: HostedToolCall
+    def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ..., history_compacted: _Optional[_Union[HistoryCompacted, _Mapping]] = ..., guardrail_tripped: _Optional[_Union[GuardrailTripped, _Mapping]] = ..., hosted_tool_call: _Optional[_Union[HostedToolCall, _Mapping]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests")
+    __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests", "reasoning_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     total_tokens: int
     requests: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+    reasoning_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted", "agent_version")
@@ -272,3 +278,17 @@ class GuardrailTripped(_message.Message):
     tool_name: str
     call_id: str
     def __init__(self, guardrail: _Optional[str] = ..., stage: _Optional[_Union[GuardrailStage, str]] = ..., agent: _Optional[str] = ..., reason: _Optional[str] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_name: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
+
+class HostedToolCall(_message.Message):
+    __slots__ = ("agent", "tool", "call_id", "status", "details")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    tool: str
+    call_id: str
+    status: str
+    details: _struct_pb2.Struct
+    def __init__(self, agent: _Optional[str] = ..., tool: _Optional[str] = ..., call_id: _Optional[str] = ..., status: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...

@@ -40,7 +40,7 @@ SPAN_KIND_HANDOFF: SpanKind
 SPAN_KIND_GUARDRAIL: SpanKind
 
 class Trace(_message.Message):
-    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents")
+    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents", "agent_version")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Trace(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     trace_id: str
     workflow_name: str
@@ -76,7 +77,8 @@ class Trace(_message.Message):
     input_tokens: int
     output_tokens: int
     agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    agent_version: int
+    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., agent_version: _Optional[int] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("span_id", "parent_span_id", "name", "kind", "start_time", "end_time", "status", "error_message", "attributes")
@@ -101,7 +103,7 @@ class Span(_message.Message):
     def __init__(self, span_id: _Optional[str] = ..., parent_span_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[_Union[SpanKind, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., error_message: _Optional[str] = ..., attributes: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ListTracesRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "workflow_name", "group_id", "agent", "status", "start_time_from", "start_time_to")
+    __slots__ = ("page_size", "page_token", "workflow_name", "group_id", "agent", "status", "start_time_from", "start_time_to", "agent_version")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,7 @@ class ListTracesRequest(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FROM_FIELD_NUMBER: _ClassVar[int]
     START_TIME_TO_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     workflow_name: str
@@ -118,7 +121,8 @@ class ListTracesRequest(_message.Message):
     status: SpanStatus
     start_time_from: _timestamp_pb2.Timestamp
     start_time_to: _timestamp_pb2.Timestamp
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., start_time_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    agent_version: int
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., agent: _Optional[str] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., start_time_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_version: _Optional[int] = ...) -> None: ...
 
 class ListTracesResponse(_message.Message):
     __slots__ = ("traces", "next_page_token")

@@ -5,7 +5,7 @@
 
 from agentd.server.app import App
 from agentd.server.models.base import ModelSettings
-from agentd.server.models.script import Script, call, calls, say
+from agentd.server.models.script import Script, call, calls, hosted, reason, say
 from agentd.server.runtime.agent import Agent
 from agentd.server.runtime.context import RunContext, ToolContext
 from agentd.server.runtime.guardrails import (
@@ -42,8 +42,10 @@ __all__ = [
     "call",
     "calls",
     "function_tool",
+    "hosted",
     "input_guardrail",
     "output_guardrail",
+    "reason",
     "say",
     "tool_guardrail",
 ]

@@ -57,6 +57,15 @@ class App:
     def get(self, name: str) -> CompiledAgent | None:
         return self.compiled.get(name)
 
+    @property
+    def mcp_servers(self) -> list:
+        """The MCP servers of its agents, each once (the server warms them up and closes them)."""
+        servers: dict[int, object] = {}
+        for compiled in self.compiled.values():
+            for server in compiled.agent.mcp_servers:
+                servers.setdefault(id(server), server)
+        return list(servers.values())
+
 
 def _walk(agents: Iterable[Agent]) -> Iterable[Agent]:
     """The listed agents and every agent reachable through handoffs (or classifier guardrails) given as objects."""

@@ -1,10 +1,11 @@
 """Versioned schema migrations, shipped as package data.
 
-Every engine that keeps a schema (the Postgres and SQLite session stores, the Postgres
-run store, the trace archives) holds its migrations as ``.sql`` files in a
+Every engine that keeps a schema (the Postgres and SQLite session and agent stores, the
+Postgres run store, the trace archives) holds its migrations as ``.sql`` files in a
 ``migrations`` folder of its own package: ``0001_<what>.sql``, ``0002_<what>.sql``, ...
 Version N is the file numbered N. They are append-only: never edit a released file
-(a database that applied it will not apply it again); add the next one.
+(a database that applied it will not apply it again); add the next one. They are applied
+by ``postgres_common.apply_migrations`` and ``sqlite_worker.apply_migrations``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the Redis session store and the Redis run store share: clients, the error
-classes, the retry policy and Lua scripts called by SHA.
+"""What the Redis engines (the session, agent and run stores, the run control bus) share:
+clients, the error classes, the retry policy, Lua scripts called by SHA, and a store's
+lifecycle (``RedisEngine``: open with its version check and script loading, ping, close).
 
 Retries. Clients from ``connect_redis`` have redis-py's per-command retry switched off:
 it would resend a write whose reply was lost (a timeout after sending is ambiguous).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from importlib.resources import files
-from typing import Any, Awaitable, Callable, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar, Union
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -24,6 +25,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     ConnectionError as RedisConnectionError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -31,6 +33,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.maint_notifications import MaintNotificationsConfig
+
+from agentd.server.runtime.errors import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from agentd.server.settings import Settings
 
 RedisClient = Union[Redis, RedisCluster]
 T = TypeVar("T")
@@ -301,3 +308,171 @@ def connect_redis(
         **common,
         **credentials,
     )
+
+
+# --- engines -----------------------------------------------------------------------
+
+
+def check_prefix(prefix: str) -> None:
+    """``ValueError`` unless ``prefix`` can start every key: braces would break the hash tags."""
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
+
+
+async def close_client(client: RedisClient) -> None:
+    """Close ``client`` and, for a Sentinel-backed one, the Sentinel connections its pool holds apart."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    if manager is not None:
+        await manager.aclose()
+
+
+async def load_scripts(client: RedisClient, scripts: Sequence[LuaScript]) -> None:
+    """SCRIPT LOAD every script (at open, and again after NOSCRIPT), checking Redis agrees on its SHA."""
+    for script in scripts:
+        sha = await client.script_load(script.source)
+        if isinstance(sha, bytes):
+            sha = sha.decode("ascii")
+        if sha != script.sha:  # pragma: no cover - would mean Redis hashes differently
+            raise RedisError(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
+
+
+class RedisOps:
+    """How an engine runs one operation: its retry policy and its error messages.
+
+    Every Redis engine maps failures the same way, to ``StoreUnavailableError`` naming
+    ``what`` it is (``"redis store"``, ``"redis agent store"``, ...) and where, so that one
+    class serves them all; ``_open`` is what the engine's own ``open`` sets.
+    """
+
+    def __init__(self, client: RedisClient, *, what: str, location: str = "") -> None:
+        self._client = client
+        self._what = what
+        self._location = location or describe_client(client)
+        self._open = False
+        self._retries = RetryPolicy()
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
+        detail = str(exc) or type(exc).__name__
+        return StoreUnavailableError(f"{self._what} at {self._location}: {detail}")
+
+    def _not_open(self) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self._what} at {self._location}: not open")
+
+    async def _run(self, op: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
+        """One store operation with the retry policy its idempotency allows."""
+        if not self._open:
+            raise self._not_open()
+        return await self._retries.run(op, idempotent=idempotent, unavailable=self._unavailable)
+
+
+class ScriptModule(Protocol):
+    """An engine's ``lua`` module: ``SCRIPTS`` is every script it calls."""
+
+    SCRIPTS: Sequence[LuaScript]
+
+
+class RedisEngine(RedisOps):
+    """A Redis store's lifecycle and script calls, the same for every store that keeps its
+    logic in Lua (sessions, agents, runs): ``open`` PINGs, checks the server version and
+    loads ``lua.SCRIPTS`` (first contact retried as ``RetryPolicy.connect`` allows), ``ping``
+    answers health checks within ``timeout_s``, ``close`` closes the client (the store owns
+    it). ``_eval`` calls a script by SHA, loading them again after a server lost them.
+    ``lua.SCRIPTS`` is read at every load, so a load sends what the module holds then.
+    A store with more to set up at open overrides ``_on_connect``. Every key of the
+    store starts with ``prefix`` (checked here).
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        what: str,
+        lua: ScriptModule,
+        prefix: str,
+        location: str = "",
+        timeout_s: float = 5.0,
+    ) -> None:
+        check_prefix(prefix)
+        super().__init__(client, what=what, location=location)
+        self._prefix = prefix
+        self._lua = lua
+        self._timeout_s = timeout_s
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def _load_scripts(self) -> None:
+        await load_scripts(self._client, self._lua.SCRIPTS)
+
+    async def _eval(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted or failed-over server; the script did not run
+            await self._load_scripts()
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _on_connect(self) -> None:
+        """More first-contact work, after the scripts are loaded (retried with them)."""
+
+    async def open(self) -> None:
+        if self._open:
+            return
+
+        async def connect() -> None:
+            await asyncio.wait_for(self._client.ping(), self._timeout_s)
+            await check_server_version(self._client, self._location)
+            await self._load_scripts()
+            await self._on_connect()
+
+        try:
+            await self._retries.connect(connect)
+        except RedisTooOldError as exc:
+            raise StoreUnavailableError(str(exc)) from None
+        except FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        await close_client(self._client)
+
+    async def ping(self) -> None:
+        if not self._open:
+            raise self._not_open()
+        try:
+            await asyncio.wait_for(self._client.ping(), self._timeout_s)
+        except FAILURES as exc:
+            raise self._unavailable(exc) from exc
+
+
+def redis_deployment(settings: "Settings") -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Where the AGENTD_REDIS_* settings point, for the engines that build their own clients:
+    ``(location for messages, the deployment's connect_redis arguments, the common options)``.
+
+    One reading of the settings, so that the agent store and the run store reach the very
+    deployment the session store does (and fail on the same misconfiguration).
+    """
+    # Imported here: these helpers belong to the session store's factory, which is built on this module.
+    from agentd.server.sessions.factory import _redact, _redis_options, parse_nodes
+
+    cluster = parse_nodes("AGENTD_REDIS_CLUSTER_NODES", settings.redis_cluster_nodes)
+    sentinels = parse_nodes("AGENTD_REDIS_SENTINELS", settings.redis_sentinels)
+    if sentinels and not settings.redis_sentinel_service:
+        raise ValueError("AGENTD_REDIS_SENTINELS is set: also set AGENTD_REDIS_SENTINEL_SERVICE (the master's name)")
+    deployment: dict[str, Any]
+    if cluster:
+        location = f"cluster {settings.redis_cluster_nodes}"
+        deployment = {"cluster_nodes": cluster}
+    elif sentinels:
+        location = f"sentinel service {settings.redis_sentinel_service} via {settings.redis_sentinels}"
+        deployment = {"sentinels": sentinels, "sentinel_service": settings.redis_sentinel_service}
+    else:
+        location = _redact(settings.redis_url)
+        deployment = {"url": settings.redis_url}
+    return location, deployment, dict(_redis_options(settings))

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 import grpc
 from google.protobuf import descriptor as _descriptor
@@ -69,7 +69,9 @@ def build_models(settings: Settings, app: App) -> ModelProvider:
     if provider == "auto":
         provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
     if provider == "openai":
-        return OpenAIProvider(timeout_s=settings.model_timeout_s, max_retries=settings.model_max_retries)
+        return OpenAIProvider(
+            timeout_s=settings.model_timeout_s, max_retries=settings.model_max_retries, api=settings.model_api
+        )
     if app.offline_script is None:
         raise AppConfigError(
             "no model to call: set OPENAI_API_KEY (and OPENAI_BASE_URL for a compatible server), "
@@ -210,7 +212,7 @@ class RunningServer:
             self.file_watch.cancel()
             await asyncio.gather(self.file_watch, return_exceptions=True)
         if self.catalog is not None:
-            await self.catalog.stop()
+            await self.catalog.stop(mcp_grace_s=grace)  # closes the MCP sessions, each by its own task
         if self.agent_store is not None:
             await self.agent_store.close()
         await self.models.aclose()
@@ -287,7 +289,11 @@ async def start_server(
         options=server_options(settings),
     )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentService(catalog, runs, max_input_chars=settings.max_input_chars, agent_store=agent_store), server
+        AgentService(
+            catalog, runs, max_input_chars=settings.max_input_chars, agent_store=agent_store,
+            mcp_allowed_hosts=settings.mcp_allowed_hosts,
+        ),
+        server,
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, runs), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
@@ -383,6 +389,18 @@ async def serve(settings: Settings, app: App) -> None:
     if settings.asyncio_debug:
         loop.set_debug(True)
         loop.slow_callback_duration = 0.01
+    # SIGHUP re-reads the agent files; one that arrives while the server starts is not lost
+    # (nor does it kill the process, the signal's default).
+    reload_files: list[Callable[[], None]] = []
+    hangups = 0
+
+    def on_hangup() -> None:
+        nonlocal hangups
+        hangups += 1
+        for reload in reload_files:
+            reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     running = await start_server(settings, app)
     # Startup objects (modules, app, descriptors) live forever: keep them out of the
     # collector's generations so full collections during runs stay short.
@@ -391,7 +409,9 @@ async def serve(settings: Settings, app: App) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if running.agent_files is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.agent_files.request_reload)
+        reload_files.append(running.agent_files.request_reload)
+        if hangups:
+            running.agent_files.request_reload()
     await stop.wait()
     log.info("shutdown requested; draining (grace %.1fs)", settings.shutdown_grace_s)
     await running.stop()

@@ -22,6 +22,14 @@ class Settings(BaseSettings):
             "that does not validate is reported and the previous version of its agent keeps serving."
         ),
     )
+    mcp_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Hosts (or host:port) that MCP servers of agents made through the API may be reached at. Empty (the "
+            "default): API agents may not use MCP servers at all, so no caller can make the server open "
+            "connections into its own network; agent files and the app module are the operator's and unlimited."
+        ),
+    )
     agents_poll_interval_s: float = Field(
         1.0, gt=0, description="How often the agents directory is checked for changed files."
     )
@@ -88,6 +96,14 @@ class Settings(BaseSettings):
 
     model_provider: Literal["auto", "openai", "scripted"] = Field(
         "auto", description="auto: OpenAI when OPENAI_API_KEY is set, else the app's offline script."
+    )
+    model_api: Literal["auto", "responses", "chat_completions"] = Field(
+        "auto",
+        description=(
+            "The OpenAI API agents' models are called on, unless an agent sets model_api (an agent with hosted "
+            "tools uses the Responses API): auto = the Responses API on OpenAI's own endpoint (no "
+            "OPENAI_BASE_URL, or one on api.openai.com), Chat Completions on any other (vLLM, Ollama...)."
+        ),
     )
     default_model: str | None = Field(None, description="Overrides the app's default model.")
     model_timeout_s: float = Field(60.0, gt=0)

@@ -12,7 +12,7 @@ import type { JsonObject, Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/item.proto.
  */
 export const file_agentd_v1_item: GenFile = /*@__PURE__*/
-  fileDesc("ChRhZ2VudGQvdjEvaXRlbS5wcm90bxIJYWdlbnRkLnYxIpcCCgRJdGVtEgwKBG5hbWUYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAQgASgJEiUKB21lc3NhZ2UYCiABKAsyEi5hZ2VudGQudjEuTWVzc2FnZUgAEigKCXRvb2xfY2FsbBgLIAEoCzITLmFnZW50ZC52MS5Ub29sQ2FsbEgAEiwKC3Rvb2xfcmVzdWx0GAwgASgLMhUuYWdlbnRkLnYxLlRvb2xSZXN1bHRIABIlCgdzdW1tYXJ5GA0gASgLMhIuYWdlbnRkLnYxLlN1bW1hcnlIAEIJCgdjb250ZW50IjYKB01lc3NhZ2USHQoEcm9sZRgBIAEoDjIPLmFnZW50ZC52MS5Sb2xlEgwKBHRleHQYAiABKAkicQoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSKgoJYXJndW1lbnRzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIVCg1yYXdfYXJndW1lbnRzGAQgASgJIlIKClRvb2xSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSDgoGb3V0cHV0GAMgASgJEhAKCGlzX2Vycm9yGAQgASgIIkUKB1N1bW1hcnkSDAoEdGV4dBgBIAEoCRIYChBzdW1tYXJpc2VkX2l0ZW1zGAIgASgDEhIKCmtlcHRfaXRlbXMYAyABKAMqUAoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDQoJUk9MRV9VU0VSEAESEgoOUk9MRV9BU1NJU1RBTlQQAhIPCgtST0xFX1NZU1RFTRADQogBCg1kZXYuYWdlbnRkLnYxQglJdGVtUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChRhZ2VudGQvdjEvaXRlbS5wcm90bxIJYWdlbnRkLnYxIsICCgRJdGVtEgwKBG5hbWUYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAQgASgJEiUKB21lc3NhZ2UYCiABKAsyEi5hZ2VudGQudjEuTWVzc2FnZUgAEigKCXRvb2xfY2FsbBgLIAEoCzITLmFnZW50ZC52MS5Ub29sQ2FsbEgAEiwKC3Rvb2xfcmVzdWx0GAwgASgLMhUuYWdlbnRkLnYxLlRvb2xSZXN1bHRIABIlCgdzdW1tYXJ5GA0gASgLMhIuYWdlbnRkLnYxLlN1bW1hcnlIABIpCglyZWFzb25pbmcYDiABKAsyFC5hZ2VudGQudjEuUmVhc29uaW5nSABCCQoHY29udGVudCI2CgdNZXNzYWdlEh0KBHJvbGUYASABKA4yDy5hZ2VudGQudjEuUm9sZRIMCgR0ZXh0GAIgASgJInEKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEioKCWFyZ3VtZW50cxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoNcmF3X2FyZ3VtZW50cxgEIAEoCSJSCgpUb29sUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEg4KBm91dHB1dBgDIAEoCRIQCghpc19lcnJvchgEIAEoCCJFCgdTdW1tYXJ5EgwKBHRleHQYASABKAkSGAoQc3VtbWFyaXNlZF9pdGVtcxgCIAEoAxISCgprZXB0X2l0ZW1zGAMgASgDIhwKCVJlYXNvbmluZxIPCgdzdW1tYXJ5GAEgAygJKlAKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEhIKDlJPTEVfQVNTSVNUQU5UEAISDwoLUk9MRV9TWVNURU0QA0KIAQoNZGV2LmFnZW50ZC52MUIJSXRlbVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One entry of a conversation: what a session stores and what a run appends.
@@ -97,6 +97,14 @@ export type Item = Message$1<"agentd.v1.Item"> & {
      */
     value: Summary;
     case: "summary";
+  } | {
+    /**
+     * A reasoning model's reasoning before its answer (its summary only).
+     *
+     * @generated from field: agentd.v1.Reasoning reasoning = 14;
+     */
+    value: Reasoning;
+    case: "reasoning";
   } | { case: undefined; value?: undefined };
 };
 
@@ -278,6 +286,35 @@ export type Summary = Message$1<"agentd.v1.Summary"> & {
  */
 export const SummarySchema: GenMessage<Summary> = /*@__PURE__*/
   messageDesc(file_agentd_v1_item, 4);
+
+/**
+ * The reasoning a reasoning model did before its answer in one turn, as the
+ * OpenAI Responses API returns it (agents on the Chat Completions API never
+ * produce one). The server keeps the reasoning itself, encrypted by the model
+ * provider, to send back to the model on the following turns and runs of the
+ * session; it never leaves the server: only the summary is shown. An item a
+ * caller adds in AddSessionItems has no encrypted reasoning, so it is never
+ * sent to a model.
+ *
+ * @generated from message agentd.v1.Reasoning
+ */
+export type Reasoning = Message$1<"agentd.v1.Reasoning"> & {
+  /**
+   * The summary parts, as the model wrote them; empty unless the agent asks
+   * for summaries (its `model_settings.reasoning_summary`) and the model gave
+   * some. Each any text without NUL characters.
+   *
+   * @generated from field: repeated string summary = 1;
+   */
+  summary: string[];
+};
+
+/**
+ * Describes the message agentd.v1.Reasoning.
+ * Use `create(ReasoningSchema)` to create a new message.
+ */
+export const ReasoningSchema: GenMessage<Reasoning> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_item, 5);
 
 /**
  * Who wrote a message.

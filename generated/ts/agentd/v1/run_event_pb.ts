@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/run_event.proto.
  */
 export const file_agentd_v1_run_event: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEi1wYKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSAASOAoRZ3VhcmRyYWlsX3RyaXBwZWQYGCABKAsyGy5hZ2VudGQudjEuR3VhcmRyYWlsVHJpcHBlZEgAQgkKB3BheWxvYWQiYQoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIUCgx0b3RhbF90b2tlbnMYAyABKAMSEAoIcmVxdWVzdHMYBCABKAMihwEKClJ1blN0YXJ0ZWQSDQoFYWdlbnQYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIVCg1oaXN0b3J5X2l0ZW1zGAMgASgDEhIKCnJlcXVlc3RfaWQYBCABKAkSFwoPaGlzdG9yeV9vbWl0dGVkGAUgASgDEhUKDWFnZW50X3ZlcnNpb24YBiABKAMiHQoMQWdlbnRVcGRhdGVkEg0KBWFnZW50GAEgASgJIigKCVRleHREZWx0YRINCgVhZ2VudBgBIAEoCRIMCgR0ZXh0GAIgASgJIj0KDU1lc3NhZ2VPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtIjoKClRvb2xDYWxsZWQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtImcKClRvb2xPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkAKB0hhbmRvZmYSEgoKZnJvbV9hZ2VudBgBIAEoCRIQCgh0b19hZ2VudBgCIAEoCRIPCgdjYWxsX2lkGAMgASgJInUKDFVzYWdlVXBkYXRlZBINCgVhZ2VudBgBIAEoCRINCgVtb2RlbBgCIAEoCRIjCgR0dXJuGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USIgoDcnVuGAQgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2UisgEKDFJ1bkNvbXBsZXRlZBIsCgxmaW5hbF9vdXRwdXQYASABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoKbGFzdF9hZ2VudBgCIAEoCRIkCgV1c2FnZRgDIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAQgASgFEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIngKCVJ1bkZhaWxlZBIlCgRjb2RlGAEgASgOMhcuYWdlbnRkLnYxLlJ1bkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUiUwoMUnVuQ2FuY2VsbGVkEg4KBnJlYXNvbhgBIAEoCRIkCgV1c2FnZRgCIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAMgASgFIjwKClJ1blJlc3VtZWQSDwoHYXR0ZW1wdBgBIAEoBRIOCgZyZWFzb24YAiABKAkSDQoFdHVybnMYAyABKAUiaQoOQWN0aW9uUmVxdWlyZWQSKQoGYWN0aW9uGAEgASgOMhkuYWdlbnRkLnYxLlJlcXVpcmVkQWN0aW9uEg0KBWFnZW50GAIgASgJEh0KBGl0ZW0YAyABKAsyDy5hZ2VudGQudjEuSXRlbSKIAQoQSGlzdG9yeUNvbXBhY3RlZBINCgVhZ2VudBgBIAEoCRIgCgdzdW1tYXJ5GAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SGAoQc3VtbWFyaXNlZF9pdGVtcxgDIAEoAxISCgprZXB0X2l0ZW1zGAQgASgDEhUKDWRyb3BwZWRfaXRlbXMYBSABKAMiuwEKEEd1YXJkcmFpbFRyaXBwZWQSEQoJZ3VhcmRyYWlsGAEgASgJEigKBXN0YWdlGAIgASgOMhkuYWdlbnRkLnYxLkd1YXJkcmFpbFN0YWdlEg0KBWFnZW50GAMgASgJEg4KBnJlYXNvbhgEIAEoCRInCgZvdXRwdXQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXRvb2xfbmFtZRgGIAEoCRIPCgdjYWxsX2lkGAcgASgJKqkCCgxSdW5FcnJvckNvZGUSHgoaUlVOX0VSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIlCiFSVU5fRVJST1JfQ09ERV9NQVhfVFVSTlNfRVhDRUVERUQQARIkCiBSVU5fRVJST1JfQ09ERV9NT0RFTF9VTkFWQUlMQUJMRRACEh4KGlJVTl9FUlJPUl9DT0RFX01PREVMX0VSUk9SEAMSIQodUlVOX0VSUk9SX0NPREVfSU5WQUxJRF9PVVRQVVQQBBImCiJSVU5fRVJST1JfQ09ERV9TRVNTSU9OX1VOQVZBSUxBQkxFEAUSGwoXUlVOX0VSUk9SX0NPREVfSU5URVJOQUwQBhIkCiBSVU5fRVJST1JfQ09ERV9HVUFSRFJBSUxfVFJJUFBFRBAHKnAKDlJlcXVpcmVkQWN0aW9uEh8KG1JFUVVJUkVEX0FDVElPTl9VTlNQRUNJRklFRBAAEh8KG1JFUVVJUkVEX0FDVElPTl9UT09MX09VVFBVVBABEhwKGFJFUVVJUkVEX0FDVElPTl9BUFBST1ZBTBACKqkBCg5HdWFyZHJhaWxTdGFnZRIfChtHVUFSRFJBSUxfU1RBR0VfVU5TUEVDSUZJRUQQABIZChVHVUFSRFJBSUxfU1RBR0VfSU5QVVQQARIaChZHVUFSRFJBSUxfU1RBR0VfT1VUUFVUEAISHwobR1VBUkRSQUlMX1NUQUdFX1RPT0xfQkVGT1JFEAMSHgoaR1VBUkRSQUlMX1NUQUdFX1RPT0xfQUZURVIQBEKMAQoNZGV2LmFnZW50ZC52MUINUnVuRXZlbnRQcm90b1ABWjJnaXRodWIuY29tL2FnZW50ZC9hZ2VudGQvZ2VuL2dvL2FnZW50ZC92MTthZ2VudGR2MaICA0FYWKoCCUFnZW50ZC5WMboCCkFnZW50ZF9WMV/KAglBZ2VudGRcVjHqAgpBZ2VudGQ6OlYxYgZwcm90bzM", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEijgcKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSAASOAoRZ3VhcmRyYWlsX3RyaXBwZWQYGCABKAsyGy5hZ2VudGQudjEuR3VhcmRyYWlsVHJpcHBlZEgAEjUKEGhvc3RlZF90b29sX2NhbGwYGSABKAsyGS5hZ2VudGQudjEuSG9zdGVkVG9vbENhbGxIAEIJCgdwYXlsb2FkInsKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSFAoMdG90YWxfdG9rZW5zGAMgASgDEhAKCHJlcXVlc3RzGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMihwEKClJ1blN0YXJ0ZWQSDQoFYWdlbnQYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIVCg1oaXN0b3J5X2l0ZW1zGAMgASgDEhIKCnJlcXVlc3RfaWQYBCABKAkSFwoPaGlzdG9yeV9vbWl0dGVkGAUgASgDEhUKDWFnZW50X3ZlcnNpb24YBiABKAMiHQoMQWdlbnRVcGRhdGVkEg0KBWFnZW50GAEgASgJIigKCVRleHREZWx0YRINCgVhZ2VudBgBIAEoCRIMCgR0ZXh0GAIgASgJIj0KDU1lc3NhZ2VPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtIjoKClRvb2xDYWxsZWQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtImcKClRvb2xPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkAKB0hhbmRvZmYSEgoKZnJvbV9hZ2VudBgBIAEoCRIQCgh0b19hZ2VudBgCIAEoCRIPCgdjYWxsX2lkGAMgASgJInUKDFVzYWdlVXBkYXRlZBINCgVhZ2VudBgBIAEoCRINCgVtb2RlbBgCIAEoCRIjCgR0dXJuGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USIgoDcnVuGAQgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2UisgEKDFJ1bkNvbXBsZXRlZBIsCgxmaW5hbF9vdXRwdXQYASABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoKbGFzdF9hZ2VudBgCIAEoCRIkCgV1c2FnZRgDIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAQgASgFEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIngKCVJ1bkZhaWxlZBIlCgRjb2RlGAEgASgOMhcuYWdlbnRkLnYxLlJ1bkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUiUwoMUnVuQ2FuY2VsbGVkEg4KBnJlYXNvbhgBIAEoCRIkCgV1c2FnZRgCIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAMgASgFIjwKClJ1blJlc3VtZWQSDwoHYXR0ZW1wdBgBIAEoBRIOCgZyZWFzb24YAiABKAkSDQoFdHVybnMYAyABKAUiaQoOQWN0aW9uUmVxdWlyZWQSKQoGYWN0aW9uGAEgASgOMhkuYWdlbnRkLnYxLlJlcXVpcmVkQWN0aW9uEg0KBWFnZW50GAIgASgJEh0KBGl0ZW0YAyABKAsyDy5hZ2VudGQudjEuSXRlbSKIAQoQSGlzdG9yeUNvbXBhY3RlZBINCgVhZ2VudBgBIAEoCRIgCgdzdW1tYXJ5GAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SGAoQc3VtbWFyaXNlZF9pdGVtcxgDIAEoAxISCgprZXB0X2l0ZW1zGAQgASgDEhUKDWRyb3BwZWRfaXRlbXMYBSABKAMiuwEKEEd1YXJkcmFpbFRyaXBwZWQSEQoJZ3VhcmRyYWlsGAEgASgJEigKBXN0YWdlGAIgASgOMhkuYWdlbnRkLnYxLkd1YXJkcmFpbFN0YWdlEg0KBWFnZW50GAMgASgJEg4KBnJlYXNvbhgEIAEoCRInCgZvdXRwdXQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXRvb2xfbmFtZRgGIAEoCRIPCgdjYWxsX2lkGAcgASgJIngKDkhvc3RlZFRvb2xDYWxsEg0KBWFnZW50GAEgASgJEgwKBHRvb2wYAiABKAkSDwoHY2FsbF9pZBgDIAEoCRIOCgZzdGF0dXMYBCABKAkSKAoHZGV0YWlscxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QqzQIKDFJ1bkVycm9yQ29kZRIeChpSVU5fRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEiUKIVJVTl9FUlJPUl9DT0RFX01BWF9UVVJOU19FWENFRURFRBABEiQKIFJVTl9FUlJPUl9DT0RFX01PREVMX1VOQVZBSUxBQkxFEAISHgoaUlVOX0VSUk9SX0NPREVfTU9ERUxfRVJST1IQAxIhCh1SVU5fRVJST1JfQ09ERV9JTlZBTElEX09VVFBVVBAEEiYKIlJVTl9FUlJPUl9DT0RFX1NFU1NJT05fVU5BVkFJTEFCTEUQBRIbChdSVU5fRVJST1JfQ09ERV9JTlRFUk5BTBAGEiQKIFJVTl9FUlJPUl9DT0RFX0dVQVJEUkFJTF9UUklQUEVEEAcSIgoeUlVOX0VSUk9SX0NPREVfSU5WQUxJRF9DT05URVhUEAgqcAoOUmVxdWlyZWRBY3Rpb24SHwobUkVRVUlSRURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASHwobUkVRVUlSRURfQUNUSU9OX1RPT0xfT1VUUFVUEAESHAoYUkVRVUlSRURfQUNUSU9OX0FQUFJPVkFMEAIqqQEKDkd1YXJkcmFpbFN0YWdlEh8KG0dVQVJEUkFJTF9TVEFHRV9VTlNQRUNJRklFRBAAEhkKFUdVQVJEUkFJTF9TVEFHRV9JTlBVVBABEhoKFkdVQVJEUkFJTF9TVEFHRV9PVVRQVVQQAhIfChtHVUFSRFJBSUxfU1RBR0VfVE9PTF9CRUZPUkUQAxIeChpHVUFSRFJBSUxfU1RBR0VfVE9PTF9BRlRFUhAEQowBCg1kZXYuYWdlbnRkLnYxQg1SdW5FdmVudFByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One step of a run, as it happens.
@@ -27,7 +27,8 @@ export const file_agentd_v1_run_event: GenFile = /*@__PURE__*/
  *
  * The usual order: run_started (then history_compacted and its
  * usage_updated, when the history was compacted), then per model turn
- * text_delta..., usage_updated, message_output (when the model wrote text),
+ * text_delta... (and hosted_tool_call as hosted tools finish), usage_updated,
+ * message_output (when the model wrote text),
  * tool_called for each call; then per call action_required (when it waits for
  * the caller) and tool_output, in the order the calls finish; then handoff and
  * agent_updated when the turn handed off. The last turn's message_output is
@@ -199,6 +200,15 @@ export type RunEvent = Message<"agentd.v1.RunEvent"> & {
      */
     value: GuardrailTripped;
     case: "guardrailTripped";
+  } | {
+    /**
+     * The model provider ran a hosted tool (web search...) during a model
+     * turn.
+     *
+     * @generated from field: agentd.v1.HostedToolCall hosted_tool_call = 25;
+     */
+    value: HostedToolCall;
+    case: "hostedToolCall";
   } | { case: undefined; value?: undefined };
 };
 
@@ -245,6 +255,15 @@ export type TokenUsage = Message<"agentd.v1.TokenUsage"> & {
    * @generated from field: int64 requests = 4;
    */
   requests: bigint;
+
+  /**
+   * Of the output tokens, those a reasoning model spent reasoning, as the
+   * model endpoint reported them (included in `output_tokens`); 0 when it
+   * reported none. The scripted models estimate them for scripted reasoning.
+   *
+   * @generated from field: int64 reasoning_tokens = 5;
+   */
+  reasoningTokens: bigint;
 };
 
 /**
@@ -891,6 +910,68 @@ export const GuardrailTrippedSchema: GenMessage<GuardrailTripped> = /*@__PURE__*
   messageDesc(file_agentd_v1_run_event, 16);
 
 /**
+ * A hosted tool call: a tool the model provider runs itself (OpenAI's
+ * Responses API: web search, file search, code interpreter, image
+ * generation), declared in the agent's `hosted_tools`. Emitted during the
+ * model's turn, as the call finishes (among its text_delta events). The run
+ * does not execute it and no tool_output follows: the model reads its result
+ * itself. Not stored in the session (the model's answer after it carries what
+ * it found); a turn done again after a takeover emits it again.
+ *
+ * @generated from message agentd.v1.HostedToolCall
+ */
+export type HostedToolCall = Message<"agentd.v1.HostedToolCall"> & {
+  /**
+   * The id of the agent whose model called the tool.
+   *
+   * @generated from field: string agent = 1;
+   */
+  agent: string;
+
+  /**
+   * The hosted tool: "web_search", "file_search", "code_interpreter" or
+   * "image_generation".
+   *
+   * @generated from field: string tool = 2;
+   */
+  tool: string;
+
+  /**
+   * The model provider's id of the call (e.g. `ws_...` for a web search).
+   *
+   * @generated from field: string call_id = 3;
+   */
+  callId: string;
+
+  /**
+   * The call's status as the provider reports it: "completed", "failed",
+   * "incomplete"...
+   *
+   * @generated from field: string status = 4;
+   */
+  status: string;
+
+  /**
+   * A small summary of what the call did and found, never its whole result:
+   * `query`, `action` and `sources` (URLs) of a web search; `queries`,
+   * `result_count` and `files` of a file search; `code`, `logs` and `images`
+   * of the code interpreter; `revised_prompt` and `image` (whether one was
+   * made; the image data is not sent) of image generation. Texts are cut at
+   * 500 characters, lists at 10 entries.
+   *
+   * @generated from field: google.protobuf.Struct details = 5;
+   */
+  details?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message agentd.v1.HostedToolCall.
+ * Use `create(HostedToolCallSchema)` to create a new message.
+ */
+export const HostedToolCallSchema: GenMessage<HostedToolCall> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_run_event, 17);
+
+/**
  * Why a run failed.
  *
  * @generated from enum agentd.v1.RunErrorCode
@@ -955,6 +1036,14 @@ export enum RunErrorCode {
    * @generated from enum value: RUN_ERROR_CODE_GUARDRAIL_TRIPPED = 7;
    */
   GUARDRAIL_TRIPPED = 7,
+
+  /**
+   * The run's `context` lacks a key the agent's instructions template uses
+   * (a declarative agent's `{key}`); the message names the missing keys.
+   *
+   * @generated from enum value: RUN_ERROR_CODE_INVALID_CONTEXT = 8;
+   */
+  INVALID_CONTEXT = 8,
 }
 
 /**

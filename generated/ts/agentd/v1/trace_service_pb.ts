@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/trace_service.proto.
  */
 export const file_agentd_v1_trace_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIqgDCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKpAgoEU3BhbhIPCgdzcGFuX2lkGAEgASgJEhYKDnBhcmVudF9zcGFuX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIQoEa2luZBgEIAEoDjITLmFnZW50ZC52MS5TcGFuS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoGc3RhdHVzGAcgASgOMhUuYWdlbnRkLnYxLlNwYW5TdGF0dXMSFQoNZXJyb3JfbWVzc2FnZRgIIAEoCRIrCgphdHRyaWJ1dGVzGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKBAgoRTGlzdFRyYWNlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFQoNd29ya2Zsb3dfbmFtZRgDIAEoCRIQCghncm91cF9pZBgEIAEoCRINCgVhZ2VudBgFIAEoCRIlCgZzdGF0dXMYBiABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIzCg9zdGFydF90aW1lX2Zyb20YByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDXN0YXJ0X3RpbWVfdG8YCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIk8KEkxpc3RUcmFjZXNSZXNwb25zZRIgCgZ0cmFjZXMYASADKAsyEC5hZ2VudGQudjEuVHJhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFRyYWNlUmVxdWVzdBIMCgRuYW1lGAEgASgJIlMKEEdldFRyYWNlUmVzcG9uc2USHwoFdHJhY2UYASABKAsyEC5hZ2VudGQudjEuVHJhY2USHgoFc3BhbnMYAiADKAsyDy5hZ2VudGQudjEuU3BhbipxCgpTcGFuU3RhdHVzEhsKF1NQQU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEgoOU1BBTl9TVEFUVVNfT0sQARIVChFTUEFOX1NUQVRVU19FUlJPUhACEhsKF1NQQU5fU1RBVFVTX0lOX1BST0dSRVNTEAMqrwEKCFNwYW5LaW5kEhkKFVNQQU5fS0lORF9VTlNQRUNJRklFRBAAEhEKDVNQQU5fS0lORF9SVU4QARITCg9TUEFOX0tJTkRfQUdFTlQQAhIYChRTUEFOX0tJTkRfR0VORVJBVElPThADEhYKElNQQU5fS0lORF9GVU5DVElPThAEEhUKEVNQQU5fS0lORF9IQU5ET0ZGEAUSFwoTU1BBTl9LSU5EX0dVQVJEUkFJTBAGMp4BCgxUcmFjZVNlcnZpY2USSQoKTGlzdFRyYWNlcxIcLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVxdWVzdBodLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVzcG9uc2USQwoIR2V0VHJhY2USGi5hZ2VudGQudjEuR2V0VHJhY2VSZXF1ZXN0GhsuYWdlbnRkLnYxLkdldFRyYWNlUmVzcG9uc2VCkAEKDWRldi5hZ2VudGQudjFCEVRyYWNlU2VydmljZVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIr8DCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJEhUKDWFnZW50X3ZlcnNpb24YDyABKAMaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqkCCgRTcGFuEg8KB3NwYW5faWQYASABKAkSFgoOcGFyZW50X3NwYW5faWQYAiABKAkSDAoEbmFtZRgDIAEoCRIhCgRraW5kGAQgASgOMhMuYWdlbnRkLnYxLlNwYW5LaW5kEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdGF0dXMYByABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIVCg1lcnJvcl9tZXNzYWdlGAggASgJEisKCmF0dHJpYnV0ZXMYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Iq8CChFMaXN0VHJhY2VzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg13b3JrZmxvd19uYW1lGAMgASgJEhAKCGdyb3VwX2lkGAQgASgJEg0KBWFnZW50GAUgASgJEiUKBnN0YXR1cxgGIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEjMKD3N0YXJ0X3RpbWVfZnJvbRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNc3RhcnRfdGltZV90bxgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoNYWdlbnRfdmVyc2lvbhgJIAEoA0gAiAEBQhAKDl9hZ2VudF92ZXJzaW9uIk8KEkxpc3RUcmFjZXNSZXNwb25zZRIgCgZ0cmFjZXMYASADKAsyEC5hZ2VudGQudjEuVHJhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFRyYWNlUmVxdWVzdBIMCgRuYW1lGAEgASgJIlMKEEdldFRyYWNlUmVzcG9uc2USHwoFdHJhY2UYASABKAsyEC5hZ2VudGQudjEuVHJhY2USHgoFc3BhbnMYAiADKAsyDy5hZ2VudGQudjEuU3BhbipxCgpTcGFuU3RhdHVzEhsKF1NQQU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEgoOU1BBTl9TVEFUVVNfT0sQARIVChFTUEFOX1NUQVRVU19FUlJPUhACEhsKF1NQQU5fU1RBVFVTX0lOX1BST0dSRVNTEAMqrwEKCFNwYW5LaW5kEhkKFVNQQU5fS0lORF9VTlNQRUNJRklFRBAAEhEKDVNQQU5fS0lORF9SVU4QARITCg9TUEFOX0tJTkRfQUdFTlQQAhIYChRTUEFOX0tJTkRfR0VORVJBVElPThADEhYKElNQQU5fS0lORF9GVU5DVElPThAEEhUKEVNQQU5fS0lORF9IQU5ET0ZGEAUSFwoTU1BBTl9LSU5EX0dVQVJEUkFJTBAGMp4BCgxUcmFjZVNlcnZpY2USSQoKTGlzdFRyYWNlcxIcLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVxdWVzdBodLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVzcG9uc2USQwoIR2V0VHJhY2USGi5hZ2VudGQudjEuR2V0VHJhY2VSZXF1ZXN0GhsuYWdlbnRkLnYxLkdldFRyYWNlUmVzcG9uc2VCkAEKDWRldi5hZ2VudGQudjFCEVRyYWNlU2VydmljZVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A run's trace.
@@ -120,6 +120,19 @@ export type Trace = Message<"agentd.v1.Trace"> & {
    * @generated from field: repeated string agents = 14;
    */
   agents: string[];
+
+  /**
+   * The version of the agent the run started with, as the run pinned it
+   * (`RunInfo.agent_version`, `RunStarted.agent_version`): 1, 2, 3... for an
+   * agent made through AgentService, 0 for an app-module or file agent (which
+   * have no versions) and for traces archived before versions were recorded.
+   * A run keeps its version through a takeover (even when `agent` then names
+   * the agent a handoff moved it to), so runs of two versions behind a split
+   * alias can be told apart and compared.
+   *
+   * @generated from field: int64 agent_version = 15;
+   */
+  agentVersion: bigint;
 };
 
 /**
@@ -205,9 +218,10 @@ export type Span = Message<"agentd.v1.Span"> & {
   /**
    * Step details, by span kind (string values unless said; numbers are
    * JSON numbers). Later versions may add keys.
-   * - RUN: `run_id` (bare run id), `agent` (the starting agent's id); once
-   *   the run completed, `turns` and `input_tokens`, `output_tokens` (the
-   *   run's totals).
+   * - RUN: `run_id` (bare run id), `agent` (the starting agent's id),
+   *   `agent_version` (a number: the trace's `agent_version`); once the run
+   *   completed, `turns` and `input_tokens`, `output_tokens` (the run's
+   *   totals).
    * - AGENT: `agent` (the agent's id).
    * - GENERATION: `model`, `agent` (the agent's id), `purpose`
    *   ("compaction" for a history compaction call, "guardrail" for a
@@ -308,6 +322,18 @@ export type ListTracesRequest = Message<"agentd.v1.ListTracesRequest"> & {
    * @generated from field: google.protobuf.Timestamp start_time_to = 8;
    */
   startTimeTo?: Timestamp | undefined;
+
+  /**
+   * Only traces whose run started with this version of its agent (the
+   * trace's `agent_version`), when set; unset matches every version. 0 is a
+   * value like any other: it selects the runs of app-module and file agents
+   * (and traces archived before versions were recorded). Not negative. With
+   * `agent` naming the starting agent, it lists one version's runs, e.g. to
+   * compare the versions a split alias sends traffic to.
+   *
+   * @generated from field: optional int64 agent_version = 9;
+   */
+  agentVersion?: bigint | undefined;
 };
 
 /**

@@ -17,6 +17,8 @@ What the runtime agent does with the rest:
 - ``output_schema`` becomes ``Agent.output_schema``: the final output must be JSON valid
   under it, else the run fails with ``invalid_output``.
 - guardrail specs compile with ``runtime.guardrails.compile_guardrail``.
+- ``mcp_servers`` become ``agentd.server.mcp`` server objects (stdio ones only with
+  ``allow_imports``: a definition from the API cannot start processes).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def agent_from_definition(
     allow_imports: bool = False,
     app_guardrails: Mapping[str, object] | None = None,
     resolve_agent: Callable[[str], Any] | None = None,
+    mcp_server: Callable[[Any], Any] | None = None,
 ) -> Agent:
     """The runtime agent ``defn`` describes; ``DefinitionError`` with every unresolvable reference.
 
@@ -86,7 +89,9 @@ def agent_from_definition(
     definitions from the API. ``app_guardrails``: ``App.guardrails_by_name``, what a python
     guardrail's bare ``ref`` names. ``resolve_agent``: passed to ``compile_guardrail`` for
     classifier guardrails; by default the classifier keeps the agent's name and the run
-    resolves it (so it follows the target's current version).
+    resolves it (so it follows the target's current version). ``mcp_server``: makes the
+    ``MCPServer`` of an ``mcp_servers`` entry (``MCPRegistry.server_for``, sharing connections);
+    by default each gets one of its own.
     """
     data = defn.model_dump()
     violations = reference_violations(
@@ -128,6 +133,12 @@ def agent_from_definition(
     if problems:
         raise DefinitionError(problems)
 
+    mcp_servers: list[Any] = []
+    if defn.mcp_servers:
+        from agentd.server.mcp.registry import server_from_definition
+
+        mcp_servers = [(mcp_server or server_from_definition)(spec) for spec in defn.mcp_servers]
+
     template = parse_template(defn.instructions)
     instructions: Any = TemplateInstructions(defn.name, template) if template.keys else template.render({})
     settings = defn.model_settings
@@ -143,12 +154,16 @@ def agent_from_definition(
             tool_choice=settings.tool_choice,
             parallel_tool_calls=settings.parallel_tool_calls,
             reasoning_effort=settings.reasoning_effort,
+            reasoning_summary=settings.reasoning_summary,
         ),
         tools=tools,
         handoffs=list(defn.handoffs),
         output_schema=defn.output_schema,
         max_turns=defn.max_turns,
         history_limit=defn.history_limit,
+        model_api=defn.model_api,
+        hosted_tools=[spec.model_dump() for spec in defn.hosted_tools],
+        mcp_servers=mcp_servers,
         input_guardrails=guardrails["input"],
         output_guardrails=guardrails["output"],
         tool_guardrails=guardrails["tool"],

@@ -41,6 +41,7 @@ from agentd.server.agents.store.base import (
     AgentVersionRecord,
 )
 from agentd.server.app import App
+from agentd.server.mcp.registry import MCPRegistry
 from agentd.server.runtime.agent import Agent, CompiledAgent, compile_agent
 from agentd.server.runtime.errors import AgentdError
 from agentd.server.runtime.tools import FunctionTool
@@ -120,6 +121,8 @@ class AgentCatalog:
         self._file_definitions: dict[str, AgentDefinition] = {}
         self._latest: dict[tuple[str, str], AgentVersionRecord] = {}  # (tenant, name) -> latest api version
         self._compiled: OrderedDict[tuple[str, str, int], AgentEntry] = OrderedDict()
+        # MCP servers: the app module's, and those of file and API agents (shared connections).
+        self.mcp = MCPRegistry(getattr(app, "mcp_servers", ()))
         self._revision = -1
         self._poller: asyncio.Task[None] | None = None
         self.set_file_definitions(file_definitions or {})
@@ -142,15 +145,18 @@ class AgentCatalog:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.mcp.warm_up()
         if self._store is not None:
             await self.refresh()
             self._poller = asyncio.create_task(self._poll(), name="agentd agent catalog")
 
-    async def stop(self) -> None:
+    async def stop(self, mcp_grace_s: float = 0.0) -> None:
+        """Stop polling the store and close the MCP sessions (``MCPRegistry.aclose``)."""
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        await self.mcp.aclose(mcp_grace_s)
 
     async def _poll(self) -> None:
         while True:
@@ -210,7 +216,7 @@ class AgentCatalog:
             try:
                 agent = agent_from_definition(
                     definition, app_tools=self._tools, known_agents=known, allow_imports=True,
-                    app_guardrails=self._guardrails,
+                    app_guardrails=self._guardrails, mcp_server=lambda spec: self.mcp.server_for(spec, "files"),
                 )
                 compiled = compile_agent(agent, self._agents_for_compile(agent, definitions), self._app.default_model)
             except (DefinitionError, AgentdError, ValueError) as exc:
@@ -331,7 +337,8 @@ class AgentCatalog:
         definition = parse_definition(record.definition)
         known = self._known_names(record.tenant)
         agent = agent_from_definition(
-            definition, app_tools=self._tools, known_agents=known, app_guardrails=self._guardrails
+            definition, app_tools=self._tools, known_agents=known, app_guardrails=self._guardrails,
+            mcp_server=lambda spec: self.mcp.server_for(spec, f"tenant:{record.tenant}"),
         )
         compiled = compile_agent(agent, self._compile_view(record.tenant, agent), self._app.default_model)
         entry = AgentEntry(

@@ -13,7 +13,9 @@ agent file's error names the very line.
 Definitions from untrusted sources (the API) must not import Python code: a python tool
 ``ref`` of the form ``module:attribute`` imports ``module``. The checks take
 ``allow_imports`` (False unless the caller says so); with it False such refs are
-violations and only tools the app module defines, by name, are allowed.
+violations and only tools the app module defines, by name, are allowed. Nor may they start
+processes: with ``allow_imports`` False a stdio MCP server (a command) is a violation too, and
+only streamable HTTP MCP servers are allowed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from agentd.server.agents.template import parse_template
+from agentd.server.models.base import hosted_tool_problem
 from agentd.server.runtime.agent import AGENT_NAME_RE, handoff_tool_name
 from agentd.server.runtime.errors import AgentdError
 from agentd.server.runtime.guardrails import GUARDRAIL_NAME_RE, Guardrail, regex_flags
@@ -71,6 +74,11 @@ class ModelSettingsDefinition(_Model):
     )
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         None, description="How hard a reasoning model thinks before answering."
+    )
+    reasoning_summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None,
+        description="Ask a reasoning model for summaries of its reasoning (Responses API only), kept in the "
+        "session's reasoning items; unset: none asked.",
     )
     tool_choice: str | None = Field(
         None,
@@ -129,6 +137,128 @@ class PythonTool(_Model):
 
 
 ToolDefinition = Annotated[Union[CallerTool, PythonTool], Field(discriminator="type")]
+
+
+class HostedToolDefinition(BaseModel):
+    """A tool the model provider runs itself (OpenAI's Responses API): its calls and results are
+    streamed as hosted_tool_call events, never executed by agentd. Options besides ``type`` are
+    sent to the API as written (e.g. ``vector_store_ids`` for file_search, ``search_context_size``
+    for web_search, ``container`` for code_interpreter, ``size`` for image_generation)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal["web_search", "file_search", "code_interpreter", "image_generation"] = Field(
+        description='"web_search", "file_search" (needs vector_store_ids), "code_interpreter" (an automatic '
+        'container unless "container" says otherwise) or "image_generation".'
+    )
+
+
+# -- MCP servers --------------------------------------------------------------------------
+
+MCPToolName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class MCPToolFilterDefinition(_Model):
+    """Which of an MCP server's tools the agent gets, by the names the server gives them."""
+
+    allow: list[MCPToolName] | None = Field(
+        None, max_length=1024, description="Only these tools; unset: every tool the server lists."
+    )
+    deny: list[MCPToolName] = Field(default_factory=list, max_length=1024, description="Never these tools.")
+
+
+class _MCPServerOptions(_Model):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="Names the server in logs, traces (the mcp_server attribute) and error outputs, and "
+        "prefixes its tools' names where they collide with another server's or the agent's own "
+        "({name}_{tool}): letters, digits, _ or -, at most 32.",
+    )
+    tool_filter: MCPToolFilterDefinition = Field(
+        default_factory=MCPToolFilterDefinition, description="Which of the server's tools the agent gets."
+    )
+    require_approval: Literal["always", "never"] | list[MCPToolName] = Field(
+        "never",
+        description='"always", "never", or the names of the tools whose calls wait for the caller\'s '
+        "ApproveToolCall (as the server names them).",
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, le=3600,
+        description="How long one call may take, in seconds (then it is cancelled on the server and the model "
+        "reads an error); unset: the server's AGENTD_TOOL_TIMEOUT_S.",
+    )
+    max_tools: int = Field(128, ge=1, le=128, description="The most tools the agent takes from this server.")
+    max_result_chars: int = Field(
+        50_000, ge=100, le=1_000_000,
+        description="A longer tool result is cut to this many characters, with a note saying so.",
+    )
+
+
+class MCPStdioServerDefinition(_MCPServerOptions):
+    """An MCP server agentd starts as a subprocess and speaks to over its stdin and stdout. Agent
+    files only: definitions made through the API cannot start processes."""
+
+    type: Literal["stdio"] = Field(description='"stdio": a command agentd runs.')
+    command: str = Field(min_length=1, max_length=4096, description="The executable, e.g. npx or python.")
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=256, description="Its arguments."
+    )
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], Annotated[str, Field(max_length=32768)]] = (
+        Field(
+            default_factory=dict, max_length=256,
+            description="Environment variables, over a minimal environment (HOME, LOGNAME, PATH, SHELL, TERM, "
+            "USER); nothing else of agentd's environment is passed.",
+        )
+    )
+    cwd: str | None = Field(None, min_length=1, max_length=4096, description="Its working directory.")
+
+
+class MCPHttpServerDefinition(_MCPServerOptions):
+    """An MCP server at a streamable HTTP endpoint."""
+
+    type: Literal["streamable_http"] = Field(description='"streamable_http": an MCP endpoint URL.')
+    url: str = Field(min_length=1, max_length=2048, description="The endpoint, http:// or https://.")
+    headers: dict[str, Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=dict, max_length=64, description="Headers sent with every request."
+    )
+    context_headers: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Headers sent with each tool call, rendered from the run: {run_id}, {tenant}, {subject}, "
+        "{agent}, {session_id}, {call_id} (values that are not printable ASCII are percent-encoded).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        from agentd.server.mcp.client import check_url
+
+        check_url(url)
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        from agentd.server.mcp.client import check_header_name, check_header_value
+
+        for name, value in headers.items():
+            check_header_name(name)
+            check_header_value(name, value)
+        return headers
+
+    @field_validator("context_headers")
+    @classmethod
+    def _check_context_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        from agentd.server.mcp.client import check_context_template, check_header_name
+
+        for name, value in headers.items():
+            check_header_name(name)
+            check_context_template(name, value)
+        return headers
+
+
+MCPServerDefinition = Annotated[
+    Union[MCPStdioServerDefinition, MCPHttpServerDefinition], Field(discriminator="type")
+]
 
 
 # -- guardrails ---------------------------------------------------------------------------
@@ -284,6 +414,11 @@ class AgentDefinition(_Model):
     tools: list[ToolDefinition] = Field(
         default_factory=list, max_length=MAX_TOOLS, description="The tools the model may call."
     )
+    mcp_servers: list[MCPServerDefinition] = Field(
+        default_factory=list, max_length=16,
+        description="MCP servers whose tools the model may call too: streamable_http endpoints, and (agent "
+        "files only) stdio commands.",
+    )
     handoffs: list[Annotated[str, Field(pattern=AGENT_NAME_RE.pattern)]] = Field(
         default_factory=list,
         max_length=MAX_TOOLS,
@@ -294,6 +429,15 @@ class AgentDefinition(_Model):
         None,
         description="A JSON Schema the final output must match (the model is asked for JSON); unset: the "
         "final output is text. Only local $refs (#/...).",
+    )
+    model_api: Literal["responses", "chat_completions"] | None = Field(
+        None,
+        description="The OpenAI API the model is called on: responses or chat_completions; unset: responses "
+        "when the agent has hosted tools, else the server's AGENTD_MODEL_API.",
+    )
+    hosted_tools: list[HostedToolDefinition] = Field(
+        default_factory=list, max_length=16,
+        description="Tools the model provider runs itself (Responses API only), e.g. {\"type\": \"web_search\"}.",
     )
     max_turns: int = Field(10, ge=1, le=100, description="The most model turns a run of this agent may take.")
     history_limit: int | None = Field(
@@ -473,6 +617,30 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             found.append((("model_settings", "tool_choice"), _unknown_choice(choice, [*tool_names, *handoff_tools])))
     if isinstance(data.get("output_schema"), dict):
         found.extend(schema_violations(data["output_schema"], ("output_schema",), require_object=False))
+    hosted = _list(data.get("hosted_tools"))
+    for index, spec in enumerate(hosted):
+        if not isinstance(spec, dict):
+            continue
+        problem = _not_json(spec)
+        if problem is not None:
+            found.append((("hosted_tools", index, *problem[0]), problem[1]))
+        elif spec.get("type") == "file_search":
+            problem_text = hosted_tool_problem(spec)
+            if problem_text is not None:
+                found.append((("hosted_tools", index, "vector_store_ids"), problem_text))
+    if hosted and data.get("model_api") == "chat_completions":
+        found.append((
+            ("hosted_tools",),
+            "hosted tools run only on the Responses API, and model_api is chat_completions; set model_api to "
+            "responses (or leave it unset) or drop the hosted tools",
+        ))
+    servers: dict[str, int] = {}
+    for index, server in enumerate(_list(data.get("mcp_servers"))):
+        name = server.get("name") if isinstance(server, dict) else None
+        if isinstance(name, str) and name in servers:
+            found.append((("mcp_servers", index, "name"), f"two MCP servers are named {name!r} (mcp_servers[{servers[name]}] too)"))
+        elif isinstance(name, str):
+            servers[name] = index
     tenants: dict[str, int] = {}
     for index, tenant in enumerate(_list(data.get("tenants"))):
         if isinstance(tenant, str) and tenant in tenants:
@@ -508,8 +676,17 @@ def reference_violations(
 ) -> list[tuple[Loc, str]]:
     """Python tool refs that do not resolve (with ``app_tools``), python guardrail refs that do not
     (with ``app_guardrails``), handoff and classifier targets that do not exist (with
-    ``known_agents``), and a ``tool_choice`` naming no tool."""
+    ``known_agents``), a ``tool_choice`` naming no tool, and (with ``app_tools``, without
+    ``allow_imports``) stdio MCP servers."""
     found: list[tuple[Loc, str]] = []
+    if app_tools is not None and not allow_imports:  # checked with the context, as python refs are
+        for index, server in enumerate(_list(data.get("mcp_servers"))):
+            if isinstance(server, dict) and server.get("type") == "stdio":
+                found.append((
+                    ("mcp_servers", index, "type"),
+                    "a stdio MCP server starts a process, which only agent files and the app module may do; "
+                    "use a streamable_http server",
+                ))
     names: set[str] = set()
     resolved_all = app_tools is not None
     for index, tool in enumerate(_list(data.get("tools"))):

@@ -1,9 +1,12 @@
-"""Models served by any OpenAI-compatible Chat Completions endpoint.
+"""Models served by any OpenAI-compatible Chat Completions endpoint, and the OpenAI provider.
 
-Chat Completions (rather than the Responses API) is what OpenAI-compatible servers
-(vLLM, Ollama, LiteLLM, agentd's own scripted test server...) implement, so one model
-class covers them all. Retries, backoff and timeouts are left to the openai client,
-configured once by ``OpenAIProvider``.
+Chat Completions is what OpenAI-compatible servers (vLLM, Ollama, LiteLLM, agentd's own
+scripted test server...) implement, so one model class covers them all. OpenAI's own
+endpoint is better used through the Responses API (``openai_responses``): reasoning items,
+hosted tools. ``OpenAIProvider`` serves both on one client and picks per request
+(``ModelRequest.api``: the agent's ``model_api``), else by its own ``api`` setting: "auto"
+is the Responses API for OpenAI's endpoint and Chat Completions for any other base URL.
+Retries, backoff and timeouts are left to the openai client, configured once by the provider.
 """
 
 from __future__ import annotations
@@ -11,17 +14,30 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Union
+from urllib.parse import urlsplit
 
 import openai
 
-from agentd.server.models.base import ModelChunk, ModelRequest, ModelResponse, ModelSettings, ModelToolCall
+from agentd.server.models.base import (
+    MODEL_APIS,
+    ModelChunk,
+    ModelRequest,
+    ModelResponse,
+    ModelSettings,
+    ModelToolCall,
+)
 from agentd.server.models.chat_format import to_chat_messages
 from agentd.server.redaction import display_url, redact, url_password
 from agentd.server.runtime.errors import AgentdError, ModelError, ModelUnavailableError
 from agentd.server.runtime.usage import Usage
 
+if TYPE_CHECKING:
+    from agentd.server.models.openai_responses import OpenAIResponsesModel
+
 log = logging.getLogger("agentd.model")
+# OpenAI's own endpoint: where "auto" picks the Responses API.
+OPENAI_API_HOST = "api.openai.com"
 
 # Upstream answers whose body is never forwarded: an authentication failure is where a
 # server (or a proxy) echoes the credentials it was sent. The caller gets what to check.
@@ -147,7 +163,11 @@ class OpenAIChatModel:
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens, requests=1)
+                    details = getattr(chunk.usage, "completion_tokens_details", None)
+                    usage = Usage(
+                        chunk.usage.prompt_tokens, chunk.usage.completion_tokens, requests=1,
+                        reasoning_tokens=getattr(details, "reasoning_tokens", None) or 0,
+                    )
                 for choice in chunk.choices:
                     delta = choice.delta
                     if delta.content:
@@ -189,44 +209,47 @@ class OpenAIChatModel:
         )
 
     def _translate(self, exc: openai.OpenAIError) -> AgentdError:
-        """Map openai errors to agentd's: transient-after-retries vs. refused requests.
+        return translate_openai_error(self._client, self.name, exc)
 
-        The messages reach the caller (``RunFailed``) and traces, so they never carry the
-        endpoint's credentials or the API key: the endpoint is named without user info or
-        query, upstream text is redacted, and an authentication failure's body is not
-        forwarded at all (the server log has it, redacted).
-        """
-        endpoint = display_url(str(self._client.base_url))
-        where = f"model endpoint {endpoint}"
-        retries = f"gave up after {self._client.max_retries} retries"
-        if isinstance(exc, openai.APITimeoutError):
-            return ModelUnavailableError(f"{where} timed out for model {self.name!r}; {retries}")
-        if isinstance(exc, openai.APIConnectionError):
-            cause = self._scrub(str(exc.__cause__ or exc))
-            return ModelUnavailableError(f"{where} is unreachable ({cause}); {retries}")
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            message = self._scrub(_server_message(exc))
-            log.warning(
-                "model endpoint %s answered HTTP %s for model %r: %s", endpoint, status, self.name, message,
-                extra={"model": self.name, "http_status": status},
-            )
-            if status in _AUTH_FAILURES:
-                return ModelError(
-                    f"{where} rejected the request for model {self.name!r}: HTTP {status} ({_AUTH_FAILURES[status]})"
-                )
-            if len(message) > _MAX_UPSTREAM_MESSAGE:
-                message = message[:_MAX_UPSTREAM_MESSAGE] + "…"
-            if status == 429 or status >= 500:
-                return ModelUnavailableError(
-                    f"{where} answered HTTP {status} for model {self.name!r}: {message}; {retries}"
-                )
-            return ModelError(f"{where} rejected the request for model {self.name!r}: HTTP {status}: {message}")
-        return ModelError(f"{where} failed for model {self.name!r}: {self._scrub(str(exc))}")
 
-    def _scrub(self, text: str) -> str:
+def translate_openai_error(client: openai.AsyncOpenAI, name: str, exc: openai.OpenAIError) -> AgentdError:
+    """Map openai errors to agentd's: transient-after-retries vs. refused requests (both APIs).
+
+    The messages reach the caller (``RunFailed``) and traces, so they never carry the
+    endpoint's credentials or the API key: the endpoint is named without user info or
+    query, upstream text is redacted, and an authentication failure's body is not
+    forwarded at all (the server log has it, redacted).
+    """
+    endpoint = display_url(str(client.base_url))
+    where = f"model endpoint {endpoint}"
+    retries = f"gave up after {client.max_retries} retries"
+
+    def scrub(text: str) -> str:
         """``text`` without the configured API key, the endpoint's password, or anything shaped like a credential."""
-        return redact(text, (self._client.api_key, url_password(str(self._client.base_url))))
+        return redact(text, (client.api_key, url_password(str(client.base_url))))
+
+    if isinstance(exc, openai.APITimeoutError):
+        return ModelUnavailableError(f"{where} timed out for model {name!r}; {retries}")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = scrub(str(exc.__cause__ or exc))
+        return ModelUnavailableError(f"{where} is unreachable ({cause}); {retries}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = scrub(_server_message(exc))
+        log.warning(
+            "model endpoint %s answered HTTP %s for model %r: %s", endpoint, status, name, message,
+            extra={"model": name, "http_status": status},
+        )
+        if status in _AUTH_FAILURES:
+            return ModelError(
+                f"{where} rejected the request for model {name!r}: HTTP {status} ({_AUTH_FAILURES[status]})"
+            )
+        if len(message) > _MAX_UPSTREAM_MESSAGE:
+            message = message[:_MAX_UPSTREAM_MESSAGE] + "…"
+        if status == 429 or status >= 500:
+            return ModelUnavailableError(f"{where} answered HTTP {status} for model {name!r}: {message}; {retries}")
+        return ModelError(f"{where} rejected the request for model {name!r}: HTTP {status}: {message}")
+    return ModelError(f"{where} failed for model {name!r}: {scrub(str(exc))}")
 
 
 def _server_message(exc: openai.APIStatusError) -> str:
@@ -236,8 +259,32 @@ def _server_message(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
+def default_api(base_url: str) -> str:
+    """What "auto" means for an endpoint: the Responses API on OpenAI's own, else Chat Completions."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return "responses" if host == OPENAI_API_HOST else "chat_completions"
+
+
+class OpenAIModel:
+    """One model name on the provider's client, on either API: each request goes to the
+    one its ``api`` names, else the provider's default."""
+
+    def __init__(self, provider: "OpenAIProvider", name: str) -> None:
+        self._provider = provider
+        self.name = name
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+        return self._provider.get_model(self.name, api=request.api or self._provider.api).stream(request)
+
+
 class OpenAIProvider:
-    """Chat Completions models sharing ONE ``AsyncOpenAI`` client (one connection pool)."""
+    """Models on both OpenAI APIs sharing ONE ``AsyncOpenAI`` client (one connection pool).
+
+    ``api``: "responses", "chat_completions" or "auto" (the Responses API when the base URL
+    is OpenAI's own, i.e. no ``base_url``/``OPENAI_BASE_URL`` or one on api.openai.com;
+    Chat Completions for any other: vLLM, Ollama, LiteLLM...). An agent's ``model_api``
+    overrides it for that agent's requests.
+    """
 
     def __init__(
         self,
@@ -246,8 +293,11 @@ class OpenAIProvider:
         base_url: str | None = None,
         timeout_s: float = 60.0,
         max_retries: int = 2,
+        api: str = "auto",
     ) -> None:
         _redact_http_logs()
+        if api != "auto" and api not in MODEL_APIS:
+            raise ModelError(f"model API {api!r} is not one of auto, {', '.join(MODEL_APIS)}")
         # None lets the openai library read OPENAI_API_KEY / OPENAI_BASE_URL itself.
         try:
             self._client = openai.AsyncOpenAI(
@@ -255,12 +305,30 @@ class OpenAIProvider:
             )
         except openai.OpenAIError as exc:
             raise ModelError(f"cannot configure the OpenAI client: {exc}") from exc
-        self._models: dict[str, OpenAIChatModel] = {}
+        # The resolved default: "responses" or "chat_completions".
+        self.api = default_api(str(self._client.base_url)) if api == "auto" else api
+        self._models: dict[tuple[str, str], Union[OpenAIChatModel, "OpenAIResponsesModel"]] = {}
+        self._routed: dict[str, OpenAIModel] = {}
 
-    def get_model(self, name: str) -> OpenAIChatModel:
-        model = self._models.get(name)
+    def get_model(self, name: str, api: str | None = None) -> Any:
+        """The model ``name``: on ``api`` when given ("responses" or "chat_completions"), else
+        one that follows each request's ``api`` (the provider's default when it has none)."""
+        if api is None:
+            routed = self._routed.get(name)
+            if routed is None:
+                routed = self._routed[name] = OpenAIModel(self, name)
+            return routed
+        model = self._models.get((name, api))
         if model is None:
-            model = self._models[name] = OpenAIChatModel(self._client, name)
+            if api == "responses":
+                from agentd.server.models.openai_responses import OpenAIResponsesModel
+
+                model = OpenAIResponsesModel(self._client, name)
+            elif api == "chat_completions":
+                model = OpenAIChatModel(self._client, name)
+            else:
+                raise ModelError(f"model API {api!r} is not one of {', '.join(MODEL_APIS)}")
+            self._models[(name, api)] = model
         return model
 
     async def aclose(self) -> None:

@@ -23,11 +23,14 @@ _loads = json.loads
 
 
 def _usage(u: Usage) -> list[int]:
+    # Reasoning tokens only when there are some: a fourth entry older readers ignore.
+    if u.reasoning_tokens:
+        return [u.input_tokens, u.output_tokens, u.requests, u.reasoning_tokens]
     return [u.input_tokens, u.output_tokens, u.requests]
 
 
 def _usage_from(data: list[int]) -> Usage:
-    return Usage(int(data[0]), int(data[1]), int(data[2]))
+    return Usage(int(data[0]), int(data[1]), int(data[2]), int(data[3]) if len(data) > 3 else 0)
 
 
 def _items(items: tuple[Item, ...] | list[Item]) -> list[dict[str, Any]]:
@@ -155,6 +158,11 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
             "t": "guardrail_tripped", "guardrail": p.guardrail, "stage": p.stage, "agent": p.agent,
             "reason": p.reason, "output": p.output, "tool_name": p.tool_name, "call_id": p.call_id,
         }
+    if t is ev.HostedToolCall:
+        return {
+            "t": "hosted_tool_call", "agent": p.agent, "tool": p.tool, "call_id": p.call_id, "status": p.status,
+            "details": p.details,
+        }
     raise ValueError(f"cannot encode event payload {t.__name__}")
 
 
@@ -198,6 +206,8 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
             d["guardrail"], d["stage"], d["agent"], d["reason"], d.get("output") or {},
             d.get("tool_name", ""), d.get("call_id", ""),
         )
+    if t == "hosted_tool_call":
+        return ev.HostedToolCall(d["agent"], d["tool"], d["call_id"], d["status"], d.get("details") or {})
     raise ValueError(f"unknown event payload type {t!r}")
 
 

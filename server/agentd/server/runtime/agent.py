@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, Union
 
 from pydantic import BaseModel
 
-from agentd.server.models.base import ModelSettings, OutputSchema, ToolSpec
+from agentd.server.models.base import MODEL_APIS, ModelSettings, OutputSchema, ToolSpec, hosted_tool_problem
 from agentd.server.runtime.context import RunContext
 from agentd.server.runtime.guardrails import Guardrail, InputGuardrailMode, resolve_guardrails
 from agentd.server.runtime.history import Compaction
@@ -45,6 +45,18 @@ class Agent:
     first model call, or "blocking", before it); ``output_guardrails`` its final output;
     ``tool_guardrails`` the calls of its tools, before they run and on their results. Each
     entry is a guardrail or the name of one in ``App.guardrails``; a tripwire fails the run.
+
+    ``model_api`` picks the wire API of the agent's model on providers that speak several
+    (OpenAI): "responses" or "chat_completions" (None: the server's ``AGENTD_MODEL_API``).
+    ``hosted_tools`` are tools the model provider runs itself (Responses API only:
+    ``{"type": "web_search"}``, ``{"type": "file_search", "vector_store_ids": [...]}``,
+    ``{"type": "code_interpreter"}``, ``{"type": "image_generation"}``, options as the API
+    takes them); an agent with hosted tools and no ``model_api`` uses the Responses API, and
+    one that says "chat_completions" does not load.
+
+    ``mcp_servers`` (``agentd.server.mcp``: ``MCPServerStdio``, ``MCPServerStreamableHttp``):
+    MCP servers whose tools are the agent's too, read from the servers' current tool lists at
+    every turn (see ``agentd.server.mcp.tools``).
     """
 
     name: str
@@ -63,6 +75,9 @@ class Agent:
     output_guardrails: list[Union[Guardrail, str, Any]] = field(default_factory=list)
     tool_guardrails: list[Union[Guardrail, str, Any]] = field(default_factory=list)
     input_guardrail_mode: InputGuardrailMode = "parallel"
+    model_api: str | None = None
+    hosted_tools: list[dict[str, Any]] = field(default_factory=list)
+    mcp_servers: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
@@ -104,6 +119,9 @@ class CompiledAgent:
 
     agent: Agent
     model: str
+    # The wire API of its model calls: the agent's model_api, "responses" when it has hosted
+    # tools, else None (the provider's default).
+    model_api: str | None
     tools_by_name: dict[str, FunctionTool]
     handoffs_by_tool: dict[str, str]  # transfer_to_x -> agent name
     tool_specs: tuple[ToolSpec, ...]
@@ -111,10 +129,41 @@ class CompiledAgent:
     input_guardrails: tuple[Guardrail, ...] = ()
     output_guardrails: tuple[Guardrail, ...] = ()
     tool_guardrails: tuple[Guardrail, ...] = ()
+    hosted_tools: tuple[dict[str, Any], ...] = ()
+    # The tools of its MCP servers (agentd.server.mcp.tools.MCPToolset), resolved per turn.
+    mcp: Any = None
 
     @property
     def name(self) -> str:
         return self.agent.name
+
+    def tool(self, name: str) -> FunctionTool | None:
+        """The agent's tool by name: its own, else one of its MCP servers' current tools."""
+        tool = self.tools_by_name.get(name)
+        if tool is None and self.mcp is not None:
+            tool = self.mcp.tool(name)
+        return tool
+
+    async def find_tool(self, name: str) -> FunctionTool | None:
+        """``tool``, after reading MCP tool lists that are stale or were never read (a resumed run)."""
+        if name not in self.tools_by_name and self.mcp is not None:
+            await self.mcp.load()
+        return self.tool(name)
+
+    def tool_names(self) -> list[str]:
+        return [*self.tools_by_name, *(t.name for t in self.mcp.tools())] if self.mcp is not None else list(
+            self.tools_by_name
+        )
+
+    def current_tools(self) -> list[FunctionTool]:
+        """Its own tools, then its MCP servers' tools as last listed (what GetAgent shows)."""
+        return [*self.agent.tools, *(self.mcp.tools() if self.mcp is not None else ())]
+
+    async def turn_tool_specs(self) -> tuple[ToolSpec, ...]:
+        """The tools a model turn offers: its own and handoffs, then its MCP servers' current ones."""
+        if self.mcp is None:
+            return self.tool_specs
+        return (*self.tool_specs, *await self.mcp.specs())
 
 
 def compile_agent(
@@ -156,9 +205,24 @@ def compile_agent(
         schema, strict = strict_schema_for(agent.output_schema)
         # OpenAI's response format names are at most 64 characters.
         output_schema = OutputSchema(name=f"{agent.name[:57]}_output", schema=schema, strict=strict)
+    if agent.model_api is not None and agent.model_api not in MODEL_APIS:
+        raise AppConfigError(
+            f"agent {agent.name!r}: model_api {agent.model_api!r} is not one of {', '.join(MODEL_APIS)} (or None)"
+        )
+    for index, spec in enumerate(agent.hosted_tools):
+        problem = hosted_tool_problem(spec)
+        if problem is not None:
+            raise AppConfigError(f"agent {agent.name!r}: hosted_tools[{index}]: {problem}")
+    if agent.hosted_tools and agent.model_api == "chat_completions":
+        kinds = ", ".join(str(spec.get("type")) for spec in agent.hosted_tools)
+        raise AppConfigError(
+            f"agent {agent.name!r} declares hosted tools ({kinds}), which only the Responses API runs, but its "
+            "model_api is 'chat_completions'; use model_api='responses' (or leave it unset) or drop the hosted tools"
+        )
     return CompiledAgent(
         agent=agent,
         model=agent.model or default_model,
+        model_api=agent.model_api or ("responses" if agent.hosted_tools else None),
         tools_by_name=tools_by_name,
         handoffs_by_tool=handoffs_by_tool,
         tool_specs=tuple(specs),
@@ -166,5 +230,29 @@ def compile_agent(
         input_guardrails=resolve_guardrails(agent, "input", agent.input_guardrails, guardrails or {}),
         output_guardrails=resolve_guardrails(agent, "output", agent.output_guardrails, guardrails or {}),
         tool_guardrails=resolve_guardrails(agent, "tool", agent.tool_guardrails, guardrails or {}),
+        hosted_tools=tuple(dict(spec) for spec in agent.hosted_tools),
+        mcp=_mcp_toolset(agent, {*tools_by_name, *handoffs_by_tool}, len(specs)),
     )
+
+
+def _mcp_toolset(agent: Agent, reserved: set[str], own: int) -> Any:
+    """The agent's MCP tools (None without MCP servers); ``reserved``: its own tool names."""
+    from agentd.server.runtime.errors import AppConfigError
+
+    if not agent.mcp_servers:
+        return None
+    from agentd.server.mcp.client import MCPServer
+    from agentd.server.mcp.tools import MAX_TOOLS_PER_REQUEST, MCPToolset
+
+    names: set[str] = set()
+    for server in agent.mcp_servers:
+        if not isinstance(server, MCPServer):
+            raise AppConfigError(
+                f"agent {agent.name!r}: {server!r} is not an MCP server; use agentd.server.mcp.MCPServerStdio "
+                "or MCPServerStreamableHttp"
+            )
+        if server.name in names:
+            raise AppConfigError(f"agent {agent.name!r} has two MCP servers named {server.name!r}")
+        names.add(server.name)
+    return MCPToolset(agent.name, agent.mcp_servers, reserved, MAX_TOOLS_PER_REQUEST - own - len(agent.hosted_tools))
 

@@ -22,6 +22,7 @@ class RunErrorCode(enum.Enum):
     SESSION_UNAVAILABLE = "session_unavailable"
     INTERNAL = "internal"
     GUARDRAIL_TRIPPED = "guardrail_tripped"
+    INVALID_CONTEXT = "invalid_context"
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,6 +161,25 @@ class GuardrailTripped:
     call_id: str = ""
 
 
+@dataclass(slots=True, frozen=True)
+class HostedToolCall:
+    """The model provider ran a hosted tool for the agent's model (Responses API): emitted as
+    the call finishes, during the model's turn.
+
+    ``tool``: "web_search", "file_search", "code_interpreter" or "image_generation";
+    ``call_id``: the provider's id of the call; ``status``: as the provider reports it
+    ("completed", "failed"...); ``details``: a small JSON summary of what it did and found
+    (``ModelHostedCall.details``). Not stored in the session: the model's answer after it
+    carries what it found.
+    """
+
+    agent: str
+    tool: str
+    call_id: str
+    status: str
+    details: dict[str, Any]
+
+
 Payload = Union[
     RunStarted,
     AgentUpdated,
@@ -176,6 +196,7 @@ Payload = Union[
     ActionRequired,
     HistoryCompacted,
     GuardrailTripped,
+    HostedToolCall,
 ]
 
 TERMINAL_PAYLOADS = (RunCompleted, RunFailed, RunCancelled)

@@ -42,6 +42,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal, Mapping, Sequence, Union
 
+import regex
+
 from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse, OutputSchema
 from agentd.server.runtime.context import RunContext
 from agentd.server.runtime.errors import AppConfigError, ModelError, ModelUnavailableError
@@ -266,6 +268,19 @@ _FLAG_NAMES = {
 }
 
 
+# How long one regex guardrail may search one text, in seconds (a catastrophic pattern trips).
+REGEX_TIMEOUT_S = 0.05
+
+
+def _regex_engine_flags(re_flags: int) -> int:
+    """``re`` flag bits as the ``regex`` engine's (ASCII differs: 256 in re, 128 in regex)."""
+    value = 0
+    for name in ("IGNORECASE", "MULTILINE", "DOTALL", "VERBOSE", "ASCII"):
+        if re_flags & getattr(re, name):
+            value |= getattr(regex, name)
+    return value
+
+
 def regex_flags(flags: int | str | Iterable[str] | None) -> int:
     """``re`` flags from an int, letters ("im") or names (["IGNORECASE", "MULTILINE"] or ["i"])."""
     if flags is None:
@@ -292,22 +307,34 @@ def _preview(text: str) -> str:
 
 @dataclass(eq=False)
 class RegexGuardrail(Guardrail):
-    """Trips when ``pattern`` matches anywhere in the text (``re.search``)."""
+    """Trips when ``pattern`` matches anywhere in the text.
+
+    Patterns may come from API callers, so matching runs under a time budget
+    (``REGEX_TIMEOUT_S``, with the ``regex`` engine, which can stop a search; Python's ``re``
+    cannot): a pattern that backtracks catastrophically fails closed — it trips, saying so —
+    instead of stalling the server."""
 
     name: str
     pattern: str
     flags: int | str | Sequence[str] = 0
-    _regex: re.Pattern[str] = field(init=False, repr=False)
+    _regex: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_name("regex guardrail", self.name)
         try:
-            self._regex = re.compile(self.pattern, regex_flags(self.flags))
-        except re.error as exc:
+            re.compile(self.pattern, regex_flags(self.flags))  # the documented dialect: Python's re
+            self._regex = regex.compile(self.pattern, _regex_engine_flags(regex_flags(self.flags)))
+        except (re.error, regex.error) as exc:
             raise ValueError(f"regex guardrail {self.name!r}: invalid pattern {self.pattern!r}: {exc}") from exc
 
     async def check(self, env: GuardrailEnv, ctx: RunContext, subject: GuardrailSubject) -> GuardrailResult:
-        match = self._regex.search(subject.text)
+        try:
+            match = self._regex.search(subject.text, timeout=REGEX_TIMEOUT_S)
+        except TimeoutError:
+            return GuardrailResult(
+                True, f"the pattern of guardrail {self.name!r} took longer than {REGEX_TIMEOUT_S}s to match "
+                "(it fails closed); simplify the pattern", {"pattern": self.pattern, "timeout_s": REGEX_TIMEOUT_S},
+            )
         if match is None:
             return GuardrailResult(False)
         return GuardrailResult(

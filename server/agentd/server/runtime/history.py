@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import Item, MessageItem, ReasoningItem, SummaryItem, ToolCallItem, ToolResultItem
 
 DEFAULT_COMPACTION_INSTRUCTIONS = (
     "You compact the history of a conversation between a user and an AI assistant so the "
@@ -151,6 +151,8 @@ def transcript(items: Sequence[Item]) -> str:
             lines.append(f"{who}: {_cut(item.text)}")
         elif isinstance(item, ToolCallItem):
             lines.append(f"tool call {item.tool_name} [{item.call_id}]: {_cut(item.arguments)}")
+        elif isinstance(item, ReasoningItem):
+            continue  # the model's own reasoning: the messages and calls after it say what came of it
         else:
             failed = " (error)" if item.is_error else ""
             lines.append(f"tool result {item.tool_name} [{item.call_id}]{failed}: {_cut(item.output)}")

@@ -99,7 +99,35 @@ class SummaryItem:
         }
 
 
-Item = Union[MessageItem, ToolCallItem, ToolResultItem, SummaryItem]
+@dataclass(slots=True, frozen=True)
+class ReasoningItem:
+    """A reasoning model's reasoning before its answer, as the Responses API returns it.
+
+    ``summary`` is what may be shown (the model's summary parts; empty unless summaries were
+    asked for). ``encrypted_content`` is the reasoning itself, encrypted by the model
+    provider: the session keeps it so the next turn (or run) can send it back to the
+    Responses API with ``store=False``, which is what lets the model carry its reasoning
+    across tool calls. It never leaves the server (events, ListSessionItems and traces show
+    the summary only). The Chat Completions path does not send reasoning items at all.
+    """
+
+    id: str
+    summary: tuple[str, ...] = ()
+    encrypted_content: str = ""
+    agent: str = ""
+    type: Literal["reasoning"] = "reasoning"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "reasoning",
+            "id": self.id,
+            "summary": list(self.summary),
+            "encrypted_content": self.encrypted_content,
+            "agent": self.agent,
+        }
+
+
+Item = Union[MessageItem, ToolCallItem, ToolResultItem, SummaryItem, ReasoningItem]
 
 
 def item_from_dict(data: dict[str, Any]) -> Item:
@@ -128,6 +156,16 @@ def item_from_dict(data: dict[str, Any]) -> Item:
                 text=data["text"],
                 summarised_items=int(data["summarised_items"]),
                 kept_items=int(data["kept_items"]),
+                agent=data.get("agent", ""),
+            )
+        if kind == "reasoning":
+            summary = data.get("summary") or ()
+            if not isinstance(summary, (list, tuple)) or not all(isinstance(part, str) for part in summary):
+                raise ValueError("item of type 'reasoning' has a summary that is not a list of strings")
+            return ReasoningItem(
+                id=str(data["id"]),
+                summary=tuple(summary),
+                encrypted_content=str(data.get("encrypted_content") or ""),
                 agent=data.get("agent", ""),
             )
     except KeyError as exc:

@@ -52,7 +52,7 @@ import pydantic
 
 from agentd.server.app import App
 from agentd.server.auth.principal import Principal
-from agentd.server.models.base import ModelProvider, ModelRequest, ModelResponse
+from agentd.server.models.base import ModelHostedCall, ModelProvider, ModelRequest, ModelResponse
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
@@ -70,6 +70,7 @@ from agentd.server.runtime.events import (
     GuardrailTripped,
     Handoff,
     HistoryCompacted,
+    HostedToolCall,
     MessageOutput,
     Payload,
     RunCancelled,
@@ -94,7 +95,15 @@ from agentd.server.runtime.guardrails import (
     trip_message,
 )
 from agentd.server.runtime.history import history_view, plan_compaction, transcript, window_start
-from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem, json_problem
+from agentd.server.runtime.items import (
+    Item,
+    MessageItem,
+    ReasoningItem,
+    SummaryItem,
+    ToolCallItem,
+    ToolResultItem,
+    json_problem,
+)
 from agentd.server.runtime.tools import FunctionTool, ToolResult
 from agentd.server.runtime.usage import Usage
 from agentd.server.sessions.base import History, SessionStore
@@ -236,9 +245,12 @@ class AgentRunner:
             agent=agent.name,
             traceparent=traceparent,
             tenant=run.tenant,
+            agent_version=run.agent_version,
         )
         sink.trace_id = trace.trace_id
-        run_span = trace.span(SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name)
+        run_span = trace.span(
+            SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name, agent_version=run.agent_version
+        )
         agent_span = None
         try:
             if resume is not None:
@@ -301,7 +313,8 @@ class AgentRunner:
                     usage.add(response.usage)
                     sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
                     _stop_if_cancelled(sink)  # cancelled during the turn: its answer is not acted on
-                    step = []
+                    # Reasoning first, as the model produced it: kept with its step, sent back next turns.
+                    step = [ReasoningItem(r.id, r.summary, r.encrypted_content, agent.name) for r in response.reasoning]
                     if response.text:
                         message = MessageItem("assistant", response.text, agent.name)
                         step.append(message)
@@ -422,13 +435,15 @@ class AgentRunner:
         if plan is None:
             return None
         model = policy.model or agent.model
-        request = ModelRequest(model, policy.instructions, (MessageItem("user", transcript(plan.fold)),))
+        request = ModelRequest(
+            model, policy.instructions, (MessageItem("user", transcript(plan.fold)),), api=agent.model_api
+        )
         span = trace.span(SpanKind.GENERATION, model, parent, model=model, agent=agent.name, purpose="compaction")
         response: ModelResponse | None = None
         try:
             async for chunk in self._models.get_model(model).stream(request):
-                if type(chunk) is not str:
-                    response = chunk  # type: ignore[assignment]
+                if isinstance(chunk, ModelResponse):
+                    response = chunk
         except (ModelUnavailableError, ModelError) as exc:
             span.end(error=str(exc))
             log.warning("run %s: history compaction skipped, the model failed: %s", run.run_id, exc)
@@ -521,14 +536,16 @@ class AgentRunner:
         try:
             instructions = await agent.agent.resolve_instructions(ctx)
         except TemplateKeyError as exc:  # a declarative agent's template and the run's context disagree
-            raise _RunFailure(RunErrorCode.INTERNAL, str(exc)) from exc
+            raise _RunFailure(RunErrorCode.INVALID_CONTEXT, str(exc)) from exc
         request = ModelRequest(
             model=agent.model,
             instructions=instructions,
             items=items,
-            tools=agent.tool_specs,
+            tools=await agent.turn_tool_specs(),  # its MCP servers' tools as they are now
             settings=agent.agent.model_settings,
             output_schema=agent.output_schema,
+            api=agent.model_api,
+            hosted_tools=agent.hosted_tools,
         )
         span = trace.span(SpanKind.GENERATION, agent.model, parent, model=agent.model, agent=agent.name)
         response: ModelResponse | None = None
@@ -536,6 +553,8 @@ class AgentRunner:
             async for chunk in self._models.get_model(agent.model).stream(request):
                 if type(chunk) is str:
                     sink.emit(TextDelta(agent.name, chunk))
+                elif type(chunk) is ModelHostedCall:
+                    sink.emit(HostedToolCall(agent.name, chunk.tool, chunk.call_id, chunk.status, chunk.details))
                 else:
                     response = chunk  # type: ignore[assignment]
         except ModelUnavailableError as exc:
@@ -619,9 +638,9 @@ class AgentRunner:
             else:
                 output, is_error = "Error: only the first handoff of a turn is followed; this one was ignored", True
         else:
-            tool = agent.tools_by_name.get(call.tool_name)
+            tool = await agent.find_tool(call.tool_name)
             if tool is None:
-                available = ", ".join(agent.tools_by_name) or "none"
+                available = ", ".join(agent.tool_names()) or "none"
                 output = f"Error: there is no tool named {call.tool_name!r}; available tools: {available}"
                 is_error = True
                 trace.span(
@@ -634,7 +653,8 @@ class AgentRunner:
                 )
                 if agent.tool_guardrails:  # before the tool runs, and before its approval is asked
                     await self._guard_call(agent, tool_ctx, call, "tool_before", call.arguments, sink, trace, parent)
-                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments)
+                span = trace.span(SpanKind.FUNCTION, tool.name, parent, call_id=call.call_id, arguments=call.arguments,
+                                  **tool.trace_attributes)
                 try:
                     result = await self._call_tool(agent, tool, tool_ctx, call, sink)
                 except BaseException:
@@ -931,7 +951,7 @@ def _awaited_actions(agent: CompiledAgent, step: list[Item]) -> tuple[str, ...]:
     keys: list[str] = []
     for item in step:
         if isinstance(item, ToolCallItem):
-            tool = agent.tools_by_name.get(item.tool_name)
+            tool = agent.tool(item.tool_name)
             if tool is not None and tool.needs_approval:
                 keys.append(f"approval:{item.call_id}")
             if tool is not None and tool.caller_executed:

@@ -14,8 +14,8 @@ import functools
 import inspect
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, get_type_hints, overload
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, get_type_hints, overload
 
 import docstring_parser
 import pydantic
@@ -53,6 +53,12 @@ class FunctionTool:
     # for the output. ``needs_approval``: each call waits for the caller's approval first.
     caller_executed: bool = False
     needs_approval: bool = False
+    # Instead of ``fn``: an async function given the call's context and its JSON arguments as
+    # they are (a dict), returning the ToolResult itself; for tools whose schema is not a Python
+    # signature (MCP tools: ``agentd.server.mcp.tools``). Timeouts apply as to ``fn``.
+    invoker: Callable[[ToolContext, dict[str, Any]], Awaitable[ToolResult]] | None = None
+    # Extra attributes of the tool's spans (an MCP tool's ``mcp_server``).
+    trace_attributes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def caller_executed_from_schema(
@@ -107,6 +113,8 @@ class FunctionTool:
                           "call it again with a JSON object that matches its schema")
         if not isinstance(arguments, dict):
             return _error(f"the arguments for tool {self.name!r} must be a JSON object, got {type(arguments).__name__}")
+        if self.invoker is not None:
+            return await self._forward(ctx, arguments, default_timeout_s)
         for key in self.null_means_default.intersection(arguments):
             if arguments[key] is None:
                 del arguments[key]
@@ -131,6 +139,19 @@ class FunctionTool:
             failed = f"tool {self.name!r} failed: {type(exc).__name__}"
             return _error(f"{failed}: {redact(str(exc))}", summary=failed)
         return ToolResult(output=_render_output(result), is_error=False)
+
+    async def _forward(self, ctx: ToolContext, arguments: dict[str, Any], default_timeout_s: float | None) -> ToolResult:
+        """An ``invoker`` tool's call: the arguments go as they are, the invoker makes the result."""
+        assert self.invoker is not None
+        timeout = self.timeout_s if self.timeout_s is not None else default_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.invoker(ctx, arguments)
+        except TimeoutError:
+            return _error(f"tool {self.name!r} timed out after {timeout:g}s")
+        except Exception as exc:  # the invoker's own failure is the model's to handle
+            failed = f"tool {self.name!r} failed: {type(exc).__name__}"
+            return _error(f"{failed}: {redact(str(exc))}", summary=failed)
 
     async def _call(self, ctx: ToolContext, kwargs: dict[str, Any]) -> Any:
         args = (ctx,) if self.takes_context else ()

@@ -10,6 +10,8 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     requests: int = 0
+    # Of the output tokens, those a reasoning model spent thinking (0 when not reported).
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -19,6 +21,7 @@ class Usage:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.requests += other.requests
+        self.reasoning_tokens += other.reasoning_tokens
 
     def copy(self) -> "Usage":
-        return Usage(self.input_tokens, self.output_tokens, self.requests)
+        return Usage(self.input_tokens, self.output_tokens, self.requests, self.reasoning_tokens)

@@ -46,8 +46,10 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
         *,
         max_input_chars: int,
         agent_store: AgentStore | None = None,
+        mcp_allowed_hosts: Sequence[str] = (),
     ) -> None:
         self._catalog = catalog
+        self._mcp_allowed_hosts = frozenset(h.lower() for h in mcp_allowed_hosts)
         self._agent_store = agent_store
         self._runs = runs
         self._max_input_chars = max_input_chars

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -111,7 +112,7 @@ def entry_to_proto(entry: AgentEntry, *, version_name: bool = False) -> pb.Agent
         version=entry.version,
         source=_SOURCES[entry.source],
     )
-    for tool in agent.tools:
+    for tool in compiled.current_tools():  # its own, then its MCP servers' as last listed
         message.tools.append(
             pb.Tool(name=tool.name, description=tool.description, parameters=struct_from_dict(tool.parameters),
                     strict=tool.strict, caller_executed=tool.caller_executed, needs_approval=tool.needs_approval)
@@ -119,7 +120,7 @@ def entry_to_proto(entry: AgentEntry, *, version_name: bool = False) -> pb.Agent
     if compiled.output_schema is not None:
         message.output_schema.update(compiled.output_schema.schema)
     if entry.definition is not None:
-        message.definition.update(entry.definition)
+        message.definition.update(redacted_definition(entry.definition))
     if entry.create_time:
         message.create_time.CopyFrom(timestamp_s(entry.create_time))
         message.update_time.CopyFrom(timestamp_s(entry.update_time))
@@ -134,11 +135,45 @@ def alias_to_proto(record: AliasRecord) -> pb.AgentAlias:
     )
 
 
+def mcp_host_violations(definition: Any, allowed: frozenset[str]) -> list[tuple[str, str]]:
+    """The MCP servers of an API definition whose host the operator did not allow
+    (``AGENTD_MCP_ALLOWED_HOSTS``): an API caller must not make the server connect into its network."""
+    problems = []
+    for i, server in enumerate(getattr(definition, "mcp_servers", None) or ()):
+        url = getattr(server, "url", None)
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if host not in allowed and f"{host}:{parts.port}" not in allowed:
+            shown = ", ".join(sorted(allowed)) or "none: AGENTD_MCP_ALLOWED_HOSTS is empty"
+            problems.append((f"mcp_servers[{i}].url",
+                             f"host {host!r} is not one the server allows for agents made through the API ({shown})"))
+    return problems
+
+
+REDACTED = "<redacted>"
+
+
+def redacted_definition(definition: dict[str, Any]) -> dict[str, Any]:
+    """A definition as the API shows it: MCP header values are write-only (they hold credentials)."""
+    servers = definition.get("mcp_servers")
+    if not servers:
+        return definition
+    shown = dict(definition)
+    shown["mcp_servers"] = [
+        {**s, "headers": {k: REDACTED for k in s["headers"]}} if isinstance(s, dict) and s.get("headers") else s
+        for s in servers
+    ]
+    return shown
+
+
 class AgentResources:
     """The agent-resource RPCs of AgentService (mixed into it)."""
 
     _catalog: AgentCatalog
     _agent_store: AgentStore | None
+    _mcp_allowed_hosts: frozenset[str] = frozenset()
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -156,6 +191,8 @@ class AgentResources:
     async def GetAgent(self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext) -> pb.GetAgentResponse:
         name, rest = agent_ref("name", request.name)
         entry = await self.resolve_agent("name", name, rest)
+        if entry.compiled.mcp is not None:  # its MCP servers' tools as they are now (bounded by their connect timeout)
+            await entry.compiled.mcp.load()
         return pb.GetAgentResponse(agent=entry_to_proto(entry, version_name=rest.startswith("versions/")))
 
     async def resolve_agent(self, field: str, name: str, rest: str = "", session_id: str | None = None) -> AgentEntry:
@@ -394,12 +431,16 @@ class AgentResources:
         name = data.get("name") if isinstance(data.get("name"), str) else ""
         known = self._catalog.known_names(current_principal().tenant) | ({name} if name else set())
         try:
-            return parse_definition(
+            definition = parse_definition(
                 data, app_tools=self._catalog.app_tools, known_agents=known, allow_imports=False,
                 app_guardrails=self._catalog.app_guardrails,
             )
         except DefinitionError as exc:
             raise _definition_problem(field, exc) from None
+        refused = mcp_host_violations(definition, self._mcp_allowed_hosts)
+        if refused:
+            raise _definition_problem(field, DefinitionError(refused))
+        return definition
 
     def _build(self, field: str, definition: Any) -> None:
         try:

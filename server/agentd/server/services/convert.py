@@ -14,6 +14,7 @@ from agentd.server.runtime import events as ev
 from agentd.server.runtime.items import (
     Item,
     MessageItem,
+    ReasoningItem,
     SummaryItem,
     ToolCallItem,
     ToolResultItem,
@@ -94,6 +95,10 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
         summary.text = item.text
         summary.summarised_items = item.summarised_items
         summary.kept_items = item.kept_items
+    elif type(item) is ReasoningItem:
+        # The summary only: the encrypted reasoning never leaves the server.
+        message.reasoning.SetInParent()
+        message.reasoning.summary.extend(item.summary)
     else:
         result = message.tool_result
         result.call_id = item.call_id
@@ -142,7 +147,12 @@ def item_from_proto(message: item_pb2.Item, field: str) -> Item:
         if summary.kept_items < 0:
             raise InvalidArgument(f"{field}.summary.kept_items", "must be 0 or more")
         return SummaryItem(summary.text, summary.summarised_items, summary.kept_items, message.agent)
-    raise InvalidArgument(field, "must set one of message, tool_call, tool_result or summary")
+    if kind == "reasoning":
+        for index, part in enumerate(message.reasoning.summary):
+            check_text(f"{field}.reasoning.summary[{index}]", part)
+        # No encrypted reasoning: kept for reading, never sent to a model.
+        return ReasoningItem("", tuple(message.reasoning.summary), "", message.agent)
+    raise InvalidArgument(field, "must set one of message, tool_call, tool_result, summary or reasoning")
 
 
 def stored_item_to_proto(stored: StoredItem) -> item_pb2.Item:
@@ -174,6 +184,7 @@ def usage_to_proto(usage: Usage) -> run_event_pb2.TokenUsage:
         output_tokens=usage.output_tokens,
         total_tokens=usage.total_tokens,
         requests=usage.requests,
+        reasoning_tokens=usage.reasoning_tokens,
     )
 
 
@@ -185,6 +196,7 @@ _ERROR_CODES = {
     ev.RunErrorCode.SESSION_UNAVAILABLE: run_event_pb2.RUN_ERROR_CODE_SESSION_UNAVAILABLE,
     ev.RunErrorCode.INTERNAL: run_event_pb2.RUN_ERROR_CODE_INTERNAL,
     ev.RunErrorCode.GUARDRAIL_TRIPPED: run_event_pb2.RUN_ERROR_CODE_GUARDRAIL_TRIPPED,
+    ev.RunErrorCode.INVALID_CONTEXT: run_event_pb2.RUN_ERROR_CODE_INVALID_CONTEXT,
 }
 
 
@@ -316,6 +328,16 @@ def _guardrail_tripped(p: ev.GuardrailTripped, out: run_event_pb2.RunEvent) -> N
     m.call_id = p.call_id
 
 
+def _hosted_tool_call(p: ev.HostedToolCall, out: run_event_pb2.RunEvent) -> None:
+    m = out.hosted_tool_call
+    m.agent = p.agent
+    m.tool = p.tool
+    m.call_id = p.call_id
+    m.status = p.status
+    if p.details:
+        m.details.update(p.details)
+
+
 _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.RunStarted: _run_started,
     ev.AgentUpdated: _agent_updated,
@@ -332,6 +354,7 @@ _PAYLOAD_WRITERS: dict[type, Callable[[Any, run_event_pb2.RunEvent], None]] = {
     ev.ActionRequired: _action_required,
     ev.HistoryCompacted: _history_compacted,
     ev.GuardrailTripped: _guardrail_tripped,
+    ev.HostedToolCall: _hosted_tool_call,
 }
 
 

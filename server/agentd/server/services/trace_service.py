@@ -50,10 +50,19 @@ class TraceService(pb_grpc.TraceServiceServicer):
         start_to = validation.unix_ns("start_time_to", request.start_time_to) if request.HasField("start_time_to") else 0
         if start_from and start_to and start_from >= start_to:
             raise InvalidArgument("start_time_to", "must be later than start_time_from")
+        # Unset: any version; 0 is a version (app-module and file agents').
+        agent_version = request.agent_version if request.HasField("agent_version") else None
+        if agent_version is not None and agent_version < 0:
+            raise InvalidArgument("agent_version", f"must not be negative, got {agent_version}")
         tenant = current_principal().tenant
-        # A token continues the listing it came from: the same tenant and the same filters.
-        scope = "\x00".join((tenant, request.workflow_name, request.group_id, agent, status,
-                             str(start_from), str(start_to)))
+        # A token continues the listing it came from: the same tenant and the same filters. The
+        # version is bound only when set, so "any version" and version 0 differ, and a token from
+        # before versions were filterable still continues its listing (no filter holds a control
+        # character, so the number of parts tells them apart).
+        filters = [tenant, request.workflow_name, request.group_id, agent, status, str(start_from), str(start_to)]
+        if agent_version is not None:
+            filters.append(f"agent_version={agent_version}")
+        scope = "\x00".join(filters)
         cursor = validation.decode_page_token("traces", request.page_token, scope=scope)
         before = None
         if cursor is not None:
@@ -71,6 +80,7 @@ class TraceService(pb_grpc.TraceServiceServicer):
             status=status,
             start_from_ns=start_from,
             start_to_ns=start_to,
+            agent_version=agent_version,
         )
         traces, more = await self._store.list_traces(query)
         response = pb.ListTracesResponse(traces=[_trace_to_proto(t) for t in traces])
@@ -123,6 +133,7 @@ def _trace_to_proto(trace: TraceRecord) -> pb.Trace:
         status=_status(trace.end_ns, trace.error),
         span_count=trace.span_count,
         agents=trace.agents,
+        agent_version=trace.agent_version,
     )
     message.input_tokens, message.output_tokens = trace.token_totals()
     if trace.end_ns:

@@ -150,6 +150,8 @@ def where_clause(
         conditions.append(f"t.group_id = {param(query.group_id)}")
     if query.status:
         conditions.append(f"t.status = {param(query.status)}")
+    if query.agent_version is not None:
+        conditions.append(f"t.agent_version = {param(query.agent_version)}")
     if query.agent:
         conditions.append(
             f"EXISTS (SELECT 1 FROM {agents_table} a WHERE a.trace_id = t.trace_id AND a.agent = {param(query.agent)})"

@@ -23,6 +23,11 @@ CONTENT_ATTRIBUTES = frozenset({"arguments", "output"})
 # opening a tool span can leave it out; trace_service.proto's Span.attributes lists it.
 TOOL_NAME = "tool_name"
 
+# On a tool span of a tool an MCP server serves (agentd.server.mcp): the server's name, and
+# the tool's name on the server when the agent offers it under another (a prefixed name).
+MCP_SERVER = "mcp_server"
+MCP_TOOL = "mcp_tool"
+
 
 def parse_traceparent(header: str) -> tuple[str, str] | None:
     """(trace id, parent span id) of a W3C ``traceparent``; None when absent or malformed."""
@@ -85,6 +90,9 @@ class Tracer(Protocol):
         agent: str,
         traceparent: str = "",
         tenant: str = DEFAULT_TENANT,
+        agent_version: int = 0,
     ) -> TraceHandle:
         """``traceparent``: the caller's W3C trace context; the run's trace continues it.
-        ``tenant``: the tenant owning the run (agentd.server.tenancy); only its callers see the trace."""
+        ``tenant``: the tenant owning the run (agentd.server.tenancy); only its callers see the trace.
+        ``agent_version``: the version of the agent the run started with (``RunInput.agent_version``:
+        0 for app-module and file agents); traces are listed by it."""

@@ -72,6 +72,9 @@ class TraceRecord:
     error: str = ""
     # The tenant owning the run (agentd.server.tenancy): only its callers can list or read the trace.
     tenant: str = DEFAULT_TENANT
+    # The version of the agent the run started with (RunInput.agent_version; 0: an app-module or
+    # file agent, or a trace archived before versions were recorded).
+    agent_version: int = 0
     spans: list[SpanRecord] = field(default_factory=list)
     capture_content: bool = True
     # The caller's span this trace continues (from its traceparent); "" when it starts here.
@@ -147,6 +150,9 @@ class TraceQuery:
     status: str = ""
     start_from_ns: int = 0
     start_to_ns: int = 0
+    # Only traces whose run started with this agent version; None: any version (0 is a version:
+    # app-module and file agents').
+    agent_version: int | None = None
 
 
 class InMemoryTraceStore:
@@ -181,9 +187,10 @@ class InMemoryTraceStore:
         traceparent: str = "",
         tenant: str = DEFAULT_TENANT,
         trace_id: str = "",
+        agent_version: int = 0,
     ) -> TraceRecord:
         """``trace_id``: use this id (an exporter's); else the caller's from ``traceparent``, else a new one.
-        ``tenant``: the tenant owning the run."""
+        ``tenant``: the tenant owning the run. ``agent_version``: the starting agent's version."""
         remote = parse_traceparent(traceparent) if traceparent else None
         trace = TraceRecord(
             trace_id=trace_id or (remote[0] if remote else _new_id(16)),
@@ -196,6 +203,7 @@ class InMemoryTraceStore:
             agent=agent,
             start_ns=time.time_ns(),
             tenant=tenant,
+            agent_version=agent_version,
             on_end=self.on_trace_end,
         )
         key = (tenant, trace.trace_id)
@@ -232,6 +240,8 @@ class InMemoryTraceStore:
             if q.group_id and trace.group_id != q.group_id:
                 continue
             if q.status and trace.status != q.status:
+                continue
+            if q.agent_version is not None and trace.agent_version != q.agent_version:
                 continue
             if q.agent and q.agent != trace.agent and q.agent not in trace.agents:
                 continue

@@ -7,10 +7,10 @@ spans) and the metrics can never disagree with the traces:
 =====================================  =========  ===============================================
 metric                                 unit       attributes
 =====================================  =========  ===============================================
-``agentd.runs`` (counter)              {run}      gen_ai.agent.name, agentd.run.status,
-                                                  agentd.tenant
-``agentd.run.duration``                s          gen_ai.agent.name, agentd.run.status,
-                                                  agentd.tenant
+``agentd.runs`` (counter)              {run}      gen_ai.agent.name, agentd.agent.version,
+                                                  agentd.run.status, agentd.tenant
+``agentd.run.duration``                s          gen_ai.agent.name, agentd.agent.version,
+                                                  agentd.run.status, agentd.tenant
 ``gen_ai.client.operation.duration``   s          gen_ai.operation.name, gen_ai.request.model,
                                                   error.type (failed calls only)
 ``gen_ai.client.token.usage``          {token}    gen_ai.operation.name, gen_ai.request.model,
@@ -23,7 +23,9 @@ metric                                 unit       attributes
 =====================================  =========  ===============================================
 
 ``gen_ai.agent.name`` on run metrics is the agent the run started with (handoffs do not
-change it). ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``.
+change it) and ``agentd.agent.version`` (an int) the version of it the run pinned: 1, 2, 3...
+for an agent made through the API, 0 for an app-module or file agent; two versions behind a
+split alias are measured apart. ``agentd.run.status`` is ``completed``, ``failed`` or ``cancelled``.
 ``agentd.tenant`` is the tenant owning the run, from the run span (``default`` without
 authentication); tenants are configured, so it stays bounded. A tool
 call cancelled with its run is timed but not counted in ``agentd.tool.errors``: the
@@ -188,6 +190,7 @@ class MetricsSpanProcessor(SpanProcessor):
             outcome = "completed"
         labels = {
             "gen_ai.agent.name": attributes.get("gen_ai.agent.name", ""),
+            "agentd.agent.version": attributes.get("agentd.agent.version", 0),
             "agentd.run.status": outcome,
             "agentd.tenant": attributes.get("agentd.tenant", DEFAULT_TENANT),
         }

@@ -10,7 +10,8 @@ events is the one it finds in Jaeger or any OTLP backend, and a caller's
 Attribute names follow the OpenTelemetry GenAI semantic conventions where they exist
 (``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.usage.input_tokens``...);
 agentd's own are under ``agentd.``; the run span carries ``agentd.tenant``, the tenant
-owning the run (never who called: a subject may be personal data). Tool arguments and
+owning the run (never who called: a subject may be personal data) and
+``agentd.agent.version``, the version of the agent the run started with. Tool arguments and
 results are content: they are recorded only with ``capture_content``.
 """
 
@@ -47,6 +48,7 @@ _ATTRIBUTE_NAMES: dict[str, str] = {
     "arguments": "gen_ai.tool.call.arguments",
     "output": "gen_ai.tool.call.result",
     "run_id": "agentd.run_id",
+    "agent_version": "agentd.agent.version",
     "turns": "agentd.turns",
     "from_agent": "agentd.handoff.from_agent",
     "to_agent": "agentd.handoff.to_agent",
@@ -54,6 +56,8 @@ _ATTRIBUTE_NAMES: dict[str, str] = {
     "stage": "agentd.guardrail.stage",
     "tripwire": "agentd.guardrail.tripwire",
     "replaced": "agentd.guardrail.replaced",
+    "mcp_server": "agentd.mcp.server",
+    "mcp_tool": "agentd.mcp.tool",
 }
 
 
@@ -170,6 +174,7 @@ class OtelTracer:
         agent: str,
         traceparent: str = "",
         tenant: str = DEFAULT_TENANT,
+        agent_version: int = 0,
     ) -> _OtelTrace:
         parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
         # The tenant, never the caller's subject (a user id is personal data): spans and the
@@ -180,6 +185,7 @@ class OtelTracer:
             "agentd.workflow_name": workflow_name,
             "agentd.group_id": group_id,
             "gen_ai.agent.name": agent,
+            "agentd.agent.version": agent_version,
             **{f"agentd.metadata.{k}": v for k, v in metadata.items()},
         }
         root = self._tracer.start_span(workflow_name, context=parent, attributes=attributes)
@@ -193,5 +199,6 @@ class OtelTracer:
             traceparent=traceparent,
             tenant=tenant,
             trace_id=format(context.trace_id, "032x"),
+            agent_version=agent_version,
         )
         return _OtelTrace(record, self._tracer, root, self._capture_content)

@@ -10,8 +10,6 @@ chosen, so the embedded default never loads asyncpg or redis.
 
 from __future__ import annotations
 
-from typing import Any
-
 from agentd.server.agents.store.base import AgentStore
 from agentd.server.settings import Settings
 
@@ -50,23 +48,9 @@ def build_agent_store(settings: Settings) -> AgentStore:
 
 def _build_redis(settings: Settings) -> AgentStore:
     from agentd.server.agents.store.redis import RedisAgentStore
-    from agentd.server.redis_common import connect_redis
-    from agentd.server.sessions.factory import _redact, _redis_options, parse_nodes
+    from agentd.server.redis_common import connect_redis, redis_deployment
 
-    cluster = parse_nodes("AGENTD_REDIS_CLUSTER_NODES", settings.redis_cluster_nodes)
-    sentinels = parse_nodes("AGENTD_REDIS_SENTINELS", settings.redis_sentinels)
-    if sentinels and not settings.redis_sentinel_service:
-        raise ValueError("AGENTD_REDIS_SENTINELS is set: also set AGENTD_REDIS_SENTINEL_SERVICE (the master's name)")
-    deployment: dict[str, Any]
-    if cluster:
-        location = f"cluster {settings.redis_cluster_nodes}"
-        deployment = {"cluster_nodes": cluster}
-    elif sentinels:
-        location = f"sentinel service {settings.redis_sentinel_service} via {settings.redis_sentinels}"
-        deployment = {"sentinels": sentinels, "sentinel_service": settings.redis_sentinel_service}
-    else:
-        location = _redact(settings.redis_url)
-        deployment = {"url": settings.redis_url}
-    options: dict[str, Any] = {**_redis_options(settings), "max_connections": min(8, settings.redis_max_connections)}
+    location, deployment, options = redis_deployment(settings)
+    options["max_connections"] = min(8, settings.redis_max_connections)
     client = connect_redis(**deployment, **options, client_name="agentd-agents")
     return RedisAgentStore(client, prefix=settings.redis_prefix, location=location, timeout_s=settings.redis_timeout_s)

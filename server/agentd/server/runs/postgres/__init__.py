@@ -46,8 +46,9 @@ The package: ``store.py`` (``PostgresRunStore``), ``bus.py`` (``PostgresControlB
 ``migrations/NNNN_*.sql`` (tables and functions), and names what they define for
 Python (error codes, NOTIFY channels); ``statements.py`` holds the statements the store
 sends and reads their rows; ``listen.py`` the LISTEN connection and the wake-ups it
-drives; ``common.py`` the connection settings and error mapping the store and the bus
-share.
+drives. The connection settings, error mapping and pool lifecycle the store and the bus
+share with the other Postgres engines are ``postgres_common``'s (``PostgresConnector``,
+``PostgresEngine``).
 """
 
 from agentd.server.runs.postgres.build import build_postgres_runs

@@ -7,8 +7,8 @@ import json
 import logging
 from typing import AsyncIterator
 
+from agentd.server.postgres_common import DRIVER_ERRORS, PING_TIMEOUT_S, PostgresConnector
 from agentd.server.runs.base import ControlBus
-from agentd.server.runs.postgres.common import DRIVER_ERRORS, PING_TIMEOUT_S, Common
 from agentd.server.runs.postgres.listen import Listener
 from agentd.server.runs.postgres.schema import channel_name
 from agentd.server.runs.records import Control
@@ -21,10 +21,13 @@ log = logging.getLogger("agentd.runs")
 _NOTIFY_MAX_BYTES = 7900  # the server's limit is 8000
 
 
-class PostgresControlBus(Common, ControlBus):
+class PostgresControlBus(PostgresConnector, ControlBus):
     """``Control`` messages over NOTIFY on ``<schema>_run_control``, to every replica's
     subscribers. One LISTEN connection per bus (reconnected after failures); publishing
     goes over it too, so a bus costs a single connection."""
+
+    _what = "control bus"
+    _application = "agentd-runs-control"
 
     def __init__(
         self,
@@ -37,7 +40,7 @@ class PostgresControlBus(Common, ControlBus):
     ) -> None:
         super().__init__(
             url=url, schema=schema, connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s,
-            statement_cache_size=statement_cache_size, what="control bus",
+            statement_cache_size=statement_cache_size,
         )
         self._channel = channel_name(schema, "run_control")
         self._listener: Listener | None = None

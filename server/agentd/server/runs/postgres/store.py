@@ -3,21 +3,17 @@ the package docstring)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from contextlib import suppress
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence
 
 import asyncpg
 
-from agentd.server.postgres_common import apply_migrations, schema_version
+from agentd.server.postgres_common import DRIVER_ERRORS, PING_TIMEOUT_S, PostgresEngine
 from agentd.server.runs.base import RunStore
 from agentd.server.runs.codec import decode_event, encode_action, encode_checkpoint, encode_payload, encode_spec
-from agentd.server.runs.postgres.common import DRIVER_ERRORS, PING_TIMEOUT_S, Common
 from agentd.server.runs.postgres.listen import Listener, Signal
 from agentd.server.runs.postgres.schema import (
-    LATEST_VERSION,
     LEASE_LOST,
     MIGRATIONS,
     QUEUE_FULL,
@@ -49,40 +45,30 @@ from agentd.server.runs.records import (
     terminal_status,
 )
 from agentd.server.runtime.checkpoint import Checkpoint
-from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.runtime.events import RunEvent
 from agentd.server.runtime.run_loop import RunInput
 
 __all__ = ["PostgresRunStore"]
 
-log = logging.getLogger("agentd.runs")
-
-T = TypeVar("T")
-
-# The connection died under the operation (OSError includes TimeoutError: checked apart).
-_CONNECTION_LOST = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    # The server shut the session down or is restarting (not a cancelled statement).
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    OSError,
-)
 _SWEEP_BATCH = 1000
 _FALLBACK_POLL_S = 1.0  # a missed notification costs at most this much
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: nothing to reset (no SET, LISTEN or session-level locks on pooled
-    connections; advisory locks are transaction-scoped), so no extra round trip per call."""
+class PostgresRunStore(PostgresEngine, RunStore):
+    """Runs in a Postgres schema, shared by every replica that points at it.
 
-
-class PostgresRunStore(Common, RunStore):
-    """Runs in a Postgres schema, shared by every replica that points at it."""
+    Pool, calls (``_call``: reads, renewals and sweeps are the idempotent ones), migrations
+    and ping: ``PostgresEngine``'s; ``open`` and ``close`` add the LISTEN connection.
+    """
 
     shared = True
+    _what = "run store"
+    _application = "agentd-runs"
+    _tables = "run tables"
+    _version_table = "run_schema_version"
+    _migrations = MIGRATIONS
+    _own_sqlstate = "AGR"
+    _log = logging.getLogger("agentd.runs")
 
     def __init__(
         self,
@@ -97,15 +83,10 @@ class PostgresRunStore(Common, RunStore):
         auto_migrate: bool = True,
     ) -> None:
         super().__init__(
-            url=url, schema=schema, connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s,
-            statement_cache_size=statement_cache_size, what="run store",
+            url=url, schema=schema, min_size=min_size, max_size=max_size, statement_cache_size=statement_cache_size,
+            connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s, auto_migrate=auto_migrate,
         )
-        self._min_size = min_size
-        self._max_size = max_size
-        self._auto_migrate = auto_migrate
-        self._acquire_timeout_s = connect_timeout_s + command_timeout_s
         self._sql = statements(self._quoted)
-        self._pool: asyncpg.Pool | None = None
         self._listener: Listener | None = None
         self._closed = False
         self._work = Signal()
@@ -113,71 +94,16 @@ class PostgresRunStore(Common, RunStore):
         self._work_channel = channel_name(schema, "run_work")
         self._events_channel = channel_name(schema, "run_events")
 
-    # --- plumbing -------------------------------------------------------------------
-
-    async def _call(self, op: Callable[[asyncpg.Connection], Awaitable[T]], *, idempotent: bool = False) -> T:
-        """Run ``op`` (one statement) on a pooled connection, mapping driver failures.
-
-        Retried once on a fresh connection when the first one turned out dead: always if
-        nothing was sent on it (asyncpg refused it up front), and for ``idempotent``
-        operations (reads, renewals, sweeps) whatever happened. A write whose connection
-        died may have committed, so it is reported, not repeated. Timeouts are never
-        retried: the server may still be working on the statement.
-        Errors the functions raise on purpose come out as ``asyncpg.PostgresError``.
-        """
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailableError(f"{self._where}: not open")
-        for attempt in (1, 2):
-            try:
-                async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    try:
-                        return await op(conn)
-                    except _CONNECTION_LOST as exc:
-                        if not isinstance(exc, TimeoutError):
-                            # Possibly half-dead: never hand it out again.
-                            with suppress(asyncpg.InterfaceError):
-                                conn.terminate()
-                        raise
-            except asyncio.TimeoutError as exc:
-                raise self._unavailable(exc) from exc
-            except _CONNECTION_LOST as exc:
-                if attempt == 2 or not (idempotent or isinstance(exc, asyncpg.InternalClientError)):
-                    raise self._unavailable(exc) from exc
-                log.debug("%s: retrying on a fresh connection after %s", self._where, self._error_text(exc))
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate and exc.sqlstate.startswith("AGR"):
-                    raise
-                if isinstance(exc, asyncpg.DataError):  # a value Postgres cannot hold (NUL in text, NaN)
-                    raise ValueError(f"postgres cannot store this value: {exc}") from exc
-                raise self._unavailable(exc) from exc
-        raise AssertionError("unreachable")
+    # --- lifecycle ------------------------------------------------------------------
 
     async def open(self) -> None:
         if self._pool is not None:
             return
         self._closed = False
+        pool = await self._create_pool()
         try:
-            pool = await asyncpg.create_pool(
-                self._url,
-                min_size=self._min_size,
-                max_size=self._max_size,
-                reset=_keep_session,
-                **self._connect_kwargs("agentd-runs"),
-            )
-        except (*DRIVER_ERRORS,) as exc:
-            raise self._cannot_connect(exc) from exc
-        try:
-            current = await (self.migrate() if self._auto_migrate else self.schema_version())
-            if current < LATEST_VERSION:
-                raise StoreUnavailableError(
-                    f"{self._where}: run tables are at version {current}, this agentd needs {LATEST_VERSION}:"
-                    " run `agentd db migrate`"
-                )
-            if current > LATEST_VERSION:
-                # Migrations are additive, so older code keeps working during a rolling deploy.
-                log.warning("postgres schema %s: run tables at version %d, newer than this agentd's %d; continuing",
-                            self._schema, current, LATEST_VERSION)
+            # Before the pool is the store's: the tables are prepared on a connection of their own.
+            await self._prepare()
             listener = Listener(
                 lambda: self._connect("agentd-runs-listen"),
                 {self._work_channel: self._on_work, self._events_channel: self._on_appended},
@@ -201,15 +127,7 @@ class PostgresRunStore(Common, RunStore):
         self._on_gap()  # pending waits see _closed and end
         if listener is not None:
             await listener.close(self._command_timeout_s)
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=self._command_timeout_s)
-            except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                pool.terminate()
-
-    async def ping(self) -> None:
-        timeout = min(PING_TIMEOUT_S, self._command_timeout_s)
-        await self._call(lambda conn: conn.fetchval("SELECT 1", timeout=timeout), idempotent=True)
+        await self._close_pool(pool)
 
     # --- notifications --------------------------------------------------------------
 
@@ -229,33 +147,13 @@ class PostgresRunStore(Common, RunStore):
 
     # --- schema ---------------------------------------------------------------------
 
-    async def _admin(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """``op`` on a pooled connection, or a one-off one when not open (``agentd db``)."""
-        try:
-            if self._pool is not None:
-                async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    return await op(conn)
-            try:
-                conn = await self._connect("agentd-runs")
-            except DRIVER_ERRORS as exc:
-                raise self._cannot_connect(exc) from exc
-            try:
-                return await op(conn)
-            finally:
-                with suppress(*DRIVER_ERRORS):
-                    await conn.close(timeout=self._connect_timeout_s)
-        except DRIVER_ERRORS as exc:
-            raise self._unavailable(exc) from exc
-
     async def schema_version(self) -> int:
         """The run tables' version in the schema (0: none yet)."""
-        return await self._admin(lambda conn: schema_version(conn, self._quoted, "run_schema_version"))
+        return await self._table_version()
 
     async def migrate(self) -> int:
         """Bring the run tables to ``LATEST_VERSION`` and return the version."""
-        return await self._admin(
-            lambda conn: apply_migrations(conn, self._schema, "run_schema_version", MIGRATIONS, "run tables")
-        )
+        return await self._migrate()
 
     # --- records --------------------------------------------------------------------
 

@@ -101,8 +101,9 @@ else surfaces as ``StoreUnavailableError`` naming the location.
 The package: ``store.py`` (``RedisRunStore``), ``bus.py`` (``RedisControlBus``),
 ``build.py`` (both, from the settings); ``lua.py`` loads the scripts, ``scripts/*.lua``
 (``_prelude.lua`` first in each); ``values.py`` turns records and events into script
-arguments and replies back into records; ``ops.py`` is the plumbing the store and the
-bus share.
+arguments and replies back into records. The retries, error mapping and lifecycle the
+store and the bus share with the other Redis engines are ``redis_common``'s
+(``RedisOps``, ``RedisEngine``).
 """
 
 from agentd.server.runs.redis.build import build_redis_runs

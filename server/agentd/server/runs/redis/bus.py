@@ -7,10 +7,9 @@ import json
 import logging
 from typing import AsyncIterator
 
-from agentd.server.redis_common import FAILURES, RedisClient, describe_client, text, utf8
+from agentd.server.redis_common import FAILURES, RedisClient, RedisOps, check_prefix, close_client, text, utf8
 from agentd.server.runs.base import ControlBus
 from agentd.server.runs.records import Control
-from agentd.server.runs.redis.ops import RedisOps, close_client
 
 __all__ = ["RedisControlBus"]
 
@@ -38,11 +37,8 @@ class RedisControlBus(RedisOps, ControlBus):
         timeout_s: float = 5.0,
         idle_ping_s: float = 5.0,
     ) -> None:
-        super().__init__()
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
-        self._client = client
-        self._location = location or describe_client(client)
+        check_prefix(prefix)
+        super().__init__(client, what="redis run store", location=location)
         self._channel = utf8(f"{prefix}:runs:control")
         self._timeout_s = timeout_s
         self._idle_ping_s = idle_ping_s

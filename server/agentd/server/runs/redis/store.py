@@ -7,18 +7,9 @@ import asyncio
 import json
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-from agentd.server.redis_common import (
-    FAILURES,
-    LuaScript,
-    RedisClient,
-    RedisTooOldError,
-    check_server_version,
-    describe_client,
-    text,
-    utf8,
-)
+from agentd.server.redis_common import RedisClient, RedisEngine, close_client, text, utf8
 from agentd.server.runs import codec
 from agentd.server.runs.base import RunStore
 from agentd.server.runs.records import (
@@ -42,7 +33,6 @@ from agentd.server.runs.records import (
     terminal_status,
 )
 from agentd.server.runs.redis import lua
-from agentd.server.runs.redis.ops import Closed, RedisOps, close_client
 from agentd.server.runs.redis.values import (
     ACTION,
     event_args,
@@ -65,7 +55,11 @@ GROUP = "workers"  # the queue's consumer group, as the scripts name it
 _BATCH = 500  # runs per script in requeue_expired and sweep
 
 
-class RedisRunStore(RedisOps, RunStore):
+class Closed(Exception):
+    """A blocking wait ended because the store closed."""
+
+
+class RedisRunStore(RedisEngine, RunStore):
     """Runs in Redis; any number of replicas share one prefix.
 
     ``client`` serves every short command; ``blocking_client`` only the blocking reads
@@ -87,14 +81,10 @@ class RedisRunStore(RedisOps, RunStore):
         timeout_s: float = 5.0,
         reclaim_idle_s: float = 5.0,
     ) -> None:
-        super().__init__()
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
-        self._client = client
+        super().__init__(
+            client, what="redis run store", lua=lua, prefix=prefix, location=location, timeout_s=timeout_s
+        )
         self._blocking = blocking_client
-        self._prefix = prefix
-        self._location = location or describe_client(client)
-        self._timeout_s = timeout_s
         self._reclaim_idle_ms = max(1, int(reclaim_idle_s * 1000))
         base = f"{prefix}:{{{prefix}:runs}}:"
         self._base_str = base
@@ -105,14 +95,6 @@ class RedisRunStore(RedisOps, RunStore):
         self._waits: set[asyncio.Future[Any]] = set()
 
     # --- keys -------------------------------------------------------------------------
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    @property
-    def location(self) -> str:
-        return self._location
 
     @property
     def key_base(self) -> str:
@@ -130,17 +112,6 @@ class RedisRunStore(RedisOps, RunStore):
         return self._base + b"tenant:" + utf8(tenant) + b":" + what.encode()
 
     # --- plumbing ---------------------------------------------------------------------
-
-    async def _load_scripts(self) -> None:
-        for script in lua.SCRIPTS:
-            await self._client.script_load(script.source)
-
-    async def _eval(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or failed-over server; the script did not run
-            await self._load_scripts()
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _wait(self, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         """A blocking command, bounded by ``timeout_s`` (its client has no socket timeout) and
@@ -171,23 +142,10 @@ class RedisRunStore(RedisOps, RunStore):
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def open(self) -> None:
-        if self._open:
-            return
+    # open and ping: RedisEngine's; open also creates the queue's consumer group
 
-        async def connect() -> None:
-            await asyncio.wait_for(self._client.ping(), self._timeout_s)
-            await check_server_version(self._client, self._location)
-            await self._load_scripts()
-            await self._ensure_group()
-
-        try:
-            await self._retries.connect(connect)
-        except RedisTooOldError as exc:
-            raise StoreUnavailableError(str(exc)) from None
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
-        self._open = True
+    async def _on_connect(self) -> None:
+        await self._ensure_group()
 
     async def close(self) -> None:
         self._open = False
@@ -197,14 +155,6 @@ class RedisRunStore(RedisOps, RunStore):
             await close_client(self._blocking)
         finally:
             await close_client(self._client)
-
-    async def ping(self) -> None:
-        if not self._open:
-            raise StoreUnavailableError(f"redis run store at {self._location}: not open")
-        try:
-            await asyncio.wait_for(self._client.ping(), self._timeout_s)
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
 
     # --- records ----------------------------------------------------------------------
 

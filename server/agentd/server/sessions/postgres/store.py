@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
 from contextlib import asynccontextmanager, suppress
@@ -12,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import asyncpg
 
-from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
+from agentd.server.postgres_common import PING_TIMEOUT_S, PostgresEngine, apply_migrations, location, schema_version
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
@@ -33,14 +32,11 @@ from agentd.server.tenancy import DEFAULT_TENANT
 
 __all__ = ["PostgresSessionStore"]
 
-log = logging.getLogger("agentd.store")
-
 T = TypeVar("T")
 
 # Failures that say nothing about the statement but much about the connection.
 _CONNECTION_IN_DOUBT = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _SWEEP_BATCH = 1000
-_PING_TIMEOUT_S = 2.0
 _MAX_SEQ = 2**63 - 1  # sequences are bigint
 
 
@@ -78,16 +74,22 @@ def _stored(session_id: str, row: asyncpg.Record) -> StoredItem:
     return StoredItem(session_id=session_id, sequence=seq, created_at=created_at, item=item_from_dict(json.loads(data)))
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: nothing to reset. The store leaves no session state behind (no
-    SET, LISTEN, cursors or session advisory locks; an open transaction is still rolled
-    back by the pool), so the default reset query would only add a round trip per call."""
+class PostgresSessionStore(PostgresEngine, SessionStore):
+    """Sessions in a Postgres schema, shared by every replica that points at it.
 
-
-class PostgresSessionStore(SessionStore):
-    """Sessions in a Postgres schema, shared by every replica that points at it."""
+    Pool, open, close: ``PostgresEngine``'s. Calls go through ``_connection``, which also
+    maps the session errors, and retry only connections that were dead before use.
+    """
 
     backend = "postgres"
+    _tables = "session tables"
+    _migrations = MIGRATIONS
+    # The session tables came first, and keep their wording.
+    _too_old = (
+        "postgres schema {schema} at {location} is at version {current}, this agentd needs {latest}:"
+        " run `agentd db migrate`"
+    )
+    _newer = "postgres schema {schema} is at version {current}, newer than this agentd's {latest}; continuing"
 
     def __init__(
         self,
@@ -102,46 +104,18 @@ class PostgresSessionStore(SessionStore):
         default_ttl_s: float | None = None,
         auto_migrate: bool = True,
     ) -> None:
-        self._quoted = check_schema(schema)
-        self._url = url
-        self._error_text = ErrorText(url)
-        self._schema = schema
-        self._min_size = min_size
-        self._max_size = max_size
-        self._statement_cache_size = statement_cache_size
-        self._connect_timeout_s = connect_timeout_s
-        self._command_timeout_s = command_timeout_s
-        # Waiting for a pooled connection covers a busy pool and a reconnect, not forever.
-        self._acquire_timeout_s = connect_timeout_s + command_timeout_s
+        super().__init__(
+            url=url, schema=schema, min_size=min_size, max_size=max_size, statement_cache_size=statement_cache_size,
+            connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s, auto_migrate=auto_migrate,
+        )
+        self._where = f"postgres store at {location(url)}"  # the session store's messages name no schema
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
-        self._auto_migrate = auto_migrate
-        self._where = f"postgres store at {location(url)}"
         self._sql = Statements().for_schema(self._quoted)
-        self._pool: asyncpg.Pool | None = None
-
-    @property
-    def schema(self) -> str:
-        return self._schema
 
     # --- plumbing -------------------------------------------------------------------
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(f"{self._where}: {self._error_text(exc)}")
-
-    def _cannot_connect(self, exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(
-            f"{self._where}: cannot connect ({self._error_text(exc)}); check that the server is running"
-            " and reachable from here, and that the URL's user, password and database are right"
-        )
-
-    def _connect_kwargs(self) -> dict[str, Any]:
-        return {
-            "statement_cache_size": self._statement_cache_size,
-            "timeout": self._connect_timeout_s,
-            "command_timeout": self._command_timeout_s,
-            # Lets an operator find (or terminate) agentd's connections in pg_stat_activity.
-            "server_settings": {"application_name": "agentd"},
-        }
 
     @asynccontextmanager
     async def _connection(
@@ -176,7 +150,7 @@ class PostgresSessionStore(SessionStore):
                         raise
             else:
                 try:
-                    conn = await asyncpg.connect(self._url, **self._connect_kwargs())
+                    conn = await self._connect()
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     raise self._cannot_connect(exc) from exc
                 try:
@@ -212,52 +186,8 @@ class PostgresSessionStore(SessionStore):
         async with self._connection(session_id) as conn:
             return await op(conn)
 
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        try:
-            pool = await asyncpg.create_pool(
-                self._url,
-                min_size=self._min_size,
-                max_size=self._max_size,
-                reset=_keep_session,
-                **self._connect_kwargs(),
-            )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise self._cannot_connect(exc) from exc
-        self._pool = pool
-        try:
-            status = await (self.migrate() if self._auto_migrate else self.schema_status())
-            if status.current < status.latest:
-                raise StoreUnavailableError(
-                    f"postgres schema {self._schema} at {location(self._url)} is at version {status.current},"
-                    f" this agentd needs {status.latest}: run `agentd db migrate`"
-                )
-            if status.current > status.latest:
-                # Migrations are additive, so older code keeps working during a rolling deploy.
-                log.warning(
-                    "postgres schema %s is at version %d, newer than this agentd's %d; continuing",
-                    self._schema,
-                    status.current,
-                    status.latest,
-                )
-        except BaseException:
-            self._pool = None
-            pool.terminate()
-            raise
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            # Lets in-flight calls finish; a stuck connection is cut off after the timeout.
-            await asyncio.wait_for(pool.close(), timeout=self._command_timeout_s)
-        except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            pool.terminate()
-
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.fetchval("SELECT 1", timeout=min(_PING_TIMEOUT_S, self._command_timeout_s)))
+        await self._run(lambda conn: conn.fetchval("SELECT 1", timeout=min(PING_TIMEOUT_S, self._command_timeout_s)))
 
     # --- schema ---------------------------------------------------------------------
 
@@ -269,16 +199,20 @@ class PostgresSessionStore(SessionStore):
             latest=LATEST_VERSION,
         )
 
-    async def schema_status(self) -> SchemaStatus:
+    async def _table_version(self) -> int:
         async with self._connection(admin=True) as conn:
-            current = await schema_version(conn, self._quoted, "schema_version")
-        return self._status(current)
+            return await schema_version(conn, self._quoted, self._version_table)
+
+    async def _migrate(self) -> int:
+        async with self._connection(admin=True) as conn:
+            return await apply_migrations(conn, self._schema, self._version_table, self._migrations, self._tables)
+
+    async def schema_status(self) -> SchemaStatus:
+        return self._status(await self._table_version())
 
     async def migrate(self) -> SchemaStatus:
         """Bring the schema to ``LATEST_VERSION`` (see ``postgres_common.apply_migrations``)."""
-        async with self._connection(admin=True) as conn:
-            current = await apply_migrations(conn, self._schema, "schema_version", MIGRATIONS, "session tables")
-        return self._status(current)
+        return self._status(await self._migrate())
 
     async def sweep_expired(self) -> int:
         removed = 0

@@ -3,25 +3,14 @@ docstring for the keys, what is atomic, expiry and retries)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from agentd.server.redis_common import (
-    FAILURES,
-    LuaScript,
-    RedisClient,
-    RedisTooOldError,
-    RetryPolicy,
-    check_server_version,
-    describe_client,
-    text,
-    utf8,
-)
-from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
+from agentd.server.redis_common import FAILURES, LuaScript, RedisClient, RedisEngine, text, utf8
+from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
     History,
@@ -52,14 +41,12 @@ from agentd.server.tenancy import DEFAULT_TENANT, tenant_of
 
 __all__ = ["RedisSessionStore"]
 
-T = TypeVar("T")
-
 _SWEEP_BATCH = 500
 _LIST_READ_AHEAD_MAX = 1000
 _MAX_SEQ = 2**63 - 1  # what the other stores' sequences can reach; beyond it there are no items
 
 
-class RedisSessionStore(SessionStore):
+class RedisSessionStore(RedisEngine, SessionStore):
     """Sessions in Redis; any number of server replicas may share one prefix.
 
     ``client`` is owned by the store from now on (``close`` closes it). Build it with
@@ -78,27 +65,14 @@ class RedisSessionStore(SessionStore):
         location: str = "",
         ping_timeout_s: float = 5.0,
     ) -> None:
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
-        self._client = client
+        super().__init__(
+            client, what="redis store", lua=lua, prefix=prefix, location=location, timeout_s=ping_timeout_s
+        )
         self._cluster = isinstance(client, RedisCluster)
-        self._prefix = prefix
         self._key_head = utf8(f"{prefix}:session:")
         self._index = utf8(f"{prefix}:sessions")  # the default tenant's; others: _index_of(tenant)
         self._expiries = utf8(f"{prefix}:expiries")
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
-        self._location = location or describe_client(client)
-        self._ping_timeout_s = ping_timeout_s
-        self._open = False
-        self._retries = RetryPolicy()
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    @property
-    def location(self) -> str:
-        return self._location
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -107,31 +81,6 @@ class RedisSessionStore(SessionStore):
         tag = session_id.replace("%", "%25").replace("}", "%7D") or "%"
         base = self._key_head + b"{" + utf8(tag) + b"}:"
         return base + b"info", base + b"items", base + b"state", base + b"meta", base + b"requests"
-
-    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        detail = str(exc) or type(exc).__name__
-        return StoreUnavailableError(f"redis store at {self._location}: {detail}")
-
-    async def _run(self, op: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
-        """One store operation with the retry policy its idempotency allows."""
-        if not self._open:
-            raise StoreUnavailableError(f"redis store at {self._location}: not open")
-        return await self._retries.run(op, idempotent=idempotent, unavailable=self._unavailable)
-
-    async def _load_scripts(self) -> None:
-        for script in lua.SCRIPTS:
-            sha = await self._client.script_load(script.source)
-            if isinstance(sha, bytes):
-                sha = sha.decode("ascii")
-            if sha != script.sha:  # pragma: no cover - would mean Redis hashes differently
-                raise RedisError(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
-
-    async def _eval(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or failed-over server; the script did not run
-            await self._load_scripts()
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _pipeline(self, build: Callable[[Any], None], *, atomic: bool) -> list[Any]:
         """One round trip; ``atomic`` wraps it in MULTI/EXEC where Redis allows (not Cluster).
@@ -165,41 +114,7 @@ class RedisSessionStore(SessionStore):
         changed: int = await self._eval(lua.ZFIX, (key,), changes)
         return changed
 
-    # --- lifecycle ------------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self._open:
-            return
-
-        async def connect() -> None:
-            await asyncio.wait_for(self._client.ping(), self._ping_timeout_s)
-            await check_server_version(self._client, self._location)
-            await self._load_scripts()
-
-        try:
-            await self._retries.connect(connect)
-        except RedisTooOldError as exc:
-            raise StoreUnavailableError(str(exc)) from None
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
-        self._open = True
-
-    async def close(self) -> None:
-        self._open = False
-        client = self._client
-        await client.aclose()
-        # A Sentinel-backed client's pool holds the Sentinel connections separately.
-        manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
-        if manager is not None:
-            await manager.aclose()
-
-    async def ping(self) -> None:
-        if not self._open:
-            raise StoreUnavailableError(f"redis store at {self._location}: not open")
-        try:
-            await asyncio.wait_for(self._client.ping(), self._ping_timeout_s)
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
+    # lifecycle (open, close, ping): RedisEngine's
 
     # --- sessions -------------------------------------------------------------------
 

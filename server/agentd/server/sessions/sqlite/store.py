@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import time
-from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
-from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
+from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError
 from agentd.server.runtime.items import Item, item_from_dict
-from agentd.server.sqlite_worker import SqliteWorker, connect, transaction
+from agentd.server.sqlite_worker import SqliteEngine
 from agentd.server.sessions.base import (
     History,
     SessionPage,
     SessionRecord,
     SessionStore,
     StoredItem,
-    SchemaStatus,
     check_limit,
     decode_cursor,
     encode_cursor,
     expiry,
     resolve_ttl,
 )
-from agentd.server.sessions.sqlite.schema import LATEST_VERSION, MIGRATIONS
+from agentd.server.sessions.sqlite.schema import MIGRATIONS
 from agentd.server.tenancy import DEFAULT_TENANT
 
 __all__ = ["SqliteSessionStore"]
@@ -34,8 +31,6 @@ __all__ = ["SqliteSessionStore"]
 _SESSION_COLUMNS = "id, created_at, updated_at, metadata, state, item_count, ttl_s, expires_at"
 # A session is visible while it has no expiry or its expiry is still ahead of ?now.
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
-
-T = TypeVar("T")
 
 _MAX_SEQ = 2**63 - 1
 
@@ -110,85 +105,22 @@ def _insert_session(
     )
 
 
-class SqliteSessionStore(SessionStore):
-    """Sessions in one SQLite file (or ``":memory:"``), driven from a single worker thread."""
+class SqliteSessionStore(SqliteEngine, SessionStore):
+    """Sessions in one SQLite file (or ``":memory:"``), driven from a single worker thread.
+
+    Open, close, ping, schema status and migrations: ``SqliteEngine``'s.
+    """
 
     backend = "sqlite"
+    _migrations = MIGRATIONS
 
     def __init__(
         self, path: str | os.PathLike[str], *, default_ttl_s: float | None = None, auto_migrate: bool = True
     ) -> None:
-        self._path = os.fspath(path)
+        path = os.fspath(path)
+        super().__init__(path, auto_migrate=auto_migrate, location=f"sqlite store at {path}",
+                         thread_name="agentd-sqlite")
         self._default_ttl_s = resolve_ttl(default_ttl_s, None)
-        self._auto_migrate = auto_migrate
-        self._worker = SqliteWorker(self._path, f"sqlite store at {self._path}", "agentd-sqlite")
-
-    # --- plumbing -------------------------------------------------------------------
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        status = transaction(conn, self._auto_migrate, self._migrate_or_check)
-        if status.pending:
-            raise StoreUnavailableError(
-                f"sqlite store at {self._path}: schema is at version {status.current}, this agentd needs "
-                f"{status.latest}: run `agentd db migrate`"
-            )
-
-    def _status(self, conn: sqlite3.Connection) -> SchemaStatus:
-        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
-        current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] if exists else None
-        return SchemaStatus("sqlite", self._path, current or 0, LATEST_VERSION)
-
-    def _migrate_or_check(self, conn: sqlite3.Connection) -> SchemaStatus:
-        return self._apply_migrations(conn) if self._auto_migrate else self._status(conn)
-
-    def _apply_migrations(self, conn: sqlite3.Connection) -> SchemaStatus:
-        """Runs in one write transaction, so concurrent openers apply each migration once."""
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        status = self._status(conn)
-        # Not executescript: it would COMMIT our transaction before running.
-        for version in range(status.current + 1, LATEST_VERSION + 1):
-            for statement in MIGRATIONS[version - 1].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        return self._status(conn)
-
-    async def _run(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._worker.run(write, fn)
-
-    async def open(self) -> None:
-        await self._worker.open(self._prepare)
-
-    async def close(self) -> None:
-        await self._worker.close()
-
-    async def ping(self) -> None:
-        await self._run(False, lambda conn: conn.execute("SELECT 1").fetchone())
-
-    async def _with_connection(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """For the ``agentd db`` commands: use the open store, or a short-lived connection."""
-        if self._worker.is_open:
-            return await self._run(write, fn)
-
-        def standalone() -> T:
-            conn = connect(self._path)
-            try:
-                return transaction(conn, write, fn)
-            finally:
-                conn.close()
-
-        try:
-            return await asyncio.to_thread(standalone)
-        except sqlite3.Error as exc:
-            raise self._worker.unavailable(exc) from exc
-
-    async def schema_status(self) -> SchemaStatus:
-        if not self._worker.is_open and self._path != ":memory:" and not Path(self._path).exists():
-            return SchemaStatus("sqlite", self._path, 0, LATEST_VERSION)  # looking must not create the file
-        return await self._with_connection(False, self._status)
-
-    async def migrate(self) -> SchemaStatus:
-        return await self._with_connection(True, self._apply_migrations)
 
     async def sweep_expired(self) -> int:
         now = time.time()

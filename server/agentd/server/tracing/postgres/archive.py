@@ -34,7 +34,7 @@ log = logging.getLogger("agentd.tracing")
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"
-    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant"
+    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version"
 )
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
 
@@ -76,6 +76,7 @@ def _trace(row: asyncpg.Record) -> ArchivedTrace:
         end_ns=row["end_ns"],
         error=row["error"],
         tenant=row["tenant"],
+        agent_version=row["agent_version"],
         stored_agents=json.loads(row["agents"]),
         input_tokens=row["input_tokens"],
         output_tokens=row["output_tokens"],
@@ -218,12 +219,13 @@ class PostgresTraceArchive(TraceArchive):
         )
         status = await conn.execute(
             f"INSERT INTO {q}.traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status,"
-            " error, start_ns, end_ns, input_tokens, output_tokens, span_count, tenant)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15)"
+            " error, start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             " ON CONFLICT (trace_id) DO NOTHING",
             trace.trace_id, _text(trace.run_id), _text(trace.workflow_name), _text(trace.group_id),
             _json(trace.metadata), _text(trace.agent), _json(agents), trace.status, _text(trace.error),
             trace.start_ns, trace.end_ns, input_tokens, output_tokens, len(spans), trace.tenant,
+            trace.agent_version,
         )
         if status.split()[-1] == "0":
             log.warning("trace %s not archived: the archive holds another tenant's trace with this id",

@@ -31,14 +31,15 @@ log = logging.getLogger("agentd.tracing")
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata, t.agent, t.agents, t.error,"
-    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant"
+    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version"
 )
 
 T = TypeVar("T")
 
 
 def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
-    (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count, tenant) = row
+    (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count, tenant,
+     agent_version) = row
     return ArchivedTrace(
         trace_id=trace_id,
         run_id=run_id,
@@ -50,6 +51,7 @@ def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
         end_ns=end,
         error=error,
         tenant=tenant,
+        agent_version=agent_version,
         stored_agents=json.loads(agents),
         input_tokens=tin,
         output_tokens=tout,
@@ -80,12 +82,12 @@ def _insert(conn: sqlite3.Connection, trace: TraceRecord) -> None:
     conn.execute("DELETE FROM traces WHERE trace_id = ? AND tenant = ?", (trace.trace_id, trace.tenant))
     inserted = conn.execute(
         "INSERT INTO traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status, error,"
-        " start_ns, end_ns, input_tokens, output_tokens, span_count, tenant)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
+        " start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
         (
             trace.trace_id, trace.run_id, trace.workflow_name, trace.group_id, dumps(trace.metadata), trace.agent,
             dumps(agents), trace.status, trace.error, trace.start_ns, trace.end_ns, input_tokens, output_tokens,
-            len(spans), trace.tenant,
+            len(spans), trace.tenant, trace.agent_version,
         ),
     ).rowcount
     if not inserted:

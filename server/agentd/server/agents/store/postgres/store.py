@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from contextlib import suppress
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Sequence
 
 import asyncpg
 
@@ -46,41 +43,27 @@ from agentd.server.agents.store.postgres.schema import (
     VERSION_TABLE,
 )
 from agentd.server.agents.store.postgres.statements import Statements
-from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
-from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.postgres_common import PostgresEngine, location
 from agentd.server.sessions.base import SchemaStatus
 
 __all__ = ["PostgresAgentStore"]
 
-log = logging.getLogger("agentd.store")
-
-T = TypeVar("T")
-
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
-                  asyncio.TimeoutError)
-# The connection died under the operation (OSError includes TimeoutError: checked apart).
-_CONNECTION_LOST = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    OSError,
-)
-_PING_TIMEOUT_S = 2.0
 _MAX_VERSION = 2**63 - 1  # versions are bigint
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: nothing to reset (no SET, LISTEN or session-level locks on pooled
-    connections), so no extra round trip per call."""
+class PostgresAgentStore(PostgresEngine, AgentStore):
+    """Agents in a Postgres schema, shared by every replica that points at it.
 
-
-class PostgresAgentStore(AgentStore):
-    """Agents in a Postgres schema, shared by every replica that points at it."""
+    Pool, calls, migrations, open, close and ping: ``PostgresEngine``'s.
+    """
 
     backend = "postgres"
+    _what = "agent store"
+    _application = "agentd-agents"
+    _tables = "agent tables"
+    _version_table = VERSION_TABLE
+    _migrations = MIGRATIONS
+    _own_sqlstate = "AGA"
 
     def __init__(
         self,
@@ -94,164 +77,29 @@ class PostgresAgentStore(AgentStore):
         command_timeout_s: float = 10.0,
         auto_migrate: bool = True,
     ) -> None:
-        self._quoted = check_schema(schema)
-        self._url = url
-        self._schema = schema
-        self._min_size = min_size
-        self._max_size = max_size
-        self._statement_cache_size = statement_cache_size
-        self._connect_timeout_s = connect_timeout_s
-        self._command_timeout_s = command_timeout_s
-        # Waiting for a pooled connection covers a busy pool and a reconnect, not forever.
-        self._acquire_timeout_s = connect_timeout_s + command_timeout_s
-        self._auto_migrate = auto_migrate
-        self._error_text = ErrorText(url)
-        self._where = f"postgres agent store at {location(url)} schema {schema}"
+        super().__init__(
+            url=url, schema=schema, min_size=min_size, max_size=max_size, statement_cache_size=statement_cache_size,
+            connect_timeout_s=connect_timeout_s, command_timeout_s=command_timeout_s, auto_migrate=auto_migrate,
+        )
         self._sql = Statements().for_schema(self._quoted)
-        self._pool: asyncpg.Pool | None = None
-
-    @property
-    def schema(self) -> str:
-        return self._schema
-
-    @property
-    def location(self) -> str:
-        return self._where
 
     # --- plumbing -------------------------------------------------------------------
-
-    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        if isinstance(exc, asyncio.TimeoutError) and not str(exc):
-            return StoreUnavailableError(f"{self._where}: no answer within the timeout (TimeoutError)")
-        return StoreUnavailableError(f"{self._where}: {self._error_text(exc)}")
-
-    def _cannot_connect(self, exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(
-            f"{self._where}: cannot connect ({self._error_text(exc)}); check that the server is running"
-            " and reachable from here, and that the URL's user, password and database are right"
-        )
-
-    def _connect_kwargs(self) -> dict[str, Any]:
-        return {
-            "statement_cache_size": self._statement_cache_size,
-            "timeout": self._connect_timeout_s,
-            "command_timeout": self._command_timeout_s,
-            "server_settings": {"application_name": "agentd-agents"},
-        }
-
-    async def _call(self, op: Callable[[asyncpg.Connection], Awaitable[T]], *, idempotent: bool = False) -> T:
-        """Run ``op`` (one statement) on a pooled connection, mapping driver failures.
-
-        Retried once on a fresh connection when the first turned out dead: always if
-        nothing was sent on it (asyncpg refused it up front), and for ``idempotent``
-        operations (reads) whatever happened. A write whose connection died may have
-        committed, so it is reported, not repeated. Timeouts are never retried.
-        The functions' own errors (``AGA..``) come out as ``asyncpg.PostgresError``.
-        """
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailableError(f"{self._where}: not open")
-        for attempt in (1, 2):
-            try:
-                async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    try:
-                        return await op(conn)
-                    except _CONNECTION_LOST as exc:
-                        if not isinstance(exc, TimeoutError):
-                            # Possibly half-dead: never hand it out again.
-                            with suppress(asyncpg.InterfaceError):
-                                conn.terminate()
-                        raise
-            except asyncio.TimeoutError as exc:
-                raise self._unavailable(exc) from exc
-            except _CONNECTION_LOST as exc:
-                if attempt == 2 or not (idempotent or isinstance(exc, asyncpg.InternalClientError)):
-                    raise self._unavailable(exc) from exc
-                log.debug("%s: retrying on a fresh connection after %s", self._where, self._error_text(exc))
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate and exc.sqlstate.startswith("AGA"):
-                    raise
-                if isinstance(exc, asyncpg.DataError):  # a value Postgres cannot hold (NUL in text)
-                    raise ValueError(f"postgres cannot store this value: {exc}") from exc
-                raise self._unavailable(exc) from exc
-        raise AssertionError("unreachable")
 
     async def _write(self, sql: str, *args: Any) -> Any:
         """One write function; its ``AGA..`` errors are left for the caller to translate."""
         return await self._call(lambda conn: conn.fetchval(sql, *args))
 
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        try:
-            pool = await asyncpg.create_pool(
-                self._url, min_size=self._min_size, max_size=self._max_size, reset=_keep_session,
-                **self._connect_kwargs(),
-            )
-        except _DRIVER_ERRORS as exc:
-            raise self._cannot_connect(exc) from exc
-        self._pool = pool
-        try:
-            status = await (self.migrate() if self._auto_migrate else self.schema_status())
-            if status.current < status.latest:
-                raise StoreUnavailableError(
-                    f"{self._where}: agent tables are at version {status.current}, this agentd needs"
-                    f" {status.latest}: run `agentd db migrate`"
-                )
-            if status.current > status.latest:
-                # Migrations are additive, so older code keeps working during a rolling deploy.
-                log.warning("postgres schema %s: agent tables at version %d, newer than this agentd's %d;"
-                            " continuing", self._schema, status.current, status.latest)
-        except BaseException:
-            self._pool = None
-            pool.terminate()
-            raise
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), timeout=self._command_timeout_s)
-        except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            pool.terminate()
-
-    async def ping(self) -> None:
-        timeout = min(_PING_TIMEOUT_S, self._command_timeout_s)
-        await self._call(lambda conn: conn.fetchval("SELECT 1", timeout=timeout), idempotent=True)
-
     # --- schema ---------------------------------------------------------------------
-
-    async def _admin(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """``op`` on a pooled connection, or a one-off one when not open (``agentd db``)."""
-        try:
-            if self._pool is not None:
-                async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    return await op(conn)
-            try:
-                conn = await asyncpg.connect(self._url, **self._connect_kwargs())
-            except _DRIVER_ERRORS as exc:
-                raise self._cannot_connect(exc) from exc
-            try:
-                return await op(conn)
-            finally:
-                with suppress(*_DRIVER_ERRORS):
-                    await conn.close(timeout=self._connect_timeout_s)
-        except _DRIVER_ERRORS as exc:
-            raise self._unavailable(exc) from exc
 
     def _status(self, current: int) -> SchemaStatus:
         return SchemaStatus(self.backend, f"{location(self._url)} schema {self._schema}", current, LATEST_VERSION)
 
     async def schema_status(self) -> SchemaStatus:
-        return self._status(await self._admin(lambda conn: schema_version(conn, self._quoted, VERSION_TABLE)))
+        return self._status(await self._table_version())
 
     async def migrate(self) -> SchemaStatus:
         """Bring the agent tables to ``LATEST_VERSION`` (see ``postgres_common.apply_migrations``)."""
-        current = await self._admin(
-            lambda conn: apply_migrations(conn, self._schema, VERSION_TABLE, MIGRATIONS, "agent tables")
-        )
-        return self._status(current)
+        return self._status(await self._migrate())
 
     # --- agents and versions ---------------------------------------------------------
 

@@ -3,12 +3,9 @@ docstring for the keys, what is atomic and retries)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
-
-from redis.exceptions import NoScriptError, RedisError
+from typing import Any, Iterable, Sequence
 
 from agentd.server.agents.store.base import (
     CHANGE_FEED_LIMIT,
@@ -35,22 +32,9 @@ from agentd.server.agents.store.base import (
     load_definition,
 )
 from agentd.server.agents.store.redis import lua
-from agentd.server.redis_common import (
-    FAILURES,
-    LuaScript,
-    RedisClient,
-    RedisTooOldError,
-    RetryPolicy,
-    check_server_version,
-    describe_client,
-    text,
-    utf8,
-)
-from agentd.server.runtime.errors import StoreUnavailableError
+from agentd.server.redis_common import LuaScript, RedisClient, RedisEngine, text, utf8
 
 __all__ = ["RedisAgentStore"]
-
-T = TypeVar("T")
 
 _MAX_VERSION = 2**63 - 1  # what the SQL stores' versions can reach
 
@@ -70,7 +54,7 @@ def _alias(tenant: str, agent: str, alias: str, value: bytes) -> AliasRecord:
     return AliasRecord(tenant, agent, alias, tuple((int(v), int(w)) for v, w in routes), float(update_time))
 
 
-class RedisAgentStore(AgentStore):
+class RedisAgentStore(RedisEngine, AgentStore):
     """Agents in Redis; any number of replicas share one prefix (the session store's).
 
     ``client`` is owned by the store from now on (``close`` closes it). Build it with
@@ -88,28 +72,15 @@ class RedisAgentStore(AgentStore):
         location: str = "",
         timeout_s: float = 5.0,
     ) -> None:
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"redis key prefix must be non-empty and free of braces, got {prefix!r}")
-        self._client = client
-        self._prefix = prefix
-        self._location = location or describe_client(client)
-        self._timeout_s = timeout_s
-        self._open = False
-        self._retries = RetryPolicy()
+        super().__init__(
+            client, what="redis agent store", lua=lua, prefix=prefix, location=location, timeout_s=timeout_s
+        )
         base = f"{prefix}:{{{prefix}:agents}}:"
         self._base_str = base
         self._base = utf8(base)
         self._revision_key = self._base + b"revision"
         self._changes_key = self._base + b"changes"
         self._tenants_key = self._base + b"tenants"
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    @property
-    def location(self) -> str:
-        return self._location
 
     @property
     def key_base(self) -> str:
@@ -134,71 +105,12 @@ class RedisAgentStore(AgentStore):
             self._index_key(tenant),
         )
 
-    def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        detail = str(exc) or type(exc).__name__
-        return StoreUnavailableError(f"redis agent store at {self._location}: {detail}")
-
-    async def _run(self, op: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
-        """One store operation with the retry policy its idempotency allows."""
-        if not self._open:
-            raise StoreUnavailableError(f"redis agent store at {self._location}: not open")
-        return await self._retries.run(op, idempotent=idempotent, unavailable=self._unavailable)
-
-    async def _load_scripts(self) -> None:
-        for script in lua.SCRIPTS:
-            sha = await self._client.script_load(script.source)
-            if isinstance(sha, bytes):
-                sha = sha.decode("ascii")
-            if sha != script.sha:  # pragma: no cover - would mean Redis hashes differently
-                raise RedisError(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
-
-    async def _eval(self, script: LuaScript, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted or failed-over server; the script did not run
-            await self._load_scripts()
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-
     async def _script(self, script: LuaScript, tenant: str, name: str, *args: Any, idempotent: bool) -> Any:
         keys = self._keys(tenant, name)
         argv = (tenant, name, *args)
         return await self._run(lambda: self._eval(script, keys, argv), idempotent=idempotent)
 
-    # --- lifecycle ------------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self._open:
-            return
-
-        async def connect() -> None:
-            await asyncio.wait_for(self._client.ping(), self._timeout_s)
-            await check_server_version(self._client, self._location)
-            await self._load_scripts()
-
-        try:
-            await self._retries.connect(connect)
-        except RedisTooOldError as exc:
-            raise StoreUnavailableError(str(exc)) from None
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
-        self._open = True
-
-    async def close(self) -> None:
-        self._open = False
-        client = self._client
-        await client.aclose()
-        # A Sentinel-backed client's pool holds the Sentinel connections separately.
-        manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
-        if manager is not None:
-            await manager.aclose()
-
-    async def ping(self) -> None:
-        if not self._open:
-            raise StoreUnavailableError(f"redis agent store at {self._location}: not open")
-        try:
-            await asyncio.wait_for(self._client.ping(), self._timeout_s)
-        except FAILURES as exc:
-            raise self._unavailable(exc) from exc
+    # lifecycle (open, close, ping) and location: RedisEngine's
 
     # --- agents and versions ---------------------------------------------------------
 

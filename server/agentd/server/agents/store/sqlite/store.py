@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Sequence
 
 from agentd.server.agents.store.base import (
     CHANGE_FEED_LIMIT,
@@ -34,14 +32,10 @@ from agentd.server.agents.store.base import (
     load_definition,
     load_routes,
 )
-from agentd.server.agents.store.sqlite.schema import LATEST_VERSION, MIGRATIONS, VERSION_TABLE
-from agentd.server.runtime.errors import StoreUnavailableError
-from agentd.server.sessions.base import SchemaStatus
-from agentd.server.sqlite_worker import SqliteWorker, connect, transaction
+from agentd.server.agents.store.sqlite.schema import MIGRATIONS, VERSION_TABLE
+from agentd.server.sqlite_worker import SqliteEngine
 
 __all__ = ["SqliteAgentStore"]
-
-T = TypeVar("T")
 
 _VERSION_COLUMNS = "version, definition, create_time, created_by"
 _AGENT_COLUMNS = "name, latest_version, create_time, update_time"
@@ -94,88 +88,21 @@ def _insert_version(
     return AgentVersionRecord(tenant, name, version, load_definition(text), now, created_by)
 
 
-class SqliteAgentStore(AgentStore):
-    """Agents in one SQLite file (or ``":memory:"``), driven from a single worker thread."""
+class SqliteAgentStore(SqliteEngine, AgentStore):
+    """Agents in one SQLite file (or ``":memory:"``), driven from a single worker thread.
+
+    Open, close, ping, schema status and migrations: ``SqliteEngine``'s.
+    """
 
     backend = "sqlite"
+    _version_table = VERSION_TABLE
+    _migrations = MIGRATIONS
+    _too_old = "{where}: agent tables are at version {current}, this agentd needs {latest}: run `agentd db migrate`"
 
     def __init__(self, path: str | os.PathLike[str], *, auto_migrate: bool = True) -> None:
-        self._path = os.fspath(path)
-        self._auto_migrate = auto_migrate
-        self._worker = SqliteWorker(self._path, f"sqlite agent store at {self._path}", "agentd-agents-sqlite")
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    # --- plumbing -------------------------------------------------------------------
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        status = transaction(conn, self._auto_migrate, self._migrate_or_check)
-        if status.pending:
-            raise StoreUnavailableError(
-                f"{self._worker.location}: agent tables are at version {status.current}, this agentd needs "
-                f"{status.latest}: run `agentd db migrate`"
-            )
-
-    def _status(self, conn: sqlite3.Connection) -> SchemaStatus:
-        exists = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (VERSION_TABLE,)
-        ).fetchone()
-        current = conn.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone()[0] if exists else None
-        return SchemaStatus("sqlite", self._path, current or 0, LATEST_VERSION)
-
-    def _migrate_or_check(self, conn: sqlite3.Connection) -> SchemaStatus:
-        return self._apply_migrations(conn) if self._auto_migrate else self._status(conn)
-
-    def _apply_migrations(self, conn: sqlite3.Connection) -> SchemaStatus:
-        """Runs in one write transaction, so concurrent openers apply each migration once."""
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)")
-        status = self._status(conn)
-        # Not executescript: it would COMMIT our transaction before running.
-        for version in range(status.current + 1, LATEST_VERSION + 1):
-            for statement in MIGRATIONS[version - 1].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (?)", (version,))
-        return self._status(conn)
-
-    async def _run(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._worker.run(write, fn)
-
-    async def open(self) -> None:
-        await self._worker.open(self._prepare)
-
-    async def close(self) -> None:
-        await self._worker.close()
-
-    async def ping(self) -> None:
-        await self._run(False, lambda conn: conn.execute("SELECT 1").fetchone())
-
-    async def _with_connection(self, write: bool, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """For the ``agentd db`` commands: use the open store, or a short-lived connection."""
-        if self._worker.is_open:
-            return await self._run(write, fn)
-
-        def standalone() -> T:
-            conn = connect(self._path)
-            try:
-                return transaction(conn, write, fn)
-            finally:
-                conn.close()
-
-        try:
-            return await asyncio.to_thread(standalone)
-        except sqlite3.Error as exc:
-            raise self._worker.unavailable(exc) from exc
-
-    async def schema_status(self) -> SchemaStatus:
-        if not self._worker.is_open and self._path != ":memory:" and not Path(self._path).exists():
-            return SchemaStatus("sqlite", self._path, 0, LATEST_VERSION)  # looking must not create the file
-        return await self._with_connection(False, self._status)
-
-    async def migrate(self) -> SchemaStatus:
-        return await self._with_connection(True, self._apply_migrations)
+        path = os.fspath(path)
+        location = f"sqlite agent store at {path}"
+        super().__init__(path, auto_migrate=auto_migrate, location=location, thread_name="agentd-agents-sqlite")
 
     # --- agents and versions ---------------------------------------------------------
 
