@@ -367,6 +367,8 @@ def _value(owner: str, field: pd.FieldDescriptor, target: FuzzTarget, hostile: b
         return _string(owner, field.name, target, hostile)
     if t == pd.FieldDescriptor.TYPE_BOOL:
         return st.booleans()
+    if t == pd.FieldDescriptor.TYPE_BYTES:  # image/file data: small, any bytes
+        return st.binary(max_size=64) if hostile else st.sampled_from([b"", b"\x89PNG"])
     if t in (pd.FieldDescriptor.TYPE_INT32, pd.FieldDescriptor.TYPE_INT64):
         bits = 31 if t == pd.FieldDescriptor.TYPE_INT32 else 63
         if not hostile:

@@ -258,6 +258,8 @@ NOT_NAMES = {
     ("CreateSession", "session.name"),  # ignored on create: the session's id is session_id
     ("AddSessionItems", "items.name"),  # assigned by the server
     ("AddSessionItems", "items.agent"),  # the label of the agent that produced an item (bare, as in replies)
+    # Input items are items: their name is assigned when stored, their agent is a label.
+    *{(rpc, f"start.input_items.{f}") for rpc in ("Run", "StreamRun", "CreateRun") for f in ("name", "agent")},
     # Alias names (`agents/{agent}/aliases/{alias}`): one form only, tested in tests/test_agent_api.py.
     ("SetAgentAlias", "alias.name"),
     ("DeleteAgentAlias", "name"),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from google.protobuf import json_format, struct_pb2
 
 from agentd.client.errors import RunCancelledError, RunFailedError
-from agentd.v1 import agent_service_pb2, run_event_pb2
+from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2
 
 
 SessionPolicyLike = str | int | None
@@ -49,6 +49,7 @@ def start_run(
     trace_metadata: Mapping[str, str] | None = None,
     session_policy: SessionPolicyLike = None,
     detached: bool = False,
+    input_items: Sequence[item_pb2.Item] = (),
 ) -> agent_service_pb2.StartRun:
     start = agent_service_pb2.StartRun(
         agent=agent if agent.startswith("agents/") else f"agents/{agent}",
@@ -61,6 +62,7 @@ def start_run(
         ),
         session_policy=session_policy_value(session_policy),
         detached=detached,
+        input_items=list(input_items),
     )
     if context:
         start.context.update(dict(context))

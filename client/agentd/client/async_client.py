@@ -488,7 +488,9 @@ class AgentdClient:
         """Start a run and stream its events (see ``RunStream``).
 
         Options: session_id, context, max_turns, request_id, workflow_name, group_id,
-        trace_metadata, session_policy ("reject" or "enqueue"). With resume on, a
+        trace_metadata, session_policy ("reject" or "enqueue"), input_items (``item_pb2.Item``
+        messages sent before ``input``, which may then be ""; their content parts carry
+        images and files). With resume on, a
         request_id is generated when none is given: it is how a stream that broke
         before its first event finds its run again.
 

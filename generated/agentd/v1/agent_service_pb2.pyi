@@ -1,5 +1,6 @@
 import datetime
 
+from agentd.v1 import item_pb2 as _item_pb2
 from agentd.v1 import run_event_pb2 as _run_event_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -230,7 +231,7 @@ class GetAgentResponse(_message.Message):
     def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ...) -> None: ...
 
 class StartRun(_message.Message):
-    __slots__ = ("agent", "input", "session", "context", "max_turns", "request_id", "trace", "session_policy", "detached")
+    __slots__ = ("agent", "input", "session", "context", "max_turns", "request_id", "trace", "session_policy", "detached", "input_items")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +241,7 @@ class StartRun(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     DETACHED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     agent: str
     input: str
     session: str
@@ -249,7 +251,8 @@ class StartRun(_message.Message):
     trace: TraceOptions
     session_policy: SessionPolicy
     detached: bool
-    def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., session: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[TraceOptions, _Mapping]] = ..., session_policy: _Optional[_Union[SessionPolicy, str]] = ..., detached: _Optional[bool] = ...) -> None: ...
+    input_items: _containers.RepeatedCompositeFieldContainer[_item_pb2.Item]
+    def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., session: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_turns: _Optional[int] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[TraceOptions, _Mapping]] = ..., session_policy: _Optional[_Union[SessionPolicy, str]] = ..., detached: _Optional[bool] = ..., input_items: _Optional[_Iterable[_Union[_item_pb2.Item, _Mapping]]] = ...) -> None: ...
 
 class RunInfo(_message.Message):
     __slots__ = ("name", "status", "agent", "session", "request_id", "create_time", "update_time", "replica", "attempt", "last_sequence", "completed", "failed", "cancelled", "required_actions", "agent_version")

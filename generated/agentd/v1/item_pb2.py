@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gentd/v1/item.proto\x12\tagentd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\x04Item\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12%\n\x07message\x18\n \x01(\x0b\x32\x12.agentd.v1.MessageH\x00\x12(\n\ttool_call\x18\x0b \x01(\x0b\x32\x13.agentd.v1.ToolCallH\x00\x12,\n\x0btool_result\x18\x0c \x01(\x0b\x32\x15.agentd.v1.ToolResultH\x00\x12%\n\x07summary\x18\r \x01(\x0b\x32\x12.agentd.v1.SummaryH\x00\x12)\n\treasoning\x18\x0e \x01(\x0b\x32\x14.agentd.v1.ReasoningH\x00\x42\t\n\x07\x63ontent\"6\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.agentd.v1.Role\x12\x0c\n\x04text\x18\x02 \x01(\t\"q\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rraw_arguments\x18\x04 \x01(\t\"R\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\"E\n\x07Summary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10summarised_items\x18\x02 \x01(\x03\x12\x12\n\nkept_items\x18\x03 \x01(\x03\"\x1c\n\tReasoning\x12\x0f\n\x07summary\x18\x01 \x03(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x12\x0f\n\x0bROLE_SYSTEM\x10\x03\x42\x88\x01\n\rdev.agentd.v1B\tItemProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gentd/v1/item.proto\x12\tagentd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x02\n\x04Item\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12%\n\x07message\x18\n \x01(\x0b\x32\x12.agentd.v1.MessageH\x00\x12(\n\ttool_call\x18\x0b \x01(\x0b\x32\x13.agentd.v1.ToolCallH\x00\x12,\n\x0btool_result\x18\x0c \x01(\x0b\x32\x15.agentd.v1.ToolResultH\x00\x12%\n\x07summary\x18\r \x01(\x0b\x32\x12.agentd.v1.SummaryH\x00\x12)\n\treasoning\x18\x0e \x01(\x0b\x32\x14.agentd.v1.ReasoningH\x00\x42\t\n\x07\x63ontent\"]\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.agentd.v1.Role\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.agentd.v1.ContentPart\"q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x05image\x18\x02 \x01(\x0b\x32\x14.agentd.v1.ImagePartH\x00\x12#\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x13.agentd.v1.FilePartH\x00\x42\x06\n\x04part\"I\n\tImagePart\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"N\n\x08\x46ilePart\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x11\n\tmime_type\x18\x04 \x01(\t\"q\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rraw_arguments\x18\x04 \x01(\t\"R\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\"E\n\x07Summary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10summarised_items\x18\x02 \x01(\x03\x12\x12\n\nkept_items\x18\x03 \x01(\x03\"\x1c\n\tReasoning\x12\x0f\n\x07summary\x18\x01 \x03(\t*d\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x12\x0f\n\x0bROLE_SYSTEM\x10\x03\x12\x12\n\x0eROLE_DEVELOPER\x10\x04\x42\x88\x01\n\rdev.agentd.v1B\tItemProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentd.v1.item_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.agentd.v1B\tItemProtoP\001Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\242\002\003AXX\252\002\tAgentd.V1\272\002\nAgentd_V1_\312\002\tAgentd\\V1\352\002\nAgentd::V1'
-  _globals['_ROLE']._serialized_start=779
-  _globals['_ROLE']._serialized_end=859
+  _globals['_ROLE']._serialized_start=1088
+  _globals['_ROLE']._serialized_end=1188
   _globals['_ITEM']._serialized_start=99
   _globals['_ITEM']._serialized_end=421
   _globals['_MESSAGE']._serialized_start=423
-  _globals['_MESSAGE']._serialized_end=477
-  _globals['_TOOLCALL']._serialized_start=479
-  _globals['_TOOLCALL']._serialized_end=592
-  _globals['_TOOLRESULT']._serialized_start=594
-  _globals['_TOOLRESULT']._serialized_end=676
-  _globals['_SUMMARY']._serialized_start=678
-  _globals['_SUMMARY']._serialized_end=747
-  _globals['_REASONING']._serialized_start=749
-  _globals['_REASONING']._serialized_end=777
+  _globals['_MESSAGE']._serialized_end=516
+  _globals['_CONTENTPART']._serialized_start=518
+  _globals['_CONTENTPART']._serialized_end=631
+  _globals['_IMAGEPART']._serialized_start=633
+  _globals['_IMAGEPART']._serialized_end=706
+  _globals['_FILEPART']._serialized_start=708
+  _globals['_FILEPART']._serialized_end=786
+  _globals['_TOOLCALL']._serialized_start=788
+  _globals['_TOOLCALL']._serialized_end=901
+  _globals['_TOOLRESULT']._serialized_start=903
+  _globals['_TOOLRESULT']._serialized_end=985
+  _globals['_SUMMARY']._serialized_start=987
+  _globals['_SUMMARY']._serialized_end=1056
+  _globals['_REASONING']._serialized_start=1058
+  _globals['_REASONING']._serialized_end=1086
 # @@protoc_insertion_point(module_scope)

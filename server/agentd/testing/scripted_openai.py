@@ -61,6 +61,8 @@ def _input_chars(messages: list[dict[str, Any]]) -> int:
     for message in messages:
         if isinstance(message.get("content"), str):
             total += len(message["content"])
+        elif isinstance(message.get("content"), list):
+            total += sum(len(part.get("text", "")) for part in message["content"] if isinstance(part, dict))
         for tool_call in message.get("tool_calls") or ():
             total += len(tool_call.get("function", {}).get("arguments", ""))
     return total

@@ -12,7 +12,7 @@ import type { JsonObject, Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/item.proto.
  */
 export const file_agentd_v1_item: GenFile = /*@__PURE__*/
-  fileDesc("ChRhZ2VudGQvdjEvaXRlbS5wcm90bxIJYWdlbnRkLnYxIsICCgRJdGVtEgwKBG5hbWUYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAQgASgJEiUKB21lc3NhZ2UYCiABKAsyEi5hZ2VudGQudjEuTWVzc2FnZUgAEigKCXRvb2xfY2FsbBgLIAEoCzITLmFnZW50ZC52MS5Ub29sQ2FsbEgAEiwKC3Rvb2xfcmVzdWx0GAwgASgLMhUuYWdlbnRkLnYxLlRvb2xSZXN1bHRIABIlCgdzdW1tYXJ5GA0gASgLMhIuYWdlbnRkLnYxLlN1bW1hcnlIABIpCglyZWFzb25pbmcYDiABKAsyFC5hZ2VudGQudjEuUmVhc29uaW5nSABCCQoHY29udGVudCI2CgdNZXNzYWdlEh0KBHJvbGUYASABKA4yDy5hZ2VudGQudjEuUm9sZRIMCgR0ZXh0GAIgASgJInEKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEioKCWFyZ3VtZW50cxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoNcmF3X2FyZ3VtZW50cxgEIAEoCSJSCgpUb29sUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEg4KBm91dHB1dBgDIAEoCRIQCghpc19lcnJvchgEIAEoCCJFCgdTdW1tYXJ5EgwKBHRleHQYASABKAkSGAoQc3VtbWFyaXNlZF9pdGVtcxgCIAEoAxISCgprZXB0X2l0ZW1zGAMgASgDIhwKCVJlYXNvbmluZxIPCgdzdW1tYXJ5GAEgAygJKlAKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEhIKDlJPTEVfQVNTSVNUQU5UEAISDwoLUk9MRV9TWVNURU0QA0KIAQoNZGV2LmFnZW50ZC52MUIJSXRlbVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChRhZ2VudGQvdjEvaXRlbS5wcm90bxIJYWdlbnRkLnYxIsICCgRJdGVtEgwKBG5hbWUYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAQgASgJEiUKB21lc3NhZ2UYCiABKAsyEi5hZ2VudGQudjEuTWVzc2FnZUgAEigKCXRvb2xfY2FsbBgLIAEoCzITLmFnZW50ZC52MS5Ub29sQ2FsbEgAEiwKC3Rvb2xfcmVzdWx0GAwgASgLMhUuYWdlbnRkLnYxLlRvb2xSZXN1bHRIABIlCgdzdW1tYXJ5GA0gASgLMhIuYWdlbnRkLnYxLlN1bW1hcnlIABIpCglyZWFzb25pbmcYDiABKAsyFC5hZ2VudGQudjEuUmVhc29uaW5nSABCCQoHY29udGVudCJdCgdNZXNzYWdlEh0KBHJvbGUYASABKA4yDy5hZ2VudGQudjEuUm9sZRIMCgR0ZXh0GAIgASgJEiUKBXBhcnRzGAMgAygLMhYuYWdlbnRkLnYxLkNvbnRlbnRQYXJ0InEKC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIlCgVpbWFnZRgCIAEoCzIULmFnZW50ZC52MS5JbWFnZVBhcnRIABIjCgRmaWxlGAMgASgLMhMuYWdlbnRkLnYxLkZpbGVQYXJ0SABCBgoEcGFydCJJCglJbWFnZVBhcnQSCwoDdXJsGAEgASgJEgwKBGRhdGEYAiABKAwSEQoJbWltZV90eXBlGAMgASgJEg4KBmRldGFpbBgEIAEoCSJOCghGaWxlUGFydBIPCgdmaWxlX2lkGAEgASgJEgwKBGRhdGEYAiABKAwSEAoIZmlsZW5hbWUYAyABKAkSEQoJbWltZV90eXBlGAQgASgJInEKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEioKCWFyZ3VtZW50cxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoNcmF3X2FyZ3VtZW50cxgEIAEoCSJSCgpUb29sUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEg4KBm91dHB1dBgDIAEoCRIQCghpc19lcnJvchgEIAEoCCJFCgdTdW1tYXJ5EgwKBHRleHQYASABKAkSGAoQc3VtbWFyaXNlZF9pdGVtcxgCIAEoAxISCgprZXB0X2l0ZW1zGAMgASgDIhwKCVJlYXNvbmluZxIPCgdzdW1tYXJ5GAEgAygJKmQKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg0KCVJPTEVfVVNFUhABEhIKDlJPTEVfQVNTSVNUQU5UEAISDwoLUk9MRV9TWVNURU0QAxISCg5ST0xFX0RFVkVMT1BFUhAEQogBCg1kZXYuYWdlbnRkLnYxQglJdGVtUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One entry of a conversation: what a session stores and what a run appends.
@@ -129,11 +129,22 @@ export type Message = Message$1<"agentd.v1.Message"> & {
   role: Role;
 
   /**
-   * The text (any text without NUL characters; may be empty).
+   * The text (any text without NUL characters; may be empty). When `parts`
+   * is set, the text of its text parts joined with newlines (for display;
+   * ignored in requests that set `parts`).
    *
    * @generated from field: string text = 2;
    */
   text: string;
+
+  /**
+   * The message's content as parts, in order (text, images, files); empty for
+   * a text-only message, whose content is `text`. Given in
+   * StartRun.input_items; stored with the message and returned with it.
+   *
+   * @generated from field: repeated agentd.v1.ContentPart parts = 3;
+   */
+  parts: ContentPart[];
 };
 
 /**
@@ -142,6 +153,141 @@ export type Message = Message$1<"agentd.v1.Message"> & {
  */
 export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
   messageDesc(file_agentd_v1_item, 1);
+
+/**
+ * One part of a message's content.
+ *
+ * @generated from message agentd.v1.ContentPart
+ */
+export type ContentPart = Message$1<"agentd.v1.ContentPart"> & {
+  /**
+   * What the part holds: exactly one.
+   *
+   * @generated from oneof agentd.v1.ContentPart.part
+   */
+  part: {
+    /**
+     * A text (any text without NUL characters).
+     *
+     * @generated from field: string text = 1;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * An image, by URL or as bytes.
+     *
+     * @generated from field: agentd.v1.ImagePart image = 2;
+     */
+    value: ImagePart;
+    case: "image";
+  } | {
+    /**
+     * A file, by the model provider's file id or as bytes.
+     *
+     * @generated from field: agentd.v1.FilePart file = 3;
+     */
+    value: FilePart;
+    case: "file";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message agentd.v1.ContentPart.
+ * Use `create(ContentPartSchema)` to create a new message.
+ */
+export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_item, 2);
+
+/**
+ * An image given to the model: exactly one of `url` and `data`.
+ *
+ * @generated from message agentd.v1.ImagePart
+ */
+export type ImagePart = Message$1<"agentd.v1.ImagePart"> & {
+  /**
+   * An http(s) URL or a `data:` URL of the image (at most 4 MiB).
+   *
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * The image's bytes (PNG, JPEG, GIF or WEBP; at most 4 MiB); sent to the
+   * model as a base64 `data:` URL. Requires `mime_type`.
+   *
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+
+  /**
+   * The MIME type of `data` (e.g. `image/png`); ignored with `url`.
+   *
+   * @generated from field: string mime_type = 3;
+   */
+  mimeType: string;
+
+  /**
+   * How closely the model looks at it: `auto`, `low` or `high`; empty: the
+   * model's default.
+   *
+   * @generated from field: string detail = 4;
+   */
+  detail: string;
+};
+
+/**
+ * Describes the message agentd.v1.ImagePart.
+ * Use `create(ImagePartSchema)` to create a new message.
+ */
+export const ImagePartSchema: GenMessage<ImagePart> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_item, 3);
+
+/**
+ * A file given to the model: exactly one of `file_id` and `data`. The Chat
+ * Completions API gets a text note naming the file instead of its contents.
+ *
+ * @generated from message agentd.v1.FilePart
+ */
+export type FilePart = Message$1<"agentd.v1.FilePart"> & {
+  /**
+   * The model provider's id of an uploaded file (at most 200 characters, no
+   * control characters).
+   *
+   * @generated from field: string file_id = 1;
+   */
+  fileId: string;
+
+  /**
+   * The file's bytes (at most 4 MiB); sent as a base64 `data:` URL.
+   *
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+
+  /**
+   * The file's name (at most 200 characters, no control characters);
+   * required with `data`.
+   *
+   * @generated from field: string filename = 3;
+   */
+  filename: string;
+
+  /**
+   * The MIME type of `data` (e.g. `application/pdf`); empty:
+   * `application/octet-stream`.
+   *
+   * @generated from field: string mime_type = 4;
+   */
+  mimeType: string;
+};
+
+/**
+ * Describes the message agentd.v1.FilePart.
+ * Use `create(FilePartSchema)` to create a new message.
+ */
+export const FilePartSchema: GenMessage<FilePart> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_item, 4);
 
 /**
  * The model asked for a tool (or a handoff, which is a tool named
@@ -197,7 +343,7 @@ export type ToolCall = Message$1<"agentd.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_item, 2);
+  messageDesc(file_agentd_v1_item, 5);
 
 /**
  * What a tool returned, as the text the model sees.
@@ -245,7 +391,7 @@ export type ToolResult = Message$1<"agentd.v1.ToolResult"> & {
  * Use `create(ToolResultSchema)` to create a new message.
  */
 export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_item, 3);
+  messageDesc(file_agentd_v1_item, 6);
 
 /**
  * A summary of a session's older items, written by history compaction (an
@@ -285,7 +431,7 @@ export type Summary = Message$1<"agentd.v1.Summary"> & {
  * Use `create(SummarySchema)` to create a new message.
  */
 export const SummarySchema: GenMessage<Summary> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_item, 4);
+  messageDesc(file_agentd_v1_item, 7);
 
 /**
  * The reasoning a reasoning model did before its answer in one turn, as the
@@ -314,7 +460,7 @@ export type Reasoning = Message$1<"agentd.v1.Reasoning"> & {
  * Use `create(ReasoningSchema)` to create a new message.
  */
 export const ReasoningSchema: GenMessage<Reasoning> = /*@__PURE__*/
-  messageDesc(file_agentd_v1_item, 5);
+  messageDesc(file_agentd_v1_item, 8);
 
 /**
  * Who wrote a message.
@@ -351,6 +497,15 @@ export enum Role {
    * @generated from enum value: ROLE_SYSTEM = 3;
    */
   SYSTEM = 3,
+
+  /**
+   * Developer text a caller gave (StartRun.input_items or AddSessionItems):
+   * sent to the model as a developer message on the Responses API and as a
+   * system message on the Chat Completions API.
+   *
+   * @generated from enum value: ROLE_DEVELOPER = 4;
+   */
+  DEVELOPER = 4,
 }
 
 /**

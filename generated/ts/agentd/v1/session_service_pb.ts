@@ -410,7 +410,9 @@ export const ListSessionItemsRequestSchema: GenMessage<ListSessionItemsRequest> 
 export type ListSessionItemsResponse = Message<"agentd.v1.ListSessionItemsResponse"> & {
   /**
    * The items of this page, in the requested order, with their names,
-   * sequence numbers and times.
+   * sequence numbers and times. A page holds at most `page_size` items and
+   * at most 4 MiB of them (items with images or files are big): a page may be
+   * shorter than `page_size` with more to come; follow `next_page_token`.
    *
    * @generated from field: repeated agentd.v1.Item items = 1;
    */

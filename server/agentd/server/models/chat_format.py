@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from agentd.server.runtime.items import Item, MessageItem, SummaryItem, ToolCallItem, ToolResultItem
+from agentd.server.runtime.items import (
+    FilePart,
+    ImagePart,
+    Item,
+    MessageItem,
+    SummaryItem,
+    TextPart,
+    ToolCallItem,
+    ToolResultItem,
+)
 
 _TURN_ROLES = frozenset({"user", "assistant", "tool"})
 
@@ -47,11 +56,45 @@ def to_chat_messages(instructions: str, items: Iterable[Item]) -> list[dict[str,
             # Context, not a turn of the exchange: a system message, like the instructions.
             messages.append({"role": "system", "content": summary_message(item)})
         elif isinstance(item, MessageItem):
-            message: dict[str, Any] = {"role": item.role, "content": item.text}
+            # Chat Completions has no developer role on every provider: a developer message
+            # goes as a system message, as the instructions do.
+            role = "system" if item.role == "developer" else item.role
+            message: dict[str, Any] = {"role": role, "content": chat_content(item)}
             if item.role == "assistant":
                 assistant = message
             messages.append(message)
     return messages
+
+
+def chat_content(item: MessageItem) -> str | list[dict[str, Any]]:
+    """A message's ``content``: its text, or (with parts) a list of content parts.
+
+    Images are ``image_url`` parts (bytes as a base64 ``data:`` URL), only in user messages
+    (the API takes them nowhere else: elsewhere they become a text note). Files become a
+    text note naming them, as Chat Completions cannot take arbitrary files everywhere.
+    """
+    if not item.parts:
+        return item.text
+    if item.role != "user":  # assistant/system content must be text: images and files as notes
+        return "\n".join(_part_note(part) for part in item.parts)
+    content: list[dict[str, Any]] = []
+    for part in item.parts:
+        if isinstance(part, ImagePart):
+            image: dict[str, Any] = {"url": part.as_url()}
+            if part.detail:
+                image["detail"] = part.detail
+            content.append({"type": "image_url", "image_url": image})
+        else:
+            content.append({"type": "text", "text": _part_note(part)})
+    return content
+
+
+def _part_note(part: TextPart | ImagePart | FilePart) -> str:
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, ImagePart):
+        return f"[image: {part.url if part.url and not part.url.startswith('data:') else part.mime_type or 'inline'}]"
+    return f"[file: {part.filename or part.file_id}]"
 
 
 def summary_message(item: SummaryItem) -> str:

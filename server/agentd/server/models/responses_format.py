@@ -20,10 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from agentd.server.models.chat_format import summary_message
 from agentd.server.runtime.items import (
+    ImagePart,
     Item,
     MessageItem,
     ReasoningItem,
     SummaryItem,
+    TextPart,
     ToolCallItem,
     ToolResultItem,
 )
@@ -49,7 +51,7 @@ def to_responses_input(items: Iterable[Item], *, reasoning: bool = True) -> list
     out: list[dict[str, Any]] = []
     for item in items:
         if isinstance(item, MessageItem):
-            out.append({"type": "message", "role": item.role, "content": item.text})
+            out.append({"type": "message", "role": item.role, "content": responses_content(item)})
         elif isinstance(item, ToolCallItem):
             out.append(
                 {"type": "function_call", "call_id": item.call_id, "name": item.tool_name, "arguments": item.arguments}
@@ -70,6 +72,35 @@ def to_responses_input(items: Iterable[Item], *, reasoning: bool = True) -> list
                     }
                 )
     return out
+
+
+def responses_content(item: MessageItem) -> str | list[dict[str, Any]]:
+    """A message's ``content``: its text, or (with parts) ``input_text``/``input_image``/
+    ``input_file`` parts (an assistant message's text parts as ``output_text``, which is what
+    the API takes there; its images and files as text notes)."""
+    if not item.parts:
+        return item.text
+    content: list[dict[str, Any]] = []
+    if item.role == "assistant":
+        for part in item.parts:
+            text = part.text if isinstance(part, TextPart) else (
+                f"[image: {part.url}]" if isinstance(part, ImagePart) else f"[file: {part.filename or part.file_id}]")
+            content.append({"type": "output_text", "text": text})
+        return content
+    for part in item.parts:
+        if isinstance(part, TextPart):
+            content.append({"type": "input_text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            content.append({"type": "input_image", "image_url": part.as_url(), "detail": part.detail or "auto"})
+        else:
+            file: dict[str, Any] = {"type": "input_file"}
+            if part.file_id:
+                file["file_id"] = part.file_id
+            else:
+                file["file_data"] = part.as_data_url()
+                file["filename"] = part.filename
+            content.append(file)
+    return content
 
 
 def responses_roles(input_items: Iterable[Mapping[str, Any]]) -> list[str]:

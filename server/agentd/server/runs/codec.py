@@ -46,6 +46,10 @@ def _items_from(data: list[dict[str, Any]]) -> tuple[Item, ...]:
 def spec_to_dict(spec: RunInput) -> dict[str, Any]:
     data = {f.name: getattr(spec, f.name) for f in fields(RunInput)}
     data["principal"] = spec.principal.to_dict() if spec.principal is not None else None
+    if spec.input_items:
+        data["input_items"] = [item.to_dict() for item in spec.input_items]
+    else:
+        data.pop("input_items", None)
     return data
 
 
@@ -54,6 +58,7 @@ def spec_from_dict(data: dict[str, Any]) -> RunInput:
     values = {k: v for k, v in data.items() if k in known}
     principal = values.get("principal")
     values["principal"] = Principal.from_dict(principal) if isinstance(principal, dict) else None
+    values["input_items"] = tuple(item_from_dict(item) for item in values.get("input_items") or ())
     return RunInput(**values)
 
 

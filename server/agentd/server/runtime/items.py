@@ -7,12 +7,13 @@ so every store keeps the same shape regardless of backend.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-Role = Literal["user", "assistant", "system"]
+Role = Literal["user", "assistant", "system", "developer"]
 
 # The deepest JSON agentd turns into a protobuf Struct/Value (tool call arguments, a run's
 # context and final output, session state), counting each object or array as one level.
@@ -24,14 +25,91 @@ MAX_JSON_DEPTH = 20
 
 
 @dataclass(slots=True, frozen=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.text}
+
+
+@dataclass(slots=True, frozen=True)
+class ImagePart:
+    """An image by URL (http(s) or ``data:``) or as bytes (with their MIME type)."""
+
+    url: str = ""
+    data: bytes = b""
+    mime_type: str = ""
+    detail: str = ""
+    type: Literal["image"] = "image"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "image", "url": self.url, "data": _b64(self.data), "mime_type": self.mime_type,
+                "detail": self.detail}
+
+    def as_url(self) -> str:
+        """The URL a model API takes: ``url``, or the bytes as a base64 ``data:`` URL."""
+        return self.url or f"data:{self.mime_type or 'application/octet-stream'};base64,{_b64(self.data)}"
+
+
+@dataclass(slots=True, frozen=True)
+class FilePart:
+    """A file by the provider's file id or as bytes (with a filename)."""
+
+    file_id: str = ""
+    data: bytes = b""
+    filename: str = ""
+    mime_type: str = ""
+    type: Literal["file"] = "file"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "file", "file_id": self.file_id, "data": _b64(self.data), "filename": self.filename,
+                "mime_type": self.mime_type}
+
+    def as_data_url(self) -> str:
+        return f"data:{self.mime_type or 'application/octet-stream'};base64,{_b64(self.data)}"
+
+
+ContentPart = Union[TextPart, ImagePart, FilePart]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def part_from_dict(data: dict[str, Any]) -> ContentPart:
+    kind = data.get("type")
+    if kind == "text":
+        return TextPart(str(data["text"]))
+    if kind == "image":
+        return ImagePart(url=str(data.get("url") or ""), data=base64.b64decode(data.get("data") or ""),
+                         mime_type=str(data.get("mime_type") or ""), detail=str(data.get("detail") or ""))
+    if kind == "file":
+        return FilePart(file_id=str(data.get("file_id") or ""), data=base64.b64decode(data.get("data") or ""),
+                        filename=str(data.get("filename") or ""), mime_type=str(data.get("mime_type") or ""))
+    raise ValueError(f"unknown content part type {kind!r}")
+
+
+def parts_text(parts: tuple[ContentPart, ...]) -> str:
+    """A message's display text for its parts: its text parts joined with newlines."""
+    return "\n".join(part.text for part in parts if isinstance(part, TextPart))
+
+
+@dataclass(slots=True, frozen=True)
 class MessageItem:
     role: Role
     text: str
     agent: str = ""
     type: Literal["message"] = "message"
+    # The content as parts (text, images, files), in order; empty for a text-only message.
+    # ``text`` is then the text parts joined (``parts_text``), for display and counting.
+    parts: tuple[ContentPart, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "message", "role": self.role, "text": self.text, "agent": self.agent}
+        data = {"type": "message", "role": self.role, "text": self.text, "agent": self.agent}
+        if self.parts:
+            data["parts"] = [part.to_dict() for part in self.parts]
+        return data
 
 
 @dataclass(slots=True, frozen=True)
@@ -135,7 +213,11 @@ def item_from_dict(data: dict[str, Any]) -> Item:
     kind = data.get("type")
     try:
         if kind == "message":
-            return MessageItem(role=data["role"], text=data["text"], agent=data.get("agent", ""))
+            raw_parts = data.get("parts") or ()
+            if not isinstance(raw_parts, (list, tuple)) or not all(isinstance(p, dict) for p in raw_parts):
+                raise ValueError("item of type 'message' has parts that are not a list of objects")
+            return MessageItem(role=data["role"], text=data["text"], agent=data.get("agent", ""),
+                               parts=tuple(part_from_dict(p) for p in raw_parts))
         if kind == "tool_call":
             return ToolCallItem(
                 call_id=data["call_id"],

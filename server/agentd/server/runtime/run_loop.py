@@ -141,6 +141,19 @@ class RunInput:
     principal: Principal | None = None
     # The starting agent's version (agents.catalog): 0 for app-module and file agents.
     agent_version: int = 0
+    # StartRun.input_items: messages sent (and stored) before ``input``, in order; ``input`` may
+    # then be empty (no user text message of its own).
+    input_items: tuple[MessageItem, ...] = ()
+
+    def input_messages(self) -> list[MessageItem]:
+        """The run's input as items: ``input_items``, then ``input`` as a user message when set."""
+        return [*self.input_items, *([MessageItem("user", self.input)] if self.input else [])]
+
+    def input_text(self) -> str:
+        """The input's text, as input guardrails check it: the texts of the input messages joined."""
+        if not self.input_items:
+            return self.input
+        return "\n".join(item.text for item in self.input_messages() if item.text)
 
     @property
     def tenant(self) -> str:
@@ -265,9 +278,8 @@ class AgentRunner:
                     compacted = await self._compact(run, agent, history, usage, sink, trace, run_span)
                     if compacted is not None:
                         history, history_len = compacted
-                input_item = MessageItem("user", run.input)
-                run_items: list[Item] = [input_item]
-                unsaved: list[Item] = [input_item]  # saved with the first completed step
+                run_items: list[Item] = list(run.input_messages())
+                unsaved: list[Item] = list(run_items)  # saved with the first completed step
             else:
                 # Redo the checkpointed step's session write (a no-op if the previous execution
                 # got that far: same request id), then rebuild from the history the run started with.
@@ -301,12 +313,12 @@ class AgentRunner:
                             "raise max_turns on the agent or in the request",
                         )
                     if input_guardrails and agent.agent.input_guardrail_mode == "blocking":
-                        await self._guard(input_guardrails, GuardrailSubject("input", agent.name, run.input), ctx,
+                        await self._guard(input_guardrails, GuardrailSubject("input", agent.name, run.input_text()), ctx,
                                           sink, trace, agent_span)  # before the model is called at all
                         input_guardrails = ()
                     turns += 1
                     if input_guardrails:  # "parallel": checked while the model answers; the answer waits
-                        response = await self._raced_turn(agent, ctx, items, run.input, sink, trace, agent_span)
+                        response = await self._raced_turn(agent, ctx, items, run.input_text(), sink, trace, agent_span)
                         input_guardrails = ()
                     else:
                         response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)

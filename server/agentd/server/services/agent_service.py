@@ -20,9 +20,10 @@ from agentd.server.agents.store.base import AgentStore
 from agentd.server.auth.principal import current_principal
 from agentd.server.runs.manager import RunManager
 from agentd.server.runs.records import DuplicateRunError, RunNotFoundError, RunRecord, SessionPolicy, action_key
+from agentd.server.runtime.items import FilePart, ImagePart, MessageItem
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.services import status, validation
-from agentd.server.services.convert import dict_from_struct, run_to_proto, write_run_event
+from agentd.server.services.convert import dict_from_struct, item_from_proto, run_to_proto, write_run_event
 from agentd.server.services.agents_api import AgentResources, agent_ref
 from agentd.server.services.errors import HANDLED, abort, unary_errors
 from agentd.server.services.status import Problem
@@ -251,8 +252,10 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
     async def _run_input(self, start: pb.StartRun, field: str, traceparent: str = "") -> RunInput:
         agent, rest = agent_ref(f"{field}.agent", start.agent)
         validation.check_text(f"{field}.input", start.input)
-        if not start.input.strip():
-            raise InvalidArgument(f"{field}.input", "must not be empty")
+        input_items = _input_items(start, field)
+        if not start.input.strip() and (start.input or not input_items):
+            raise InvalidArgument(f"{field}.input", "must not be empty" if input_items else
+                                  "must not be empty (or set input_items)")
         if len(start.input) > self._max_input_chars:
             raise InvalidArgument(
                 f"{field}.input", f"is {len(start.input)} characters; the limit is {self._max_input_chars}"
@@ -287,10 +290,41 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
             traceparent=traceparent,
             principal=principal,
             agent_version=entry.version,
+            input_items=input_items,
         )
 
 
 Response = TypeVar("Response", pb.RunResponse, pb.StreamRunResponse, pb.WatchRunResponse)
+
+MAX_INPUT_ITEMS = 100
+MAX_INPUT_DATA_BYTES = 4 * 1024 * 1024  # image and file data (and data: URLs) of one StartRun, in all
+
+
+def _input_items(start: pb.StartRun, field: str) -> tuple[MessageItem, ...]:
+    """StartRun.input_items as messages, validated; INVALID_ARGUMENT names the offending field."""
+    if len(start.input_items) > MAX_INPUT_ITEMS:
+        raise InvalidArgument(f"{field}.input_items",
+                              f"has {len(start.input_items)} items; the limit is {MAX_INPUT_ITEMS}")
+    items: list[MessageItem] = []
+    total = 0
+    for index, message in enumerate(start.input_items):
+        path = f"{field}.input_items[{index}]"
+        if message.WhichOneof("content") != "message":
+            raise InvalidArgument(path, "must be a message (Item.message)")
+        item = item_from_proto(message, path)
+        assert isinstance(item, MessageItem)
+        if not item.parts and not item.text.strip():
+            raise InvalidArgument(f"{path}.message", "needs a non-empty text or parts")
+        for part in item.parts:
+            if isinstance(part, (ImagePart, FilePart)):
+                total += len(part.data) + (len(part.url) if isinstance(part, ImagePart) and
+                                           part.url[:5].lower() == "data:" else 0)
+        if total > MAX_INPUT_DATA_BYTES:
+            raise InvalidArgument(f"{path}.message.parts",
+                                  f"brings image and file data to {total} bytes; the limit is "
+                                  f"{MAX_INPUT_DATA_BYTES} in all")
+        items.append(MessageItem(item.role, item.text, parts=item.parts))  # user input: no agent
+    return tuple(items)
 
 _POLICIES = {
     pb.SESSION_POLICY_UNSPECIFIED: SessionPolicy.REJECT,

@@ -12,13 +12,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from agentd.server.runs.records import RunRecord, RunStatus
 from agentd.server.runtime import events as ev
 from agentd.server.runtime.items import (
+    ContentPart,
+    FilePart,
+    ImagePart,
     Item,
     MessageItem,
+    TextPart,
     ReasoningItem,
     SummaryItem,
     ToolCallItem,
     ToolResultItem,
     parse_json_object,
+    parts_text,
 )
 from agentd.server.runtime.usage import Usage
 from agentd.server.services.validation import InvalidArgument, check_id, check_struct, check_text
@@ -26,7 +31,12 @@ from agentd.server.sessions.base import SessionRecord, StoredItem
 from agentd.server.tenancy import local
 from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2
 
-_ROLE_TO_PROTO = {"user": item_pb2.ROLE_USER, "assistant": item_pb2.ROLE_ASSISTANT, "system": item_pb2.ROLE_SYSTEM}
+_ROLE_TO_PROTO = {
+    "user": item_pb2.ROLE_USER,
+    "assistant": item_pb2.ROLE_ASSISTANT,
+    "system": item_pb2.ROLE_SYSTEM,
+    "developer": item_pb2.ROLE_DEVELOPER,
+}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
 
 
@@ -74,6 +84,7 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
     if type(item) is MessageItem:
         message.message.role = _ROLE_TO_PROTO[item.role]
         message.message.text = item.text
+        message.message.parts.extend(part_to_proto(part) for part in item.parts)
     elif type(item) is ToolCallItem:
         call = message.tool_call
         call.call_id = item.call_id
@@ -108,6 +119,79 @@ def item_to_proto(item: Item, stored: StoredItem | None = None) -> item_pb2.Item
     return message
 
 
+# One part's data (and a URL); StartRun also bounds the total. Half the default message limit,
+# so any stored item fits a reply (ListSessionItems pages by bytes too: MAX_ITEM_PAGE_BYTES).
+MAX_PART_DATA_BYTES = 4 * 1024 * 1024
+_IMAGE_DETAILS = frozenset({"", "auto", "low", "high"})
+
+
+def part_to_proto(part: ContentPart) -> item_pb2.ContentPart:
+    if type(part) is TextPart:
+        return item_pb2.ContentPart(text=part.text)
+    if type(part) is ImagePart:
+        return item_pb2.ContentPart(image=item_pb2.ImagePart(
+            url=part.url, data=part.data, mime_type=part.mime_type, detail=part.detail))
+    assert type(part) is FilePart
+    return item_pb2.ContentPart(file=item_pb2.FilePart(
+        file_id=part.file_id, data=part.data, filename=part.filename, mime_type=part.mime_type))
+
+
+def _check_mime(field: str, value: str) -> str:
+    check_id(field, value)
+    if value and ("/" not in value or " " in value or ";" in value or "," in value):
+        raise InvalidArgument(field, f"must be a MIME type like image/png, got {value!r}")
+    return value
+
+
+def part_from_proto(part: item_pb2.ContentPart, field: str) -> ContentPart:
+    """A caller's content part, validated (the field path names the offending field)."""
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return TextPart(check_text(f"{field}.text", part.text))
+    if kind == "image":
+        image = part.image
+        if bool(image.url) == bool(image.data):
+            raise InvalidArgument(f"{field}.image", "exactly one of url and data is required")
+        if image.detail not in _IMAGE_DETAILS:
+            raise InvalidArgument(f"{field}.image.detail", f"must be auto, low or high, got {image.detail!r}")
+        if image.url:
+            url = image.url
+            if len(url) > MAX_PART_DATA_BYTES:
+                raise InvalidArgument(f"{field}.image.url", f"is {len(url)} characters; the limit is "
+                                      f"{MAX_PART_DATA_BYTES}")
+            lowered = url[:8].lower()
+            if not (lowered.startswith("http://") or lowered.startswith("https://") or lowered.startswith("data:")):
+                raise InvalidArgument(f"{field}.image.url", "must be an http(s) or data: URL")
+            check_id(f"{field}.image.url", url, max_chars=MAX_PART_DATA_BYTES)
+            if lowered.startswith("http") and "://" in url and not url.split("://", 1)[1].strip("/"):
+                raise InvalidArgument(f"{field}.image.url", "has no host")
+            return ImagePart(url=url, detail=image.detail)
+        if len(image.data) > MAX_PART_DATA_BYTES:
+            raise InvalidArgument(f"{field}.image.data", f"is {len(image.data)} bytes; the limit is "
+                                  f"{MAX_PART_DATA_BYTES}")
+        if not image.mime_type:
+            raise InvalidArgument(f"{field}.image.mime_type", "is required with data")
+        mime = _check_mime(f"{field}.image.mime_type", image.mime_type)
+        if not mime.startswith("image/"):
+            raise InvalidArgument(f"{field}.image.mime_type", f"must be an image type (image/...), got {mime!r}")
+        return ImagePart(data=image.data, mime_type=mime, detail=image.detail)
+    if kind == "file":
+        file = part.file
+        if bool(file.file_id) == bool(file.data):
+            raise InvalidArgument(f"{field}.file", "exactly one of file_id and data is required")
+        check_id(f"{field}.file.file_id", file.file_id)
+        check_id(f"{field}.file.filename", file.filename)
+        mime = _check_mime(f"{field}.file.mime_type", file.mime_type)
+        if file.data:
+            if len(file.data) > MAX_PART_DATA_BYTES:
+                raise InvalidArgument(f"{field}.file.data", f"is {len(file.data)} bytes; the limit is "
+                                      f"{MAX_PART_DATA_BYTES}")
+            if not file.filename:
+                raise InvalidArgument(f"{field}.file.filename", "is required with data")
+        return FilePart(file_id=file.file_id, data=file.data, filename=file.filename, mime_type=mime)
+    raise InvalidArgument(field, "must hold text, image or file")
+
+
 def item_from_proto(message: item_pb2.Item, field: str) -> Item:
     """A caller's item, validated: ids without control characters, text without NUL, and
     ``arguments`` within the Struct limits (``raw_arguments`` is kept verbatim, never parsed here)."""
@@ -116,7 +200,14 @@ def item_from_proto(message: item_pb2.Item, field: str) -> Item:
     if kind == "message":
         role = _ROLE_FROM_PROTO.get(message.message.role)
         if role is None:
-            raise InvalidArgument(f"{field}.message.role", "must be ROLE_USER, ROLE_ASSISTANT or ROLE_SYSTEM")
+            raise InvalidArgument(
+                f"{field}.message.role", "must be ROLE_USER, ROLE_ASSISTANT, ROLE_SYSTEM or ROLE_DEVELOPER"
+            )
+        if message.message.parts:
+            parts = tuple(
+                part_from_proto(part, f"{field}.message.parts[{i}]") for i, part in enumerate(message.message.parts)
+            )
+            return MessageItem(role, parts_text(parts), message.agent, parts=parts)  # type: ignore[arg-type]
         check_text(f"{field}.message.text", message.message.text)
         return MessageItem(role, message.message.text, message.agent)  # type: ignore[arg-type]
     if kind == "tool_call":

@@ -36,6 +36,11 @@ _REQUEST_ID_NAMESPACE = uuid.UUID("6f1d2c1e-3b0a-4c8e-9a57-2f5f0c1d7a10")
 _UPDATABLE = ("metadata", "state", "ttl")
 
 
+# A page of ListSessionItems holds at most this many bytes of items (at least one item): items
+# with images or files are big, and a reply must stay under the message limit
+# (AGENTD_MAX_MESSAGE_BYTES, 8 MiB by default); one item's data is at most 4 MiB.
+MAX_ITEM_PAGE_BYTES = 4 * 1024 * 1024
+
 class SessionService(pb_grpc.SessionServiceServicer):
     def __init__(self, store: SessionStore, runs: RunManager) -> None:
         self._store = store
@@ -126,7 +131,15 @@ class SessionService(pb_grpc.SessionServiceServicer):
             stored = await self._store.list_items(session_id, size + 1, newest_first=True, before_sequence=position)
         else:
             stored = await self._store.list_items(session_id, size + 1, after_sequence=position or 0)
-        response = pb.ListSessionItemsResponse(items=[stored_item_to_proto(s) for s in stored[:size]])
+        response = pb.ListSessionItemsResponse()
+        page_bytes = 0
+        for i, item in enumerate(stored[:size]):
+            message = stored_item_to_proto(item)
+            page_bytes += message.ByteSize()
+            if i and page_bytes > MAX_ITEM_PAGE_BYTES:  # big items (images): a shorter page, never a reply too big
+                size = i
+                break
+            response.items.append(message)
         if len(stored) > size:
             response.next_page_token = validation.encode_page_token(kind, str(stored[size - 1].sequence),
                                                                     scope=session_id)
