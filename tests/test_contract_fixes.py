@@ -161,11 +161,11 @@ SERVICES = {"agentd.v1.AgentService", "agentd.v1.SessionService", "agentd.v1.Tra
 
 
 def _buf() -> str:
-    """buf from the virtualenv running the tests (make setup installs it there), else from PATH."""
+    """buf from the virtualenv running the tests (the dev extra installs it there), else from PATH;
+    a missing buf fails the test (it is a dev dependency), never skips it."""
     found = Path(sys.executable).parent / "buf"
     path = str(found) if found.exists() else shutil.which("buf")
-    if path is None:
-        pytest.skip("buf is not installed (make setup installs it into .venv/bin)")
+    assert path is not None, "buf is not installed: `make test` installs it (buf-bin, the dev extra) into .venv/bin"
     return path
 
 
