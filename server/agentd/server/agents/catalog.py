@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from agentd.server.agents.build import agent_from_definition
 from agentd.server.agents.definition import AgentDefinition, DefinitionError, parse_definition
@@ -88,8 +89,7 @@ def pick_route(alias: AliasRecord, session_id: str | None) -> int:
     """The version a split alias sends this session to (sticky per session; random without one)."""
     if len(alias.routes) == 1:
         return alias.routes[0][0]
-    bucket = session_bucket(session_id) if session_id else int.from_bytes(hashlib.sha256(
-        str(time.perf_counter_ns()).encode()).digest()[:8], "big") % 100
+    bucket = session_bucket(session_id) if session_id else random.randrange(100)
     total = 0
     for version, weight in alias.routes:
         total += weight
@@ -218,7 +218,8 @@ class AgentCatalog:
                     definition, app_tools=self._tools, known_agents=known, allow_imports=True,
                     app_guardrails=self._guardrails, mcp_server=lambda spec: self.mcp.server_for(spec, "files"),
                 )
-                compiled = compile_agent(agent, self._agents_for_compile(agent, definitions), self._app.default_model)
+                others = {n: d.description for n, d in definitions.items()}
+                compiled = compile_agent(agent, self._compile_view(agent, others), self._app.default_model)
             except (DefinitionError, AgentdError, ValueError) as exc:
                 problems.append((name, str(exc)))
                 if name in self._files:
@@ -232,15 +233,6 @@ class AgentCatalog:
         self._files = entries
         self._file_definitions = dict(definitions)
         return problems
-
-    def _agents_for_compile(self, agent: Agent, definitions: dict[str, AgentDefinition]) -> dict[str, Agent]:
-        """The agents a compile may look handoff targets up in (their descriptions)."""
-        agents: dict[str, Agent] = {name: e.compiled.agent for name, e in self._code.items()}
-        agents.update({name: e.compiled.agent for name, e in self._files.items()})
-        for name, definition in definitions.items():
-            agents.setdefault(name, Agent(name=name, description=definition.description))
-        agents[agent.name] = agent
-        return agents
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -340,7 +332,8 @@ class AgentCatalog:
             definition, app_tools=self._tools, known_agents=known, app_guardrails=self._guardrails,
             mcp_server=lambda spec: self.mcp.server_for(spec, f"tenant:{record.tenant}"),
         )
-        compiled = compile_agent(agent, self._compile_view(record.tenant, agent), self._app.default_model)
+        compiled = compile_agent(agent, self._compile_view(agent, self._api_descriptions(record.tenant)),
+                                 self._app.default_model)
         entry = AgentEntry(
             record.name, record.version, "api", compiled, record.definition, record.tenant, record.create_time,
             record.create_time,
@@ -359,12 +352,17 @@ class AgentCatalog:
         names.update(name for owner, name in self._latest if owner == tenant)
         return names
 
-    def _compile_view(self, tenant: str, agent: Agent) -> dict[str, Agent]:
+    def _api_descriptions(self, tenant: str) -> dict[str, str]:
+        return {name: str(latest.definition.get("description", ""))
+                for (owner, name), latest in self._latest.items() if owner == tenant}
+
+    def _compile_view(self, agent: Agent, others: dict[str, str]) -> dict[str, Agent]:
+        """The agents a compile may look handoff targets up in (for their descriptions): code and
+        file agents, then ``others`` (name → description) not among them, then ``agent`` itself."""
         agents: dict[str, Agent] = {name: e.compiled.agent for name, e in self._code.items()}
         agents.update({name: e.compiled.agent for name, e in self._files.items()})
-        for (owner, name), latest in self._latest.items():
-            if owner == tenant and name not in agents:
-                agents[name] = Agent(name=name, description=str(latest.definition.get("description", "")))
+        for name, description in others.items():
+            agents.setdefault(name, Agent(name=name, description=description))
         agents[agent.name] = agent
         return agents
 
@@ -374,7 +372,7 @@ class AgentCatalog:
         agent = agent_from_definition(
             definition, app_tools=self._tools, known_agents=known, app_guardrails=self._guardrails
         )
-        compile_agent(agent, self._compile_view(tenant, agent), self._app.default_model)
+        compile_agent(agent, self._compile_view(agent, self._api_descriptions(tenant)), self._app.default_model)
 
 
 def _visible(entry: AgentEntry, tenant: str) -> bool:
@@ -383,6 +381,3 @@ def _visible(entry: AgentEntry, tenant: str) -> bool:
     tenants = entry.definition.get("tenants")
     return tenants is None or tenant in tenants
 
-
-def entries_by_name(entries: Iterable[AgentEntry]) -> dict[str, AgentEntry]:
-    return {e.name: e for e in entries}

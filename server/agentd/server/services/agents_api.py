@@ -28,7 +28,7 @@ from agentd.server.auth.principal import current_principal
 from agentd.server.runtime.agent import AGENT_NAME_RE
 from agentd.server.services import validation
 from agentd.server.services.convert import dict_from_struct, struct_from_dict, timestamp_s
-from agentd.server.services.errors import NotFound, unary_errors
+from agentd.server.services.errors import Answered, NotFound, unary_errors
 from agentd.server.services.status import Problem
 from agentd.server.services.validation import InvalidArgument
 from agentd.v1 import agent_service_pb2 as pb
@@ -38,14 +38,6 @@ DEFAULT_VERSION_PAGE = 100
 MAX_ALIASES_LISTED = 100
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _SOURCES = {"code": pb.AGENT_SOURCE_CODE, "file": pb.AGENT_SOURCE_FILE, "api": pb.AGENT_SOURCE_API}
-
-
-class AgentProblem(Exception):
-    """An agent-resource error with its answer already decided (``Problem``)."""
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem.message)
-        self.problem = problem
 
 
 def agent_ref(field: str, value: str) -> tuple[str, str]:
@@ -80,18 +72,18 @@ def _not_found(field: str, name: str, detail: str = "") -> NotFound:
     )
 
 
-def _definition_problem(field: str, error: DefinitionError) -> AgentProblem:
+def _definition_problem(field: str, error: DefinitionError) -> Answered:
     violations = tuple((f"{field}.{path}" if path else field, message) for path, message in error.violations)
     summary = "; ".join(f"{path}: {message}" for path, message in violations[:3])
     more = f" (and {len(violations) - 3} more)" if len(violations) > 3 else ""
-    return AgentProblem(Problem(
+    return Answered(Problem(
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", f"the agent definition is invalid: {summary}{more}",
         {"field": violations[0][0] if violations else field}, violations=violations,
     ))
 
 
-def _read_only(name: str, source: str) -> AgentProblem:
-    return AgentProblem(Problem(
+def _read_only(name: str, source: str) -> Answered:
+    return Answered(Problem(
         grpc.StatusCode.FAILED_PRECONDITION, "AGENT_READ_ONLY",
         f"agent {name!r} is defined in the server's {'app module' if source == 'code' else 'agent files'} and is "
         "read-only through the API; change it there",
@@ -249,12 +241,10 @@ class AgentResources:
 
     # -- writes ---------------------------------------------------------------------------
 
+    @unary_errors
     async def CreateAgent(
         self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateAgentResponse:
-        return await self._answer(context, self._create(request))
-
-    async def _create(self, request: pb.CreateAgentRequest) -> pb.CreateAgentResponse:
         data = self._definition_data("definition", request.definition, required=True)
         definition = self._parse("definition", data)
         name = definition.name
@@ -262,7 +252,7 @@ class AgentResources:
         principal = current_principal()
         source = self._catalog.names_taken(name)
         if source is not None:
-            raise AgentProblem(Problem(
+            raise Answered(Problem(
                 grpc.StatusCode.ALREADY_EXISTS, "AGENT_EXISTS",
                 f"definition.name: agent {name!r} is defined in the server's "
                 f"{'app module' if source == 'code' else 'agent files'}; choose another id",
@@ -274,7 +264,7 @@ class AgentResources:
                 principal.tenant, name, definition.model_dump(mode="json", exclude_none=True), principal.subject
             )
         except AgentExistsError:
-            raise AgentProblem(Problem(
+            raise Answered(Problem(
                 grpc.StatusCode.ALREADY_EXISTS, "AGENT_EXISTS",
                 f"definition.name: agent {name!r} already exists; change it with UpdateAgent",
                 {"agent": name}, f"agents/{name}",
@@ -283,12 +273,10 @@ class AgentResources:
         entry = await self._catalog.get(principal.tenant, name, record.version)
         return pb.CreateAgentResponse(agent=entry_to_proto(entry))
 
+    @unary_errors
     async def UpdateAgent(
         self, request: pb.UpdateAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateAgentResponse:
-        return await self._answer(context, self._update(request))
-
-    async def _update(self, request: pb.UpdateAgentRequest) -> pb.UpdateAgentResponse:
         name = self._api_agent_name("name", request.name)
         store = self._require_store("name", name)
         data = self._definition_data("definition", request.definition, required=True)
@@ -308,7 +296,7 @@ class AgentResources:
             raise _not_found("name", name) from None
         except VersionConflictError as exc:
             latest = getattr(exc, "latest", None)
-            raise AgentProblem(Problem(
+            raise Answered(Problem(
                 grpc.StatusCode.ABORTED, "VERSION_CONFLICT",
                 f"expected_version: agent {name!r} is at version {latest}, not {request.expected_version}; "
                 "read it again and retry",
@@ -318,12 +306,10 @@ class AgentResources:
         entry = await self._catalog.get(principal.tenant, name, record.version)
         return pb.UpdateAgentResponse(agent=entry_to_proto(entry))
 
+    @unary_errors
     async def DeleteAgent(
         self, request: pb.DeleteAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAgentResponse:
-        return await self._answer(context, self._delete(request))
-
-    async def _delete(self, request: pb.DeleteAgentRequest) -> pb.DeleteAgentResponse:
         name = self._api_agent_name("name", request.name)
         store = self._require_store("name", name)
         try:
@@ -333,12 +319,10 @@ class AgentResources:
         await self._catalog.refresh()
         return pb.DeleteAgentResponse()
 
+    @unary_errors
     async def SetAgentAlias(
         self, request: pb.SetAgentAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetAgentAliasResponse:
-        return await self._answer(context, self._set_alias(request))
-
-    async def _set_alias(self, request: pb.SetAgentAliasRequest) -> pb.SetAgentAliasResponse:
         name, rest = agent_ref("alias.name", request.alias.name)
         if not rest.startswith("aliases/"):
             raise InvalidArgument("alias.name", "must be 'agents/AGENT/aliases/ALIAS'")
@@ -367,12 +351,10 @@ class AgentResources:
         await self._catalog.refresh()
         return pb.SetAgentAliasResponse(alias=alias_to_proto(record))
 
+    @unary_errors
     async def DeleteAgentAlias(
         self, request: pb.DeleteAgentAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAgentAliasResponse:
-        return await self._answer(context, self._delete_alias(request))
-
-    async def _delete_alias(self, request: pb.DeleteAgentAliasRequest) -> pb.DeleteAgentAliasResponse:
         name, rest = agent_ref("name", request.name)
         if not rest.startswith("aliases/"):
             raise InvalidArgument("name", "must be 'agents/AGENT/aliases/ALIAS'")
@@ -386,19 +368,6 @@ class AgentResources:
         return pb.DeleteAgentAliasResponse()
 
     # -- helpers --------------------------------------------------------------------------
-
-    async def _answer(self, context: grpc.aio.ServicerContext, work: Any) -> Any:
-        """Await ``work``, answering an ``AgentProblem`` with its status (other domain errors
-        go through the usual table, see ``unary_errors``)."""
-        from agentd.server.services import status
-        from agentd.server.services.errors import HANDLED, abort
-
-        try:
-            return await work
-        except AgentProblem as exc:
-            await status.abort(context, exc.problem)
-        except HANDLED as exc:
-            await abort(context, exc)
 
     def _api_agent_name(self, field: str, value: str) -> str:
         name, rest = agent_ref(field, value)

@@ -45,6 +45,14 @@ class NotFound(Exception):
         self.metadata = metadata
 
 
+class Answered(Exception):
+    """An error whose answer the service decided itself (``Problem``: code, reason, details)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
 class FailedPrecondition(Exception):
     """The request is valid but the resource's state refuses it now."""
 
@@ -132,6 +140,7 @@ def _run_not_waiting(exc: RunNotWaitingError) -> Problem:
 
 
 PROBLEM_FOR: dict[type[Exception], Callable[[Any], Problem]] = {
+    Answered: lambda exc: exc.problem,
     InvalidArgument: _invalid,
     NotFound: _not_found,
     FailedPrecondition: _failed_precondition,
