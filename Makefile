@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/agentd/v1/*.proto)
 
-.PHONY: demo serve replicas test test-throwaway proto proto-check proto-baseline bench clean
+.PHONY: demo serve replicas test test-throwaway proto proto-check proto-baseline bench bench-compare clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,14 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_auth.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_long_session.py
+	$(PY) bench/bench_scale.py
+
+## The benchmarks in BENCH (default: runs) on BASE, a git revision, and on the working tree,
+## alternating ROUNDS times (default 3); prints each figure's medians and their ratio.
+## e.g. make bench-compare BASE=HEAD~3 BENCH="runs scale" ARGS="--runs 200"
+bench-compare: $(VENV)/.dev
+	@test -n "$(BASE)" || { echo 'usage: make bench-compare BASE=<git rev> [BENCH="runs scale"] [ROUNDS=3] [ARGS="..."]'; exit 2; }
+	$(PY) bench/compare.py --base $(BASE) $(foreach b,$(or $(BENCH),runs),--bench $(b)) --rounds $(or $(ROUNDS),3) -- $(ARGS)
 
 clean:
 	rm -rf $(VENV) .agentd .pytest_cache

@@ -34,3 +34,16 @@ slow_app = App(
         say("pong: the tool answered ping", delay_s=0.02),
     ),
 )
+
+
+# A model's shape at scale (bench/bench_scale.py): a tool call, then a 20-word streamed
+# answer; the scripted endpoint adds the latency (time to first token, pace).
+scale_app = App(
+    agents=[Agent(name="bench", instructions="Benchmark agent.", tools=[echo_async], model_api="chat_completions"),
+            Agent(name="bench_responses", instructions="Benchmark agent.", tools=[echo_async],
+                  model_api="responses")],
+    offline_script=Script.of(
+        calls(call("echo_async", text="ping")),
+        say("pong: the tool answered ping, and here are a few more words so that the answer streams as twenty chunks."),
+    ),
+)

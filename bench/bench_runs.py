@@ -287,6 +287,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true", help="print one flat JSON object of the figures last")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
 
@@ -372,6 +373,19 @@ async def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(flatten(results)))
+
+
+def flatten(results: dict, prefix: str = "") -> dict[str, float]:
+    """``{"sequential": {"run_p50_ms": 2.1}}`` as ``{"sequential_run_p50_ms": 2.1}`` (bench/compare.py)."""
+    flat: dict[str, float] = {}
+    for name, value in results.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{name}_"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 if __name__ == "__main__":

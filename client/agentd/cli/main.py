@@ -59,17 +59,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = ("app", "agents_dir", "host", "port", "model_provider", "log_format", "log_level", *STORE_FLAGS,
              *SECURITY_FLAGS)
     settings = _settings(args, "serve", names)
-    import asyncio
 
     from agentd.server.app import load_app
     from agentd.server.logs import configure_logging
     from agentd.server.runtime.errors import AppConfigError, StoreUnavailableError
-    from agentd.server.serve import serve
+    from agentd.server.serve import run
 
     configure_logging(settings.log_level, settings.log_format)
     try:
         app = load_app(settings.app)
-        asyncio.run(serve(settings, app))
+        run(settings, app)
     except (AppConfigError, StoreUnavailableError, ValueError) as exc:
         print(f"agentd serve: {exc}", file=sys.stderr)
         return 2

@@ -64,13 +64,35 @@ SERVICE_NAMES = (
 )
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``serve`` runs on: uvloop's for "uvloop" (and for "auto" when it is
+    installed), else the standard library's (None). The run loop, event fan-out and model
+    client are all socket reads, writes and callbacks, which uvloop does in C."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise AppConfigError("AGENTD_EVENT_LOOP=uvloop but uvloop is not installed: pip install uvloop") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(settings: Settings, app: App) -> None:
+    """Serve until SIGTERM/SIGINT, on the event loop ``settings.event_loop`` picks."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings, app))
+
+
 def build_models(settings: Settings, app: App) -> ModelProvider:
     provider = settings.model_provider
     if provider == "auto":
         provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
     if provider == "openai":
         return OpenAIProvider(
-            timeout_s=settings.model_timeout_s, max_retries=settings.model_max_retries, api=settings.model_api
+            timeout_s=settings.model_timeout_s, max_retries=settings.model_max_retries, api=settings.model_api,
+            max_connections=settings.model_max_connections,
         )
     if app.offline_script is None:
         raise AppConfigError(

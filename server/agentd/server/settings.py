@@ -108,6 +108,14 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="Overrides the app's default model.")
     model_timeout_s: float = Field(60.0, gt=0)
     model_max_retries: int = Field(2, ge=0, le=10)
+    model_max_connections: int = Field(
+        1000,
+        gt=0,
+        description=(
+            "HTTP connections to the model endpoint, at most (each streams one model call); calls beyond it wait "
+            "for a free connection within model_timeout_s. Idle ones are kept for reuse."
+        ),
+    )
     tool_timeout_s: float = Field(60.0, gt=0)
 
     max_input_chars: int = Field(100_000, gt=0)
@@ -197,6 +205,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
     asyncio_debug: bool = Field(False, description="Event-loop debug mode: logs callbacks slower than 10 ms.")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description=(
+            "The event loop: uvloop (libuv; less CPU per socket read, write and callback) or the standard "
+            "library's. auto: uvloop when it is installed (`pip install 'agentd[server,uvloop]'`), else asyncio."
+        ),
+    )
 
     def resolved_run_store(self) -> Literal["memory", "redis", "postgres"]:
         if self.run_store != "auto":

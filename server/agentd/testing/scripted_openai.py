@@ -275,7 +275,9 @@ class ScriptedOpenAIServer:
             await response.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
 
         await send({"role": "assistant", "content": ""})
-        for chunk in text_chunks(turn.text):
+        for position, chunk in enumerate(text_chunks(turn.text)):
+            if position and turn.chunk_delay_s > 0:
+                await asyncio.sleep(turn.chunk_delay_s)
             await send({"content": chunk})
         for position, call in enumerate(calls):
             announce = {**call, "index": position, "function": {"name": call["function"]["name"], "arguments": ""}}
@@ -352,7 +354,7 @@ class ScriptedOpenAIServer:
             await response.write_eof()
             return response
         for position, item in enumerate(output):
-            await _stream_item(send, position, item)
+            await _stream_item(send, position, item, turn.chunk_delay_s)
         await send("response.completed", response=done)
         await response.write_eof()
         return response
@@ -417,8 +419,9 @@ _HOSTED_PROGRESS = {
 }
 
 
-async def _stream_item(send: Callable[..., Any], position: int, item: dict[str, Any]) -> None:
-    """One output item's events, from ``response.output_item.added`` to ``.done``."""
+async def _stream_item(send: Callable[..., Any], position: int, item: dict[str, Any], chunk_delay_s: float) -> None:
+    """One output item's events, from ``response.output_item.added`` to ``.done``; a
+    message's text deltas ``chunk_delay_s`` apart."""
     kind = item["type"]
     if kind == "message":
         text = item["content"][0]["text"]
@@ -427,7 +430,9 @@ async def _stream_item(send: Callable[..., Any], position: int, item: dict[str, 
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         await send("response.content_part.added", item_id=item["id"], output_index=position, content_index=0,
                    part=part)
-        for chunk in text_chunks(text):
+        for index, chunk in enumerate(text_chunks(text)):
+            if index and chunk_delay_s > 0:
+                await asyncio.sleep(chunk_delay_s)
             await send("response.output_text.delta", item_id=item["id"], output_index=position, content_index=0,
                        delta=chunk, logprobs=[])
         await send("response.output_text.done", item_id=item["id"], output_index=position, content_index=0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Mapping, Protocol, Sequence, Union
 
+from agentd.server.runtime.errors import ModelError
 from agentd.server.runtime.items import Item
 from agentd.server.runtime.usage import Usage
 
@@ -150,3 +151,13 @@ class ModelProvider(Protocol):
     def get_model(self, name: str) -> Model: ...
 
     async def aclose(self) -> None: ...
+
+
+def token_count(value: object) -> int:
+    """A token count an endpoint reported, or 0 when it sent none or something that is not one."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def malformed_stream(endpoint: str, model: str) -> ModelError:
+    """The error for a streamed chunk that is not JSON (a broken proxy, a truncated line)."""
+    return ModelError(f"model endpoint {endpoint} sent a malformed stream chunk for model {model!r} (not JSON)")

@@ -11,12 +11,17 @@ Retries, backoff and timeouts are left to the openai client, configured once by 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Union
 from urllib.parse import urlsplit
 
+import aiohttp
+import httpx2 as httpx
 import openai
 
 from agentd.server.models.base import (
@@ -26,8 +31,11 @@ from agentd.server.models.base import (
     ModelResponse,
     ModelSettings,
     ModelToolCall,
+    malformed_stream,
+    token_count,
 )
 from agentd.server.models.chat_format import to_chat_messages
+from agentd.server.models.sse import json_events
 from agentd.server.redaction import display_url, redact, url_password
 from agentd.server.runtime.errors import AgentdError, ModelError, ModelUnavailableError
 from agentd.server.runtime.usage import Usage
@@ -139,6 +147,40 @@ def _chat_params(model: str, request: ModelRequest) -> dict[str, Any]:
     return params
 
 
+async def post_streamed(client: openai.AsyncOpenAI, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST a streamed request and return its raw HTTP response, body unread (see ``sse``).
+
+    ``chat.completions.create``/``responses.create`` without their costs that buy nothing
+    here: the params' transform (a no-op for the plain JSON agentd builds), a pydantic model
+    per streamed chunk, and the client's per-event stream machinery, which at a thousand
+    concurrent runs were most of the server's CPU (see bench/bench_scale.py). Retries,
+    timeouts, authentication and error statuses are the client's, exactly as ``create`` has
+    them. The caller reads it with ``sse.json_events`` and closes it.
+
+    It first yields to the event loop once: building and sending the request is a few
+    hundred microseconds of CPU before the call first waits, and events the run emitted just
+    before (``run_started``...) should reach their streams first, not after it.
+    """
+    await asyncio.sleep(0)
+    response: httpx.Response = await client.post(
+        path, body=body, cast_to=httpx.Response, options={"security": {"bearer_auth": True}}, stream=True
+    )
+    return response
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects of a JSON array, whatever else a compatible server put in it (or nothing)."""
+    return [entry for entry in value if isinstance(entry, dict)] if isinstance(value, list) else []
+
+
+def _chat_usage(reported: dict[str, Any]) -> Usage:
+    details = reported.get("completion_tokens_details")
+    return Usage(
+        token_count(reported.get("prompt_tokens")), token_count(reported.get("completion_tokens")), requests=1,
+        reasoning_tokens=token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
+    )
+
+
 class OpenAIChatModel:
     """One model name on a shared ``AsyncOpenAI`` client."""
 
@@ -149,7 +191,7 @@ class OpenAIChatModel:
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
         try:
             # The name this model was resolved by, so requests, errors and cache agree.
-            stream = await self._client.chat.completions.create(**_chat_params(self.name, request))
+            response = await post_streamed(self._client, "/chat/completions", _chat_params(self.name, request))
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
 
@@ -158,38 +200,49 @@ class OpenAIChatModel:
         calls: dict[int, _PartialToolCall] = {}
         finish_reason = ""
         usage = Usage(requests=1)
+        # The chunks are the JSON objects the endpoint sent (see ``post_streamed``), read
+        # defensively: a compatible server may omit or null any field.
         # The finally closes the HTTP response whether the stream ends, fails, or the
         # consumer stops early or is cancelled: an unclosed response pins a connection.
         try:
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    details = getattr(chunk.usage, "completion_tokens_details", None)
-                    usage = Usage(
-                        chunk.usage.prompt_tokens, chunk.usage.completion_tokens, requests=1,
-                        reasoning_tokens=getattr(details, "reasoning_tokens", None) or 0,
-                    )
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        text.append(delta.content)
-                        yield delta.content
-                    if delta.refusal:
-                        refusal.append(delta.refusal)
-                    for piece in delta.tool_calls or ():
-                        partial = calls.setdefault(piece.index, _PartialToolCall())
-                        if piece.id:
-                            partial.call_id = piece.id
-                        if piece.function is not None:
-                            if piece.function.name:
-                                partial.name = piece.function.name
-                            if piece.function.arguments:
-                                partial.arguments.append(piece.function.arguments)
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
+            async for chunk in json_events(response):
+                if not isinstance(chunk, dict):
+                    continue
+                reported = chunk.get("usage")
+                if isinstance(reported, dict):
+                    usage = _chat_usage(reported)
+                for choice in _dicts(chunk.get("choices")):
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        content = delta.get("content")
+                        if content and isinstance(content, str):
+                            text.append(content)
+                            yield content
+                        if delta.get("refusal"):
+                            refusal.append(str(delta["refusal"]))
+                        for piece in _dicts(delta.get("tool_calls")):
+                            index = piece.get("index")
+                            if index is None:  # some compatible servers omit it for a single call
+                                index = 0
+                            elif type(index) is not int:
+                                continue
+                            partial = calls.setdefault(index, _PartialToolCall())
+                            if piece.get("id"):
+                                partial.call_id = str(piece["id"])
+                            function = piece.get("function")
+                            if isinstance(function, dict):
+                                if function.get("name"):
+                                    partial.name = str(function["name"])
+                                if function.get("arguments"):
+                                    partial.arguments.append(str(function["arguments"]))
+                    if choice.get("finish_reason"):
+                        finish_reason = str(choice["finish_reason"])
+        except json.JSONDecodeError:
+            raise malformed_stream(display_url(str(self._client.base_url)), self.name) from None
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
         finally:
-            await stream.close()
+            await response.aclose()
 
         if refusal and not text:
             raise ModelError(f"model {self.name!r} refused to answer: {''.join(refusal)}")
@@ -228,10 +281,11 @@ def translate_openai_error(client: openai.AsyncOpenAI, name: str, exc: openai.Op
         """``text`` without the configured API key, the endpoint's password, or anything shaped like a credential."""
         return redact(text, (client.api_key, url_password(str(client.base_url))))
 
-    if isinstance(exc, openai.APITimeoutError):
+    refused = _connection_failure(exc)
+    if isinstance(exc, openai.APITimeoutError) and refused is None:
         return ModelUnavailableError(f"{where} timed out for model {name!r}; {retries}")
     if isinstance(exc, openai.APIConnectionError):
-        cause = scrub(str(exc.__cause__ or exc))
+        cause = scrub(str(refused or exc.__cause__ or exc))
         return ModelUnavailableError(f"{where} is unreachable ({cause}); {retries}")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -250,6 +304,20 @@ def translate_openai_error(client: openai.AsyncOpenAI, name: str, exc: openai.Op
             return ModelUnavailableError(f"{where} answered HTTP {status} for model {name!r}: {message}; {retries}")
         return ModelError(f"{where} rejected the request for model {name!r}: HTTP {status}: {message}")
     return ModelError(f"{where} failed for model {name!r}: {scrub(str(exc))}")
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The failed connect behind ``exc`` (refused, unresolvable host...), if that is what it was.
+
+    The aiohttp transport reports every failed connect as a connect *timeout*; the cause
+    chain still holds aiohttp's own error, which tells a refusal from a real timeout.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(cause, TimeoutError):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _server_message(exc: openai.APIStatusError) -> str:
@@ -294,14 +362,26 @@ class OpenAIProvider:
         timeout_s: float = 60.0,
         max_retries: int = 2,
         api: str = "auto",
+        max_connections: int = 1000,
     ) -> None:
         _redact_http_logs()
         if api != "auto" and api not in MODEL_APIS:
             raise ModelError(f"model API {api!r} is not one of auto, {', '.join(MODEL_APIS)}")
+        # The openai client on its aiohttp transport: the same client (retries, timeouts,
+        # auth, proxies from the environment), with an HTTP/1.1 pool that keeps every idle
+        # connection and costs a fraction of the default transport's CPU per request and
+        # per streamed chunk, which is what bounds a replica at a thousand concurrent runs
+        # (bench/bench_scale.py). Every connection is kept alive up to ``max_connections``.
+        # aiohttp refuses a URL with credentials beside the API key's Authorization header:
+        # such an endpoint keeps the default transport.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        endpoint = urlsplit(base_url or os.environ.get("OPENAI_BASE_URL") or "")
+        transport = openai.DefaultAsyncHttpxClient if endpoint.username or endpoint.password else openai.DefaultAioHttpClient
+        http_client = transport(timeout=timeout_s, limits=limits)
         # None lets the openai library read OPENAI_API_KEY / OPENAI_BASE_URL itself.
         try:
             self._client = openai.AsyncOpenAI(
-                api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+                api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries, http_client=http_client
             )
         except openai.OpenAIError as exc:
             raise ModelError(f"cannot configure the OpenAI client: {exc}") from exc

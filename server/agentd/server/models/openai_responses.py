@@ -12,17 +12,18 @@ then on this model sends neither ``include`` nor reasoning items.
 It shares the provider's ``AsyncOpenAI`` client with the Chat Completions models, so
 retries, backoff, timeouts and the error mapping are the same (``translate_openai_error``).
 The request is ``responses.create(stream=True)``'s, made with the client's ``post`` so the
-streamed events stay JSON dicts: a pydantic model per event (and the params' transform)
-cost more than the rest of the turn's client side (see bench/bench_runs.py).
+streamed events stay JSON dicts (``openai_chat.post_streamed``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import httpx2 as httpx
 import openai
 
 from agentd.server.models.base import (
@@ -34,8 +35,11 @@ from agentd.server.models.base import (
     ModelSettings,
     ModelToolCall,
     hosted_tool_param,
+    malformed_stream,
+    token_count,
 )
-from agentd.server.models.openai_chat import translate_openai_error
+from agentd.server.models.openai_chat import post_streamed, translate_openai_error
+from agentd.server.models.sse import json_events
 from agentd.server.models.responses_format import (
     HOSTED_CALL_TYPES,
     hosted_call_details,
@@ -145,21 +149,10 @@ class OpenAIResponsesModel:
         # False once the model refused encrypted reasoning: then neither asked for nor sent.
         self.encrypted_reasoning = True
 
-    async def _post(self, params: dict[str, Any]) -> Any:
-        # ``responses.create`` without its two costs that buy nothing here: the params'
-        # transform (a no-op for plain JSON) and a pydantic model per streamed event (the
-        # events stay the JSON dicts they arrived as). Retries, timeouts, authentication,
-        # SSE parsing and error mapping are the client's, exactly as ``create`` has them.
-        return await self._client.post(
-            "/responses",
-            body=params,
-            cast_to=object,
-            options={"security": {"bearer_auth": True}},
-            stream=True,
-            stream_cls=openai.AsyncStream[object],
-        )
+    async def _post(self, params: dict[str, Any]) -> httpx.Response:
+        return await post_streamed(self._client, "/responses", params)
 
-    async def _create(self, request: ModelRequest) -> Any:
+    async def _create(self, request: ModelRequest) -> httpx.Response:
         try:
             return await self._post(responses_params(self.name, request, encrypted_reasoning=self.encrypted_reasoning))
         except openai.OpenAIError as exc:
@@ -173,7 +166,7 @@ class OpenAIResponsesModel:
             raise translate_openai_error(self._client, self.name, exc) from exc
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        stream = await self._create(request)
+        http_response = await self._create(request)
         # Text by output item id (deltas), so a message whose deltas never came is read whole.
         texts: dict[str, list[str]] = {}
         text_order: list[str] = []
@@ -187,72 +180,74 @@ class OpenAIResponsesModel:
         # The finally closes the HTTP response whether the stream ends, fails, or the
         # consumer stops early or is cancelled: an unclosed response pins a connection.
         try:
-            async for event in stream:
+            async for event in json_events(http_response):
                 if not isinstance(event, dict):
                     continue
                 kind = event.get("type")
                 if kind == "response.output_text.delta":
-                    item_id = event.get("item_id") or ""
+                    item_id = _text(event.get("item_id"))
                     if item_id not in texts:
                         texts[item_id] = []
                         text_order.append(item_id)
-                    delta = event.get("delta")
+                    delta = _text(event.get("delta"))
                     if delta:
                         texts[item_id].append(delta)
                         yield delta
                 elif kind == "response.refusal.delta":
-                    refusal.append(event.get("delta") or "")
+                    refusal.append(_text(event.get("delta")))
                 elif kind == "response.output_item.added":
-                    item = event.get("item") or {}
+                    item = _object(event.get("item"))
                     if item.get("type") == "function_call":
-                        partial = _PartialCall(item.get("call_id") or "", item.get("name") or "")
-                        calls[event.get("output_index", 0)] = partial
+                        partial = _PartialCall(_text(item.get("call_id")), _text(item.get("name")))
+                        calls[_index(event, 0)] = partial
                 elif kind == "response.function_call_arguments.delta":
-                    partial = calls.setdefault(event.get("output_index", 0), _PartialCall())
-                    partial.arguments.append(event.get("delta") or "")
+                    partial = calls.setdefault(_index(event, 0), _PartialCall())
+                    partial.arguments.append(_text(event.get("delta")))
                 elif kind == "response.output_item.done":
-                    item = event.get("item") or {}
+                    item = _object(event.get("item"))
                     item_type = item.get("type")
-                    index = event.get("output_index", len(done))
+                    index = _index(event, len(done))
                     done.append((index, item))
                     if item_type == "function_call":
                         partial = calls.setdefault(index, _PartialCall())
-                        partial.call_id = item.get("call_id") or partial.call_id
-                        partial.name = item.get("name") or partial.name
+                        partial.call_id = _text(item.get("call_id")) or partial.call_id
+                        partial.name = _text(item.get("name")) or partial.name
                         if isinstance(item.get("arguments"), str):
                             partial.done = item["arguments"]
                     elif item_type == "message":
-                        item_id = item.get("id") or ""
+                        item_id = _text(item.get("id"))
                         if item_id not in texts:  # no deltas came for it: its text, whole
                             whole = "".join(
-                                part.get("text") or ""
-                                for part in item.get("content") or ()
+                                _text(part.get("text"))
+                                for part in _list(item.get("content"))
                                 if isinstance(part, dict) and part.get("type") == "output_text"
                             )
                             texts[item_id] = [whole]
                             text_order.append(item_id)
                             if whole:
                                 yield whole
-                    elif item_type in HOSTED_CALL_TYPES:
+                    elif isinstance(item_type, str) and item_type in HOSTED_CALL_TYPES:
                         yield ModelHostedCall(
                             HOSTED_CALL_TYPES[item_type], str(item.get("id") or ""), str(item.get("status") or ""),
                             hosted_call_details(item),
                         )
                 elif kind in ("response.completed", "response.incomplete"):
                     completed = True
-                    response = event.get("response") or {}
+                    response = _object(event.get("response"))
                     usage = _usage(response.get("usage"))
                     if kind == "response.incomplete":
-                        reason = (response.get("incomplete_details") or {}).get("reason") or "incomplete"
+                        reason = _text(_object(response.get("incomplete_details")).get("reason")) or "incomplete"
                         finish_reason = _INCOMPLETE_REASONS.get(reason, reason)
                 elif kind == "response.failed":
-                    raise self._failed((event.get("response") or {}).get("error") or {})
+                    raise self._failed(_object(_object(event.get("response")).get("error")))
                 elif kind == "error":
                     raise self._failed(event)
+        except json.JSONDecodeError:
+            raise malformed_stream(self._endpoint(), self.name) from None
         except openai.OpenAIError as exc:
             raise translate_openai_error(self._client, self.name, exc) from exc
         finally:
-            await stream.close()
+            await http_response.aclose()
 
         if not completed:
             raise ModelUnavailableError(
@@ -267,7 +262,7 @@ class OpenAIResponsesModel:
             ModelReasoning(
                 id=str(item.get("id") or ""),
                 summary=tuple(
-                    str(part.get("text") or "") for part in item.get("summary") or () if isinstance(part, dict)
+                    str(part.get("text") or "") for part in _list(item.get("summary")) if isinstance(part, dict)
                 ),
                 encrypted_content=str(item.get("encrypted_content") or ""),
             )
@@ -307,11 +302,30 @@ class OpenAIResponsesModel:
         return ModelError(f"{what}: {message}")
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object the endpoint sent, or an empty one where it sent something else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _index(event: dict[str, Any], default: int) -> int:
+    """An event's ``output_index``: where its item sits in the response's output."""
+    index = event.get("output_index")
+    return index if type(index) is int else default
+
+
 def _usage(usage: Any) -> Usage:
     if not isinstance(usage, dict):
         return Usage(requests=1)
-    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
+    details = usage.get("output_tokens_details")
     return Usage(
-        int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0), requests=1,
-        reasoning_tokens=int(reasoning),
+        token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")), requests=1,
+        reasoning_tokens=token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
     )

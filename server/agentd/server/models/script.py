@@ -72,10 +72,12 @@ ScriptedStep = Union[ScriptedReasoning, ScriptedHostedCall]
 class ScriptedTurn:
     text: str = ""
     tool_calls: tuple[ScriptedToolCall, ...] = ()
-    # Seconds to wait before answering (simulates model latency).
+    # Seconds to wait before answering (simulates model latency: the time to first token).
     delay_s: float = 0.0
     # Reasoning and hosted tool calls, before the text and function calls, in order.
     steps: tuple[ScriptedStep, ...] = ()
+    # Seconds between two streamed text chunks (a model's pace once it has started; 0: at once).
+    chunk_delay_s: float = 0.0
 
     @property
     def reasoning(self) -> tuple[ScriptedReasoning, ...]:
@@ -105,10 +107,11 @@ def hosted(tool: str, *, status: str = "completed", **action: Any) -> ScriptedHo
     return ScriptedHostedCall(tool, dict(action), status)
 
 
-def say(text: str, *steps: ScriptedStep, delay_s: float = 0.0) -> ScriptedTurn:
+def say(text: str, *steps: ScriptedStep, delay_s: float = 0.0, chunk_delay_s: float = 0.0) -> ScriptedTurn:
     """A turn that answers with text (a final output unless tools are also called), after
-    any reasoning and hosted steps given."""
-    return ScriptedTurn(text=text, delay_s=delay_s, steps=_steps(steps))
+    any reasoning and hosted steps given; ``delay_s`` before the first chunk, then
+    ``chunk_delay_s`` between word-sized chunks."""
+    return ScriptedTurn(text=text, delay_s=delay_s, steps=_steps(steps), chunk_delay_s=chunk_delay_s)
 
 
 def call(name: str, arguments: dict[str, Any] | str | None = None, /, **kwargs: Any) -> ScriptedToolCall:

@@ -163,7 +163,9 @@ class ScriptedModel:
                     reasoning.append(
                         ModelReasoning(reasoning_id(index, position), step.summary, encrypted_reasoning(step.summary))
                     )
-        for chunk in text_chunks(turn.text):
+        for position, chunk in enumerate(text_chunks(turn.text)):
+            if position and turn.chunk_delay_s > 0:
+                await asyncio.sleep(turn.chunk_delay_s)
             yield chunk
         tool_calls = tuple(
             ModelToolCall(call_id=new_call_id(index, position), name=tool_call.name, arguments=tool_call.arguments_json)
