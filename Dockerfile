@@ -10,7 +10,7 @@
 # Settings are AGENTD_* variables (see README.md); OTLP export uses the standard OTEL_* ones.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- build: install agentd[server] (no dev dependencies) into a self-contained venv ------
+# --- build: install agentd[server,uvloop] (no dev dependencies) into a self-contained venv ------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -20,7 +20,7 @@ COPY pyproject.toml README.md ./
 COPY generated generated
 COPY server server
 COPY client client
-RUN /opt/agentd/bin/pip install '.[server]'
+RUN /opt/agentd/bin/pip install '.[server,uvloop]'
 
 # --- runtime: the venv (the example app ships inside it), a numeric non-root user ---------
 FROM ${PYTHON_IMAGE}

@@ -137,6 +137,17 @@ def test_demo_fails_at_once_with_the_servers_error_when_the_server_cannot_start(
     assert "cannot import app module 'nonexistent.module'" in result.stderr
 
 
+def test_serve_asked_for_uvloop_without_it_says_what_to_install(installed: Installed):
+    # The wheel's [server] extra has no uvloop: "auto" runs on asyncio (the tests above), "uvloop" refuses.
+    result = subprocess.run(
+        [str(installed.agentd), "serve", "--port", "0", "--store", "memory"], cwd=installed.workdir,
+        env={**installed.env, "AGENTD_EVENT_LOOP": "uvloop"}, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "AGENTD_EVENT_LOOP=uvloop but uvloop is not installed: pip install uvloop" in result.stderr
+
+
 def test_serve_answers_through_the_installed_client_and_stops_cleanly_on_sigterm(
     installed: Installed, free_port: int, tmp_path: Path,
 ):
