@@ -9,7 +9,8 @@ call, the tool's output, a streamed answer.
   client over HTTP), driven over gRPC from this process; then a raw aiohttp client making the
   same two streamed calls per run, ``--runs`` at once. Wall time of each, agentd's
   ``run_started`` latency (p50/p99), and the server's memory per in-flight run (RSS growth
-  under load / runs).
+  under load / runs). ``--ramp-s`` starts the runs evenly over that many seconds instead
+  (all of them still in flight together when it is shorter than a run).
 * **one at a time**, against a zero-latency endpoint: a run's p50 against the raw client's two
   calls, and time to first event beside the same server with the in-process scripted model.
 
@@ -17,7 +18,7 @@ Phases alternate (raw, agentd, raw, agentd...) over ``--rounds`` so machine nois
 Numbers and ratios, not pass/fail.
 
     python bench/bench_scale.py [--runs 1000] [--first-token-s 1] [--chunks 20] [--chunk-interval-s 0.02]
-                                [--api chat_completions|responses] [--rounds 1] [--json]
+                                [--api chat_completions|responses] [--ramp-s 0] [--rounds 1] [--json]
 
 ``agentd`` is imported from wherever it resolves (``PYTHONPATH`` selects a revision, as
 ``bench/compare.py`` does); the scripted endpoint always runs from this tree.
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -47,6 +48,7 @@ from agentd.client import AgentdClient  # noqa: E402
 
 from bench.bench_runs import free_port, pct, start_server, wait_ready  # noqa: E402
 
+T = TypeVar("T")
 # This tree's packages: the harness (scripted endpoint) always runs from here.
 HARNESS_PATH = os.pathsep.join(str(ROOT / part) for part in ("server", "client", "generated", ""))
 AGENTS = {"chat_completions": "bench", "responses": "bench_responses"}
@@ -125,13 +127,25 @@ def _raw_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300))
 
 
-async def raw_at_scale(endpoint: str, endpoint_pid: int, runs: int) -> tuple[float, float, float]:
+async def started_over(ramp_s: float, count: int, start: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``start(i)`` for i in 0..count-1, all at once (``ramp_s`` 0) or spread evenly over ``ramp_s`` seconds."""
+    if ramp_s <= 0:
+        return list(await asyncio.gather(*(start(i) for i in range(count))))
+
+    async def later(i: int) -> T:
+        await asyncio.sleep(ramp_s * i / count)
+        return await start(i)
+
+    return list(await asyncio.gather(*(later(i) for i in range(count))))
+
+
+async def raw_at_scale(endpoint: str, endpoint_pid: int, runs: int, ramp_s: float) -> tuple[float, float, float]:
     """(wall seconds, the client's and the endpoint's CPU ms per run)."""
     async with _raw_session() as session:
         url = f"{endpoint}/chat/completions"
         cpu_before = cpu_s(os.getpid()), cpu_s(endpoint_pid)
         started = time.perf_counter()
-        await asyncio.gather(*(raw_run(session, url) for _ in range(runs)))
+        await started_over(ramp_s, runs, lambda _: raw_run(session, url))
         wall = time.perf_counter() - started
         cpu_after = cpu_s(os.getpid()), cpu_s(endpoint_pid)
         return wall, (cpu_after[0] - cpu_before[0]) / runs * 1e3, (cpu_after[1] - cpu_before[1]) / runs * 1e3
@@ -201,7 +215,9 @@ class RssSampler:
         self._thread.join()
 
 
-async def agentd_at_scale(target: str, pid: int, endpoint_pid: int, runs: int, agent: str) -> dict[str, float]:
+async def agentd_at_scale(
+    target: str, pid: int, endpoint_pid: int, runs: int, agent: str, ramp_s: float
+) -> dict[str, float]:
     clients = [AgentdClient(target) for _ in range(8)]
     try:
         await asyncio.gather(*(agentd_run(client, agent) for client in clients))  # channels up
@@ -209,7 +225,7 @@ async def agentd_at_scale(target: str, pid: int, endpoint_pid: int, runs: int, a
         cpu_before = cpu_s(pid), cpu_s(endpoint_pid), cpu_s(os.getpid())
         with RssSampler(pid) as sampler:
             started = time.perf_counter()
-            results = await asyncio.gather(*(agentd_run(clients[i % len(clients)], agent) for i in range(runs)))
+            results = await started_over(ramp_s, runs, lambda i: agentd_run(clients[i % len(clients)], agent))
             wall = time.perf_counter() - started
         cpu_after = cpu_s(pid), cpu_s(endpoint_pid), cpu_s(os.getpid())
     finally:
@@ -248,6 +264,8 @@ async def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="text chunks of the answer (the app's script has 20)")
     parser.add_argument("--chunk-interval-s", type=float, default=0.02)
     parser.add_argument("--api", choices=sorted(AGENTS), default="chat_completions")
+    parser.add_argument("--ramp-s", type=float, default=0.0,
+                        help="start the runs evenly over this many seconds instead of all at once")
     parser.add_argument("--rounds", type=int, default=1, help="alternations of raw and agentd at scale")
     parser.add_argument("--single-runs", type=int, default=200, help="runs per one-at-a-time measure per round")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures last")
@@ -282,11 +300,11 @@ async def main() -> None:
         scripted_firsts: list[float] = []
         single_cpu: list[float] = []
         for _ in range(args.rounds):
-            wall, client_ms, endpoint_ms = await raw_at_scale(paced, processes[0].pid, args.runs)
+            wall, client_ms, endpoint_ms = await raw_at_scale(paced, processes[0].pid, args.runs, args.ramp_s)
             raw_walls.append(wall)
             raw_cpu.append((client_ms, endpoint_ms))
             scale.append(await agentd_at_scale(
-                f"127.0.0.1:{ports['paced']}", server_pid["paced"], processes[0].pid, args.runs, agent))
+                f"127.0.0.1:{ports['paced']}", server_pid["paced"], processes[0].pid, args.runs, agent, args.ramp_s))
             raw_single += await raw_one_at_a_time(instant, args.single_runs)
             firsts, totals, cpu_ms = await agentd_one_at_a_time(
                 f"127.0.0.1:{ports['instant']}", server_pid["instant"], args.single_runs, agent)
@@ -326,7 +344,7 @@ async def main() -> None:
     results["single_ttfe_ratio"] = results["single_agentd_ttfe_p50_ms"] / results["single_scripted_ttfe_p50_ms"]
 
     print(f"agentd at scale · {os.cpu_count()} cpu · python {sys.version.split()[0]} · {args.api} · "
-          f"{args.runs} runs at once · first token {args.first_token_s:g} s, {args.chunks} chunks "
+          f"{args.runs} runs {'at once' if args.ramp_s <= 0 else f'started over {args.ramp_s:g} s'} · first token {args.first_token_s:g} s, {args.chunks} chunks "
           f"{args.chunk_interval_s * 1e3:g} ms apart · {args.rounds} round(s)")
     print(f"  wall, {args.runs} runs           agentd {results['scale_agentd_wall_s']:.2f} s   raw client "
           f"{results['scale_raw_wall_s']:.2f} s   (×{results['scale_wall_ratio']:.2f})")
