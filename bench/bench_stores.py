@@ -6,6 +6,12 @@ For each backend, in the same run and against the same server, it measures:
   with 1 writer and with 8 concurrent writers (one session each);
 * p50/p99 latency of reading a session's latest 50 items.
 
+agentd and raw alternate in short rounds (every writer appends ``--round-appends`` times,
+a few milliseconds; which side goes first alternates too) for ``--seconds`` per figure, so
+that noise from a shared machine (a neighbour's fsyncs, CPU bursts) hits both alike; a
+figure's ratio is the median of the rounds' ratios, reported with its quartiles and
+extremes. Reads alternate one by one.
+
 The raw baseline is the least a hand-written client of the same driver must do for the
 same result: serialise each item to JSON, append atomically with gap-free sequence
 numbers, read the newest 50 and parse them back, on minimal tables or keys (Postgres:
@@ -13,7 +19,11 @@ one CTE statement over a pool without the per-release reset query; Redis: one Lu
 script). agentd does more (session existence and expiry checks, counters, request ids,
 typed items); the ratio shows what that costs. Numbers, not pass/fail.
 
-    python bench/bench_stores.py [--seconds 3]
+    python bench/bench_stores.py [--seconds 5] [--round-appends 10] [--backends postgres,redis]
+                                 [--only append_1_item_1_writer,read_latest_50] [--json]
+
+``--json``: the last line of stdout is one flat JSON object, metric name -> number
+(``postgres_append_1_item_1_writer_ratio``, ``..._agentd_per_s``, ``..._q1_ratio``, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -167,51 +178,117 @@ class RawRedis(Backend):
         return [json.loads(record.split(b"|", 1)[1]) for record in records]
 
 
-async def append_rate(backend: Backend, batch: int, writers: int, seconds: float) -> float:
-    sessions = [await backend.new_session() for _ in range(writers)]
-    appended = [0] * writers
-    deadline = time.perf_counter() + seconds
+async def append_round(backend: Backend, sessions: list[str], batch: int, appends: int) -> float:
+    """Seconds for each of ``len(sessions)`` concurrent writers (one session each) to
+    append ``appends`` batches of ``batch`` items."""
 
-    async def writer(index: int) -> None:
-        while time.perf_counter() < deadline:
-            await backend.append(sessions[index], batch)
-            appended[index] += batch
+    async def writer(session_id: str) -> None:
+        for _ in range(appends):
+            await backend.append(session_id, batch)
 
     started = time.perf_counter()
-    await asyncio.gather(*(writer(i) for i in range(writers)))
-    return sum(appended) / (time.perf_counter() - started)
+    if len(sessions) == 1:
+        await writer(sessions[0])
+    else:
+        await asyncio.gather(*(writer(s) for s in sessions))
+    return time.perf_counter() - started
 
 
-async def read_latency(backend: Backend, reads: int) -> tuple[float, float]:
-    session_id = await backend.new_session()
-    for _ in range(20):
-        await backend.append(session_id, 10)  # 200 items; read the newest 50
-    for _ in range(50):
-        await backend.latest_50(session_id)  # warm caches and prepared statements
+async def read_samples(backend: Backend, session_id: str, reads: int) -> list[float]:
+    """Latencies (ms) of ``reads`` reads of the newest 50 items."""
     samples = []
     for _ in range(reads):
         started = time.perf_counter()
         rows = await backend.latest_50(session_id)
         samples.append((time.perf_counter() - started) * 1e3)
         assert len(rows) == 50
-    return pct(samples, 0.5), pct(samples, 0.99)
+    return samples
 
 
-async def measure(backend: Backend, seconds: float) -> dict[str, float]:
-    await backend.setup()
+async def read_session(backend: Backend) -> str:
+    session_id = await backend.new_session()
+    for _ in range(20):
+        await backend.append(session_id, 10)  # 200 items; read the newest 50
+    await read_samples(backend, session_id, 50)  # warm caches and prepared statements
+    return session_id
+
+
+# (metric, items per append, concurrent writers)
+APPENDS = (
+    ("append_1_item_1_writer", 1, 1),
+    ("append_1_item_8_writers", 1, WRITERS),
+    ("append_10_items_1_writer", 10, 1),
+    ("append_10_items_8_writers", 10, WRITERS),
+)
+
+
+def alternate(index: int, agentd: Backend, raw: Backend) -> list[tuple[str, Backend]]:
+    """Both sides, the one going first alternating round by round."""
+    pair = [("agentd", agentd), ("raw", raw)]
+    return pair if index % 2 == 0 else pair[::-1]
+
+
+async def compare(
+    agentd: Backend, raw: Backend, seconds: float, round_appends: int, reads: int, only: set[str] | None,
+    rounds: dict[str, int],
+) -> dict[str, float]:
+    """agentd against raw. Each figure alternates the two in short rounds (every writer
+    appends ``round_appends`` times, a few milliseconds) for ``seconds``, so that noise from
+    a shared machine (a neighbour's fsyncs, CPU bursts) hits both alike; its ratio is the
+    median of the rounds' ratios (with their quartiles and extremes as the spread), its
+    rates each side's items over its time in all rounds (``rounds``: how many, per figure).
+    Reads alternate one by one."""
+    await agentd.setup()
     try:
-        await append_rate(backend, 1, 1, 0.5)  # warm-up
-        result = {
-            "append_1_item_1_writer_per_s": await append_rate(backend, 1, 1, seconds),
-            "append_1_item_8_writers_per_s": await append_rate(backend, 1, WRITERS, seconds),
-            "append_10_items_1_writer_per_s": await append_rate(backend, 10, 1, seconds),
-            "append_10_items_8_writers_per_s": await append_rate(backend, 10, WRITERS, seconds),
-        }
-        p50, p99 = await read_latency(backend, 1000)
-        result.update(read_latest_50_p50_ms=p50, read_latest_50_p99_ms=p99)
-        return result
+        await raw.setup()
+        try:
+            metrics: dict[str, float] = {}
+            for key, batch, writers in APPENDS:
+                if only is not None and key not in only:
+                    continue
+                sessions = {"agentd": [await agentd.new_session() for _ in range(writers)],
+                            "raw": [await raw.new_session() for _ in range(writers)]}
+                for side, backend in alternate(0, agentd, raw):  # warm-up: pools, prepared statements
+                    await append_round(backend, sessions[side], batch, 20)
+                elapsed = {"agentd": 0.0, "raw": 0.0}
+                ratios = []
+                deadline = time.perf_counter() + seconds
+                while len(ratios) < 2 or time.perf_counter() < deadline:
+                    took = {}
+                    for side, backend in alternate(len(ratios), agentd, raw):
+                        took[side] = await append_round(backend, sessions[side], batch, round_appends)
+                        elapsed[side] += took[side]
+                    ratios.append(took["raw"] / took["agentd"])  # rates' ratio: same items on both sides
+                items = len(ratios) * writers * round_appends * batch
+                metrics[f"{key}_agentd_per_s"] = items / elapsed["agentd"]
+                metrics[f"{key}_raw_per_s"] = items / elapsed["raw"]
+                rounds[key] = len(ratios)
+                metrics.update(spread(key, ratios))
+            if only is None or "read_latest_50" in only:
+                sessions_read = {"agentd": await read_session(agentd), "raw": await read_session(raw)}
+                samples: dict[str, list[float]] = {"agentd": [], "raw": []}
+                for index in range(reads):
+                    for side, backend in alternate(index, agentd, raw):
+                        samples[side] += await read_samples(backend, sessions_read[side], 1)
+                for side, values in samples.items():
+                    metrics[f"read_latest_50_{side}_p50_ms"] = pct(values, 0.5)
+                    metrics[f"read_latest_50_{side}_p99_ms"] = pct(values, 0.99)
+            return metrics
+        finally:
+            await raw.teardown()
     finally:
-        await backend.teardown()
+        await agentd.teardown()
+
+
+def spread(key: str, ratios: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return {
+        f"{key}_ratio": median,
+        f"{key}_q1_ratio": q1,
+        f"{key}_q3_ratio": q3,
+        f"{key}_min_ratio": min(ratios),
+        f"{key}_max_ratio": max(ratios),
+    }
 
 
 async def drop_pg_schema(schema: str) -> None:
@@ -260,28 +337,42 @@ PAIRS: dict[str, Callable[[], tuple[Backend, Backend]]] = {"postgres": postgres_
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each append figure, both sides")
+    parser.add_argument("--round-appends", type=int, default=10,
+                        help="appends per writer and side in one round (agentd, then raw, or the reverse)")
+    parser.add_argument("--reads", type=int, default=1000, help="reads of the newest 50 items per side")
     parser.add_argument("--backends", default="postgres,redis", help="comma-separated: postgres, redis")
+    parser.add_argument("--only", help="comma-separated figures, e.g. append_1_item_1_writer,read_latest_50")
+    parser.add_argument("--json", action="store_true", help="end with one flat JSON object of the metrics")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
 
-    results: dict[str, Any] = {}
+    results: dict[str, dict[str, float]] = {}
+    rounds: dict[str, dict[str, int]] = {}
     for name in args.backends.split(","):
         agentd, raw = PAIRS[name]()
-        results[name] = {"agentd": await measure(agentd, args.seconds), "raw": await measure(raw, args.seconds)}
+        rounds[name] = {}
+        results[name] = await compare(agentd, raw, args.seconds, args.round_appends, args.reads, only, rounds[name])
 
-    print(f"session stores ({args.seconds:.0f} s per throughput figure; items/s and ms; ratio = agentd / raw)")
-    header = f"  {'':34} {'agentd':>10} {'raw':>10} {'ratio':>7}"
-    for name, both in results.items():
-        print(f"{name}:\n{header}")
-        a, r = both["agentd"], both["raw"]
-        for key in a:
-            if key.endswith("_per_s"):
-                print(f"  {key:34} {a[key]:10.0f} {r[key]:10.0f} {a[key] / r[key]:7.0%}")
-        for key in ("read_latest_50_p50_ms", "read_latest_50_p99_ms"):
-            print(f"  {key:34} {a[key]:10.3f} {r[key]:10.3f}  +{a[key] - r[key]:.3f} ms")
+    print(f"session stores · {os.cpu_count()} cpu · {args.seconds:g} s per append figure, agentd and raw alternating"
+          f" in rounds of {args.round_appends} appends per writer · ratio = agentd / raw, the median of the rounds'"
+          " [quartiles] (extremes) · reads alternate one by one")
+    for name, got in results.items():
+        print(f"{name}:\n  {'':32} {'agentd':>10} {'raw':>10} {'ratio':>7}")
+        for key, _, _ in APPENDS:
+            if f"{key}_ratio" in got:
+                print(f"  {key + '_per_s':32} {got[f'{key}_agentd_per_s']:10.0f} {got[f'{key}_raw_per_s']:10.0f}"
+                      f" {got[f'{key}_ratio']:7.0%}  [{got[f'{key}_q1_ratio']:.0%}–{got[f'{key}_q3_ratio']:.0%}]"
+                      f" ({got[f'{key}_min_ratio']:.0%}–{got[f'{key}_max_ratio']:.0%}), {rounds[name][key]} rounds")
+        for q in ("p50", "p99"):
+            if f"read_latest_50_agentd_{q}_ms" in got:
+                a, r = got[f"read_latest_50_agentd_{q}_ms"], got[f"read_latest_50_raw_{q}_ms"]
+                print(f"  {'read_latest_50_' + q + '_ms':32} {a:10.3f} {r:10.3f}  {a - r:+.3f} ms")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "stores.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps({f"{name}_{key}": value for name, got in results.items() for key, value in got.items()}))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,113 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     add a round trip per call."""
 
 
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    # Whatever happens here (a pool closed or terminated meanwhile, a connection that
+    # broke) the pool has dealt with the connection: it is cut off, never handed out broken.
+    with suppress(Exception):
+        await pool.release(conn)
+
+
+def _usable(conn: asyncpg.Connection) -> bool:
+    """Open, and idle outside a transaction (False too when the pool took it back)."""
+    try:
+        return not (conn.is_closed() or conn.is_in_transaction())
+    except asyncpg.InterfaceError:  # detached from its holder: closed, or the pool is closing
+        return False
+
+
+class Pool:
+    """An asyncpg pool whose connections stay at hand between calls.
+
+    asyncpg's acquire and release cost about as much Python as the statement itself (a
+    proxy, a timer and a future per acquire; a shielded task, a reset and a timer per
+    release: some 70 µs a call here). ``run`` keeps the connections it used in a list of
+    its own instead (last used first): taking one back is a ``pop``, giving it back an
+    ``append``. Only a healthy connection goes on the list: one the server answered
+    (a result, or an error of the statement's own), open and outside a transaction. Any
+    other (cancelled, timed out, broken) goes back to the pool before the failure is
+    raised, as with ``async with pool.acquire()``: the pool waits for a cancellation in
+    flight (so a timed-out or cancelled write is over, not about to commit, when its
+    caller hears of it) or cuts the connection off. A healthy connection goes back to the
+    pool too, in the background, while a caller waits for the pool (it serves that
+    caller) and once the pool is closing. Connections on the list count as in use for the
+    pool, so it never opens more than ``max_size``.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout_s: float) -> None:
+        self.pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+        self._idle: list[asyncpg.Connection] = []
+        self._waiting = 0  # callers waiting for the pool
+        self._closing = False
+        self._returning: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    async def run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``op`` (one statement) on a connection; one that died under it (not a timeout: the
+        server may still be working) is cut off, never handed out again."""
+        conn = await self._take()
+        try:
+            result = await op(conn)
+        except CONNECTION_LOST as exc:
+            if not isinstance(exc, TimeoutError):
+                # Possibly half-dead (a killed backend whose close is still in flight).
+                with suppress(asyncpg.InterfaceError):  # already closed and detached
+                    conn.terminate()
+            # After a timeout the pool waits for the server to cancel the statement: the
+            # caller hears of the failure only once the statement is over, as before.
+            await _release(self.pool, conn)
+            raise
+        except asyncpg.PostgresError:
+            self._keep(conn)  # the server answered: the connection is idle and sound
+            raise
+        except BaseException:
+            await _release(self.pool, conn)  # cancelled (the same wait), or a bug
+            raise
+        self._keep(conn)
+        return result
+
+    async def _take(self) -> asyncpg.Connection:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if _usable(conn):
+                return conn
+            self._return(conn)  # closed while kept (a killed backend): the pool replaces it
+        self._waiting += 1
+        try:
+            return await self.pool.acquire(timeout=self._acquire_timeout_s)
+        finally:
+            self._waiting -= 1
+
+    def _keep(self, conn: asyncpg.Connection) -> None:
+        if self._waiting or self._closing or not _usable(conn):
+            self._return(conn)
+        else:
+            self._idle.append(conn)
+
+    def _return(self, conn: asyncpg.Connection) -> None:
+        task = asyncio.ensure_future(_release(self.pool, conn))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        """A connection straight from the pool (``async with``), for work that is not one statement."""
+        return self.pool.acquire(timeout=timeout)
+
+    async def close(self) -> None:
+        """Give every kept connection back, then close the pool (see ``asyncpg.Pool.close``)."""
+        self._closing = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._return(conn)
+        await self.pool.close()
+
+    def terminate(self) -> None:
+        self._closing = True
+        self._idle.clear()
+        self.pool.terminate()
+
+
 class PostgresConnector:
     """Connection settings and error mapping, the same for every Postgres engine.
 
@@ -228,7 +335,7 @@ class PostgresEngine(PostgresConnector):
         # Waiting for a pooled connection covers a busy pool and a reconnect, not forever.
         self._acquire_timeout_s = connect_timeout_s + command_timeout_s
         self._auto_migrate = auto_migrate
-        self._pool: asyncpg.Pool | None = None
+        self._pool: Pool | None = None
 
     @property
     def _latest(self) -> int:
@@ -251,15 +358,7 @@ class PostgresEngine(PostgresConnector):
             raise StoreUnavailableError(f"{self._where}: not open")
         for attempt in (1, 2):
             try:
-                async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    try:
-                        return await op(conn)
-                    except CONNECTION_LOST as exc:
-                        if not isinstance(exc, TimeoutError):
-                            # Possibly half-dead: never hand it out again.
-                            with suppress(asyncpg.InterfaceError):
-                                conn.terminate()
-                        raise
+                return await pool.run(op)
             except asyncio.TimeoutError as exc:
                 raise self._unavailable(exc) from exc
             except CONNECTION_LOST as exc:
@@ -316,14 +415,15 @@ class PostgresEngine(PostgresConnector):
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def _create_pool(self) -> asyncpg.Pool:
+    async def _create_pool(self) -> Pool:
         try:
-            return await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 self._url, min_size=self._min_size, max_size=self._max_size, reset=keep_session,
                 **self._connect_kwargs(),
             )
         except DRIVER_ERRORS as exc:
             raise self._cannot_connect(exc) from exc
+        return Pool(pool, self._acquire_timeout_s)
 
     async def _prepare(self) -> None:
         """Make the tables ready at open (migrate, or check them when ``auto_migrate`` is off)."""
@@ -341,7 +441,7 @@ class PostgresEngine(PostgresConnector):
             pool.terminate()
             raise
 
-    async def _close_pool(self, pool: asyncpg.Pool | None) -> None:
+    async def _close_pool(self, pool: Pool | None) -> None:
         """Let in-flight calls finish; a stuck connection is cut off after the command timeout."""
         if pool is None:
             return

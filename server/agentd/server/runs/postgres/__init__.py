@@ -1,9 +1,10 @@
 """Runs on PostgreSQL: records, event logs, the work queue and leases, shared by every replica.
 
 Every public operation is one round trip: a single statement, or a PL/pgSQL function
-(created by the migrations) that checks and writes in one transaction. Claims
-take rows with ``FOR UPDATE SKIP LOCKED``, so claimers on any number of replicas never
-wait for each other and never take the same run. The session gate (REJECT/ENQUEUE and
+(created by the migrations) that checks and writes in one transaction (a refused
+progress write takes a second, to say why). Every write waits for the disk
+(``synchronous_commit``). Claims take rows with ``FOR UPDATE SKIP LOCKED``, so claimers on any number of
+replicas never wait for each other and never take the same run. The session gate (REJECT/ENQUEUE and
 the promotion of a session's next run) serialises on a transaction-scoped advisory
 lock on the session id, taken before any row lock, so two replicas creating runs for
 one session at once (or one creating while another finishes) always agree.

@@ -31,6 +31,8 @@ def statements(q: str) -> dict[str, str]:
         f"(SELECT json_object_agg(a.key, a.data ORDER BY a.key) FROM {q}.run_actions a WHERE a.run_id = r.run_id)"
     )
     return {
+        # Waits for the disk like every write: the reply to a detached start names the run,
+        # so the run must exist after a database crash once the caller has its id.
         "create": (
             f"SELECT c.*, CASE WHEN c.o_created THEN NULL ELSE {q}.agentd_run_actions(c.o_run_id) END"
             f" FROM {q}.agentd_run_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) c"
@@ -65,8 +67,37 @@ def statements(q: str) -> dict[str, str]:
             " WHERE r.run_id = w.run_id AND r.attempt = w.attempt AND r.owner = $1 AND r.status = 'running'"
             " RETURNING r.run_id, r.cancel_reason"
         ),
-        "progress": f"SELECT {q}.agentd_run_progress($1, $2, $3, $4, $5, $6, $7)",
-        "finish": f"SELECT {q}.agentd_run_finish($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        # record_progress as one plain statement (what agentd_run_progress does, without a
+        # function call: cheaper): the fenced row update appends the events ($4, numbered
+        # from $3, which must follow the log) and sets the checkpoint ($6); the row lock
+        # orders it with every other write of the run. One row (the cancel reason) when
+        # written; none when refused, and "progress_refused" then says why. $8: the
+        # run_events channel, notified only when there are events.
+        "progress": (
+            f"WITH r AS (UPDATE {q}.runs r SET last_sequence = r.last_sequence + cardinality($4::text[]),"
+            " checkpoint = coalesce($6::json, r.checkpoint),"
+            " trace_id = CASE WHEN r.trace_id = '' AND cardinality($4::text[]) > 0 THEN $5 ELSE r.trace_id END,"
+            " update_time = $7"
+            " WHERE r.run_id = $1 AND r.status = 'running' AND r.attempt = $2"
+            " AND (cardinality($4::text[]) = 0 OR r.last_sequence = $3 - 1)"
+            " RETURNING r.last_sequence - cardinality($4::text[]) AS last, r.cancel_reason),"
+            f" e AS (INSERT INTO {q}.run_events (run_id, seq, data)"
+            " SELECT $1, r.last + t.n, t.data::json FROM r, unnest($4::text[]) WITH ORDINALITY AS t (data, n))"
+            " SELECT r.cancel_reason, CASE WHEN cardinality($4::text[]) > 0 THEN pg_notify($8, $1) END FROM r"
+        ),
+        # Why a progress write was refused: (this attempt executes the run, its last sequence).
+        "progress_refused": (
+            "SELECT r.status = 'running' AND r.attempt = $2, r.last_sequence"
+            f" FROM {q}.runs r WHERE r.run_id = $1"
+        ),
+        # Then whether the run's session had a queued run (as of the statement's start), which
+        # the finish may have made claimable: a claimer here looks at once. One queued later
+        # is announced by its promotion's notification, like any other.
+        "finish": (
+            f"SELECT {q}.agentd_run_finish($1, $2, $3, $4, $5, $6, $7, $8, $9),"
+            f" EXISTS (SELECT FROM {q}.runs r JOIN {q}.runs a ON a.session_id = r.session_id"
+            " WHERE r.run_id = $1 AND a.status = 'queued')"
+        ),
         "release": f"SELECT {q}.agentd_run_release($1, $2, $3)",
         "requeue": f"SELECT * FROM {q}.agentd_run_requeue_expired($1)",
         "cancel": f"SELECT c.*, {q}.agentd_run_actions(c.o_run_id) FROM {q}.agentd_run_cancel($1, $2, $3, $4, $5) c",

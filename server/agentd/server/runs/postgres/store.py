@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, NoReturn, Sequence
 
 import asyncpg
 
@@ -271,11 +271,22 @@ class PostgresRunStore(PostgresEngine, RunStore):
     ) -> str:
         first, texts, trace = encoded_events(run_id, events)
         cp = encode_checkpoint(checkpoint) if checkpoint is not None else None
-        args = (run_id, attempt, first, texts, trace, cp, now)
-        cancel = await self._fenced(lambda conn: conn.fetchval(self._sql["progress"], *args), run_id, attempt)
+        args = (run_id, attempt, first, texts, trace, cp, now, self._events_channel)
+        row = await self._fenced(lambda conn: conn.fetchrow(self._sql["progress"], *args), run_id, attempt)
+        if row is None:
+            await self._progress_refused(run_id, attempt, first, bool(texts))
         if texts:
             self._on_appended(run_id)
-        return cancel or ""
+        return row[0] or ""
+
+    async def _progress_refused(self, run_id: str, attempt: int, first: int, appending: bool) -> NoReturn:
+        """Raise why a progress write changed nothing: the lease is gone, or (this attempt
+        still executing the run) its events do not follow the log."""
+        row = await self._call(lambda conn: conn.fetchrow(self._sql["progress_refused"], run_id, attempt),
+                               idempotent=True)
+        if row is not None and row[0] and appending:
+            raise ValueError(f"run {run_id}: event {first} does not follow {row[1]}")
+        raise LeaseLostError(f"run {run_id} is no longer executed by attempt {attempt}")
 
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         if not events or not events[-1].is_terminal:
@@ -284,9 +295,10 @@ class PostgresRunStore(PostgresEngine, RunStore):
         first, texts, trace = encoded_events(run_id, events)
         args = (run_id, attempt, first, texts, trace, terminal_status(final).value, encode_payload(final),
                 now + retention_s, now)
-        await self._fenced(lambda conn: conn.execute(self._sql["finish"], *args), run_id, attempt)
+        row = await self._fenced(lambda conn: conn.fetchrow(self._sql["finish"], *args), run_id, attempt)
         self._on_appended(run_id)
-        self._work.fire()  # the session's next run may have become claimable
+        if row[1]:
+            self._work.fire()  # the session's next run may have become claimable
 
     async def _fenced(self, op: Callable[[asyncpg.Connection], Awaitable[Any]], run_id: str, attempt: int) -> Any:
         try:

@@ -2,11 +2,15 @@
 
 Several agentd replicas can serve the same sessions: every public method is one
 statement, so one round trip and one transaction. The writes that need several steps
-(append, pop, clear, drop, create, read-and-create) are PL/pgSQL functions created by the
-migrations; each starts by locking the session row, which serialises writers of one
-session across all replicas and makes sequence numbers gap-free and unique. A
-cancelled caller cannot leave anything half-written: a statement commits or rolls back
-as a whole.
+(an append with a request id, pop, clear, drop, create, read-and-create) are PL/pgSQL
+functions created by the migrations; each starts by locking the session row, which
+serialises writers of one session across all replicas and makes sequence numbers
+gap-free and unique. An append without a request id is a plain statement whose session
+row update takes that lock and numbers the items. A cancelled caller cannot leave
+anything half-written: a statement commits or rolls back as a whole.
+
+Every write waits for the disk (``synchronous_commit``) but one: the empty session a
+run's history read creates (migration 5), made durable by the next write that waits.
 
 "Now" is the caller's ``time.time()`` passed as a parameter (never the database's
 ``now()``), so expiry and ordering agree with the other stores and with tests that

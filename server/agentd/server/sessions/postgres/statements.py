@@ -50,6 +50,32 @@ class Statements:
     # Deletes an expired session's rows too, but reports it as missing.
     delete: str = "DELETE FROM {s}.sessions WHERE id = $1 RETURNING expires_at IS NULL OR expires_at > to_timestamp($2)"
     append: str = "SELECT seq, created_at, data FROM {s}.agentd_append($1, $2, $3, $4, $5, $6)"
+    # An append without a request id is one plain statement (no function call: cheaper):
+    # numbering and locking are the session row's update, whose row lock serialises
+    # appends to the session on every replica (a waiting one numbers from the row it
+    # waited for), and the items are inserted from its result. It returns each item's
+    # sequence and stored time; no row when no live session was updated (nothing inserted).
+    # $3..$5: the items' types, roles and JSON texts (append_one: of its one item).
+    append_new: str = (
+        "WITH s AS (UPDATE {s}.sessions s SET last_seq = s.last_seq + cardinality($5::text[]),"
+        " item_count = s.item_count + cardinality($5::text[]), updated_at = to_timestamp($2),"
+        " expires_at = to_timestamp($2) + make_interval(secs => s.ttl_s)"
+        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($2))"
+        " RETURNING s.last_seq - cardinality($5::text[]) AS last)"
+        " INSERT INTO {s}.items AS i (session_id, seq, created_at, type, role, data)"
+        " SELECT $1, s.last + t.n, to_timestamp($2), t.type, t.role, t.data::json"
+        " FROM s, unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS t (type, role, data, n)"
+        " RETURNING i.seq, extract(epoch FROM i.created_at)::float8"
+    )
+    append_one: str = (
+        "WITH s AS (UPDATE {s}.sessions s SET last_seq = s.last_seq + 1, item_count = s.item_count + 1,"
+        " updated_at = to_timestamp($2), expires_at = to_timestamp($2) + make_interval(secs => s.ttl_s)"
+        " WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > to_timestamp($2))"
+        " RETURNING s.last_seq)"
+        " INSERT INTO {s}.items AS i (session_id, seq, created_at, type, role, data)"
+        " SELECT $1, s.last_seq, to_timestamp($2), $3, $4, $5::json FROM s"
+        " RETURNING i.seq, extract(epoch FROM i.created_at)::float8"
+    )
     # A live session with no items in range gives one row of NULLs; a missing one, no row.
     list_oldest: str = (
         f"SELECT {_ITEM} FROM {{s}}.sessions s LEFT JOIN LATERAL ("

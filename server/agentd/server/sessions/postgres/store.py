@@ -6,12 +6,11 @@ import asyncio
 import json
 import math
 import time
-from contextlib import asynccontextmanager, suppress
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 import asyncpg
 
-from agentd.server.postgres_common import PING_TIMEOUT_S, PostgresEngine, apply_migrations, location, schema_version
+from agentd.server.postgres_common import PING_TIMEOUT_S, PostgresEngine, location
 from agentd.server.runtime.errors import SessionExistsError, SessionNotFoundError, StoreUnavailableError
 from agentd.server.runtime.items import Item, item_from_dict
 from agentd.server.sessions.base import (
@@ -34,14 +33,8 @@ __all__ = ["PostgresSessionStore"]
 
 T = TypeVar("T")
 
-# Failures that say nothing about the statement but much about the connection.
-_CONNECTION_IN_DOUBT = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _SWEEP_BATCH = 1000
 _MAX_SEQ = 2**63 - 1  # sequences are bigint
-
-
-class _StaleConnection(Exception):
-    """asyncpg refused to use a pooled connection that had already failed: nothing was sent."""
 
 
 def _now() -> float:
@@ -77,8 +70,9 @@ def _stored(session_id: str, row: asyncpg.Record) -> StoredItem:
 class PostgresSessionStore(PostgresEngine, SessionStore):
     """Sessions in a Postgres schema, shared by every replica that points at it.
 
-    Pool, open, close: ``PostgresEngine``'s. Calls go through ``_connection``, which also
-    maps the session errors, and retry only connections that were dead before use.
+    Pool, open, close, migrations: ``PostgresEngine``'s. Data calls go through ``_run``,
+    which also maps the session errors, and retries only connections that were dead
+    before use.
     """
 
     backend = "postgres"
@@ -117,57 +111,15 @@ class PostgresSessionStore(PostgresEngine, SessionStore):
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(f"{self._where}: {self._error_text(exc)}")
 
-    @asynccontextmanager
-    async def _connection(
-        self, session_id: str = "", *, admin: bool = False, retryable: bool = False
-    ) -> AsyncIterator[asyncpg.Connection]:
-        """A connection, with every driver failure inside the block mapped to store errors.
-
-        From the pool; or, for ``admin`` work (status, migrate) on a store that is not
-        open, a one-off connection: ``agentd db`` commands need no pool. ``retryable``:
-        raise ``_StaleConnection`` when the pooled connection turns out to be dead
-        before anything was sent on it.
-        """
-        pool = self._pool
-        if pool is None and not admin:
-            raise StoreUnavailableError(f"{self._where}: not open")
-        try:
-            if pool is not None:
-                async with pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                    try:
-                        yield conn
-                    except _CONNECTION_IN_DOUBT as exc:
-                        # Not after a timeout: asyncpg has asked the server to cancel the
-                        # statement and the pool waits for that; cutting the connection
-                        # instead would leave the statement running, and maybe committing.
-                        if not isinstance(exc, TimeoutError):
-                            # Possibly half-dead (a killed backend whose close is still in
-                            # flight): never hand it out again; the pool opens a fresh one.
-                            with suppress(asyncpg.InterfaceError):  # already closed and detached
-                                conn.terminate()
-                        if retryable and isinstance(exc, asyncpg.InternalClientError):
-                            raise _StaleConnection() from exc
-                        raise
-            else:
-                try:
-                    conn = await self._connect()
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    raise self._cannot_connect(exc) from exc
-                try:
-                    yield conn
-                finally:
-                    with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):  # a broken one is cut off
-                        await conn.close(timeout=self._connect_timeout_s)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == NOT_FOUND:
-                raise SessionNotFoundError(session_id) from None
-            if exc.sqlstate == EXISTS:
-                raise SessionExistsError(session_id) from None
-            if isinstance(exc, asyncpg.DataError):  # a value Postgres cannot hold, e.g. \u0000 in jsonb
-                raise ValueError(f"postgres cannot store this value: {exc}") from exc
-            raise self._unavailable(exc) from exc
-        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError) as exc:
-            raise self._unavailable(exc) from exc
+    def _raise(self, exc: asyncpg.PostgresError, session_id: str) -> NoReturn:
+        """Raise what a statement's error means for the caller (called while handling it)."""
+        if exc.sqlstate == NOT_FOUND:
+            raise SessionNotFoundError(session_id) from None
+        if exc.sqlstate == EXISTS:
+            raise SessionExistsError(session_id) from None
+        if isinstance(exc, asyncpg.DataError):  # a value Postgres cannot hold, e.g. \u0000 in jsonb
+            raise ValueError(f"postgres cannot store this value: {exc}") from exc
+        raise self._unavailable(exc) from exc
 
     async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]], session_id: str = "") -> T:
         """Run ``op`` (one statement) on a pooled connection: every data call goes here.
@@ -177,14 +129,20 @@ class PostgresSessionStore(PostgresEngine, SessionStore):
         statement sent again: safe, as it never ran. Any other failure is reported, not
         retried: a write may have committed just before its connection was lost.
         """
-        for _ in range(self._max_size):  # each dead connection fails once, instantly
-            try:
-                async with self._connection(session_id, retryable=True) as conn:
-                    return await op(conn)
-            except _StaleConnection:
-                continue
-        async with self._connection(session_id) as conn:
-            return await op(conn)
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailableError(f"{self._where}: not open")
+        try:
+            for _ in range(self._max_size):  # each dead connection fails once, instantly
+                try:
+                    return await pool.run(op)
+                except asyncpg.InternalClientError:
+                    continue  # refused before anything was sent: the pool has cut it off
+            return await pool.run(op)
+        except asyncpg.PostgresError as exc:
+            self._raise(exc, session_id)
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1", timeout=min(PING_TIMEOUT_S, self._command_timeout_s)))
@@ -198,14 +156,6 @@ class PostgresSessionStore(PostgresEngine, SessionStore):
             current=current,
             latest=LATEST_VERSION,
         )
-
-    async def _table_version(self) -> int:
-        async with self._connection(admin=True) as conn:
-            return await schema_version(conn, self._quoted, self._version_table)
-
-    async def _migrate(self) -> int:
-        async with self._connection(admin=True) as conn:
-            return await apply_migrations(conn, self._schema, self._version_table, self._migrations, self._tables)
 
     async def schema_status(self) -> SchemaStatus:
         return self._status(await self._table_version())
@@ -305,14 +255,26 @@ class PostgresSessionStore(PostgresEngine, SessionStore):
             if await self._run(lambda conn: conn.fetchval(self._sql.exists, session_id, now), session_id) is None:
                 raise SessionNotFoundError(session_id)
             return []
-        args = (
-            session_id,
-            request_id,
-            _now(),
-            [d["type"] for d in dicts],
-            [d.get("role") for d in dicts],
-            [_dumps(d) for d in dicts],
-        )
+        now = _now()
+        if request_id is None:
+            if len(dicts) == 1:
+                d = dicts[0]
+                args: tuple[Any, ...] = (session_id, now, d["type"], d.get("role"), _dumps(d))
+                sql = self._sql.append_one
+            else:
+                args = (session_id, now, [d["type"] for d in dicts], [d.get("role") for d in dicts],
+                        [_dumps(d) for d in dicts])
+                sql = self._sql.append_new
+            rows = await self._run(lambda conn: conn.fetch(sql, *args), session_id)
+            if not rows:
+                raise SessionNotFoundError(session_id)
+            first, created_at = min(row[0] for row in rows), rows[0][1]  # every item has the same time
+            return [
+                StoredItem(session_id=session_id, sequence=first + i, created_at=created_at, item=item)
+                for i, item in enumerate(normalised)
+            ]
+        args = (session_id, request_id, now, [d["type"] for d in dicts], [d.get("role") for d in dicts],
+                [_dumps(d) for d in dicts])
         rows = await self._run(lambda conn: conn.fetch(self._sql.append, *args), session_id)
         if len(rows) == 1 and rows[0][2] is None:  # appended now: the first sequence and the time
             first, created_at = rows[0][0], rows[0][1]
