@@ -57,10 +57,10 @@ async def list_agents(client: AgentdClient) -> grpc.StatusCode:
 
 
 def test_every_rpc_needs_a_declared_scope() -> None:
-    from agentd.v1 import session_service_pb2, trace_service_pb2
+    from agentd.v1 import session_service_pb2, stats_service_pb2, trace_service_pb2
 
     methods = set()
-    for module in (agent_service_pb2, session_service_pb2, trace_service_pb2):
+    for module in (agent_service_pb2, session_service_pb2, trace_service_pb2, stats_service_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             if service.full_name in SERVICE_NAMES:
                 methods |= {f"/{service.full_name}/{m.name}" for m in service.methods}

@@ -155,7 +155,7 @@ async def test_a_caller_executed_call_without_arguments_has_empty_arguments(harn
 
 # -- server reflection v1 and v1alpha --------------------------------------------------------
 
-SERVICES = {"agentd.v1.AgentService", "agentd.v1.SessionService", "agentd.v1.TraceService",
+SERVICES = {"agentd.v1.AgentService", "agentd.v1.SessionService", "agentd.v1.TraceService", "agentd.v1.StatsService",
             "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection"}
 

@@ -21,6 +21,8 @@ from agentd.server import Script, call, calls, say
 from agentd.v1 import agent_service_pb2 as apb
 from agentd.v1 import item_pb2, run_event_pb2
 from agentd.v1 import session_service_pb2 as spb
+from agentd.v1 import stats_service_pb2 as stpb
+from agentd.v1 import stats_service_pb2_grpc as stpb_grpc
 from agentd.v1 import trace_service_pb2 as tpb
 from tests.runs_util import outcome, stream_outcome
 
@@ -211,6 +213,8 @@ NAME_FIELDS: list[tuple[str, str, str, Callable[[Any, str], Any]]] = [
      lambda c, n: c.sessions.ClearSessionItems(spb.ClearSessionItemsRequest(parent=n))),
     ("GetTrace", "name", "traces", lambda c, n: c.traces.GetTrace(tpb.GetTraceRequest(name=n))),
     ("ListTraces", "agent", "agents", lambda c, n: c.traces.ListTraces(tpb.ListTracesRequest(agent=n))),
+    ("GetStats", "agent", "agents",
+     lambda c, n: stpb_grpc.StatsServiceStub(c._channel).GetStats(stpb.GetStatsRequest(agent=n))),
 ]
 SINGULAR = {"agents": "agent", "sessions": "session", "runs": "run", "traces": "trace"}
 
@@ -283,7 +287,7 @@ def _name_fields(message: Any, prefix: str = "") -> list[str]:
 def test_every_name_field_of_every_rpc_is_covered_here():
     """A new RPC (or field) taking a name fails here until it is added to NAME_FIELDS."""
     seen = set()
-    for module in (apb, spb, tpb):
+    for module in (apb, spb, tpb, stpb):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 seen |= {(method.name, path) for path in _name_fields(method.input_type)}

@@ -1,4 +1,4 @@
-"""The ``agentd`` command: serve agents, run them from a terminal, inspect sessions and traces."""
+"""The ``agentd`` command: serve agents, run them from a terminal, inspect sessions, traces and stats."""
 
 from __future__ import annotations
 
@@ -325,6 +325,72 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str) -> float:
+    """Seconds in ``30m``, ``24h``, ``7d``, ``2w``, ``90s`` (a number and a unit)."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if found is None or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 24h or 7d")
+    return float(found.group(1)) * _SINCE_UNITS[found.group(2)]
+
+
+def auto_bucket(seconds: float) -> str:
+    """Buckets for a window when --by is not given: minutes up to 3 hours, hours up to 7 days, then days."""
+    return "minute" if seconds <= 3 * 3600 else "hour" if seconds <= 7 * 86400 else "day"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Aggregates over the ended runs of the window: a table per agent with its trend, then its tools.
+
+    StatsService is called through its generated stub on the client's channel, so the target, TLS,
+    token and the client's channel options are those of every other command."""
+    import time
+
+    from google.protobuf import timestamp_pb2
+
+    from agentd.cli.render import stats_table, tool_stats_table
+    from agentd.cli.table import make_console
+    from agentd.v1 import stats_service_pb2, stats_service_pb2_grpc
+
+    bucket = stats_service_pb2.TimeBucket.Value(f"TIME_BUCKET_{(args.by or auto_bucket(args.since)).upper()}")
+    end_ns = time.time_ns()
+    start, end = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    start.FromNanoseconds(max(end_ns - int(args.since * 1e9), 0))
+    end.FromNanoseconds(end_ns)
+    request = stats_service_pb2.GetStatsRequest(
+        start_time=start, end_time=end, agent=args.agent, bucket=bucket, page_size=100,
+        group_by_agent_version=args.by_version,
+    )
+    if args.agent_version is not None:
+        request.agent_version = args.agent_version
+    console = make_console()
+    with _client(args) as client:
+        stub = stats_service_pb2_grpc.StatsServiceStub(client._channel)
+        try:
+            response = stub.GetStats(request, timeout=30)
+            while response.next_page_token:  # every group, a page at a time
+                request.page_token = response.next_page_token
+                page = stub.GetStats(request, timeout=30)
+                response.groups.extend(page.groups)
+                response.next_page_token = page.next_page_token
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    if not response.groups:
+        start_at, end_at = response.start_time.ToDatetime(), response.end_time.ToDatetime()
+        console.print(f"no ended runs from {start_at:%Y-%m-%d %H:%M} to {end_at:%Y-%m-%d %H:%M} UTC"
+                      + (f" for agent {args.agent}" if args.agent else ""))
+        return 0
+    console.print(stats_table(response), crop=False)
+    if any(group.tools for group in response.groups):
+        console.print()
+        console.print(tool_stats_table(response), crop=False)
+    return 0
+
+
 # Ships inside the package (agentd/examples/support.py): demo and serve work from any directory.
 EXAMPLE_APP = "agentd.examples.support:app"
 
@@ -555,6 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
     tshow = with_target(traces_sub.add_parser("show"))
     tshow.add_argument("trace_id", help="a trace id, or any prefix of one that no other trace id starts with")
     traces.set_defaults(func=cmd_traces)
+
+    stats = with_target(sub.add_parser("stats", help="runs, success rate, latency, tokens, cost and tools per agent"))
+    stats.add_argument("--agent", default="", help="only the runs that started with this agent")
+    stats.add_argument("--since", type=parse_since, default=parse_since("24h"), metavar="DURATION",
+                       help="the window: runs that started this long ago until now, e.g. 30m, 24h, 7d (default: 24h)")
+    stats.add_argument("--by", choices=["minute", "hour", "day"],
+                       help="the trend's buckets (default: minutes up to 3h, hours up to 7d, else days)")
+    stats.add_argument("--by-version", action="store_true", help="a row per version of each agent")
+    stats.add_argument("--agent-version", type=int, default=None, metavar="N",
+                       help="only the runs that started with version N of their agent")
+    stats.set_defaults(func=cmd_stats)
 
     demo = sub.add_parser("demo", help="start a local server, stream one multi-step run, stop")
     demo.add_argument("--app", default=EXAMPLE_APP, help="module:attribute of the App (default: %(default)s)")

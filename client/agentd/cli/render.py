@@ -9,9 +9,9 @@ from google.protobuf import json_format, timestamp_pb2
 from rich.console import Console
 from rich.text import Text
 
-from agentd.cli.table import Bar, Cell, Column, FittedTable
+from agentd.cli.table import Bar, Cell, Column, FittedTable, Sparkline
 from agentd.client._requests import python_value
-from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2, trace_service_pb2
+from agentd.v1 import agent_service_pb2, item_pb2, run_event_pb2, session_service_pb2, stats_service_pb2, trace_service_pb2
 
 
 def _arguments(call: item_pb2.ToolCall) -> str:
@@ -316,3 +316,141 @@ def trace_timeline(response: trace_service_pb2.GetTraceResponse) -> FittedTable:
     about = [trace.workflow_name, f"run {trace.run_id}" if trace.run_id else "", _duration(total)]
     title = [f"trace {trace.trace_id}", *(f"· {phrase}" for phrase in about if phrase)]
     return FittedTable(columns, rows, title=title, notes=notes)
+
+
+# --- stats ---------------------------------------------------------------------------------
+
+# The widest trend drawn: a window of more buckets adds neighbours up (see ``Sparkline``).
+MAX_TREND_WIDTH = 48
+_BUCKET_SECONDS = {
+    stats_service_pb2.TIME_BUCKET_MINUTE: 60,
+    stats_service_pb2.TIME_BUCKET_HOUR: 3600,
+    stats_service_pb2.TIME_BUCKET_DAY: 86400,
+}
+
+
+def bucket_name(bucket: int) -> str:
+    return stats_service_pb2.TimeBucket.Name(bucket).removeprefix("TIME_BUCKET_").lower()
+
+
+def _group_name(group: stats_service_pb2.AgentStats) -> str:
+    agent = group.agent.removeprefix("agents/")
+    return f"{agent} v{group.agent_version}" if group.HasField("agent_version") else agent
+
+
+def _percentile(percentiles: stats_service_pb2.DurationPercentiles, which: str) -> str:
+    """A percentile as ``_duration`` writes durations; "–" when there was nothing to rank."""
+    return _duration(getattr(percentiles, which).ToNanoseconds()) if percentiles.count else "–"
+
+
+def _tokens(count: int) -> str:
+    """1234 → 1.2k, 1234567 → 1.2M."""
+    if count < 1000:
+        return str(count)
+    if count < 1_000_000:
+        return f"{count / 1000:.1f}k"
+    return f"{count / 1_000_000:.1f}M"
+
+
+def usd(money) -> str:  # google.type.Money
+    """Dollars to the cent from a dollar up, else to a hundredth of a cent ($0.0042)."""
+    from decimal import Decimal
+
+    amount = Decimal(money.units) + Decimal(money.nanos) / Decimal(1_000_000_000)
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
+
+
+def _percent(rate: float) -> str:
+    return f"{rate * 100:.1f}%"
+
+
+def error_code_name(code: int) -> str:
+    """``model_error`` for RUN_ERROR_CODE_MODEL_ERROR; ``unknown`` for a failure without a code."""
+    name = run_event_pb2.RunErrorCode.Name(code).removeprefix("RUN_ERROR_CODE_").lower()
+    return "unknown" if name == "unspecified" else name
+
+
+def _top_errors(stats: stats_service_pb2.RunStats, count: int = 3) -> str:
+    """The most frequent error codes (the server sends them most first): ``model_error 12, …``."""
+    shown = [f"{error_code_name(e.code)} {e.runs}" for e in stats.errors[:count]]
+    if len(stats.errors) > count:
+        shown.append(f"+{len(stats.errors) - count} more")
+    return ", ".join(shown)
+
+
+def runs_per_bucket(response: stats_service_pb2.GetStatsResponse, group: stats_service_pb2.AgentStats) -> list[int]:
+    """The group's runs in every bucket of the window, oldest first (0 where the series has no entry)."""
+    width = _BUCKET_SECONDS[response.bucket]
+    first = response.start_time.seconds // width
+    last = (response.end_time.ToNanoseconds() - 1) // 1_000_000_000 // width
+    counts = [0] * max(last - first + 1, 0)
+    for bucket in group.buckets:
+        index = bucket.start_time.seconds // width - first
+        if 0 <= index < len(counts):
+            counts[index] += bucket.stats.runs
+    return counts
+
+
+def stats_table(response: stats_service_pb2.GetStatsResponse) -> FittedTable:
+    """One row per agent (or agent version): runs, success rate, duration p50/p95, time to first
+    token p50, tokens in/out, cost, its most frequent error codes and its trend (a sparkline of runs
+    per bucket over the whole window). The agent, its counts, latencies and trend never go; at 80
+    columns the tokens, unpriced count and errors go first. The trend draws a character per bucket
+    up to ``MAX_TREND_WIDTH`` (more buckets are added up, a run of neighbours per character), and
+    at least 8."""
+    by_version = any(g.HasField("agent_version") for g in response.groups)
+    trends = [runs_per_bucket(response, group) for group in response.groups]
+    columns = [
+        Column("agent", priority=100),
+        Column("runs", priority=99, justify="right"),
+        Column("success", priority=98, justify="right"),
+        Column("p50", priority=90, justify="right"),
+        Column("p95", priority=85, justify="right"),
+        Column("ttft p50", priority=70, optional=True, justify="right"),
+        Column("tokens in/out", priority=45, optional=True, justify="right"),
+        Column("cost", priority=60, optional=True, justify="right"),
+        Column("unpriced", priority=20, optional=True, justify="right"),
+        Column("top errors", priority=40, min_width=12, optional=True),
+        Column("trend", priority=50, min_width=8, natural=min(max(map(len, trends), default=0), MAX_TREND_WIDTH)),
+    ]
+    rows: list[list[Cell]] = []
+    for group, trend in zip(response.groups, trends):
+        totals = group.totals
+        rows.append([
+            _group_name(group), str(totals.runs), _percent(totals.success_rate),
+            _percentile(totals.duration, "p50"), _percentile(totals.duration, "p95"),
+            _percentile(totals.time_to_first_token, "p50"),
+            f"{_tokens(totals.input_tokens)}/{_tokens(totals.output_tokens)}", usd(totals.cost),
+            str(totals.unpriced_runs) if totals.unpriced_runs else "", _top_errors(totals),
+            Sparkline(tuple(trend), style="cyan"),
+        ])
+    start = response.start_time.ToDatetime()
+    end = response.end_time.ToDatetime()
+    total = sum(group.totals.runs for group in response.groups)
+    title = ["agents" if not by_version else "agent versions",
+             f"· {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC", f"· {total} run(s)",
+             f"· trend: runs per {bucket_name(response.bucket)}"]
+    return FittedTable(columns, rows, title=title)
+
+
+def tool_stats_table(response: stats_service_pb2.GetStatsResponse) -> FittedTable:
+    """One row per tool of each agent (or version), most called first: calls, errors, error rate
+    and call duration p50/p95. The names and counts never go; the durations go first."""
+    columns = [
+        Column("agent", priority=100),
+        Column("tool", priority=99),
+        Column("calls", priority=98, justify="right"),
+        Column("errors", priority=97, justify="right"),
+        Column("error rate", priority=96, justify="right"),
+        Column("p50", priority=50, optional=True, justify="right"),
+        Column("p95", priority=40, optional=True, justify="right"),
+    ]
+    rows: list[list[Cell]] = []
+    notes: list[Text] = []
+    for group in response.groups:
+        for tool in group.tools:
+            rows.append([_group_name(group), tool.tool, str(tool.calls), str(tool.errors), _percent(tool.error_rate),
+                         _percentile(tool.duration, "p50"), _percentile(tool.duration, "p95")])
+        if group.omitted_tools:
+            notes.append(Text(f"{_group_name(group)}: {group.omitted_tools} more tool(s) not listed", style="dim"))
+    return FittedTable(columns, rows, title="tools", notes=notes)

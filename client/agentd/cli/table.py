@@ -65,7 +65,37 @@ class Bar:
         return Text(" " * first + self.char * (last - first), style=self.style)
 
 
-Cell = str | Text | Bar
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+SPARK_ZERO = "·"
+
+
+@dataclass(frozen=True)
+class Sparkline:
+    """A trend (counts per time bucket, oldest first) drawn once the width is known: one character
+    per value, or, in a column narrower than the values, per run of adjacent values added up
+    (evenly: character i covers values ``i * n // width`` to ``(i + 1) * n // width``). Levels are
+    ▁▂▃▄▅▆▇█ scaled to the largest: ``ceil(8 * v / max)``, so any count above 0 shows at least ▁
+    and the largest is █; 0 is ``·``."""
+
+    values: tuple[int, ...]
+    style: str = ""
+
+    def render(self, width: int) -> Text:
+        return Text(spark(self.values, width), style=self.style)
+
+
+def spark(values: Sequence[int], width: int | None = None) -> str:
+    """``values`` as a sparkline of at most ``width`` characters (see ``Sparkline``)."""
+    count = len(values)
+    width = count if width is None else max(min(width, count), 0)
+    if not width:
+        return ""
+    sums = [sum(values[i * count // width:(i + 1) * count // width]) for i in range(width)]
+    top = max(sums)
+    return "".join(SPARK_BLOCKS[-(-8 * v // top) - 1] if v > 0 else SPARK_ZERO for v in sums)
+
+
+Cell = str | Text | Bar | Sparkline
 Header = str | Callable[[int], str]
 
 
@@ -92,6 +122,8 @@ class Column:
 def _cell_width(cell: Cell) -> int:
     if isinstance(cell, Bar):
         return 0
+    if isinstance(cell, Sparkline):
+        return len(cell.values)
     return cell.cell_len if isinstance(cell, Text) else cell_len(cell)
 
 
@@ -127,7 +159,7 @@ def fit_widths(columns: Sequence[Column], naturals: Sequence[int], available: in
 
 
 def _as_text(cell: Cell, width: int) -> Text:
-    if isinstance(cell, Bar):
+    if isinstance(cell, (Bar, Sparkline)):
         return cell.render(width)
     return cell if isinstance(cell, Text) else Text(cell)  # Text: no markup in data
 

@@ -42,6 +42,7 @@ from agentd.server.runtime.errors import AppConfigError
 from agentd.server.runtime.run_loop import AgentRunner
 from agentd.server.services.agent_service import AgentService
 from agentd.server.services.session_service import SessionService
+from agentd.server.services.stats_service import StatsService
 from agentd.server.services.trace_service import TraceService
 from agentd.server.sessions.base import SessionStore
 from agentd.server.sessions.factory import build_store
@@ -50,7 +51,7 @@ from agentd.server.store_upkeep import StoreUpkeep
 from agentd.server.tracing.factory import build_trace_store, build_tracer
 from agentd.server.tracing.store import TraceStore
 from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
-from agentd.v1 import trace_service_pb2, trace_service_pb2_grpc
+from agentd.v1 import stats_service_pb2, stats_service_pb2_grpc, trace_service_pb2, trace_service_pb2_grpc
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -61,6 +62,7 @@ SERVICE_NAMES = (
     agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name,
+    stats_service_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name,
 )
 
 
@@ -319,6 +321,7 @@ async def start_server(
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, runs), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
+    stats_service_pb2_grpc.add_StatsServiceServicer_to_server(StatsService(traces), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)

@@ -11,6 +11,7 @@ from agentd.server.auth.principal import Scope
 _AGENTS = "/agentd.v1.AgentService/"
 _SESSIONS = "/agentd.v1.SessionService/"
 _TRACES = "/agentd.v1.TraceService/"
+_STATS = "/agentd.v1.StatsService/"
 
 METHOD_SCOPES: dict[str, Scope] = {
     _AGENTS + "ListAgents": Scope.AGENTS_READ,
@@ -42,6 +43,8 @@ METHOD_SCOPES: dict[str, Scope] = {
     _SESSIONS + "ListSessionItems": Scope.SESSIONS_READ,
     _TRACES + "ListTraces": Scope.TRACES_READ,
     _TRACES + "GetTrace": Scope.TRACES_READ,
+    # Aggregates of the same traces: who may read traces may read their stats.
+    _STATS + "GetStats": Scope.TRACES_READ,
 }
 
 MUTATING = frozenset(method for method, scope in METHOD_SCOPES.items() if scope.value.endswith(":write"))

@@ -21,6 +21,11 @@ is exact too: either side having more, or the merge exceeding ``limit``.
 Retention: the archive keeps the newest ``retention.max_traces`` traces and, when
 ``retention.max_age_s`` is set, only those started within it; a sweep every
 ``sweep_interval_s`` deletes the rest.
+
+Run stats (``stats``): with an archive, the archive's SQL aggregates over every replica's
+ended runs (a run counts once its trace is written, within ``flush_interval_s`` of its end:
+adding memory's not-yet-written traces would count some runs twice); without one, memory's
+ended traces, aggregated in Python.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.tracing.archive import Retention, TraceArchive
-from agentd.server.tracing.memory import InMemoryTraceStore, TraceQuery, TraceRecord
+from agentd.server.tracing.memory import GroupStats, InMemoryTraceStore, StatsQuery, TraceQuery, TraceRecord
 
 log = logging.getLogger("agentd.tracing")
 
@@ -222,3 +227,11 @@ class TraceStore:
         merged.update((t.trace_id, t) for t in live)  # memory's copy wins
         ordered = sorted(merged.values(), key=lambda t: (t.start_ns, t.trace_id), reverse=True)
         return ordered[: query.limit], live_more or archived_more or len(ordered) > query.limit
+
+    async def stats(self, query: StatsQuery) -> tuple[list[GroupStats], bool]:
+        """A page of run stats (see ``StatsQuery``) and whether more groups follow."""
+        if self.archive is None:
+            return self.memory.stats(query)
+        if not await self._try_open():
+            raise StoreUnavailableError(f"{self.archive.location}: unavailable")
+        return await self.archive.stats(query)

@@ -15,18 +15,23 @@ import asyncpg
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.postgres_common import ErrorText, apply_migrations, check_schema, location, schema_version
 from agentd.server.tracing.archive import (
+    STATS_COLUMNS,
     ArchivedTrace,
     Retention,
+    StatsStatements,
     TraceArchive,
     TraceQuery,
     agents_to_index,
+    assemble_stats,
     dumps,
+    stats_columns,
+    stats_params,
     summary,
     where_clause,
 )
 from agentd.server.tracing.base import SpanKind
 from agentd.server.tracing.postgres.schema import LATEST_VERSION, MIGRATIONS
-from agentd.server.tracing.memory import SpanRecord, TraceRecord
+from agentd.server.tracing.memory import GroupStats, SpanRecord, StatsQuery, TraceRecord
 
 __all__ = ["PostgresTraceArchive"]
 
@@ -122,6 +127,7 @@ class PostgresTraceArchive(TraceArchive):
         self._auto_migrate = auto_migrate
         self._pool: asyncpg.Pool | None = None
         self._error_text = ErrorText(url)
+        self._stats = StatsStatements(__package__, numbered=True, schema=self._q)
 
     @property
     def location(self) -> str:
@@ -212,6 +218,7 @@ class PostgresTraceArchive(TraceArchive):
         q = self._q
         agents, input_tokens, output_tokens = summary(trace)
         spans = list(trace.spans)
+        facts, stats = stats_columns(trace)
         # Replaces an earlier trace with this id of the same tenant (runs continuing one caller
         # trace share it); another tenant's keeps its id, spans included (see TraceArchive.write).
         await conn.execute(
@@ -219,13 +226,14 @@ class PostgresTraceArchive(TraceArchive):
         )
         status = await conn.execute(
             f"INSERT INTO {q}.traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status,"
-            " error, start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            f" error, start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version, {STATS_COLUMNS})"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
+            " $17, $18, $19, $20, $21, $22, $23, $24, $25)"
             " ON CONFLICT (trace_id) DO NOTHING",
             trace.trace_id, _text(trace.run_id), _text(trace.workflow_name), _text(trace.group_id),
             _json(trace.metadata), _text(trace.agent), _json(agents), trace.status, _text(trace.error),
             trace.start_ns, trace.end_ns, input_tokens, output_tokens, len(spans), trace.tenant,
-            trace.agent_version,
+            trace.agent_version, stats[0], _text(stats[1]) if stats[1] is not None else None, *stats[2:],
         )
         if status.split()[-1] == "0":
             log.warning("trace %s not archived: the archive holds another tenant's trace with this id",
@@ -246,6 +254,12 @@ class PostgresTraceArchive(TraceArchive):
             f"INSERT INTO {q}.trace_agents (trace_id, agent) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             [(trace.trace_id, _text(agent)) for agent in agents_to_index(trace)],
         )
+        if facts.tool_calls:
+            await conn.executemany(
+                f"INSERT INTO {q}.trace_tool_calls (trace_id, span_id, tool_name, is_error, duration_ns)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (trace_id, span_id) DO NOTHING",
+                [(trace.trace_id, c.span_id, _text(c.tool), c.is_error, c.duration_ns) for c in facts.tool_calls],
+            )
 
     async def write(self, traces: list[TraceRecord]) -> None:
         if not traces:
@@ -321,5 +335,31 @@ class PostgresTraceArchive(TraceArchive):
                 )
                 removed += int(status.split()[-1])
             return removed
+
+        return await self._run(op)
+
+    async def stats(self, query: StatsQuery) -> tuple[list[GroupStats], bool]:
+        """One repeatable-read transaction (the four queries see one snapshot): the page's groups,
+        then their figures, errors and tools (see ``queries/stats_*.sql``)."""
+        statements = self._stats
+
+        def args(name: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+            sql, names = statements.get(name, query)
+            return sql, [params[n] for n in names]
+
+        async def op(conn: asyncpg.Connection) -> tuple[list[GroupStats], bool]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                sql, values = args("stats_groups", stats_params(query))
+                keys = [(row[0], int(row[1])) for row in await conn.fetch(sql, *values)]
+                more = len(keys) > query.limit
+                keys = keys[: query.limit]
+                if not keys:
+                    return [], False
+                params = stats_params(query, keys[0], keys[-1])
+                rows = []
+                for name in ("stats_runs", "stats_errors", "stats_tools"):
+                    sql, values = args(name, params)
+                    rows.append([tuple(row) for row in await conn.fetch(sql, *values)])
+                return assemble_stats(query, keys, *rows), more
 
         return await self._run(op)

@@ -12,17 +12,22 @@ from typing import Any, Callable, TypeVar
 from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.sqlite_worker import SqliteWorker, transaction
 from agentd.server.tracing.archive import (
+    STATS_COLUMNS,
     ArchivedTrace,
     Retention,
+    StatsStatements,
     TraceArchive,
     TraceQuery,
     agents_to_index,
+    assemble_stats,
     dumps,
+    stats_columns,
+    stats_params,
     summary,
     where_clause,
 )
 from agentd.server.tracing.base import SpanKind
-from agentd.server.tracing.memory import SpanRecord, TraceRecord
+from agentd.server.tracing.memory import GroupStats, SpanRecord, StatsQuery, TraceRecord
 from agentd.server.tracing.sqlite.schema import LATEST_VERSION, MIGRATIONS
 
 __all__ = ["SqliteTraceArchive"]
@@ -77,17 +82,19 @@ def _span(row: tuple[Any, ...]) -> SpanRecord:
 def _insert(conn: sqlite3.Connection, trace: TraceRecord) -> None:
     agents, input_tokens, output_tokens = summary(trace)
     spans = list(trace.spans)
+    facts, stats = stats_columns(trace)
     # Replaces an earlier trace with this id of the same tenant (runs continuing one caller
     # trace share it); another tenant's keeps its id, spans included (see TraceArchive.write).
     conn.execute("DELETE FROM traces WHERE trace_id = ? AND tenant = ?", (trace.trace_id, trace.tenant))
     inserted = conn.execute(
         "INSERT INTO traces (trace_id, run_id, workflow_name, group_id, metadata, agent, agents, status, error,"
-        " start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
+        f" start_ns, end_ns, input_tokens, output_tokens, span_count, tenant, agent_version, {STATS_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (trace_id) DO NOTHING",
         (
             trace.trace_id, trace.run_id, trace.workflow_name, trace.group_id, dumps(trace.metadata), trace.agent,
             dumps(agents), trace.status, trace.error, trace.start_ns, trace.end_ns, input_tokens, output_tokens,
-            len(spans), trace.tenant, trace.agent_version,
+            len(spans), trace.tenant, trace.agent_version, *stats,
         ),
     ).rowcount
     if not inserted:
@@ -107,6 +114,12 @@ def _insert(conn: sqlite3.Connection, trace: TraceRecord) -> None:
         "INSERT INTO trace_agents (trace_id, agent) VALUES (?, ?)",
         [(trace.trace_id, agent) for agent in agents_to_index(trace)],
     )
+    if facts.tool_calls:
+        conn.executemany(
+            "INSERT OR REPLACE INTO trace_tool_calls (trace_id, span_id, tool_name, is_error, duration_ns)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(trace.trace_id, c.span_id, c.tool, int(c.is_error), c.duration_ns) for c in facts.tool_calls],
+        )
 
 
 class SqliteTraceArchive(TraceArchive):
@@ -116,6 +129,7 @@ class SqliteTraceArchive(TraceArchive):
         self._path = os.fspath(path)
         self._auto_migrate = auto_migrate
         self._worker = SqliteWorker(self._path, f"sqlite trace archive at {self._path}", "agentd-traces-sqlite")
+        self._stats = StatsStatements(__package__, numbered=False)
 
     @property
     def location(self) -> str:
@@ -218,3 +232,23 @@ class SqliteTraceArchive(TraceArchive):
             return removed
 
         return await self._run(True, op)
+
+    async def stats(self, query: StatsQuery) -> tuple[list[GroupStats], bool]:
+        """One read transaction: the page's groups, then their figures, errors and tools (see
+        ``queries/stats_*.sql``)."""
+        statements = self._stats
+
+        def op(conn: sqlite3.Connection) -> tuple[list[GroupStats], bool]:
+            params = stats_params(query)
+            sql, _ = statements.get("stats_groups", query)
+            keys = [(agent, int(version)) for agent, version in conn.execute(sql, params)]
+            more = len(keys) > query.limit
+            keys = keys[: query.limit]
+            if not keys:
+                return [], False
+            params = stats_params(query, keys[0], keys[-1])
+            rows = [conn.execute(statements.get(name, query)[0], params).fetchall()
+                    for name in ("stats_runs", "stats_errors", "stats_tools")]
+            return assemble_stats(query, keys, *rows), more
+
+        return await self._run(False, op)
