@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import pytest
@@ -14,10 +14,13 @@ import pytest
 from agentd.server import Script, call, calls, say
 from agentd.v1 import agent_service_pb2 as pb
 from agentd.v1 import run_event_pb2
+from tests.apps import tool_log
 from tests.backends_postgres import POSTGRES_URL, dropped_afterwards, new_schema
 from tests.backends_redis import REDIS_URL, delete_prefix, new_prefix
 from tests.conftest import Harness, start_harness
 from tests.runs_util import assert_well_formed, kinds
+
+T = TypeVar("T")
 
 ENGINES = ("memory", "redis", "postgres")
 
@@ -53,6 +56,31 @@ async def _nothing() -> AsyncIterator[None]:
 async def h(request, model_server, tmp_path) -> AsyncIterator[Harness]:
     async with engine_harness(request.param, model_server, tmp_path) as harness:
         yield harness
+
+
+GUARD_S = 60.0  # how long a test waits before it calls a wait a hang: a bound on a failure, never a latency
+FOREVER_S = 3600.0  # a duration nothing in a test may wait out
+
+
+async def guarded(awaitable: Awaitable[T], what: str, guard_s: float = GUARD_S) -> T:
+    """``awaitable``'s result; fails the test, naming ``what``, if it has not come within ``guard_s``."""
+    try:
+        async with asyncio.timeout(guard_s) as scope:
+            return await awaitable
+    except TimeoutError:
+        if scope.expired():
+            pytest.fail(f"{what}: still waiting after {guard_s:g}s (a hang)", pytrace=False)
+        raise
+
+
+async def eventually(check: Callable[[], bool], what: str, guard_s: float = GUARD_S) -> None:
+    """Return once ``check()`` is true (a state nothing announces); fail, naming ``what``, after ``guard_s``."""
+
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+
+    await guarded(poll(), what, guard_s)
 
 
 def start(input: str = "hi", **fields: object) -> pb.StartRun:
@@ -138,8 +166,18 @@ async def test_session_policy_reject_and_enqueue(h: Harness) -> None:
     assert [i.message.text for i in items if i.HasField("message")] == ["one", "first done", "two", "first done"]
 
 
-async def test_cancel_a_running_and_a_queued_run(h: Harness) -> None:
-    h.model.set_script("assistant", Script.of(calls(call("wait", seconds=5, label="slow")), say("never")))
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_cancel_a_running_and_a_queued_run(engine: str, model_server, tmp_path) -> None:
+    """A queued run is cancelled where it waits; a running one is stopped in the middle of its
+    tool. The tool would run for an hour, the tool timeout and the lease (whose renewal also
+    delivers cancels) are an hour too: only the cancel itself can end the run before the guard."""
+    tool_log.clear()
+    async with engine_harness(engine, model_server, tmp_path, tool_timeout_s=FOREVER_S, run_lease_s=FOREVER_S) as h:
+        await _cancel_a_running_and_a_queued_run(h)
+
+
+async def _cancel_a_running_and_a_queued_run(h: Harness) -> None:
+    h.model.set_script("assistant", Script.of(calls(call("wait", seconds=FOREVER_S, label="slow")), say("never")))
     running = (await h.client.agents.CreateRun(pb.CreateRunRequest(start=start("a", session="sessions/c")))).run
     queued = (await h.client.agents.CreateRun(pb.CreateRunRequest(
         start=start("b", session="sessions/c", session_policy=pb.SESSION_POLICY_ENQUEUE)))).run
@@ -148,12 +186,11 @@ async def test_cancel_a_running_and_a_queued_run(h: Harness) -> None:
     cancelled = (await h.client.agents.CancelRun(pb.CancelRunRequest(name=queued.name, reason="not needed"))).run
     assert cancelled.status == pb.RUN_STATUS_CANCELLED and cancelled.cancelled.reason == "not needed"
     assert kinds(await watch(h, queued_id)) == ["run_cancelled"]
-    await asyncio.sleep(0.3)  # the tool is running
-    asked = time.perf_counter()
+    await eventually(lambda: "slow" in tool_log.started, "the tool never started")
     await h.client.agents.CancelRun(pb.CancelRunRequest(name=running.name, reason="stop"))
-    events = await watch(h, running_id)
-    assert time.perf_counter() - asked < 1.0
+    events = await guarded(watch(h, running_id), "the cancelled run never ended")
     assert events[-1].run_cancelled.reason == "stop"
+    assert (tool_log.cancelled, tool_log.finished) == (["slow"], [])  # stopped in the middle of the tool
     final = await wait_status(h, running_id, pb.RUN_STATUS_CANCELLED)
     assert final.cancelled.reason == "stop"
     # Cancelling an ended run changes nothing.

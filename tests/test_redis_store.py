@@ -8,9 +8,10 @@ the real server from ``AGENTD_TEST_REDIS_URL``, each store on its own key prefix
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.exceptions
@@ -64,6 +65,43 @@ async def all_keys(raw: Redis, prefix: str) -> set[bytes]:
 
 async def pttls(raw: Redis, keys: dict[str, bytes]) -> dict[str, int]:
     return {kind: await raw.pttl(key) for kind, key in keys.items()}
+
+
+async def redis_ms(raw: Redis) -> int:
+    """The server's clock (TIME), in milliseconds: the clock its key expiry runs on."""
+    seconds, micros = await raw.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def assert_ttls_set_since(raw: Redis, keys: dict[str, bytes], ttl_s: float, since_ms: int) -> None:
+    """Every key expires ``ttl_s`` (in whole milliseconds, rounded up) after a write made at or
+    after ``since_ms`` (``redis_ms`` before the write): its PTTL, read now, is at most that, and
+    at least that less the time the server's clock moved on since (measured, on the same clock)."""
+    ttl_ms = math.ceil(ttl_s * 1000)
+    left = await pttls(raw, keys)
+    elapsed_ms = await redis_ms(raw) - since_ms
+    assert all(ttl_ms - elapsed_ms - 1 <= ms <= ttl_ms for ms in left.values()), (left, ttl_ms, elapsed_ms)
+
+
+async def age_keys(raw: Redis, keys: dict[str, bytes], left_ms: int) -> None:
+    """As if time had passed, for Redis's expiry: every key has ``left_ms`` to live."""
+    for key in keys.values():
+        assert await raw.pexpire(key, left_ms)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, guard_s: float = 60.0) -> None:
+    """Return once ``check()`` is true (asked again after each answer); fail, naming ``what``, if
+    it is still false after ``guard_s`` (a bound on a failure, never a measured latency)."""
+    try:
+        async with asyncio.timeout(guard_s):
+            while not await check():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"{what}: still not so after {guard_s:g}s", pytrace=False)
+
+
+# Long enough that no key expires on the server's clock while a test runs unless the test says so.
+LONG_TTL = 3600.0
 
 
 # --- layout ----------------------------------------------------------------------------
@@ -133,49 +171,65 @@ def test_prefix_may_not_contain_braces() -> None:
 
 
 async def test_ttl_lives_on_every_key_and_writes_refresh_it(store: RedisSessionStore, raw: Redis) -> None:
+    """Redis's own expiry: every key of a session with a TTL is PEXPIREd (milliseconds, so
+    fractional TTLs work), every write starts it over, removing the TTL persists the keys, and
+    Redis drops them by itself once it runs out; the sweeper then reclaims the index entries.
+    Instead of sleeping through parts of a TTL, the test shortens what the keys have left
+    (PEXPIRE) and reads the server's clock to know how long ago a write was."""
     p = store.prefix
-    await store.create_session("s1", metadata={"a": "b"}, state={"c": 1}, ttl_s=0.5)
+    since = await redis_ms(raw)
+    await store.create_session("s1", metadata={"a": "b"}, state={"c": 1}, ttl_s=LONG_TTL)
     await store.append_items("s1", [msg("x"), msg("y")], request_id="r")
     keys = session_keys(store, "s1")
-    assert all(0 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    await assert_ttls_set_since(raw, keys, LONG_TTL, since)
     assert await raw.zscore(f"{p}:expiries", "s1") is not None
 
-    await asyncio.sleep(0.3)
-    await store.pop_item("s1")  # a write: every key's expiry starts over
-    assert all(400 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    await age_keys(raw, keys, 1_000_000)  # as if most of the TTL had passed...
+    since = await redis_ms(raw)
+    await store.pop_item("s1")  # ...until a write: every key's expiry starts over
+    await assert_ttls_set_since(raw, keys, LONG_TTL, since)
 
     await store.update_session("s1", ttl_s=0)
     assert set((await pttls(raw, keys)).values()) == {-1}
     assert await raw.zscore(f"{p}:expiries", "s1") is None
-    record = await store.update_session("s1", ttl_s=0.25)  # fractional seconds: milliseconds in Redis
-    assert record.ttl_s == 0.25
-    assert all(0 < ms <= 250 for ms in (await pttls(raw, keys)).values())
+    since = await redis_ms(raw)
+    record = await store.update_session("s1", ttl_s=LONG_TTL + 0.25)  # fractional seconds: milliseconds in Redis
+    assert record.ttl_s == LONG_TTL + 0.25
+    await assert_ttls_set_since(raw, keys, LONG_TTL + 0.25, since)
 
-    await asyncio.sleep(0.4)
-    assert not await raw.exists(*keys.values())  # Redis dropped them itself
+    record = await store.update_session("s1", ttl_s=0.25)
+    assert record.ttl_s == 0.25
+    assert all(ms <= 250 for ms in (await pttls(raw, keys)).values())
+    await eventually(lambda: _none_exist(raw, keys), "Redis never dropped the keys of an expired session")
     with pytest.raises(SessionNotFoundError):
         await store.get_session("s1")
     assert (await store.list_sessions(10)).sessions == []
     # The sweeper reclaims the index entries (listing may already have dropped one).
     await store.create_session("s2", ttl_s=0.1)
-    await asyncio.sleep(0.2)
-    assert await raw.zscore(f"{p}:sessions", "s2") is not None
+    s2 = session_keys(store, "s2")
+    await eventually(lambda: _none_exist(raw, s2), "Redis never dropped the keys of an expired session")
+    assert await raw.zscore(f"{p}:sessions", "s2") is not None  # Redis dropped the keys, not the index
     assert await store.sweep_expired() >= 1
     assert await raw.zcard(f"{p}:sessions") == 0
     assert await raw.zcard(f"{p}:expiries") == 0
     assert await all_keys(raw, p) == set()
 
 
+async def _none_exist(raw: Redis, keys: dict[str, bytes]) -> bool:
+    return not await raw.exists(*keys.values())
+
+
 async def test_a_drop_refreshes_every_keys_ttl_and_keeps_the_layout(store: RedisSessionStore, raw: Redis) -> None:
     p = store.prefix
-    await store.create_session("s1", metadata={"a": "b"}, state={"c": 1}, ttl_s=0.5)
+    await store.create_session("s1", metadata={"a": "b"}, state={"c": 1}, ttl_s=LONG_TTL)
     await store.append_items("s1", [msg("x"), msg("y"), msg("z")], request_id="r")
     keys = session_keys(store, "s1")
-    await asyncio.sleep(0.3)
+    await age_keys(raw, keys, 1_000_000)  # as if most of the TTL had passed
     assert await store.drop_items_through("s1", 0) == 0  # removes nothing: not a write
-    assert all(0 < ms <= 200 for ms in (await pttls(raw, keys)).values())
+    assert all(0 < ms <= 1_000_000 for ms in (await pttls(raw, keys)).values())
+    since = await redis_ms(raw)
     assert await store.drop_items_through("s1", 2) == 2  # a write: every key's expiry starts over
-    assert all(400 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    await assert_ttls_set_since(raw, keys, LONG_TTL, since)
     assert [r.split(b"|", 1)[0] for r in await raw.lrange(keys["items"], 0, -1)] == [b"3"]
     info = await raw.hgetall(keys["info"])
     assert info[b"last_seq"] == b"3"  # sequences never rewind
@@ -184,8 +238,10 @@ async def test_a_drop_refreshes_every_keys_ttl_and_keeps_the_layout(store: Redis
     assert await store.drop_items_through("s1", 10) == 1
     assert not await raw.exists(keys["items"])  # an emptied list is no key at all
     assert (await store.get_session("s1")).item_count == 0
+    await age_keys(raw, {k: v for k, v in keys.items() if k != "items"}, 1_000_000)
+    since = await redis_ms(raw)
     assert [s.sequence for s in await store.append_items("s1", [msg("w")])] == [4]
-    assert all(400 < ms <= 500 for ms in (await pttls(raw, keys)).values())
+    await assert_ttls_set_since(raw, keys, LONG_TTL, since)
     assert await raw.zscore(f"{p}:expiries", "s1") is not None
 
 
@@ -213,10 +269,16 @@ async def test_expiry_follows_the_callers_clock(
     assert [s.sequence for s in await store.append_items("s1", [msg("new")], request_id="r")] == [1]
 
 
-async def test_sweep_rescores_sessions_kept_alive_by_writes(store: RedisSessionStore, raw: Redis) -> None:
-    await store.create_session("busy", ttl_s=0.4)
+async def test_sweep_rescores_sessions_kept_alive_by_writes(
+    store: RedisSessionStore, raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expiry is judged by the caller's clock, so the test moves that on instead of waiting (the
+    TTL is long on the server's clock, which only reclaims space)."""
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    await store.create_session("busy", ttl_s=LONG_TTL)
     for _ in range(3):
-        await asyncio.sleep(0.15)
+        now[0] += LONG_TTL * 0.4
         await store.append_items("busy", [msg("still here")])
     # Its hint (the create-time expiry) has passed, but the session has not expired.
     assert await store.sweep_expired() == 0
@@ -339,11 +401,12 @@ async def test_scripts_reload_when_the_server_forgot_them(
 
 
 async def test_unreachable_server_fails_open_fast_and_names_it() -> None:
-    store = RedisSessionStore(connect_redis(url="redis://:secret@127.0.0.1:1/0", connect_timeout_s=1))
-    started = time.monotonic()
+    """A refused connection fails ``open`` on the refusal: the connect timeout is an hour, so
+    only the refusal can end it before the guard."""
+    store = RedisSessionStore(connect_redis(url="redis://:secret@127.0.0.1:1/0", connect_timeout_s=3600))
     with pytest.raises(StoreUnavailableError, match="127.0.0.1:1") as info:
-        await store.open()
-    assert time.monotonic() - started < 2
+        async with asyncio.timeout(60):  # a hang, not a measured time
+            await store.open()
     assert "secret" not in str(info.value)
     assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
     await store.close()

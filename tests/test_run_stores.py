@@ -11,12 +11,17 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from typing import Awaitable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
 
 from agentd.server.auth.principal import Principal
 from agentd.server.runs.base import ControlBus, RunStore
+from agentd.server.runs.memory import MemoryRunStore
+from agentd.server.runs.postgres import store as postgres_run_store_module
+from agentd.server.runs.postgres.listen import Signal
+from agentd.server.runs.postgres.store import PostgresRunStore
+from agentd.server.runs.redis.store import RedisRunStore
 from agentd.server.runs.records import (
     TENANT_MAX_ACTIVE_RUNS,
     TENANT_MAX_QUEUED_RUNS,
@@ -47,6 +52,137 @@ from tests.backends_runs import ENGINES, Replica, run_replicas
 
 LEASE = 30.0
 REJECT, ENQUEUE = SessionPolicy.REJECT, SessionPolicy.ENQUEUE
+
+T = TypeVar("T")
+
+# How long a test waits before it calls a wait a hang. Only ever a bound on a failure (the
+# test fails, saying what hung), never a measured latency: what the test checks is done by then
+# on any machine, however loaded.
+GUARD_S = 60.0
+# A store wait that only its engine's wake-up can end within the guard.
+FOREVER_S = 3600.0
+
+
+async def guarded(awaitable: Awaitable[T], what: str, guard_s: float = GUARD_S) -> T:
+    """``awaitable``'s result; fails the test, naming ``what``, if it has not come within ``guard_s``."""
+    try:
+        async with asyncio.timeout(guard_s) as scope:
+            return await awaitable
+    except TimeoutError:
+        if scope.expired():
+            pytest.fail(f"{what}: still waiting after {guard_s:g}s (a hang)", pytrace=False)
+        raise
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, guard_s: float = GUARD_S) -> None:
+    """Return once ``check()`` is true (asked again after each answer); fail, naming ``what``, after
+    ``guard_s``. For states nothing announces (another server's clock, a reconnect)."""
+
+    async def poll() -> None:
+        while not await check():
+            await asyncio.sleep(0.01)
+
+    await guarded(poll(), what, guard_s)
+
+
+@pytest.fixture
+def notify_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Postgres run store's fallback poll (a re-check after ``_FALLBACK_POLL_S`` in case a
+    NOTIFY was lost) made longer than any guard: a waiter it wakes was woken by LISTEN/NOTIFY
+    (or by a reconnect, which re-checks at once). The other engines have no poll: they block
+    on their own primitive (an asyncio.Event, XREAD BLOCK)."""
+    monkeypatch.setattr(postgres_run_store_module, "_FALLBACK_POLL_S", FOREVER_S)
+
+
+class _WatchedSignal(Signal):
+    """A Postgres wake-up signal that reports each waiter parking on it."""
+
+    def __init__(self, parked: asyncio.Event, gen: int = 0) -> None:
+        super().__init__()
+        self.gen = gen
+        self.parked = parked
+
+    async def wait(self, seen: int, timeout_s: float) -> None:
+        self.parked.set()
+        await super().wait(seen, timeout_s)
+
+
+class _WatchedEvent(asyncio.Event):
+    """The memory store's wake-up event, reporting each waiter parking on it."""
+
+    def __init__(self, parked: asyncio.Event) -> None:
+        super().__init__()
+        self.parked = parked
+
+    async def wait(self) -> bool:  # type: ignore[override]
+        self.parked.set()
+        return await super().wait()
+
+
+def parking(store: RunStore, run_id: str | None = None) -> asyncio.Event:
+    """An event set once a ``claim`` (``run_id`` None) or a ``wait_events`` on ``run_id`` of
+    ``store`` found nothing and parked on its engine's wake-up (memory: an asyncio.Event;
+    Redis: a blocking XREADGROUP/XREAD; Postgres: the signal its LISTEN connection fires). From
+    then on only that wake-up can end the wait early: what a test that must see the wake-up
+    work waits for, instead of sleeping and hoping the waiter got there first."""
+    parked = asyncio.Event()
+    if isinstance(store, PostgresRunStore):
+        if run_id is None:
+            store._work = _WatchedSignal(parked, store._work.gen)
+        else:
+            assert run_id not in store._appended, "set up before the wait starts"
+            store._appended[run_id] = _WatchedSignal(parked)
+    elif isinstance(store, RedisRunStore):
+        blocking = store._wait
+
+        async def watched(call: Callable[[], Awaitable[Any]], timeout_s: float) -> Any:
+            async def command() -> Any:
+                parked.set()  # the blocking read is under way (on its own task)
+                return await call()
+
+            return await blocking(command, timeout_s)
+
+        store._wait = watched  # type: ignore[method-assign]
+    elif isinstance(store, MemoryRunStore):
+        if run_id is None:
+            store._work = _WatchedEvent(parked)
+        else:
+            store._appended[run_id] = _WatchedEvent(parked)
+    else:
+        raise TypeError(f"no wake-up to watch on {type(store).__name__}")
+    return parked
+
+
+async def live_subscription(publisher: ControlBus, received: asyncio.Queue[Control]) -> None:
+    """Return once a message ``publisher`` sends reaches the subscriber feeding ``received``.
+    Messages sent before a subscription is live are lost by design (pub/sub, NOTIFY), so a test
+    first makes sure it is: probes until one arrives (every probe is ``PROBE``; later ones may
+    still be on their way and are to be skipped)."""
+
+    async def handshake() -> None:
+        while True:
+            await publisher.publish(PROBE)
+            try:
+                if await asyncio.wait_for(received.get(), 0.05) == PROBE:
+                    return
+            except TimeoutError:
+                continue  # not subscribed yet: that probe was lost, send another
+
+    await guarded(handshake(), "no probe ever reached the subscriber")
+
+
+async def next_message(received: asyncio.Queue[Control], what: str) -> Control:
+    """The next message in ``received`` that is not a probe (see ``live_subscription``)."""
+
+    async def get() -> Control:
+        while (message := await received.get()) == PROBE:
+            pass
+        return message
+
+    return await guarded(get(), what)
+
+
+PROBE = Control("run_probe", "probe", "")
 
 
 @pytest.fixture(params=ENGINES)
@@ -171,16 +307,21 @@ async def test_each_queued_run_is_claimed_exactly_once(replicas: Replica) -> Non
     assert len(a) + len(b) == 30 and set(a) | set(b) == ids
 
 
-async def test_claim_wakes_up_when_another_replica_queues(replicas: Replica) -> None:
+async def test_claim_wakes_up_when_another_replica_queues(replicas: Replica, notify_only: None) -> None:
+    """A claim parked with nothing to claim is woken by the engine's own signal (an event,
+    XREADGROUP BLOCK, NOTIFY) when another replica queues a run: its wait is longer than the
+    guard and the Postgres fallback poll is off, so nothing else can return it in time."""
     (one, _), (two, _) = await replicas(), await replicas()
-    waiting = asyncio.create_task(one.claim("ra", 5, lease_s=LEASE, now=time.time(), wait_s=3))
-    await asyncio.sleep(0.2)
-    s = spec()
-    queued_at = time.perf_counter()
-    await two.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
-    claimed = await waiting
-    assert [r.run_id for r in claimed] == [s.run_id]
-    assert time.perf_counter() - queued_at < 1.0
+    parked = parking(one)
+    waiting = asyncio.create_task(one.claim("ra", 5, lease_s=LEASE, now=time.time(), wait_s=FOREVER_S))
+    try:
+        await guarded(parked.wait(), "the claim never parked")
+        s = spec()
+        await two.create_run(s, policy=REJECT, owner=None, lease_s=LEASE, max_queued=10, now=time.time())
+        claimed = await guarded(waiting, "the parked claim was not woken by the queued run")
+        assert [r.run_id for r in claimed] == [s.run_id]
+    finally:
+        waiting.cancel()
 
 
 async def test_queue_limit(store: RunStore) -> None:
@@ -310,17 +451,24 @@ async def test_release_hands_the_run_back_at_once(replicas: Replica) -> None:
 
 
 async def test_finish_records_result_and_retention(store: RunStore) -> None:
+    retention_s = 600.0
     s = spec(session="fin", request_id="req-fin")
     await store.create_run(s, policy=REJECT, owner="r1", lease_s=LEASE, max_queued=10, now=time.time())
-    await store.finish(s.run_id, 1, events(s.run_id, 1, 2, completed(3)), retention_s=0.5, now=time.time())
+    finished_at = time.time()
+    await store.finish(s.run_id, 1, events(s.run_id, 1, 2, completed(3)), retention_s=retention_s, now=finished_at)
     done = await store.get_run(s.run_id)
     assert done is not None
     assert (done.status, done.result, done.owner, done.last_sequence) == (RunStatus.COMPLETED, completed(3), "", 3)
     assert await store.active_run("fin") is None
     runs, _ = await store.list_runs("fin", 10)
     assert [r.run_id for r in runs] == [s.run_id]
-    await asyncio.sleep(1.1)
-    await store.sweep(now=time.time())
+    # A sweep at a time within the retention keeps the run; one past it deletes it. The sweep
+    # takes the time as ``now``, so no test time passes (Redis also drops the keys on its own
+    # clock when the retention ends: a retention nobody waits out keeps that from racing the
+    # checks above).
+    assert await store.sweep(now=finished_at + retention_s - 1) == 0
+    assert await store.get_run(s.run_id) is not None
+    await store.sweep(now=finished_at + retention_s + 1)
     assert await store.get_run(s.run_id) is None
     assert await store.read_events(s.run_id, 0, 10) == []
     assert (await store.list_runs("fin", 10))[0] == []
@@ -348,36 +496,40 @@ async def test_list_runs_pages_newest_first(store: RunStore) -> None:
     assert (await store.list_runs("nobody", 10)) == ([], None)
 
 
-async def test_wait_events_follows_appends_from_another_replica(replicas: Replica) -> None:
+async def test_wait_events_follows_appends_from_another_replica(replicas: Replica, notify_only: None) -> None:
+    """A ``wait_events`` parked on an empty log is woken by the engine's own signal when another
+    replica appends (not by a poll: the Postgres fallback poll is off, the wait outlasts the guard)."""
     (one, _), (two, _) = await replicas(), await replicas()
     s = spec()
     await one.create_run(s, policy=REJECT, owner="ra", lease_s=LEASE, max_queued=10, now=time.time())
     assert await two.wait_events(s.run_id, 0, limit=10, timeout_s=0.2) == []
-    waiter = asyncio.create_task(two.wait_events(s.run_id, 0, limit=10, timeout_s=3))
-    await asyncio.sleep(0.2)
-    appended_at = time.perf_counter()
-    await one.record_progress(s.run_id, 1, events(s.run_id, 1, 2), None, now=time.time())
-    got = await waiter
-    assert time.perf_counter() - appended_at < 0.5
-    assert [e.sequence for e in got] == [1, 2]
+    parked = parking(two, s.run_id)
+    waiter = asyncio.create_task(two.wait_events(s.run_id, 0, limit=10, timeout_s=FOREVER_S))
+    try:
+        await guarded(parked.wait(), "wait_events never parked")
+        await one.record_progress(s.run_id, 1, events(s.run_id, 1, 2), None, now=time.time())
+        got = await guarded(waiter, "the parked wait_events was not woken by the append")
+        assert [e.sequence for e in got] == [1, 2]
+    finally:
+        waiter.cancel()
 
 
 async def test_control_reaches_other_replicas(replicas: Replica) -> None:
+    """A message published on one replica's bus reaches a live subscriber on another's, intact.
+    The bus has no poll and no store behind it: the message arrives pushed, or never."""
     (_, bus_a), (_, bus_b) = await replicas(), await replicas()
-    received: asyncio.Queue[tuple[Control, float]] = asyncio.Queue()
+    received: asyncio.Queue[Control] = asyncio.Queue()
 
     async def listen(bus: ControlBus) -> None:
         async for message in bus.subscribe():
-            received.put_nowait((message, time.perf_counter()))
+            received.put_nowait(message)
 
     listener = asyncio.create_task(listen(bus_a))
     try:
-        await asyncio.sleep(0.3)  # let the subscription establish
-        sent = time.perf_counter()
+        await live_subscription(bus_b, received)
         await bus_b.publish(Control("run_x", "cancel", "stop ü"))
-        message, at = await asyncio.wait_for(received.get(), 2)
+        message = await next_message(received, "the control message never reached the other replica")
         assert message == Control("run_x", "cancel", "stop ü")
-        assert at - sent < 0.1
     finally:
         listener.cancel()
 

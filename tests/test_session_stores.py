@@ -88,6 +88,26 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     return set_step
 
 
+class ManualClock:
+    """``time.time`` standing still until the test moves it on (``advance``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def manual_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    clock = ManualClock(1_700_000_000.0)
+    monkeypatch.setattr(time, "time", clock.time)
+    return clock
+
+
 def msg(text: str, role: str = "user") -> MessageItem:
     return MessageItem(role=role, text=text)  # type: ignore[arg-type]
 
@@ -832,21 +852,26 @@ async def test_concurrent_creates_and_idempotent_appends(store: SessionStore) ->
 
 
 # --- expiry ----------------------------------------------------------------------------
-# Real time, not the fake clock: Redis expires keys on its own clock.
+# Every store judges expiry by the caller's clock (``time.time()``, passed to Postgres and to
+# the Redis scripts as a parameter), so these tests move a manual clock on instead of waiting
+# for real time to pass: what is alive and what has expired never depends on how fast the test
+# ran. TTL is long in real time too: Redis also PEXPIREs the keys on its own clock (to reclaim
+# space; see test_redis_store.py), which must not fire while a test runs.
 
-TTL = 0.4
+TTL = 3600.0
 
 
-async def test_ttl_is_reported_and_idle_expiry_hides_the_session(store: SessionStore) -> None:
-    before = time.time()
+async def test_ttl_is_reported_and_idle_expiry_hides_the_session(store: SessionStore, manual_clock: ManualClock) -> None:
     record = await store.create_session("short", metadata={"k": "v"}, ttl_s=TTL)
     await store.create_session("forever")
     assert record.ttl_s == pytest.approx(TTL)
-    assert record.expires_at is not None and before + TTL <= record.expires_at + 0.01
+    assert record.expires_at == pytest.approx(manual_clock.now + TTL, abs=0.01)
     assert (await store.get_session("forever")).expires_at is None
     await store.append_items("short", [msg("a")], request_id="r1")
 
-    await asyncio.sleep(TTL + 0.2)
+    manual_clock.advance(TTL - 1)  # idle, but not for a whole TTL yet
+    assert (await store.get_session("short")).item_count == 1
+    manual_clock.advance(2)  # idle for longer than its TTL
     with pytest.raises(SessionNotFoundError):
         await store.get_session("short")
     with pytest.raises(SessionNotFoundError):
@@ -867,27 +892,28 @@ async def test_ttl_is_reported_and_idle_expiry_hides_the_session(store: SessionS
     assert await store.read_history("short") == [msg("b")]
 
 
-async def test_writes_restart_the_idle_clock_and_reads_do_not(store: SessionStore) -> None:
+async def test_writes_restart_the_idle_clock_and_reads_do_not(store: SessionStore, manual_clock: ManualClock) -> None:
     await store.create_session("s1", ttl_s=TTL)
     for _ in range(3):  # each write lands before the previous expiry, so the session lives on
-        await asyncio.sleep(TTL * 0.6)
+        manual_clock.advance(TTL * 0.6)
         await store.append_items("s1", [msg("keep alive")])
+    # 1.8 TTL after it was created: alive because every write restarted the idle clock.
     assert (await store.get_session("s1")).item_count == 3
-    await asyncio.sleep(TTL * 0.6)
+    manual_clock.advance(TTL * 0.6)
     await store.get_session("s1")  # a read...
     await store.read_history("s1")
-    await asyncio.sleep(TTL * 0.6)  # ...does not extend it
+    manual_clock.advance(TTL * 0.6)  # ...does not extend it: 1.2 TTL after the last write
     with pytest.raises(SessionNotFoundError):
         await store.get_session("s1")
 
 
-async def test_update_sets_and_removes_ttl(store: SessionStore) -> None:
+async def test_update_sets_and_removes_ttl(store: SessionStore, manual_clock: ManualClock) -> None:
     await store.create_session("s1")
     record = await store.update_session("s1", ttl_s=TTL)
     assert record.ttl_s == pytest.approx(TTL) and record.expires_at is not None
     cleared = await store.update_session("s1", ttl_s=0)
     assert (cleared.ttl_s, cleared.expires_at) == (None, None)
-    await asyncio.sleep(TTL + 0.2)
+    manual_clock.advance(TTL + 1)  # past the TTL it no longer has
     assert (await store.get_session("s1")).ttl_s is None
     with pytest.raises(ValueError):
         await store.update_session("s1", ttl_s=-1)
@@ -897,22 +923,22 @@ async def test_update_sets_and_removes_ttl(store: SessionStore) -> None:
         await store.get_session("s2")
 
 
-async def test_run_creates_over_an_expired_session(store: SessionStore) -> None:
+async def test_run_creates_over_an_expired_session(store: SessionStore, manual_clock: ManualClock) -> None:
     await store.create_session("s1", ttl_s=TTL)
     await store.append_items("s1", [msg("old")])
-    await asyncio.sleep(TTL + 0.2)
+    manual_clock.advance(TTL + 1)
     assert await store.read_history("s1", create=True) == []
     record = await store.get_session("s1")
     assert (record.item_count, record.ttl_s) == (0, None)
     assert seqs(await store.append_items("s1", [msg("new")])) == [1]
 
 
-async def test_sweep_removes_only_expired_sessions(store: SessionStore) -> None:
+async def test_sweep_removes_only_expired_sessions(store: SessionStore, manual_clock: ManualClock) -> None:
     await store.create_session("gone", ttl_s=TTL)
     await store.append_items("gone", [msg("x")])
-    await store.create_session("kept", ttl_s=60)
+    await store.create_session("kept", ttl_s=TTL * 10)
     await store.create_session("forever")
-    await asyncio.sleep(TTL + 0.2)
+    manual_clock.advance(TTL + 1)
     assert await store.sweep_expired() == 1
     assert await store.sweep_expired() == 0
     listed = {r.session_id for r in (await store.list_sessions(10)).sessions}
