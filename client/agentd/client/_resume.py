@@ -80,19 +80,21 @@ class EventLog:
 
     def admit(self, event: run_event_pb2.RunEvent) -> bool:
         """True to hand ``event`` to the caller; False for a duplicate; raises on a gap or another run's event."""
-        if self.run_id and event.run_id and event.run_id != self.run_id:
+        run_id, sequence = event.run_id, event.sequence  # (each read of a message field makes a new object)
+        if self.run_id and run_id and run_id != self.run_id:
             raise RunStreamError(
-                self.run_id, self.last_sequence, f"expected events of run {self.run_id}, got one of {event.run_id}"
+                self.run_id, self.last_sequence, f"expected events of run {self.run_id}, got one of {run_id}"
             )
-        if event.sequence == 0:
+        if sequence == 0:
             self.unsequenced = True
-        elif event.sequence <= self.last_sequence:
+        elif sequence <= self.last_sequence:
             return False
-        elif event.sequence != self.last_sequence + 1:
-            raise RunStreamGapError(self.run_id or event.run_id, self.last_sequence, event.sequence)
+        elif sequence != self.last_sequence + 1:
+            raise RunStreamGapError(self.run_id or run_id, self.last_sequence, sequence)
         else:
-            self.last_sequence = event.sequence
-        self.run_id = self.run_id or event.run_id
+            self.last_sequence = sequence
+        if not self.run_id:
+            self.run_id = run_id
         self.terminal = event.WhichOneof("payload") in TERMINAL_EVENTS
         return True
 

@@ -161,8 +161,9 @@ class RunStream:
         await self._ensure_started()
         assert self._call is not None
         finished = False
+        responses = self._call.__aiter__()
         try:
-            async for response in self._call:
+            async for response in responses:
                 event = response.event
                 self._log.run_id = event.run_id
                 self._log.last_sequence = event.sequence
@@ -174,88 +175,91 @@ class RunStream:
             raise converted(exc) from None
         finally:
             if finished:
+                await _close(responses)
                 await self._call.done_writing()
             else:
                 self._call.cancel()
 
     async def _events(self) -> AsyncIterator[run_event_pb2.RunEvent]:
-        events = self._resumed_events()
+        """The live Run stream (when this stream started the run), then WatchRun after the last event
+        seen, again after each break. One generator (not one wrapping another): a hop less per event."""
         try:
-            async for event in events:
-                yield event
+            failure: BaseException | None = None
+            if self._start is not None:
+                # 1. The live Run stream that started the run.
+                try:
+                    await self._ensure_started()
+                    assert self._call is not None
+                    responses = self._call.__aiter__()
+                    log_ = self._log
+                    self._reading = True
+                    async for response in responses:
+                        self._reading = False
+                        event = response.event
+                        if log_.admit(event):
+                            yield event
+                            if log_.terminal:
+                                await _close(responses)
+                                return
+                        self._reading = True
+                    self._reading = False
+                    failure = self._log.ended_early()
+                except grpc.RpcError as exc:
+                    self._reading = False
+                    self._call_open = False
+                    if not (self._log.resumable and is_stream_break(exc)):
+                        raise
+                    failure = exc
+                self._call_open = False
+                if not self._log.resumable:
+                    raise failure
+                log.info("run %s: stream broke after event %d (%s); resuming",
+                         self._log.run_id or self.request_id, self._log.last_sequence, _describe(failure))
+            # 2. WatchRun from the last event seen, again after each break.
+            reconnects = Reconnects(self._resume_timeout_s)
+            while True:
+                if failure is not None:
+                    delay = reconnects.delay_after(self._deadline)
+                    if delay is None:
+                        self._gave_up = True
+                        raise self._log.gave_up(failure, self._resume_timeout_s) from failure
+                    await asyncio.sleep(delay)
+                reconnects.attempt()
+                try:
+                    if not self._log.run_id:
+                        await self._create_run()
+                        if self._cancel_reason is not None:
+                            await self._cancel_by_rpc(self._cancel_reason)
+                    self._watch = self._agents.WatchRun(
+                        agent_service_pb2.WatchRunRequest(
+                            name=run_name(self._log.run_id), after_sequence=self._log.last_sequence
+                        ),
+                        timeout=self._remaining(),
+                        metadata=self._metadata,
+                    )
+                    watched = self._watch.__aiter__()
+                    async for response in watched:
+                        if self._log.admit(response.event):
+                            reconnects.progressed()
+                            yield response.event
+                            if self._log.terminal:
+                                await _close(watched)
+                                return
+                    failure = self._log.ended_early()
+                except grpc.RpcError as exc:
+                    if not (self._resume and self._log.resumable and is_stream_break(exc)):
+                        raise
+                    failure = exc
+                if not self._resume:
+                    return  # a plain watch ends with its call
+                log.info("run %s: watch broke after event %d (%s); resuming",
+                         self._log.run_id, self._log.last_sequence, _describe(failure))
         except grpc.RpcError as exc:
             if not self._log.run_id and not is_stream_break(exc) and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._rejected = True
             raise converted(exc) from None
         finally:
-            await events.aclose()
             await self._finish()
-
-    async def _resumed_events(self) -> AsyncIterator[run_event_pb2.RunEvent]:
-        failure: BaseException | None = None
-        if self._start is not None:
-            # 1. The live Run stream that started the run.
-            try:
-                await self._ensure_started()
-                assert self._call is not None
-                self._reading = True
-                async for response in self._call:
-                    self._reading = False
-                    if self._log.admit(response.event):
-                        yield response.event
-                        if self._log.terminal:
-                            return
-                    self._reading = True
-                self._reading = False
-                failure = self._log.ended_early()
-            except grpc.RpcError as exc:
-                self._reading = False
-                self._call_open = False
-                if not (self._log.resumable and is_stream_break(exc)):
-                    raise
-                failure = exc
-            self._call_open = False
-            if not self._log.resumable:
-                raise failure
-            log.info("run %s: stream broke after event %d (%s); resuming",
-                     self._log.run_id or self.request_id, self._log.last_sequence, _describe(failure))
-        # 2. WatchRun from the last event seen, again after each break.
-        reconnects = Reconnects(self._resume_timeout_s)
-        while True:
-            if failure is not None:
-                delay = reconnects.delay_after(self._deadline)
-                if delay is None:
-                    self._gave_up = True
-                    raise self._log.gave_up(failure, self._resume_timeout_s) from failure
-                await asyncio.sleep(delay)
-            reconnects.attempt()
-            try:
-                if not self._log.run_id:
-                    await self._create_run()
-                    if self._cancel_reason is not None:
-                        await self._cancel_by_rpc(self._cancel_reason)
-                self._watch = self._agents.WatchRun(
-                    agent_service_pb2.WatchRunRequest(
-                        name=run_name(self._log.run_id), after_sequence=self._log.last_sequence
-                    ),
-                    timeout=self._remaining(),
-                    metadata=self._metadata,
-                )
-                async for response in self._watch:
-                    if self._log.admit(response.event):
-                        reconnects.progressed()
-                        yield response.event
-                        if self._log.terminal:
-                            return
-                failure = self._log.ended_early()
-            except grpc.RpcError as exc:
-                if not (self._resume and self._log.resumable and is_stream_break(exc)):
-                    raise
-                failure = exc
-            if not self._resume:
-                return  # a plain watch ends with its call
-            log.info("run %s: watch broke after event %d (%s); resuming",
-                     self._log.run_id, self._log.last_sequence, _describe(failure))
 
     async def _create_run(self, timeout: float | None = None, wait_for_ready: bool = False) -> str:
         """Find (or, if the first attempt never got there, create) the run by its request_id."""
@@ -274,8 +278,9 @@ class RunStream:
         self._ended.set()
         try:
             if self._log.terminal:
-                if self._call is not None and self._call_open:
-                    await self._call.done_writing()
+                # Nothing to half-close: the server ends the call with the terminal event, and
+                # its status is on its way (waiting to close our side would cost a round trip).
+                pass
             elif self._owns_run:
                 await self._abandon(self._cancel_reason or "the client stopped reading the run's events")
         except (grpc.RpcError, asyncio.InvalidStateError):
@@ -379,6 +384,15 @@ class RunStream:
             if done:
                 return output
         raise RuntimeError("the run stream ended without a terminal event")
+
+
+async def _close(responses: AsyncIterator[Any]) -> None:
+    """Close a call's response iterator that is done with (after the terminal event): left
+    suspended, it would be closed by the event loop's finalizer hook, a wake-up through the
+    loop's self-pipe per stream."""
+    aclose = getattr(responses, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _describe(error: BaseException | None) -> str:

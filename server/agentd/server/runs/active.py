@@ -7,6 +7,12 @@ per event. Watchers on this replica get an event only after it is durable, so a
 client never sees a sequence number that a replica taking the run over could
 reuse. A checkpoint rides in the same write as the events before it.
 
+On an inline store (``RunStore.inline``: the in-memory store, whose calls never wait) there
+is no flusher: each event is written as it is emitted, on the spot (``record_progress_now``),
+and watchers are woken there and then. Nothing is gained by batching writes that cost no
+round trip, and a task per run and a wake-up per burst are saved. ``flusher`` is then a
+future that ends with this execution's writes.
+
 If the store says the lease is gone (another replica took the run over), the
 execution stops quietly: no further event is written, and the new owner continues
 the log.
@@ -48,6 +54,10 @@ FOLLOW_BATCH = 500
 
 
 class ActiveRun:
+    #: Told how long each write to a shared store took (seconds, successful writes only; the
+    #: capacity metrics' event-write histogram). Inline writes are not timed.
+    on_write: Callable[[float], None] | None = None
+
     def __init__(self, record: RunRecord, store: RunStore, *, retention_s: float, lease_s: float) -> None:
         self.input = record.spec
         self.run_id = record.run_id
@@ -75,7 +85,13 @@ class ActiveRun:
         self.ended = False  # the terminal event is durable
         self._actions: dict[str, dict[str, Any]] = dict(record.actions)  # the caller's answers so far
         self._action_waiters: dict[str, asyncio.Future[None]] = {}
-        self.flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.run_id}")
+        self._inline = store.inline
+        # Done once this execution writes no more: the terminal event is durable, or it stopped.
+        self.flusher: asyncio.Future[None]
+        if self._inline:  # written as emitted (_write_now): nothing to run
+            self.flusher = asyncio.get_running_loop().create_future()
+        else:
+            self.flusher = asyncio.create_task(self._flush_loop(), name=f"flush {self.run_id}")
 
     @property
     def event_count(self) -> int:
@@ -100,15 +116,49 @@ class ActiveRun:
         if self._stopped:
             return
         self._sequence += 1
-        self._pending.append(RunEvent(self.run_id, self._sequence, time.time_ns(), self.trace_id, payload))
+        event = RunEvent(self.run_id, self._sequence, time.time_ns(), self.trace_id, payload)
         if isinstance(payload, TERMINAL_PAYLOADS):
             self.last_payload = payload
+            if self._inline:
+                self._write_now([event], None)
+                return
+        elif self._inline:  # most events: _write_now and _written, inlined (this runs for every event)
+            try:
+                cancel_reason = self._store.record_progress_now(
+                    self.run_id, self.attempt, (event,), None, now=time.time()
+                )
+            except Exception as exc:
+                self._write_failed(exc)
+                return
+            if cancel_reason:
+                self.cancel(cancel_reason)
+            if not self._dropped:
+                self._delivered.append(event)
+            if self._watchers:
+                self._wake_watchers()
+            if self._progress:
+                for callback in list(self._progress):
+                    callback(event.sequence)
+            return
+        self._pending.append(event)
         self._wakeup.set()
 
     async def checkpoint(self, checkpoint: Checkpoint) -> None:
         if self._stopped:
             raise asyncio.CancelledError()
-        self._pending_checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
+        if checkpoint.sequence != self._sequence:  # (the loop fills it in from event_count)
+            checkpoint = dataclasses.replace(checkpoint, sequence=self._sequence)
+        if self._inline:
+            self._write_now([], checkpoint)
+            if self._stopped:  # the write failed: as a failed wait for durability
+                raise asyncio.CancelledError()
+            if checkpoint.pending:
+                # Tools follow, and a shared store's write would suspend the run here: let the
+                # streams send what the turn emitted (and other runs have a turn) before its tools
+                # run, rather than a whole run of instant model turns and tools going out at its end.
+                await asyncio.sleep(0)
+            return
+        self._pending_checkpoint = checkpoint
         self._wakeup.set()
         if not self._store.shared:
             return  # no other process could resume the run: nothing depends on durability now
@@ -186,13 +236,13 @@ class ActiveRun:
         """The execution is over: let the flusher write what is pending and end."""
         if not self.flusher.done() and not self.ended:
             self._stopped = True
-            self._wakeup.set()
+            self._wake_flusher()
 
     async def stop(self, why: str) -> None:
         """Stop executing without ending the run (to hand it off): what was emitted so far is
         still written, nothing after (not even the cancellation's own terminal event)."""
         self._stopped = True
-        self._wakeup.set()
+        self._wake_flusher()
         if self.task is not None and not self.task.done():
             self.cancel_reason = why
             self.task.get_loop().call_soon(self._cancel_task)
@@ -249,6 +299,65 @@ class ActiveRun:
 
     # -- writing -------------------------------------------------------------------------
 
+    def _wake_flusher(self) -> None:
+        if self._inline:  # everything emitted is written already: the writes are over
+            self._writes_over()
+        else:
+            self._wakeup.set()
+
+    def _writes_over(self) -> None:
+        """An inline execution writes no more (its terminal event is durable, or it stopped)."""
+        if not self.flusher.done():
+            self.flusher.set_result(None)
+        self._wake_watchers()
+
+    def _write_now(self, batch: list[RunEvent], checkpoint: Checkpoint | None) -> None:
+        """Write on the spot to an inline store (see the module doc): ``_flush_once`` without the
+        task, the batching (every write is one event or one checkpoint) and the retries (an
+        inline store does no I/O to retry: a failure is a bug, and the run is given up)."""
+        terminal = bool(batch) and batch[-1].is_terminal
+        cancel_reason = ""
+        try:
+            if terminal:
+                self._store.finish_now(self.run_id, self.attempt, batch, retention_s=self._retention_s, now=time.time())
+            else:
+                cancel_reason = self._store.record_progress_now(
+                    self.run_id, self.attempt, batch, checkpoint, now=time.time()
+                ) or ""
+        except Exception as exc:
+            self._write_failed(exc)
+            return
+        self._written(batch, cancel_reason)
+        if terminal:
+            self.ended = True
+            self._writes_over()
+
+    def _write_failed(self, exc: Exception) -> None:
+        """An inline write failed: this execution writes no more (the flusher's outcomes)."""
+        if isinstance(exc, LeaseLostError):
+            log.warning("run %s: lease lost (attempt %d); another replica continues it", self.run_id, self.attempt)
+            self._stop_and_cancel("this replica lost the run's lease")
+        else:  # a bug: stop writing, as the flusher does
+            log.error("run %s: writing its events failed; giving the run up", self.run_id, exc_info=exc)
+            self._stop_and_cancel("internal error while writing the run's events")
+        self._writes_over()
+
+    def _written(self, batch: list[RunEvent], cancel_reason: str) -> None:
+        """After a write: apply the cancel it reported, hand its events to watchers and progress."""
+        if cancel_reason:
+            # Recorded in the store (its control message may be lost): before the waiters go on,
+            # so no tool starts after a write that saw the cancel.
+            self.cancel(cancel_reason)
+        if batch:
+            if not self._dropped:
+                self._delivered.extend(batch)
+            if self._watchers:
+                self._wake_watchers()
+            if self._progress:
+                last = batch[-1].sequence
+                for callback in list(self._progress):
+                    callback(last)
+
     async def _flush_loop(self) -> None:
         try:
             while True:
@@ -282,6 +391,7 @@ class ActiveRun:
             try:
                 if retrying and batch and await self._already_written(batch[-1].sequence):
                     break  # the failed attempt had written it; only its reply was lost
+                started = time.perf_counter()
                 if terminal:
                     await self._store.finish(
                         self.run_id, self.attempt, batch, retention_s=self._retention_s, now=time.time()
@@ -290,6 +400,8 @@ class ActiveRun:
                     cancel_reason = await self._store.record_progress(
                         self.run_id, self.attempt, batch, checkpoint, now=time.time()
                     ) or ""
+                if self.on_write is not None:
+                    self.on_write(time.perf_counter() - started)
                 break
             except LeaseLostError:
                 log.warning("run %s: lease lost (attempt %d); another replica continues it", self.run_id, self.attempt)
@@ -304,16 +416,7 @@ class ActiveRun:
                     return False
                 await asyncio.sleep(WRITE_RETRY_DELAY_S)
                 retrying = True
-        if cancel_reason:
-            # Recorded in the store (its control message may be lost): before the waiters go on,
-            # so no tool starts after a write that saw the cancel.
-            self.cancel(cancel_reason)
-        if batch:
-            if not self._dropped:
-                self._delivered.extend(batch)
-            self._wake_watchers()
-            for callback in list(self._progress):
-                callback(batch[-1].sequence)
+        self._written(batch, cancel_reason)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -19,7 +19,8 @@ so every replica's decisions use the same clock semantics as the session stores.
 from __future__ import annotations
 
 import abc
-from typing import Any, AsyncIterator, Sequence
+import asyncio
+from typing import Any, AsyncIterator, Coroutine, Generator, Sequence, TypeVar
 
 from agentd.server.runs.records import (
     Answered,
@@ -34,6 +35,8 @@ from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.events import RunEvent
 from agentd.server.runtime.run_loop import RunInput
 
+T = TypeVar("T")
+
 
 class RunStore(abc.ABC):
     """Run records, event logs, the queue and leases. Errors reaching the engine raise StoreUnavailableError."""
@@ -41,6 +44,13 @@ class RunStore(abc.ABC):
     #: True when other processes see the same runs (Redis, Postgres): drained runs are
     #: handed off and expired leases taken over. False for the in-memory store.
     shared: bool = True
+
+    #: True when no call suspends but those that wait on purpose (``claim``, ``wait_events``):
+    #: nothing waits for I/O (the in-memory store), so a call can neither be cancelled halfway
+    #: nor lose its reply. Writers then make their calls inline, on the spot, instead of in tasks
+    #: of their own: ``record_progress_now`` and ``finish_now``, which an inline engine must
+    #: implement, and ``start_now`` for the others. Engines doing I/O leave it False.
+    inline: bool = False
 
     @property
     @abc.abstractmethod
@@ -133,6 +143,16 @@ class RunStore(abc.ABC):
         the loop, which makes the turn asking for tools durable before any tool starts, starts no
         tool after a cancel was recorded."""
 
+    def record_progress_now(
+        self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
+    ) -> str:
+        """``record_progress``, done on the spot: inline engines only (``inline``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not inline")
+
+    def finish_now(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
+        """``finish``, done on the spot: inline engines only (``inline``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not inline")
+
     @abc.abstractmethod
     async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         """Like ``record_progress`` with the run's final events (the last one terminal), and atomically:
@@ -212,6 +232,58 @@ class RunStore(abc.ABC):
     async def wait_events(self, run_id: str, after_sequence: int, *, limit: int, timeout_s: float) -> list[RunEvent]:
         """Like ``read_events``, but when there are none yet, wait up to ``timeout_s`` for some to be
         appended (blocking on the engine: XREAD BLOCK, LISTEN, a condition) and return [] on timeout."""
+
+
+def start_now(call: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """An inline store's call (``RunStore.inline``), run on the spot: a future that is done
+    already, with no task and no trip through the event loop. Should the call suspend after all
+    (an instrumented store), a task carries it on from where it stopped (``_CarriedOn``), as
+    ``asyncio.ensure_future`` would have run it, so it can still be shielded from a cancelled
+    caller. Not for engines doing I/O: what their call binds to the current task on its first
+    step (``asyncio.timeout``) would stay with the caller's task."""
+    loop = asyncio.get_running_loop()
+    try:
+        yielded = call.send(None)
+    except StopIteration as done:
+        future: asyncio.Future[T] = loop.create_future()
+        future.set_result(done.value)
+        return future
+    except Exception as exc:
+        future = loop.create_future()
+        future.set_exception(exc)
+        return future
+    return asyncio.ensure_future(_carry_on(call, yielded))
+
+
+async def _carry_on(call: Coroutine[Any, Any, T], yielded: Any) -> T:
+    return await _CarriedOn(call, yielded)
+
+
+class _CarriedOn:
+    """Awaiting it continues a coroutine whose first step already ran (and yielded ``yielded``),
+    delegating to it exactly as ``await`` does: what it yields goes to the task, what the task
+    sends or throws goes back to it."""
+
+    __slots__ = ("_call", "_yielded")
+
+    def __init__(self, call: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self._call, self._yielded = call, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        call, yielded = self._call, self._yielded
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # thrown in by the task (a cancellation)
+                try:
+                    yielded = call.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = call.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 class ControlBus(abc.ABC):

@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from agentd.server.runs.active import ActiveRun
-from agentd.server.runs.base import ControlBus, RunStore
+from agentd.server.runs.base import ControlBus, RunStore, start_now
 from agentd.server.runs.records import (
     ANSWER_CONFLICT,
     LEASE_EXPIRED,
@@ -91,6 +91,11 @@ class RunManager:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # ending runs whose creating call failed
+        # Hooks of the capacity metrics (tracing/capacity.py); None: not measured.
+        self.on_taken_over: Callable[[], None] | None = None  # a run claimed after its lease expired
+        self.on_handed_off: Callable[[], None] | None = None  # a run a drain released to the queue
+        self.on_renew_failed: Callable[[], None] | None = None  # a lease renewal round that failed
+        self.on_event_write: Callable[[float], None] | None = None  # seconds of each event-log write
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ class RunManager:
         try:
             released = await self.store.release(run.run_id, run.attempt, now=time.time())
             log.info("run %s %s", run.run_id, "handed off" if released else "was already taken over")
+            if released and self.on_handed_off is not None:
+                self.on_handed_off()
         except StoreUnavailableError as exc:
             log.warning("run %s: could not hand off (%s); it is taken over when its lease expires", run.run_id, exc)
 
@@ -155,6 +162,25 @@ class RunManager:
     @property
     def active_count(self) -> int:
         return len(self._local)
+
+    # Read-only views for the capacity metrics and GetLiveStats (safe from another thread).
+
+    @property
+    def leases_held(self) -> int:
+        """The run leases this replica holds and renews (its executions not stopped)."""
+        return sum(1 for run in list(self._local.values()) if not run.stopped)
+
+    @property
+    def max_active_runs(self) -> int:
+        return self._capacity
+
+    @property
+    def max_queued_runs(self) -> int:
+        return self._max_queued
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     async def create(self, spec: RunInput, policy: SessionPolicy) -> CreatedRun:
         """Record the run, and execute it here when this replica has capacity.
@@ -167,12 +193,17 @@ class RunManager:
         if self._draining:
             raise ServerDrainingError("this replica is shutting down and takes no new runs; retry on another replica")
         owner = self.replica_id if len(self._local) < self._capacity else None
-        write = asyncio.ensure_future(self.store.create_run(
+        call = self.store.create_run(
             spec, policy=policy, owner=owner, lease_s=self._lease_s, max_queued=self._max_queued, now=time.time(),
             limits=self._tenant_limits,
-        ))
+        )
+        # The write goes on in a task of its own, shielded from this call's cancellation; an inline
+        # store answers on the spot instead (no task, no trip through the loop). Only an inline
+        # store's: another engine's call, begun in this task and carried on in another, would leave
+        # what it bound to the task (asyncio.timeout) behind.
+        write = start_now(call) if self.store.inline else asyncio.ensure_future(call)
         try:
-            created = await asyncio.shield(write)
+            created = write.result() if write.done() else await asyncio.shield(write)
         except asyncio.CancelledError:
             self._end_unstarted(spec.run_id, write, "the call that started the run was cancelled before it started "
                                                     "(the caller went away or its deadline passed)")
@@ -181,6 +212,9 @@ class RunManager:
             # The write may have happened with its reply lost: the caller is told it failed.
             self._end_unstarted(spec.run_id, write, "the call that started the run failed before it started")
             raise
+        return self._created(created)
+
+    def _created(self, created: CreatedRun) -> CreatedRun:
         record = created.record
         if created.created and record.status is RunStatus.RUNNING and record.owner == self.replica_id:
             self._launch(record)
@@ -235,6 +269,7 @@ class RunManager:
 
     def _launch(self, record: RunRecord) -> ActiveRun:
         run = ActiveRun(record, self.store, retention_s=self._retention_s, lease_s=self._lease_s)
+        run.on_write = self.on_event_write
         self._local[run.run_id] = run
         started = time.perf_counter()
         run.task = asyncio.create_task(self._execute(run, record), name=run.run_id)
@@ -256,7 +291,8 @@ class RunManager:
                 run.release_flusher()
                 return
         await self._runner.run(run.input, run, resume)
-        await asyncio.wait({run.flusher})
+        if not run.flusher.done():  # (on an inline store the terminal event is written already)
+            await asyncio.wait({run.flusher})
 
     async def _resume(self, record: RunRecord) -> Resume:
         """How to continue a run an earlier execution began: from its checkpoint, with the results
@@ -302,6 +338,9 @@ class RunManager:
         self._slot_freed.set()
         # Once its writes are done, the execution's event buffer goes: watchers that never read
         # must not pin a run's events past the store's own retention.
+        if self.store.inline and run.flusher.done():  # no write is in flight: at once, no task
+            run.drop_delivered()
+            return
         dropping = asyncio.create_task(self._drop_buffer(run))
         self._ending.add(dropping)
         dropping.add_done_callback(self._ending.discard)
@@ -343,6 +382,9 @@ class RunManager:
             for record in records[:room]:
                 if record.attempt > 1:
                     log.info("run %s taken over (attempt %d)", record.run_id, record.attempt)
+                    expired = (record.requeue_reason or LEASE_EXPIRED) == LEASE_EXPIRED
+                    if expired and self.on_taken_over is not None:
+                        self.on_taken_over()
                 self._launch(record)
             for record in records[room:]:
                 try:
@@ -362,9 +404,13 @@ class RunManager:
                 outcome = await self.store.renew(self.replica_id, leases, lease_s=self._lease_s, now=time.time())
             except StoreUnavailableError as exc:
                 log.warning("cannot renew %d run lease(s): %s", len(leases), exc)
+                if self.on_renew_failed is not None:
+                    self.on_renew_failed()
                 continue
             except Exception:
                 log.exception("renewing run leases failed")
+                if self.on_renew_failed is not None:
+                    self.on_renew_failed()
                 continue
             for run_id in outcome.lost:
                 run = self._local.get(run_id)
@@ -510,13 +556,17 @@ class RunManager:
         after = after_sequence
         local = self._local.get(run_id)
         if local is not None and after + 1 >= local.first_sequence:
+            ended = False
+            # To its end (it ends after the terminal batch): one left suspended would be closed
+            # by the event loop's finalizer hook, a wake-up through the loop's self-pipe per run.
             async for batch in local.follow(after):
                 last = batch[-1]
                 yield batch  # the caller may empty it
                 del batch
                 after = last.sequence
-                if last.is_terminal:
-                    return
+                ended = last.is_terminal
+            if ended:
+                return
         caught_up = False
         while True:
             if caught_up:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import operator
 from collections import deque
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from agentd.server.runs import codec
 from agentd.server.runs.base import ControlBus, RunStore
@@ -44,8 +45,10 @@ from agentd.server.runs.records import (
     same_answer,
     terminal_status,
 )
+from agentd.server.runtime import events as ev
 from agentd.server.runtime.checkpoint import Checkpoint
-from agentd.server.runtime.events import Payload, RunCancelled, RunEvent, TextDelta
+from agentd.server.runtime.events import Payload, RunCancelled, RunEvent
+from agentd.server.runtime.items import Item, MessageItem, ReasoningItem, SummaryItem, ToolCallItem, ToolResultItem
 from agentd.server.runtime.run_loop import RunInput
 from agentd.server.runtime.usage import Usage
 
@@ -73,12 +76,52 @@ DEFAULT_MAX_ENDED_RUNS = 10_000
 DEFAULT_MAX_ENDED_BYTES = 64 * 1024 * 1024
 
 
+def _item_chars(item: Item) -> int:
+    """The characters (and bytes of content-part data) an item holds, by its variable fields."""
+    if type(item) is MessageItem:
+        chars = len(item.text)
+        for part in item.parts:
+            chars += len(getattr(part, "text", "")) + len(getattr(part, "url", "")) + len(getattr(part, "data", b""))
+        return chars
+    if type(item) is ToolCallItem:
+        return len(item.arguments) + len(item.call_id) + len(item.tool_name)
+    if type(item) is ToolResultItem:
+        return len(item.output) + len(item.call_id) + len(item.tool_name)
+    if type(item) is SummaryItem:
+        return len(item.text)
+    assert type(item) is ReasoningItem
+    return len(item.id) + len(item.encrypted_content) + sum(len(part) for part in item.summary)
+
+
+# The characters a payload holds beyond its fixed fields, per type: the common events are
+# counted from their text fields (no encoding per event: this runs for every event written).
+_PAYLOAD_CHARS: dict[type, Callable[[Any], int]] = {
+    ev.TextDelta: lambda p: len(p.text),
+    ev.MessageOutput: lambda p: _item_chars(p.item),
+    ev.ToolCalled: lambda p: _item_chars(p.item),
+    ev.ToolOutput: lambda p: _item_chars(p.item),
+    ev.ActionRequired: lambda p: _item_chars(p.item),
+    ev.UsageUpdated: lambda p: len(p.model),
+    ev.RunStarted: lambda p: len(p.session_id) + len(p.request_id),
+    ev.AgentUpdated: lambda p: 0,
+    ev.Handoff: lambda p: len(p.call_id),
+    ev.RunResumed: lambda p: len(p.reason),
+    ev.RunFailed: lambda p: len(p.message),
+    ev.RunCancelled: lambda p: len(p.reason),
+    ev.RunCompleted: lambda p: (len(p.final_output) if type(p.final_output) is str
+                                else len(codec.encode_payload(p))),
+}
+
+
 def event_bytes(event: RunEvent) -> int:
-    """An estimate of what ``event`` holds in memory: cheap for text deltas (most events), the
-    encoded size for the rest."""
+    """An estimate of what ``event`` holds in memory: the fixed overhead plus the characters of
+    its text fields for the common events, the encoded size for the rest."""
     payload = event.payload
-    if isinstance(payload, TextDelta):
+    if type(payload) is ev.TextDelta:  # most events
         return EVENT_OVERHEAD_BYTES + len(payload.text)
+    count = _PAYLOAD_CHARS.get(type(payload))
+    if count is not None:
+        return EVENT_OVERHEAD_BYTES + count(payload)
     return EVENT_OVERHEAD_BYTES + len(codec.encode_payload(payload))
 
 
@@ -90,6 +133,7 @@ class MemoryRunStore(RunStore):
     The run that just ended is never forgotten for them, so its callers can still read it."""
 
     shared = False
+    inline = True  # nothing is awaited but the waits of claim and wait_events
 
     def __init__(
         self, *, max_ended_runs: int = DEFAULT_MAX_ENDED_RUNS, max_ended_bytes: int = DEFAULT_MAX_ENDED_BYTES
@@ -105,7 +149,11 @@ class MemoryRunStore(RunStore):
         self._active: dict[str, deque[str]] = {}  # session -> its active runs, creation order
         self._queue: deque[str] = deque()  # claimable QUEUED runs, oldest first
         self._behind: set[str] = set()  # QUEUED runs waiting behind their session's active run
-        self._expires: dict[str, float] = {}  # ended run -> when retention ends
+        self._expires: dict[str, float] = {}  # ended run -> when retention ends, in the order they ended
+        # True while _expires is in the order of its times too (retention is one setting, so it
+        # normally is): expiring then reads only the runs that expired, not every ended run.
+        self._expires_ordered = True
+        self._latest_expiry = float("-inf")
         self._unfinished: dict[str, set[str]] = {}  # tenant -> its QUEUED/RUNNING runs
         self._queued_of: dict[str, set[str]] = {}  # tenant -> its claimable QUEUED runs
         self._buckets: dict[str, tuple[float, float, float]] = {}  # tenant -> (tokens, last take, full again at)
@@ -228,14 +276,25 @@ class MemoryRunStore(RunStore):
     async def record_progress(
         self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
     ) -> str:
-        record = self._fenced(run_id, attempt)
-        self._append(record, events)
+        return self.record_progress_now(run_id, attempt, events, checkpoint, now=now)
+
+    async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
+        self.finish_now(run_id, attempt, events, retention_s=retention_s, now=now)
+
+    def record_progress_now(
+        self, run_id: str, attempt: int, events: Sequence[RunEvent], checkpoint: Checkpoint | None, *, now: float
+    ) -> str:
+        record = self._runs.get(run_id)  # (_fenced, inlined: this runs for every event of a run)
+        if record is None or record.status is not RunStatus.RUNNING or record.attempt != attempt:
+            raise LeaseLostError(f"run {run_id} is no longer executed by attempt {attempt}")
+        if events:
+            self._append(record, events)
         if checkpoint is not None:
             record.checkpoint = checkpoint
         record.update_time = now
         return record.cancel_reason
 
-    async def finish(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
+    def finish_now(self, run_id: str, attempt: int, events: Sequence[RunEvent], *, retention_s: float, now: float) -> None:
         record = self._fenced(run_id, attempt)
         if not events or not events[-1].is_terminal:
             raise ValueError("finish needs the run's terminal event last")
@@ -354,7 +413,7 @@ class MemoryRunStore(RunStore):
         if events[0].sequence != record.last_sequence + 1:
             raise ValueError(f"run {record.run_id}: event {events[0].sequence} does not follow {record.last_sequence}")
         self._events[record.run_id].extend(events)
-        size = sum(event_bytes(e) for e in events)
+        size = event_bytes(events[0]) if len(events) == 1 else sum(event_bytes(e) for e in events)
         self._bytes[record.run_id] = self._bytes.get(record.run_id, 0) + size
         if record.run_id in self._expires:  # not so far: a run's events all come before it ends
             self._ended_bytes += size
@@ -377,7 +436,12 @@ class MemoryRunStore(RunStore):
         self._unindex(self._queued_of, record)
         self._behind.discard(record.run_id)
         record.owner, record.lease_expires, record.update_time = "", 0.0, now
-        self._expires[record.run_id] = now + retention_s
+        expires = now + retention_s
+        if expires < self._latest_expiry:
+            self._expires_ordered = False
+        else:
+            self._latest_expiry = expires
+        self._expires[record.run_id] = expires
         self._ended_bytes += self._bytes.get(record.run_id, 0)
         # Bounded by count and by size: the oldest ended runs go first (never this one).
         while len(self._expires) > 1 and (
@@ -400,9 +464,18 @@ class MemoryRunStore(RunStore):
                         self._enqueue(head.run_id)
 
     def _expire(self, now: float) -> int:
-        gone = [run_id for run_id, at in self._expires.items() if at <= now]
+        if self._expires_ordered:  # the expired ones lead: stop at the first that is not
+            gone = []
+            for run_id, at in self._expires.items():
+                if at > now:
+                    break
+                gone.append(run_id)
+        else:
+            gone = [run_id for run_id, at in self._expires.items() if at <= now]
         for run_id in gone:
             self._forget(run_id)
+        if not self._expires:
+            self._expires_ordered, self._latest_expiry = True, float("-inf")
         return len(gone)
 
     def _forget(self, run_id: str) -> None:
@@ -432,8 +505,12 @@ def _holds(record: RunRecord, owner: str, attempt: int) -> bool:
     return record.status is RunStatus.RUNNING and record.owner == owner and record.attempt == attempt
 
 
+_RECORD_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(RunRecord)))
+
+
 def _copy(record: RunRecord) -> RunRecord:
-    return dataclasses.replace(record)
+    """A shallow copy (``dataclasses.replace`` without its per-call field walk)."""
+    return RunRecord(*_RECORD_FIELDS(record))
 
 
 class MemoryControlBus(ControlBus):

@@ -181,7 +181,8 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
         where to re-attach (WatchRun after the last sequence it got), and the run goes on (even an
         attached one: its caller is still there, only slow). Checked after each of the run's writes
         while a response waits for gRPC to take it (a stream starved by a busy server is not the
-        client's fault), so a client that never reads is ended too. A stream reading a run from the store (executing
+        client's fault), once the stream's first response went out, so a client that never reads is
+        ended too. A stream reading a run from the store (executing
         elsewhere, or ended) holds one batch at a time and is not limited."""
         limit = self._runs.max_stream_lag
         sent = after
@@ -206,7 +207,10 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
         def progressed(durable: int) -> None:
             nonlocal behind, ender, head
             head = max(head, durable)
-            if not behind and in_send and head - sent > slack:
+            # Not while the first response is with gRPC (sent == after): its batch carries the
+            # call's initial metadata, and an abort now would repeat it, which gRPC refuses
+            # (TOO_MANY_OPERATIONS) after marking the call aborted: no status would ever be sent.
+            if not behind and in_send and sent > after and head - sent > slack:
                 behind = (f"stream fell {head - sent} events behind run {run_id} (the limit is {limit});"
                           " re-attach with WatchRun(after_sequence=<the last sequence received>)")
                 log.info("run %s: %s", run_id, behind)
@@ -226,13 +230,14 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
                 batch.reverse()
                 while batch and not behind:
                     event = batch.pop()
+                    sequence = event.sequence
                     response = response_type()
                     write_run_event(event, response.event)
                     del event
                     in_send = True
                     yield response
                     in_send = False
-                    sent = response.event.sequence
+                    sent = sequence
                 del batch
                 if behind:
                     break
