@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make what deploy/docker-compose.yml mounts into every replica: a private CA, a server
-# certificate for the replicas' names, and an API key file (hashes only). Prints the one
+# certificate for the replicas' names, and an API key file (hashes only); and Grafana's admin
+# password (grafana-admin-password, mounted into the grafana service only). Prints the one
 # API key it creates (tenant "demo"); keep it, it is not stored anywhere.
 #
 #   deploy/make-secrets.sh [DIR]        # default DIR: deploy/secrets (git-ignored)
@@ -34,4 +35,10 @@ chmod 644 ca.pem tls.crt tls.key
 rm -f keys.json
 "$agentd" keys create --file keys.json --tenant demo --subject compose-demo
 chmod 644 keys.json
-echo "wrote ca.pem, tls.crt, tls.key and keys.json to $dir" >&2
+
+# Grafana's admin password (GF_SECURITY_ADMIN_PASSWORD__FILE): random, no newline. Grafana runs
+# as uid 472, so the file must be readable by it too. It applies when Grafana first creates its
+# database (the grafana-data volume); afterwards change it in Grafana or `down -v` to start over.
+openssl rand -base64 24 | tr -d '\n' > grafana-admin-password
+chmod 644 grafana-admin-password
+echo "wrote ca.pem, tls.crt, tls.key, keys.json and grafana-admin-password to $dir" >&2

@@ -54,11 +54,15 @@ async def test_tool_spans_carry_the_tool_name(harness: Harness) -> None:
 
     # The documented keys of the other kinds are there too.
     by_kind = {tpb.SpanKind.Name(s.kind): s for s in detail.spans}
-    assert {"run_id", "agent", "turns", "input_tokens", "output_tokens"} <= set(by_kind["SPAN_KIND_RUN"].attributes)
+    assert {"run_id", "agent", "turns", "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
+            "unpriced_calls", "ttft_ms"} <= set(by_kind["SPAN_KIND_RUN"].attributes)
     assert set(by_kind["SPAN_KIND_AGENT"].attributes) == {"agent"}
-    assert {"model", "agent", "finish_reason", "input_tokens", "output_tokens"} <= set(
-        by_kind["SPAN_KIND_GENERATION"].attributes
-    )
+    assert {"model", "agent", "finish_reason", "input_tokens", "output_tokens", "cached_input_tokens",
+            "reasoning_tokens"} <= set(by_kind["SPAN_KIND_GENERATION"].attributes)
+    # No price table here: every call is unpriced, so no cost is recorded (never a 0).
+    assert "cost_usd" not in by_kind["SPAN_KIND_RUN"].attributes
+    assert by_kind["SPAN_KIND_RUN"].attributes["unpriced_calls"] == 2
+    assert not any("cost_usd" in s.attributes for s in detail.spans)
 
 
 async def test_a_caller_executed_tool_span_carries_the_tool_name(harness: Harness) -> None:

@@ -775,4 +775,4 @@ async def test_the_service_is_healthy_and_described_by_reflection(model_server, 
     # The service's file and what it imports (the costs' google.type.Money among them).
     assert {"agentd/v1/stats_service.proto", "google/type/money.proto", "agentd/v1/run_event.proto"} <= names
     service = next(f for f in files if f.name == "agentd/v1/stats_service.proto").service[0]
-    assert [m.name for m in service.method] == ["GetStats"]
+    assert [m.name for m in service.method] == ["GetStats", "GetLiveStats"]

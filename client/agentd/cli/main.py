@@ -125,7 +125,20 @@ def cmd_db(args: argparse.Namespace) -> int:
             await migrate_agent_store()
             await migrate_trace_archive()
             await migrate_run_store()
+            await migrate_result_cache()
         return status
+
+    async def migrate_result_cache() -> None:
+        """The result cache's tables, beside the sessions."""
+        from agentd.server.cache.factory import build_result_cache
+
+        cache = build_result_cache(settings)
+        try:
+            status = await cache.migrate()
+        finally:
+            await cache.close()
+        if status is not None:
+            print(f"result cache ({status.backend}): schema version {status.current} of {status.latest}")
 
     async def migrate_agent_store() -> None:
         """The tables of agents made through the API, beside the sessions."""
@@ -391,6 +404,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of every replica (StatsService.GetLiveStats), refreshed in place (see agentd.cli.top)."""
+    from agentd.cli.top import parse_targets, run_top
+    from agentd.client import TlsConfig
+
+    try:
+        targets = parse_targets(args.target)
+        if args.iterations < 0:
+            raise ValueError(f"--iterations must be 0 (until Ctrl-C) or more, got {args.iterations}")
+    except ValueError as exc:
+        print(f"agentd top: {exc}", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TlsConfig(ca_file=args.tls_ca or None, cert_file=args.tls_cert or None, key_file=args.tls_key or None)
+    return run_top(targets, interval_s=args.interval, iterations=args.iterations, minutes=args.minutes, tls=tls,
+                   token=args.token or None)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 # Ships inside the package (agentd/examples/support.py): demo and serve work from any directory.
 EXAMPLE_APP = "agentd.examples.support:app"
 
@@ -632,6 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--agent-version", type=int, default=None, metavar="N",
                        help="only the runs that started with version N of their agent")
     stats.set_defaults(func=cmd_stats)
+
+    top = with_target(sub.add_parser(
+        "top", help="a live view of every replica: active, queued, leases, capacity; runs/min, success, cost"))
+    for action in top._actions:  # --target takes a list here: every replica to show
+        if action.dest == "target":
+            action.help = ("the replicas, comma-separated host:port (default: $AGENTD_TARGET or %(default)s);"
+                           " each is asked on its own connection")
+    top.add_argument("--interval", type=_positive_seconds, default=2.0, metavar="SECONDS",
+                     help="seconds between refreshes (default: %(default)s)")
+    top.add_argument("--iterations", type=int, default=0, metavar="N",
+                     help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument("--minutes", type=int, default=5, choices=range(1, 61), metavar="M",
+                     help="the recent window of runs/min, success rate and errors, 1-60 (default: %(default)s)")
+    top.set_defaults(func=cmd_top)
 
     demo = sub.add_parser("demo", help="start a local server, stream one multi-step run, stop")
     demo.add_argument("--app", default=EXAMPLE_APP, help="module:attribute of the App (default: %(default)s)")

@@ -26,9 +26,10 @@ from agentd.v1 import item_pb2 as agentd_dot_v1_dot_item__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentd/v1/run_event.proto\x12\tagentd.v1\x1a\x14\x61gentd/v1/item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x07\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12,\n\x0brun_started\x18\n \x01(\x0b\x32\x15.agentd.v1.RunStartedH\x00\x12\x30\n\ragent_updated\x18\x0b \x01(\x0b\x32\x17.agentd.v1.AgentUpdatedH\x00\x12*\n\ntext_delta\x18\x0c \x01(\x0b\x32\x14.agentd.v1.TextDeltaH\x00\x12\x32\n\x0emessage_output\x18\r \x01(\x0b\x32\x18.agentd.v1.MessageOutputH\x00\x12,\n\x0btool_called\x18\x0e \x01(\x0b\x32\x15.agentd.v1.ToolCalledH\x00\x12,\n\x0btool_output\x18\x0f \x01(\x0b\x32\x15.agentd.v1.ToolOutputH\x00\x12%\n\x07handoff\x18\x10 \x01(\x0b\x32\x12.agentd.v1.HandoffH\x00\x12\x30\n\rusage_updated\x18\x11 \x01(\x0b\x32\x17.agentd.v1.UsageUpdatedH\x00\x12\x30\n\rrun_completed\x18\x12 \x01(\x0b\x32\x17.agentd.v1.RunCompletedH\x00\x12*\n\nrun_failed\x18\x13 \x01(\x0b\x32\x14.agentd.v1.RunFailedH\x00\x12\x30\n\rrun_cancelled\x18\x14 \x01(\x0b\x32\x17.agentd.v1.RunCancelledH\x00\x12,\n\x0brun_resumed\x18\x15 \x01(\x0b\x32\x15.agentd.v1.RunResumedH\x00\x12\x34\n\x0f\x61\x63tion_required\x18\x16 \x01(\x0b\x32\x19.agentd.v1.ActionRequiredH\x00\x12\x38\n\x11history_compacted\x18\x17 \x01(\x0b\x32\x1b.agentd.v1.HistoryCompactedH\x00\x12\x38\n\x11guardrail_tripped\x18\x18 \x01(\x0b\x32\x1b.agentd.v1.GuardrailTrippedH\x00\x12\x35\n\x10hosted_tool_call\x18\x19 \x01(\x0b\x32\x19.agentd.v1.HostedToolCallH\x00\x42\t\n\x07payload\"{\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x03\"\x87\x01\n\nRunStarted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x15\n\rhistory_items\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fhistory_omitted\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\x03\"\x1d\n\x0c\x41gentUpdated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"(\n\tTextDelta\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\rMessageOutput\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\":\n\nToolCalled\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\"g\n\nToolOutput\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x07Handoff\x12\x12\n\nfrom_agent\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"u\n\x0cUsageUpdated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x04turn\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\"\n\x03run\x18\x04 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\"\xb2\x01\n\x0cRunCompleted\x12,\n\x0c\x66inal_output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nlast_agent\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x04 \x01(\x05\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"x\n\tRunFailed\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.agentd.v1.RunErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x04 \x01(\x05\"S\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x03 \x01(\x05\"<\n\nRunResumed\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05turns\x18\x03 \x01(\x05\"i\n\x0e\x41\x63tionRequired\x12)\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x19.agentd.v1.RequiredAction\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x1d\n\x04item\x18\x03 \x01(\x0b\x32\x0f.agentd.v1.Item\"\x88\x01\n\x10HistoryCompacted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12 \n\x07summary\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\x12\x18\n\x10summarised_items\x18\x03 \x01(\x03\x12\x12\n\nkept_items\x18\x04 \x01(\x03\x12\x15\n\rdropped_items\x18\x05 \x01(\x03\"\xbb\x01\n\x10GuardrailTripped\x12\x11\n\tguardrail\x18\x01 \x01(\t\x12(\n\x05stage\x18\x02 \x01(\x0e\x32\x19.agentd.v1.GuardrailStage\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttool_name\x18\x06 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\t\"x\n\x0eHostedToolCall\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct*\xcd\x02\n\x0cRunErrorCode\x12\x1e\n\x1aRUN_ERROR_CODE_UNSPECIFIED\x10\x00\x12%\n!RUN_ERROR_CODE_MAX_TURNS_EXCEEDED\x10\x01\x12$\n RUN_ERROR_CODE_MODEL_UNAVAILABLE\x10\x02\x12\x1e\n\x1aRUN_ERROR_CODE_MODEL_ERROR\x10\x03\x12!\n\x1dRUN_ERROR_CODE_INVALID_OUTPUT\x10\x04\x12&\n\"RUN_ERROR_CODE_SESSION_UNAVAILABLE\x10\x05\x12\x1b\n\x17RUN_ERROR_CODE_INTERNAL\x10\x06\x12$\n RUN_ERROR_CODE_GUARDRAIL_TRIPPED\x10\x07\x12\"\n\x1eRUN_ERROR_CODE_INVALID_CONTEXT\x10\x08*p\n\x0eRequiredAction\x12\x1f\n\x1bREQUIRED_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREQUIRED_ACTION_TOOL_OUTPUT\x10\x01\x12\x1c\n\x18REQUIRED_ACTION_APPROVAL\x10\x02*\xa9\x01\n\x0eGuardrailStage\x12\x1f\n\x1bGUARDRAIL_STAGE_UNSPECIFIED\x10\x00\x12\x19\n\x15GUARDRAIL_STAGE_INPUT\x10\x01\x12\x1a\n\x16GUARDRAIL_STAGE_OUTPUT\x10\x02\x12\x1f\n\x1bGUARDRAIL_STAGE_TOOL_BEFORE\x10\x03\x12\x1e\n\x1aGUARDRAIL_STAGE_TOOL_AFTER\x10\x04\x42\x8c\x01\n\rdev.agentd.v1B\rRunEventProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentd/v1/run_event.proto\x12\tagentd.v1\x1a\x14\x61gentd/v1/item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\x8e\x07\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12,\n\x0brun_started\x18\n \x01(\x0b\x32\x15.agentd.v1.RunStartedH\x00\x12\x30\n\ragent_updated\x18\x0b \x01(\x0b\x32\x17.agentd.v1.AgentUpdatedH\x00\x12*\n\ntext_delta\x18\x0c \x01(\x0b\x32\x14.agentd.v1.TextDeltaH\x00\x12\x32\n\x0emessage_output\x18\r \x01(\x0b\x32\x18.agentd.v1.MessageOutputH\x00\x12,\n\x0btool_called\x18\x0e \x01(\x0b\x32\x15.agentd.v1.ToolCalledH\x00\x12,\n\x0btool_output\x18\x0f \x01(\x0b\x32\x15.agentd.v1.ToolOutputH\x00\x12%\n\x07handoff\x18\x10 \x01(\x0b\x32\x12.agentd.v1.HandoffH\x00\x12\x30\n\rusage_updated\x18\x11 \x01(\x0b\x32\x17.agentd.v1.UsageUpdatedH\x00\x12\x30\n\rrun_completed\x18\x12 \x01(\x0b\x32\x17.agentd.v1.RunCompletedH\x00\x12*\n\nrun_failed\x18\x13 \x01(\x0b\x32\x14.agentd.v1.RunFailedH\x00\x12\x30\n\rrun_cancelled\x18\x14 \x01(\x0b\x32\x17.agentd.v1.RunCancelledH\x00\x12,\n\x0brun_resumed\x18\x15 \x01(\x0b\x32\x15.agentd.v1.RunResumedH\x00\x12\x34\n\x0f\x61\x63tion_required\x18\x16 \x01(\x0b\x32\x19.agentd.v1.ActionRequiredH\x00\x12\x38\n\x11history_compacted\x18\x17 \x01(\x0b\x32\x1b.agentd.v1.HistoryCompactedH\x00\x12\x38\n\x11guardrail_tripped\x18\x18 \x01(\x0b\x32\x1b.agentd.v1.GuardrailTrippedH\x00\x12\x35\n\x10hosted_tool_call\x18\x19 \x01(\x0b\x32\x19.agentd.v1.HostedToolCallH\x00\x42\t\n\x07payload\"\xd2\x01\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\x03\x12 \n\x04\x63ost\x18\x07 \x01(\x0b\x32\x12.google.type.Money\x12\x16\n\x0eunpriced_calls\x18\x08 \x01(\x03\"\x97\x01\n\nRunStarted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x15\n\rhistory_items\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fhistory_omitted\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\"\x1d\n\x0c\x41gentUpdated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"(\n\tTextDelta\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\rMessageOutput\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\":\n\nToolCalled\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\"g\n\nToolOutput\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x1d\n\x04item\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x07Handoff\x12\x12\n\nfrom_agent\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"u\n\x0cUsageUpdated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x04turn\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\"\n\x03run\x18\x04 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\"\xc2\x01\n\x0cRunCompleted\x12,\n\x0c\x66inal_output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nlast_agent\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x04 \x01(\x05\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\"x\n\tRunFailed\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.agentd.v1.RunErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x04 \x01(\x05\"S\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.agentd.v1.TokenUsage\x12\r\n\x05turns\x18\x03 \x01(\x05\"<\n\nRunResumed\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05turns\x18\x03 \x01(\x05\"i\n\x0e\x41\x63tionRequired\x12)\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x19.agentd.v1.RequiredAction\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x1d\n\x04item\x18\x03 \x01(\x0b\x32\x0f.agentd.v1.Item\"\x88\x01\n\x10HistoryCompacted\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12 \n\x07summary\x18\x02 \x01(\x0b\x32\x0f.agentd.v1.Item\x12\x18\n\x10summarised_items\x18\x03 \x01(\x03\x12\x12\n\nkept_items\x18\x04 \x01(\x03\x12\x15\n\rdropped_items\x18\x05 \x01(\x03\"\xbb\x01\n\x10GuardrailTripped\x12\x11\n\tguardrail\x18\x01 \x01(\t\x12(\n\x05stage\x18\x02 \x01(\x0e\x32\x19.agentd.v1.GuardrailStage\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttool_name\x18\x06 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\t\"x\n\x0eHostedToolCall\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct*\xcd\x02\n\x0cRunErrorCode\x12\x1e\n\x1aRUN_ERROR_CODE_UNSPECIFIED\x10\x00\x12%\n!RUN_ERROR_CODE_MAX_TURNS_EXCEEDED\x10\x01\x12$\n RUN_ERROR_CODE_MODEL_UNAVAILABLE\x10\x02\x12\x1e\n\x1aRUN_ERROR_CODE_MODEL_ERROR\x10\x03\x12!\n\x1dRUN_ERROR_CODE_INVALID_OUTPUT\x10\x04\x12&\n\"RUN_ERROR_CODE_SESSION_UNAVAILABLE\x10\x05\x12\x1b\n\x17RUN_ERROR_CODE_INTERNAL\x10\x06\x12$\n RUN_ERROR_CODE_GUARDRAIL_TRIPPED\x10\x07\x12\"\n\x1eRUN_ERROR_CODE_INVALID_CONTEXT\x10\x08*p\n\x0eRequiredAction\x12\x1f\n\x1bREQUIRED_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREQUIRED_ACTION_TOOL_OUTPUT\x10\x01\x12\x1c\n\x18REQUIRED_ACTION_APPROVAL\x10\x02*\xa9\x01\n\x0eGuardrailStage\x12\x1f\n\x1bGUARDRAIL_STAGE_UNSPECIFIED\x10\x00\x12\x19\n\x15GUARDRAIL_STAGE_INPUT\x10\x01\x12\x1a\n\x16GUARDRAIL_STAGE_OUTPUT\x10\x02\x12\x1f\n\x1bGUARDRAIL_STAGE_TOOL_BEFORE\x10\x03\x12\x1e\n\x1aGUARDRAIL_STAGE_TOOL_AFTER\x10\x04\x42\x8c\x01\n\rdev.agentd.v1B\rRunEventProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,46 +37,46 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentd.v1.run_event_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.agentd.v1B\rRunEventProtoP\001Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\242\002\003AXX\252\002\tAgentd.V1\272\002\nAgentd_V1_\312\002\tAgentd\\V1\352\002\nAgentd::V1'
-  _globals['_RUNERRORCODE']._serialized_start=2828
-  _globals['_RUNERRORCODE']._serialized_end=3161
-  _globals['_REQUIREDACTION']._serialized_start=3163
-  _globals['_REQUIREDACTION']._serialized_end=3275
-  _globals['_GUARDRAILSTAGE']._serialized_start=3278
-  _globals['_GUARDRAILSTAGE']._serialized_end=3447
-  _globals['_RUNEVENT']._serialized_start=158
-  _globals['_RUNEVENT']._serialized_end=1068
-  _globals['_TOKENUSAGE']._serialized_start=1070
-  _globals['_TOKENUSAGE']._serialized_end=1193
-  _globals['_RUNSTARTED']._serialized_start=1196
-  _globals['_RUNSTARTED']._serialized_end=1331
-  _globals['_AGENTUPDATED']._serialized_start=1333
-  _globals['_AGENTUPDATED']._serialized_end=1362
-  _globals['_TEXTDELTA']._serialized_start=1364
-  _globals['_TEXTDELTA']._serialized_end=1404
-  _globals['_MESSAGEOUTPUT']._serialized_start=1406
-  _globals['_MESSAGEOUTPUT']._serialized_end=1467
-  _globals['_TOOLCALLED']._serialized_start=1469
-  _globals['_TOOLCALLED']._serialized_end=1527
-  _globals['_TOOLOUTPUT']._serialized_start=1529
-  _globals['_TOOLOUTPUT']._serialized_end=1632
-  _globals['_HANDOFF']._serialized_start=1634
-  _globals['_HANDOFF']._serialized_end=1698
-  _globals['_USAGEUPDATED']._serialized_start=1700
-  _globals['_USAGEUPDATED']._serialized_end=1817
-  _globals['_RUNCOMPLETED']._serialized_start=1820
-  _globals['_RUNCOMPLETED']._serialized_end=1998
-  _globals['_RUNFAILED']._serialized_start=2000
-  _globals['_RUNFAILED']._serialized_end=2120
-  _globals['_RUNCANCELLED']._serialized_start=2122
-  _globals['_RUNCANCELLED']._serialized_end=2205
-  _globals['_RUNRESUMED']._serialized_start=2207
-  _globals['_RUNRESUMED']._serialized_end=2267
-  _globals['_ACTIONREQUIRED']._serialized_start=2269
-  _globals['_ACTIONREQUIRED']._serialized_end=2374
-  _globals['_HISTORYCOMPACTED']._serialized_start=2377
-  _globals['_HISTORYCOMPACTED']._serialized_end=2513
-  _globals['_GUARDRAILTRIPPED']._serialized_start=2516
-  _globals['_GUARDRAILTRIPPED']._serialized_end=2703
-  _globals['_HOSTEDTOOLCALL']._serialized_start=2705
-  _globals['_HOSTEDTOOLCALL']._serialized_end=2825
+  _globals['_RUNERRORCODE']._serialized_start=2973
+  _globals['_RUNERRORCODE']._serialized_end=3306
+  _globals['_REQUIREDACTION']._serialized_start=3308
+  _globals['_REQUIREDACTION']._serialized_end=3420
+  _globals['_GUARDRAILSTAGE']._serialized_start=3423
+  _globals['_GUARDRAILSTAGE']._serialized_end=3592
+  _globals['_RUNEVENT']._serialized_start=183
+  _globals['_RUNEVENT']._serialized_end=1093
+  _globals['_TOKENUSAGE']._serialized_start=1096
+  _globals['_TOKENUSAGE']._serialized_end=1306
+  _globals['_RUNSTARTED']._serialized_start=1309
+  _globals['_RUNSTARTED']._serialized_end=1460
+  _globals['_AGENTUPDATED']._serialized_start=1462
+  _globals['_AGENTUPDATED']._serialized_end=1491
+  _globals['_TEXTDELTA']._serialized_start=1493
+  _globals['_TEXTDELTA']._serialized_end=1533
+  _globals['_MESSAGEOUTPUT']._serialized_start=1535
+  _globals['_MESSAGEOUTPUT']._serialized_end=1596
+  _globals['_TOOLCALLED']._serialized_start=1598
+  _globals['_TOOLCALLED']._serialized_end=1656
+  _globals['_TOOLOUTPUT']._serialized_start=1658
+  _globals['_TOOLOUTPUT']._serialized_end=1761
+  _globals['_HANDOFF']._serialized_start=1763
+  _globals['_HANDOFF']._serialized_end=1827
+  _globals['_USAGEUPDATED']._serialized_start=1829
+  _globals['_USAGEUPDATED']._serialized_end=1946
+  _globals['_RUNCOMPLETED']._serialized_start=1949
+  _globals['_RUNCOMPLETED']._serialized_end=2143
+  _globals['_RUNFAILED']._serialized_start=2145
+  _globals['_RUNFAILED']._serialized_end=2265
+  _globals['_RUNCANCELLED']._serialized_start=2267
+  _globals['_RUNCANCELLED']._serialized_end=2350
+  _globals['_RUNRESUMED']._serialized_start=2352
+  _globals['_RUNRESUMED']._serialized_end=2412
+  _globals['_ACTIONREQUIRED']._serialized_start=2414
+  _globals['_ACTIONREQUIRED']._serialized_end=2519
+  _globals['_HISTORYCOMPACTED']._serialized_start=2522
+  _globals['_HISTORYCOMPACTED']._serialized_end=2658
+  _globals['_GUARDRAILTRIPPED']._serialized_start=2661
+  _globals['_GUARDRAILTRIPPED']._serialized_end=2848
+  _globals['_HOSTEDTOOLCALL']._serialized_start=2850
+  _globals['_HOSTEDTOOLCALL']._serialized_end=2970
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ from agentd.v1 import item_pb2 as _item_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.type import money_pb2 as _money_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -100,34 +101,42 @@ class RunEvent(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., agent_updated: _Optional[_Union[AgentUpdated, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., message_output: _Optional[_Union[MessageOutput, _Mapping]] = ..., tool_called: _Optional[_Union[ToolCalled, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., usage_updated: _Optional[_Union[UsageUpdated, _Mapping]] = ..., run_completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., run_failed: _Optional[_Union[RunFailed, _Mapping]] = ..., run_cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., run_resumed: _Optional[_Union[RunResumed, _Mapping]] = ..., action_required: _Optional[_Union[ActionRequired, _Mapping]] = ..., history_compacted: _Optional[_Union[HistoryCompacted, _Mapping]] = ..., guardrail_tripped: _Optional[_Union[GuardrailTripped, _Mapping]] = ..., hosted_tool_call: _Optional[_Union[HostedToolCall, _Mapping]] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests", "reasoning_tokens")
+    __slots__ = ("input_tokens", "output_tokens", "total_tokens", "requests", "reasoning_tokens", "cached_input_tokens", "cost", "unpriced_calls")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    UNPRICED_CALLS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     total_tokens: int
     requests: int
     reasoning_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ...) -> None: ...
+    cached_input_tokens: int
+    cost: _money_pb2.Money
+    unpriced_calls: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., unpriced_calls: _Optional[int] = ...) -> None: ...
 
 class RunStarted(_message.Message):
-    __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted", "agent_version")
+    __slots__ = ("agent", "session", "history_items", "request_id", "history_omitted", "agent_version", "cached")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_OMITTED_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     agent: str
     session: str
     history_items: int
     request_id: str
     history_omitted: int
     agent_version: int
-    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ..., history_omitted: _Optional[int] = ..., agent_version: _Optional[int] = ...) -> None: ...
+    cached: bool
+    def __init__(self, agent: _Optional[str] = ..., session: _Optional[str] = ..., history_items: _Optional[int] = ..., request_id: _Optional[str] = ..., history_omitted: _Optional[int] = ..., agent_version: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class AgentUpdated(_message.Message):
     __slots__ = ("agent",)
@@ -192,18 +201,20 @@ class UsageUpdated(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., model: _Optional[str] = ..., turn: _Optional[_Union[TokenUsage, _Mapping]] = ..., run: _Optional[_Union[TokenUsage, _Mapping]] = ...) -> None: ...
 
 class RunCompleted(_message.Message):
-    __slots__ = ("final_output", "last_agent", "usage", "turns", "duration")
+    __slots__ = ("final_output", "last_agent", "usage", "turns", "duration", "cached")
     FINAL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     LAST_AGENT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     final_output: _struct_pb2.Value
     last_agent: str
     usage: TokenUsage
     turns: int
     duration: _duration_pb2.Duration
-    def __init__(self, final_output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., last_agent: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., turns: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    cached: bool
+    def __init__(self, final_output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., last_agent: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., turns: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class RunFailed(_message.Message):
     __slots__ = ("code", "message", "usage", "turns")

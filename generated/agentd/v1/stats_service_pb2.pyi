@@ -153,3 +153,65 @@ class ToolStats(_message.Message):
     error_rate: float
     duration: DurationPercentiles
     def __init__(self, tool: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., duration: _Optional[_Union[DurationPercentiles, _Mapping]] = ...) -> None: ...
+
+class GetLiveStatsRequest(_message.Message):
+    __slots__ = ("minutes",)
+    MINUTES_FIELD_NUMBER: _ClassVar[int]
+    minutes: int
+    def __init__(self, minutes: _Optional[int] = ...) -> None: ...
+
+class GetLiveStatsResponse(_message.Message):
+    __slots__ = ("replica", "read_time", "active_runs", "max_active_runs", "leases_held", "queued_runs", "max_queued_runs", "draining", "archive", "recent", "recent_error")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    READ_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_HELD_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    read_time: _timestamp_pb2.Timestamp
+    active_runs: int
+    max_active_runs: int
+    leases_held: int
+    queued_runs: int
+    max_queued_runs: int
+    draining: bool
+    archive: str
+    recent: RecentRunStats
+    recent_error: str
+    def __init__(self, replica: _Optional[str] = ..., read_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_runs: _Optional[int] = ..., max_active_runs: _Optional[int] = ..., leases_held: _Optional[int] = ..., queued_runs: _Optional[int] = ..., max_queued_runs: _Optional[int] = ..., draining: _Optional[bool] = ..., archive: _Optional[str] = ..., recent: _Optional[_Union[RecentRunStats, _Mapping]] = ..., recent_error: _Optional[str] = ...) -> None: ...
+
+class RecentRunStats(_message.Message):
+    __slots__ = ("start_time", "end_time", "runs_per_minute", "runs", "completed_runs", "failed_runs", "cancelled_runs", "success_rate", "top_errors", "day_start_time", "runs_today", "cost_today", "unpriced_runs_today")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    RUNS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOP_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DAY_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    RUNS_TODAY_FIELD_NUMBER: _ClassVar[int]
+    COST_TODAY_FIELD_NUMBER: _ClassVar[int]
+    UNPRICED_RUNS_TODAY_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    runs_per_minute: _containers.RepeatedScalarFieldContainer[int]
+    runs: int
+    completed_runs: int
+    failed_runs: int
+    cancelled_runs: int
+    success_rate: float
+    top_errors: _containers.RepeatedCompositeFieldContainer[ErrorCodeCount]
+    day_start_time: _timestamp_pb2.Timestamp
+    runs_today: int
+    cost_today: _money_pb2.Money
+    unpriced_runs_today: int
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_per_minute: _Optional[_Iterable[int]] = ..., runs: _Optional[int] = ..., completed_runs: _Optional[int] = ..., failed_runs: _Optional[int] = ..., cancelled_runs: _Optional[int] = ..., success_rate: _Optional[float] = ..., top_errors: _Optional[_Iterable[_Union[ErrorCodeCount, _Mapping]]] = ..., day_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runs_today: _Optional[int] = ..., cost_today: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., unpriced_runs_today: _Optional[int] = ...) -> None: ...

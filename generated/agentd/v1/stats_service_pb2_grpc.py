@@ -63,6 +63,11 @@ class StatsServiceStub:
                 request_serializer=agentd_dot_v1_dot_stats__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_stats__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.GetLiveStats = channel.unary_unary(
+                '/agentd.v1.StatsService/GetLiveStats',
+                request_serializer=agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsResponse.FromString,
+                _registered_method=True)
 
 
 class StatsServiceServicer:
@@ -108,6 +113,36 @@ class StatsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLiveStats(self, request, context):
+        """The answering replica's live state and the last minutes of the caller's
+        tenant's runs: what a live view such as `agentd top` asks every replica
+        for, every couple of seconds.
+
+        The live fields are the replica's own, over every tenant's runs (counts
+        only, no run is named): the runs it executes, the run leases it holds,
+        its capacity, and the depth of the queue all replicas share, as this
+        replica reads the run store. The `recent` figures come from the trace
+        archive, computed as GetStats computes them (ended runs of the caller's
+        tenant, counted by their start time): runs per minute over the last
+        `minutes` minutes, success rate and the most frequent error codes over
+        the same minutes, and cost since midnight UTC. Replicas sharing an
+        archive (the same `archive`) answer the same `recent` figures; a live
+        view adds up one answer per distinct `archive`.
+
+        Cheap: no store write; one run store read (the queue's depth, shared by
+        concurrent calls) and two archive aggregates per call. A trace archive that
+        cannot be read leaves `recent` unset (`recent_error` says why) instead of
+        failing the call, so the live state is still answered.
+
+        Scope `admin`: the live fields show every tenant's load on the replica,
+        an operator's view. Errors: INVALID_ARGUMENT (minutes), plus
+        UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+        SERVER_OVERLOADED as every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StatsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +150,11 @@ def add_StatsServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=agentd_dot_v1_dot_stats__service__pb2.GetStatsRequest.FromString,
                     response_serializer=agentd_dot_v1_dot_stats__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'GetLiveStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiveStats,
+                    request_deserializer=agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -168,6 +208,33 @@ class StatsService:
             '/agentd.v1.StatsService/GetStats',
             agentd_dot_v1_dot_stats__service__pb2.GetStatsRequest.SerializeToString,
             agentd_dot_v1_dot_stats__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiveStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.StatsService/GetLiveStats',
+            agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsRequest.SerializeToString,
+            agentd_dot_v1_dot_stats__service__pb2.GetLiveStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

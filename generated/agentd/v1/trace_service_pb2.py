@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentd/v1/trace_service.proto\x12\tagentd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x03\n\x05Trace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x15\n\rworkflow_name\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\x30\n\x08metadata\x18\x05 \x03(\x0b\x32\x1e.agentd.v1.Trace.MetadataEntry\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x12\n\nspan_count\x18\x0b \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\x03\x12\x0e\n\x06\x61gents\x18\x0e \x03(\t\x12\x15\n\ragent_version\x18\x0f \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x04Span\x12\x0f\n\x07span_id\x18\x01 \x01(\t\x12\x16\n\x0eparent_span_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.agentd.v1.SpanKind\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\x07 \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12+\n\nattributes\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\xaf\x02\n\x11ListTracesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rworkflow_name\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x33\n\x0fstart_time_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rstart_time_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\ragent_version\x18\t \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_agent_version\"O\n\x12ListTracesResponse\x12 \n\x06traces\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Trace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetTraceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10GetTraceResponse\x12\x1f\n\x05trace\x18\x01 \x01(\x0b\x32\x10.agentd.v1.Trace\x12\x1e\n\x05spans\x18\x02 \x03(\x0b\x32\x0f.agentd.v1.Span*q\n\nSpanStatus\x12\x1b\n\x17SPAN_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPAN_STATUS_OK\x10\x01\x12\x15\n\x11SPAN_STATUS_ERROR\x10\x02\x12\x1b\n\x17SPAN_STATUS_IN_PROGRESS\x10\x03*\xaf\x01\n\x08SpanKind\x12\x19\n\x15SPAN_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSPAN_KIND_RUN\x10\x01\x12\x13\n\x0fSPAN_KIND_AGENT\x10\x02\x12\x18\n\x14SPAN_KIND_GENERATION\x10\x03\x12\x16\n\x12SPAN_KIND_FUNCTION\x10\x04\x12\x15\n\x11SPAN_KIND_HANDOFF\x10\x05\x12\x17\n\x13SPAN_KIND_GUARDRAIL\x10\x06\x32\x9e\x01\n\x0cTraceService\x12I\n\nListTraces\x12\x1c.agentd.v1.ListTracesRequest\x1a\x1d.agentd.v1.ListTracesResponse\x12\x43\n\x08GetTrace\x12\x1a.agentd.v1.GetTraceRequest\x1a\x1b.agentd.v1.GetTraceResponseB\x90\x01\n\rdev.agentd.v1B\x11TraceServiceProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentd/v1/trace_service.proto\x12\tagentd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\xf9\x03\n\x05Trace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x15\n\rworkflow_name\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\x30\n\x08metadata\x18\x05 \x03(\x0b\x32\x1e.agentd.v1.Trace.MetadataEntry\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\n \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x12\n\nspan_count\x18\x0b \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x0c \x01(\x03\x12\x15\n\routput_tokens\x18\r \x01(\x03\x12\x0e\n\x06\x61gents\x18\x0e \x03(\t\x12\x15\n\ragent_version\x18\x0f \x01(\x03\x12 \n\x04\x63ost\x18\x10 \x01(\x0b\x32\x12.google.type.Money\x12\x16\n\x0eunpriced_calls\x18\x11 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x04Span\x12\x0f\n\x07span_id\x18\x01 \x01(\t\x12\x16\n\x0eparent_span_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12!\n\x04kind\x18\x04 \x01(\x0e\x32\x13.agentd.v1.SpanKind\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x06status\x18\x07 \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12+\n\nattributes\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"\xaf\x02\n\x11ListTracesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rworkflow_name\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.agentd.v1.SpanStatus\x12\x33\n\x0fstart_time_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rstart_time_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\ragent_version\x18\t \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_agent_version\"O\n\x12ListTracesResponse\x12 \n\x06traces\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Trace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetTraceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10GetTraceResponse\x12\x1f\n\x05trace\x18\x01 \x01(\x0b\x32\x10.agentd.v1.Trace\x12\x1e\n\x05spans\x18\x02 \x03(\x0b\x32\x0f.agentd.v1.Span*q\n\nSpanStatus\x12\x1b\n\x17SPAN_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSPAN_STATUS_OK\x10\x01\x12\x15\n\x11SPAN_STATUS_ERROR\x10\x02\x12\x1b\n\x17SPAN_STATUS_IN_PROGRESS\x10\x03*\xaf\x01\n\x08SpanKind\x12\x19\n\x15SPAN_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSPAN_KIND_RUN\x10\x01\x12\x13\n\x0fSPAN_KIND_AGENT\x10\x02\x12\x18\n\x14SPAN_KIND_GENERATION\x10\x03\x12\x16\n\x12SPAN_KIND_FUNCTION\x10\x04\x12\x15\n\x11SPAN_KIND_HANDOFF\x10\x05\x12\x17\n\x13SPAN_KIND_GUARDRAIL\x10\x06\x32\x9e\x01\n\x0cTraceService\x12I\n\nListTraces\x12\x1c.agentd.v1.ListTracesRequest\x1a\x1d.agentd.v1.ListTracesResponse\x12\x43\n\x08GetTrace\x12\x1a.agentd.v1.GetTraceRequest\x1a\x1b.agentd.v1.GetTraceResponseB\x90\x01\n\rdev.agentd.v1B\x11TraceServiceProtoP\x01Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\xa2\x02\x03\x41XX\xaa\x02\tAgentd.V1\xba\x02\nAgentd_V1_\xca\x02\tAgentd\\V1\xea\x02\nAgentd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.agentd.v1B\021TraceServiceProtoP\001Z2github.com/agentd/agentd/gen/go/agentd/v1;agentdv1\242\002\003AXX\252\002\tAgentd.V1\272\002\nAgentd_V1_\312\002\tAgentd\\V1\352\002\nAgentd::V1'
   _globals['_TRACE_METADATAENTRY']._loaded_options = None
   _globals['_TRACE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SPANSTATUS']._serialized_start=1362
-  _globals['_SPANSTATUS']._serialized_end=1475
-  _globals['_SPANKIND']._serialized_start=1478
-  _globals['_SPANKIND']._serialized_end=1653
-  _globals['_TRACE']._serialized_start=108
-  _globals['_TRACE']._serialized_end=555
-  _globals['_TRACE_METADATAENTRY']._serialized_start=508
-  _globals['_TRACE_METADATAENTRY']._serialized_end=555
-  _globals['_SPAN']._serialized_start=558
-  _globals['_SPAN']._serialized_end=855
-  _globals['_LISTTRACESREQUEST']._serialized_start=858
-  _globals['_LISTTRACESREQUEST']._serialized_end=1161
-  _globals['_LISTTRACESRESPONSE']._serialized_start=1163
-  _globals['_LISTTRACESRESPONSE']._serialized_end=1242
-  _globals['_GETTRACEREQUEST']._serialized_start=1244
-  _globals['_GETTRACEREQUEST']._serialized_end=1275
-  _globals['_GETTRACERESPONSE']._serialized_start=1277
-  _globals['_GETTRACERESPONSE']._serialized_end=1360
-  _globals['_TRACESERVICE']._serialized_start=1656
-  _globals['_TRACESERVICE']._serialized_end=1814
+  _globals['_SPANSTATUS']._serialized_start=1445
+  _globals['_SPANSTATUS']._serialized_end=1558
+  _globals['_SPANKIND']._serialized_start=1561
+  _globals['_SPANKIND']._serialized_end=1736
+  _globals['_TRACE']._serialized_start=133
+  _globals['_TRACE']._serialized_end=638
+  _globals['_TRACE_METADATAENTRY']._serialized_start=591
+  _globals['_TRACE_METADATAENTRY']._serialized_end=638
+  _globals['_SPAN']._serialized_start=641
+  _globals['_SPAN']._serialized_end=938
+  _globals['_LISTTRACESREQUEST']._serialized_start=941
+  _globals['_LISTTRACESREQUEST']._serialized_end=1244
+  _globals['_LISTTRACESRESPONSE']._serialized_start=1246
+  _globals['_LISTTRACESRESPONSE']._serialized_end=1325
+  _globals['_GETTRACEREQUEST']._serialized_start=1327
+  _globals['_GETTRACEREQUEST']._serialized_end=1358
+  _globals['_GETTRACERESPONSE']._serialized_start=1360
+  _globals['_GETTRACERESPONSE']._serialized_end=1443
+  _globals['_TRACESERVICE']._serialized_start=1739
+  _globals['_TRACESERVICE']._serialized_end=1897
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.type import money_pb2 as _money_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -40,7 +41,7 @@ SPAN_KIND_HANDOFF: SpanKind
 SPAN_KIND_GUARDRAIL: SpanKind
 
 class Trace(_message.Message):
-    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents", "agent_version")
+    __slots__ = ("name", "trace_id", "workflow_name", "group_id", "metadata", "run_id", "agent", "start_time", "end_time", "status", "span_count", "input_tokens", "output_tokens", "agents", "agent_version", "cost", "unpriced_calls")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +64,8 @@ class Trace(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    UNPRICED_CALLS_FIELD_NUMBER: _ClassVar[int]
     name: str
     trace_id: str
     workflow_name: str
@@ -78,7 +81,9 @@ class Trace(_message.Message):
     output_tokens: int
     agents: _containers.RepeatedScalarFieldContainer[str]
     agent_version: int
-    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., agent_version: _Optional[int] = ...) -> None: ...
+    cost: _money_pb2.Money
+    unpriced_calls: int
+    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., group_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., agent: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[SpanStatus, str]] = ..., span_count: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., agent_version: _Optional[int] = ..., cost: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., unpriced_calls: _Optional[int] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("span_id", "parent_span_id", "name", "kind", "start_time", "end_time", "status", "error_message", "attributes")

@@ -6,7 +6,7 @@
 from agentd.server.app import App
 from agentd.server.models.base import ModelSettings
 from agentd.server.models.script import Script, call, calls, hosted, reason, say
-from agentd.server.runtime.agent import Agent
+from agentd.server.runtime.agent import Agent, ResultCaching
 from agentd.server.runtime.context import RunContext, ToolContext
 from agentd.server.runtime.guardrails import (
     ClassifierGuardrail,
@@ -35,6 +35,7 @@ __all__ = [
     "ModelSettings",
     "OutputGuardrail",
     "RegexGuardrail",
+    "ResultCaching",
     "RunContext",
     "Script",
     "ToolContext",

@@ -36,6 +36,8 @@ from agentd.server.auth.interceptor import Authentication
 from agentd.server.models.base import ModelProvider
 from agentd.server.models.openai_chat import OpenAIProvider
 from agentd.server.models.scripted import ScriptedProvider
+from agentd.server.pricing import PriceFile
+from agentd.server.runs.cached import CachedRuns, open_cached_runs
 from agentd.server.runs.factory import build_run_store
 from agentd.server.runs.manager import RunManager
 from agentd.server.runtime.errors import AppConfigError
@@ -48,6 +50,7 @@ from agentd.server.sessions.base import SessionStore
 from agentd.server.sessions.factory import build_store
 from agentd.server.settings import Settings
 from agentd.server.store_upkeep import StoreUpkeep
+from agentd.server.tracing.capacity import CapacityMetrics, QueueDepth
 from agentd.server.tracing.factory import build_trace_store, build_tracer
 from agentd.server.tracing.store import TraceStore
 from agentd.v1 import agent_service_pb2, agent_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
@@ -215,6 +218,8 @@ class RunningServer:
     agent_store: AgentStore | None = None
     agent_files: AgentFiles | None = None
     file_watch: asyncio.Task[None] | None = None
+    # The result cache's hooks into runs (None: off, or its store could not open).
+    result_cache: CachedRuns | None = None
 
     @property
     def target(self) -> str:
@@ -232,6 +237,8 @@ class RunningServer:
         await stopping
         await self.runs.close()
         await self.runs.close_stores()
+        if self.result_cache is not None:
+            await self.result_cache.close()
         if self.file_watch is not None:
             self.file_watch.cancel()
             await asyncio.gather(self.file_watch, return_exceptions=True)
@@ -264,6 +271,13 @@ async def start_server(
     authentication = build_authentication(settings)
     check_exposure(settings, authentication)
     credentials = build_server_credentials(settings)
+    # The price table (AGENTD_PRICES_FILE): a file that does not load stops the server here.
+    prices = (
+        PriceFile(settings.prices_file, recheck_s=settings.prices_poll_interval_s)
+        if settings.prices_file is not None else None
+    )
+    if prices is not None:
+        log.info("prices: %d model(s) from %s", len(prices.table.models), prices.path)
     models = models or build_models(settings, app)
     store = store or build_store(settings)
     await store.open()
@@ -280,7 +294,8 @@ async def start_server(
     await traces.open()  # an archive that cannot be reached is logged and retried, never fatal
     tracer, trace_provider = build_tracer(settings, traces.memory)
     runner = AgentRunner(
-        catalog, models, store, tracer, tool_timeout_s=settings.tool_timeout_s, history_max_items=settings.history_max_items
+        catalog, models, store, tracer, tool_timeout_s=settings.tool_timeout_s,
+        history_max_items=settings.history_max_items, prices=prices,
     )
     run_store, control_bus = build_run_store(settings)
     try:
@@ -292,6 +307,8 @@ async def start_server(
         await traces.close()
         await store.close()
         raise
+    # Opted-in agents' results, beside the sessions (runs/cached.py); hooked into the run loop.
+    cached_runs = runner.result_cache = await open_cached_runs(settings, catalog, trace_provider)
     runs = RunManager(
         runner,
         run_store,
@@ -307,6 +324,13 @@ async def start_server(
         retention_s=settings.run_retention_s,
         max_stream_lag=settings.max_stream_lag_events,
     )
+    # The shared queue's depth (GetLiveStats, the capacity metrics) and, with metrics exported, the
+    # capacity metrics on the same meter provider as the span-derived ones.
+    queue_depth = QueueDepth(run_store)
+    queue_depth.bind(asyncio.get_running_loop())
+    meter_provider = getattr(trace_provider, "meter_provider", None)
+    if meter_provider is not None:
+        CapacityMetrics(meter_provider, runs, queue_depth)
 
     server = grpc.aio.server(
         interceptors=[build_interceptor(settings, authentication)],
@@ -321,13 +345,15 @@ async def start_server(
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(store, runs), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(traces), server)
-    stats_service_pb2_grpc.add_StatsServiceServicer_to_server(StatsService(traces), server)
+    stats_service_pb2_grpc.add_StatsServiceServicer_to_server(StatsService(traces, runs=runs, queue=queue_depth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     async def give_up(what: str) -> NoReturn:
         """Could not listen: close what is open, say where."""
         await server.stop(0)
+        if cached_runs is not None:
+            await cached_runs.close()
         await control_bus.close()
         await run_store.close()
         await traces.close()
@@ -349,6 +375,8 @@ async def start_server(
             await give_up(f"{settings.host}:{settings.health_port} for health")
         await health_server.start()
     runs.start()
+    if cached_runs is not None:
+        cached_runs.start()
 
     async def set_health(service: str, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -379,7 +407,7 @@ async def start_server(
         ))
     return RunningServer(
         settings, server, port, runs, store, models, traces, health_servicer, upkeep, authentication, trace_provider,
-        health_server, health_port, catalog, agent_store, agent_files, file_watch,
+        health_server, health_port, catalog, agent_store, agent_files, file_watch, result_cache=cached_runs,
     )
 
 

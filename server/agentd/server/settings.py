@@ -117,6 +117,19 @@ class Settings(BaseSettings):
         ),
     )
     tool_timeout_s: float = Field(60.0, gt=0)
+    prices_file: Path | None = Field(
+        None,
+        description=(
+            "The price table: a YAML (or .json) file of US dollars per 1M tokens per model name "
+            "(deploy/prices.example.yaml; agentd.server.pricing). Unset: every model call is unpriced (its cost "
+            "unknown, never 0). Read at start (a file that does not load stops the server) and again when it "
+            "changes: new prices apply to the model calls after the change; a change that does not parse is "
+            "logged and the last good prices stay."
+        ),
+    )
+    prices_poll_interval_s: float = Field(
+        5.0, gt=0, description="How often the price file is checked for a change, at most (on a model call)."
+    )
 
     max_input_chars: int = Field(100_000, gt=0)
     history_max_items: int = Field(
@@ -175,6 +188,27 @@ class Settings(BaseSettings):
     max_stream_lag_events: int = Field(
         10_000, gt=0,
         description="Events a stream may fall behind its run before it is ended with RESOURCE_EXHAUSTED.",
+    )
+    # The result cache (agents opting in with Agent(cache=...) / `cache` in a definition; see
+    # agentd.server.cache and runs/cached.py). It lives where the sessions live (AGENTD_STORE).
+    result_cache: bool = Field(
+        True, description="Serve agents' result caching; false: their cache options are ignored (no lookups, no stores)."
+    )
+    result_cache_max_entry_bytes: int = Field(
+        256 * 1024, gt=0,
+        description="The largest cache entry (its JSON: final output, usage...); a larger result is not stored.",
+    )
+    result_cache_memory_max_entries: int = Field(
+        10_000, gt=0, description="Entries the memory result cache (AGENTD_STORE=memory) keeps at most (LRU evicted)."
+    )
+    result_cache_memory_max_bytes: int = Field(
+        64 * 1024 * 1024, gt=0,
+        description="Bytes of entries the memory result cache keeps at most (least recently used evicted first).",
+    )
+    result_cache_sweep_interval_s: float = Field(60.0, gt=0, description="How often expired cache entries are deleted.")
+    result_cache_timeout_s: float = Field(
+        1.0, gt=0,
+        description="How long a run waits for a cache lookup (then it is a miss) or store (then it goes on without).",
     )
     shutdown_grace_s: float = Field(10.0, ge=0)
     trace_retention: int = Field(

@@ -82,13 +82,15 @@ def _usage_json(usage: Usage) -> dict[str, Any]:
     }
     if usage.reasoning_tokens:
         data["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    if usage.cached_input_tokens:
+        data["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
     return data
 
 
 def _responses_usage_json(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cached_input_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
@@ -101,6 +103,10 @@ class ScriptedOpenAIServer:
     The request's ``model`` picks the script (else ``default``); the conversation in
     ``messages`` (chat) or ``input`` (responses) picks the turn, exactly as ``ScriptedModel``
     does from items. ``requests`` records every request body of both APIs, in order.
+
+    ``cached_input_tokens``: how many of each answer's input tokens it reports as read from a
+    prompt cache (at most all of them; 0 by default), so cached pricing can be tested; set it
+    at construction or on the instance between runs.
     """
 
     def __init__(
@@ -110,8 +116,10 @@ class ScriptedOpenAIServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        cached_input_tokens: int = 0,
     ) -> None:
         self._scripts = dict(scripts or {})
+        self.cached_input_tokens = cached_input_tokens
         self._default = default
         self._host = host
         self._port = port
@@ -227,6 +235,10 @@ class ScriptedOpenAIServer:
             await asyncio.sleep(turn.delay_s)
         return body, index, turn
 
+    def _cached(self, usage: Usage) -> Usage:
+        usage.cached_input_tokens = min(max(self.cached_input_tokens, 0), usage.input_tokens)
+        return usage
+
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         found = await self._turn(request, lambda body: chat_roles(body.get("messages") or []))
         if isinstance(found, web.StreamResponse):
@@ -243,7 +255,7 @@ class ScriptedOpenAIServer:
             }
             for position, tool_call in enumerate(turn.tool_calls)
         ]
-        usage = estimate_usage(_input_chars(messages), turn)
+        usage = self._cached(estimate_usage(_input_chars(messages), turn))
         finish_reason = "tool_calls" if calls else "stop"
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if body.get("stream"):
@@ -313,9 +325,9 @@ class ScriptedOpenAIServer:
         encrypted = "reasoning.encrypted_content" in (body.get("include") or ())
         output = _output_items(index, turn, encrypted)
         instructions = body.get("instructions")
-        usage = estimate_usage(
+        usage = self._cached(estimate_usage(
             (len(instructions) if isinstance(instructions, str) else 0) + input_chars(_input_list(body)), turn
-        )
+        ))
         head: dict[str, Any] = {
             "id": f"resp_{uuid.uuid4().hex}",
             "object": "response",

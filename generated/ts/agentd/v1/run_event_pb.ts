@@ -8,13 +8,15 @@ import type { Item } from "./item_pb.js";
 import { file_agentd_v1_item } from "./item_pb.js";
 import type { Duration, Timestamp, Value } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Money } from "../../google/type/money_pb.js";
+import { file_google_type_money } from "../../google/type/money_pb.js";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file agentd/v1/run_event.proto.
  */
 export const file_agentd_v1_run_event: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEijgcKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSAASOAoRZ3VhcmRyYWlsX3RyaXBwZWQYGCABKAsyGy5hZ2VudGQudjEuR3VhcmRyYWlsVHJpcHBlZEgAEjUKEGhvc3RlZF90b29sX2NhbGwYGSABKAsyGS5hZ2VudGQudjEuSG9zdGVkVG9vbENhbGxIAEIJCgdwYXlsb2FkInsKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSFAoMdG90YWxfdG9rZW5zGAMgASgDEhAKCHJlcXVlc3RzGAQgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAMihwEKClJ1blN0YXJ0ZWQSDQoFYWdlbnQYASABKAkSDwoHc2Vzc2lvbhgCIAEoCRIVCg1oaXN0b3J5X2l0ZW1zGAMgASgDEhIKCnJlcXVlc3RfaWQYBCABKAkSFwoPaGlzdG9yeV9vbWl0dGVkGAUgASgDEhUKDWFnZW50X3ZlcnNpb24YBiABKAMiHQoMQWdlbnRVcGRhdGVkEg0KBWFnZW50GAEgASgJIigKCVRleHREZWx0YRINCgVhZ2VudBgBIAEoCRIMCgR0ZXh0GAIgASgJIj0KDU1lc3NhZ2VPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtIjoKClRvb2xDYWxsZWQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtImcKClRvb2xPdXRwdXQSDQoFYWdlbnQYASABKAkSHQoEaXRlbRgCIAEoCzIPLmFnZW50ZC52MS5JdGVtEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIkAKB0hhbmRvZmYSEgoKZnJvbV9hZ2VudBgBIAEoCRIQCgh0b19hZ2VudBgCIAEoCRIPCgdjYWxsX2lkGAMgASgJInUKDFVzYWdlVXBkYXRlZBINCgVhZ2VudBgBIAEoCRINCgVtb2RlbBgCIAEoCRIjCgR0dXJuGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USIgoDcnVuGAQgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2UisgEKDFJ1bkNvbXBsZXRlZBIsCgxmaW5hbF9vdXRwdXQYASABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSEgoKbGFzdF9hZ2VudBgCIAEoCRIkCgV1c2FnZRgDIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAQgASgFEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIngKCVJ1bkZhaWxlZBIlCgRjb2RlGAEgASgOMhcuYWdlbnRkLnYxLlJ1bkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUiUwoMUnVuQ2FuY2VsbGVkEg4KBnJlYXNvbhgBIAEoCRIkCgV1c2FnZRgCIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAMgASgFIjwKClJ1blJlc3VtZWQSDwoHYXR0ZW1wdBgBIAEoBRIOCgZyZWFzb24YAiABKAkSDQoFdHVybnMYAyABKAUiaQoOQWN0aW9uUmVxdWlyZWQSKQoGYWN0aW9uGAEgASgOMhkuYWdlbnRkLnYxLlJlcXVpcmVkQWN0aW9uEg0KBWFnZW50GAIgASgJEh0KBGl0ZW0YAyABKAsyDy5hZ2VudGQudjEuSXRlbSKIAQoQSGlzdG9yeUNvbXBhY3RlZBINCgVhZ2VudBgBIAEoCRIgCgdzdW1tYXJ5GAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SGAoQc3VtbWFyaXNlZF9pdGVtcxgDIAEoAxISCgprZXB0X2l0ZW1zGAQgASgDEhUKDWRyb3BwZWRfaXRlbXMYBSABKAMiuwEKEEd1YXJkcmFpbFRyaXBwZWQSEQoJZ3VhcmRyYWlsGAEgASgJEigKBXN0YWdlGAIgASgOMhkuYWdlbnRkLnYxLkd1YXJkcmFpbFN0YWdlEg0KBWFnZW50GAMgASgJEg4KBnJlYXNvbhgEIAEoCRInCgZvdXRwdXQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXRvb2xfbmFtZRgGIAEoCRIPCgdjYWxsX2lkGAcgASgJIngKDkhvc3RlZFRvb2xDYWxsEg0KBWFnZW50GAEgASgJEgwKBHRvb2wYAiABKAkSDwoHY2FsbF9pZBgDIAEoCRIOCgZzdGF0dXMYBCABKAkSKAoHZGV0YWlscxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QqzQIKDFJ1bkVycm9yQ29kZRIeChpSVU5fRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEiUKIVJVTl9FUlJPUl9DT0RFX01BWF9UVVJOU19FWENFRURFRBABEiQKIFJVTl9FUlJPUl9DT0RFX01PREVMX1VOQVZBSUxBQkxFEAISHgoaUlVOX0VSUk9SX0NPREVfTU9ERUxfRVJST1IQAxIhCh1SVU5fRVJST1JfQ09ERV9JTlZBTElEX09VVFBVVBAEEiYKIlJVTl9FUlJPUl9DT0RFX1NFU1NJT05fVU5BVkFJTEFCTEUQBRIbChdSVU5fRVJST1JfQ09ERV9JTlRFUk5BTBAGEiQKIFJVTl9FUlJPUl9DT0RFX0dVQVJEUkFJTF9UUklQUEVEEAcSIgoeUlVOX0VSUk9SX0NPREVfSU5WQUxJRF9DT05URVhUEAgqcAoOUmVxdWlyZWRBY3Rpb24SHwobUkVRVUlSRURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASHwobUkVRVUlSRURfQUNUSU9OX1RPT0xfT1VUUFVUEAESHAoYUkVRVUlSRURfQUNUSU9OX0FQUFJPVkFMEAIqqQEKDkd1YXJkcmFpbFN0YWdlEh8KG0dVQVJEUkFJTF9TVEFHRV9VTlNQRUNJRklFRBAAEhkKFUdVQVJEUkFJTF9TVEFHRV9JTlBVVBABEhoKFkdVQVJEUkFJTF9TVEFHRV9PVVRQVVQQAhIfChtHVUFSRFJBSUxfU1RBR0VfVE9PTF9CRUZPUkUQAxIeChpHVUFSRFJBSUxfU1RBR0VfVE9PTF9BRlRFUhAEQowBCg1kZXYuYWdlbnRkLnYxQg1SdW5FdmVudFByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlhZ2VudGQvdjEvcnVuX2V2ZW50LnByb3RvEglhZ2VudGQudjEijgcKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBCABKAkSLAoLcnVuX3N0YXJ0ZWQYCiABKAsyFS5hZ2VudGQudjEuUnVuU3RhcnRlZEgAEjAKDWFnZW50X3VwZGF0ZWQYCyABKAsyFy5hZ2VudGQudjEuQWdlbnRVcGRhdGVkSAASKgoKdGV4dF9kZWx0YRgMIAEoCzIULmFnZW50ZC52MS5UZXh0RGVsdGFIABIyCg5tZXNzYWdlX291dHB1dBgNIAEoCzIYLmFnZW50ZC52MS5NZXNzYWdlT3V0cHV0SAASLAoLdG9vbF9jYWxsZWQYDiABKAsyFS5hZ2VudGQudjEuVG9vbENhbGxlZEgAEiwKC3Rvb2xfb3V0cHV0GA8gASgLMhUuYWdlbnRkLnYxLlRvb2xPdXRwdXRIABIlCgdoYW5kb2ZmGBAgASgLMhIuYWdlbnRkLnYxLkhhbmRvZmZIABIwCg11c2FnZV91cGRhdGVkGBEgASgLMhcuYWdlbnRkLnYxLlVzYWdlVXBkYXRlZEgAEjAKDXJ1bl9jb21wbGV0ZWQYEiABKAsyFy5hZ2VudGQudjEuUnVuQ29tcGxldGVkSAASKgoKcnVuX2ZhaWxlZBgTIAEoCzIULmFnZW50ZC52MS5SdW5GYWlsZWRIABIwCg1ydW5fY2FuY2VsbGVkGBQgASgLMhcuYWdlbnRkLnYxLlJ1bkNhbmNlbGxlZEgAEiwKC3J1bl9yZXN1bWVkGBUgASgLMhUuYWdlbnRkLnYxLlJ1blJlc3VtZWRIABI0Cg9hY3Rpb25fcmVxdWlyZWQYFiABKAsyGS5hZ2VudGQudjEuQWN0aW9uUmVxdWlyZWRIABI4ChFoaXN0b3J5X2NvbXBhY3RlZBgXIAEoCzIbLmFnZW50ZC52MS5IaXN0b3J5Q29tcGFjdGVkSAASOAoRZ3VhcmRyYWlsX3RyaXBwZWQYGCABKAsyGy5hZ2VudGQudjEuR3VhcmRyYWlsVHJpcHBlZEgAEjUKEGhvc3RlZF90b29sX2NhbGwYGSABKAsyGS5hZ2VudGQudjEuSG9zdGVkVG9vbENhbGxIAEIJCgdwYXlsb2FkItIBCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEhQKDHRvdGFsX3Rva2VucxgDIAEoAxIQCghyZXF1ZXN0cxgEIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAUgASgDEhsKE2NhY2hlZF9pbnB1dF90b2tlbnMYBiABKAMSIAoEY29zdBgHIAEoCzISLmdvb2dsZS50eXBlLk1vbmV5EhYKDnVucHJpY2VkX2NhbGxzGAggASgDIpcBCgpSdW5TdGFydGVkEg0KBWFnZW50GAEgASgJEg8KB3Nlc3Npb24YAiABKAkSFQoNaGlzdG9yeV9pdGVtcxgDIAEoAxISCgpyZXF1ZXN0X2lkGAQgASgJEhcKD2hpc3Rvcnlfb21pdHRlZBgFIAEoAxIVCg1hZ2VudF92ZXJzaW9uGAYgASgDEg4KBmNhY2hlZBgHIAEoCCIdCgxBZ2VudFVwZGF0ZWQSDQoFYWdlbnQYASABKAkiKAoJVGV4dERlbHRhEg0KBWFnZW50GAEgASgJEgwKBHRleHQYAiABKAkiPQoNTWVzc2FnZU91dHB1dBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0iOgoKVG9vbENhbGxlZBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0iZwoKVG9vbE91dHB1dBINCgVhZ2VudBgBIAEoCRIdCgRpdGVtGAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SKwoIZHVyYXRpb24YAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iQAoHSGFuZG9mZhISCgpmcm9tX2FnZW50GAEgASgJEhAKCHRvX2FnZW50GAIgASgJEg8KB2NhbGxfaWQYAyABKAkidQoMVXNhZ2VVcGRhdGVkEg0KBWFnZW50GAEgASgJEg0KBW1vZGVsGAIgASgJEiMKBHR1cm4YAyABKAsyFS5hZ2VudGQudjEuVG9rZW5Vc2FnZRIiCgNydW4YBCABKAsyFS5hZ2VudGQudjEuVG9rZW5Vc2FnZSLCAQoMUnVuQ29tcGxldGVkEiwKDGZpbmFsX291dHB1dBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRISCgpsYXN0X2FnZW50GAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUSKwoIZHVyYXRpb24YBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDgoGY2FjaGVkGAYgASgIIngKCVJ1bkZhaWxlZBIlCgRjb2RlGAEgASgOMhcuYWdlbnRkLnYxLlJ1bkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEiQKBXVzYWdlGAMgASgLMhUuYWdlbnRkLnYxLlRva2VuVXNhZ2USDQoFdHVybnMYBCABKAUiUwoMUnVuQ2FuY2VsbGVkEg4KBnJlYXNvbhgBIAEoCRIkCgV1c2FnZRgCIAEoCzIVLmFnZW50ZC52MS5Ub2tlblVzYWdlEg0KBXR1cm5zGAMgASgFIjwKClJ1blJlc3VtZWQSDwoHYXR0ZW1wdBgBIAEoBRIOCgZyZWFzb24YAiABKAkSDQoFdHVybnMYAyABKAUiaQoOQWN0aW9uUmVxdWlyZWQSKQoGYWN0aW9uGAEgASgOMhkuYWdlbnRkLnYxLlJlcXVpcmVkQWN0aW9uEg0KBWFnZW50GAIgASgJEh0KBGl0ZW0YAyABKAsyDy5hZ2VudGQudjEuSXRlbSKIAQoQSGlzdG9yeUNvbXBhY3RlZBINCgVhZ2VudBgBIAEoCRIgCgdzdW1tYXJ5GAIgASgLMg8uYWdlbnRkLnYxLkl0ZW0SGAoQc3VtbWFyaXNlZF9pdGVtcxgDIAEoAxISCgprZXB0X2l0ZW1zGAQgASgDEhUKDWRyb3BwZWRfaXRlbXMYBSABKAMiuwEKEEd1YXJkcmFpbFRyaXBwZWQSEQoJZ3VhcmRyYWlsGAEgASgJEigKBXN0YWdlGAIgASgOMhkuYWdlbnRkLnYxLkd1YXJkcmFpbFN0YWdlEg0KBWFnZW50GAMgASgJEg4KBnJlYXNvbhgEIAEoCRInCgZvdXRwdXQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXRvb2xfbmFtZRgGIAEoCRIPCgdjYWxsX2lkGAcgASgJIngKDkhvc3RlZFRvb2xDYWxsEg0KBWFnZW50GAEgASgJEgwKBHRvb2wYAiABKAkSDwoHY2FsbF9pZBgDIAEoCRIOCgZzdGF0dXMYBCABKAkSKAoHZGV0YWlscxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QqzQIKDFJ1bkVycm9yQ29kZRIeChpSVU5fRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEiUKIVJVTl9FUlJPUl9DT0RFX01BWF9UVVJOU19FWENFRURFRBABEiQKIFJVTl9FUlJPUl9DT0RFX01PREVMX1VOQVZBSUxBQkxFEAISHgoaUlVOX0VSUk9SX0NPREVfTU9ERUxfRVJST1IQAxIhCh1SVU5fRVJST1JfQ09ERV9JTlZBTElEX09VVFBVVBAEEiYKIlJVTl9FUlJPUl9DT0RFX1NFU1NJT05fVU5BVkFJTEFCTEUQBRIbChdSVU5fRVJST1JfQ09ERV9JTlRFUk5BTBAGEiQKIFJVTl9FUlJPUl9DT0RFX0dVQVJEUkFJTF9UUklQUEVEEAcSIgoeUlVOX0VSUk9SX0NPREVfSU5WQUxJRF9DT05URVhUEAgqcAoOUmVxdWlyZWRBY3Rpb24SHwobUkVRVUlSRURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASHwobUkVRVUlSRURfQUNUSU9OX1RPT0xfT1VUUFVUEAESHAoYUkVRVUlSRURfQUNUSU9OX0FQUFJPVkFMEAIqqQEKDkd1YXJkcmFpbFN0YWdlEh8KG0dVQVJEUkFJTF9TVEFHRV9VTlNQRUNJRklFRBAAEhkKFUdVQVJEUkFJTF9TVEFHRV9JTlBVVBABEhoKFkdVQVJEUkFJTF9TVEFHRV9PVVRQVVQQAhIfChtHVUFSRFJBSUxfU1RBR0VfVE9PTF9CRUZPUkUQAxIeChpHVUFSRFJBSUxfU1RBR0VfVE9PTF9BRlRFUhAEQowBCg1kZXYuYWdlbnRkLnYxQg1SdW5FdmVudFByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_agentd_v1_item, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_type_money]);
 
 /**
  * One step of a run, as it happens.
@@ -220,7 +222,8 @@ export const RunEventSchema: GenMessage<RunEvent> = /*@__PURE__*/
   messageDesc(file_agentd_v1_run_event, 0);
 
 /**
- * Token counts reported by the model endpoint, summed over model calls.
+ * Token counts reported by the model endpoint, summed over model calls, and
+ * what those calls cost.
  *
  * @generated from message agentd.v1.TokenUsage
  */
@@ -264,6 +267,44 @@ export type TokenUsage = Message<"agentd.v1.TokenUsage"> & {
    * @generated from field: int64 reasoning_tokens = 5;
    */
   reasoningTokens: bigint;
+
+  /**
+   * Of the input tokens, those the model endpoint read from its prompt cache,
+   * as it reported them (included in `input_tokens`; providers bill them at a
+   * lower price); 0 when it reported none. The scripted models report none.
+   *
+   * @generated from field: int64 cached_input_tokens = 6;
+   */
+  cachedInputTokens: bigint;
+
+  /**
+   * What the calls cost, in US dollars (`currency_code` "USD"; `units` and
+   * `nanos` never negative), at the prices of the operator's price table
+   * (AGENTD_PRICES_FILE, US dollars per million tokens per model; cached
+   * input and reasoning tokens at their own prices when it sets them). Each
+   * call is priced exactly when it returns, with the table as it is then (a
+   * changed price file applies to later calls); the exact sum is rounded
+   * once, to whole nano-dollars (half to even), so a run's cost may differ
+   * from the sum of its calls' rounded costs by less than a nano-dollar per
+   * call. Only priced calls are in it: unset when no call was priced, which
+   * means the cost is unknown (a model the table does not name, no price
+   * table, no call yet). agentd never guesses an unknown cost and never
+   * reports it as 0; with `unpriced_calls` above 0 this is a lower bound.
+   *
+   * @generated from field: google.type.Money cost = 7;
+   */
+  cost?: Money | undefined;
+
+  /**
+   * How many of the `requests` were not priced, so are not in `cost`: their
+   * model is not in the price table (or there is no price table), or the
+   * endpoint reported no token counts for them (and calls made before this
+   * field existed, on a run resumed from an older checkpoint). 0 when every
+   * call was priced.
+   *
+   * @generated from field: int64 unpriced_calls = 8;
+   */
+  unpricedCalls: bigint;
 };
 
 /**
@@ -330,6 +371,21 @@ export type RunStarted = Message<"agentd.v1.RunStarted"> & {
    * @generated from field: int64 agent_version = 6;
    */
   agentVersion: bigint;
+
+  /**
+   * True when the run is answered from the result cache: its agent opted in
+   * (`Agent(cache=ResultCaching(...))`, or `cache` in its definition) and an
+   * earlier run of the same tenant, agent version, input, input items,
+   * context and max_turns, without a session, completed within the entry's
+   * TTL. Such a run reads no history, calls no model and runs no tool (not
+   * even tools the agent allows to be skipped): its log is this event and a
+   * `run_completed` with `cached` set, and its events carry the trace id of
+   * the run that produced the result (a cached run records no trace of its
+   * own). `history_items` is 0 and `session` empty.
+   *
+   * @generated from field: bool cached = 7;
+   */
+  cached: boolean;
 };
 
 /**
@@ -533,7 +589,9 @@ export const HandoffSchema: GenMessage<Handoff> = /*@__PURE__*/
   messageDesc(file_agentd_v1_run_event, 8);
 
 /**
- * Token usage after a model call: the call's own and the run's running total.
+ * Token usage after a model call: the call's own and the run's running total,
+ * each with its cost (`TokenUsage.cost`, unset when unknown, and
+ * `TokenUsage.unpriced_calls`).
  *
  * @generated from message agentd.v1.UsageUpdated
  */
@@ -553,7 +611,8 @@ export type UsageUpdated = Message<"agentd.v1.UsageUpdated"> & {
   model: string;
 
   /**
-   * This call's usage (`requests` is 1).
+   * This call's usage (`requests` is 1) and cost: `cost` is unset and
+   * `unpriced_calls` 1 when the call was not priced.
    *
    * @generated from field: agentd.v1.TokenUsage turn = 3;
    */
@@ -561,7 +620,7 @@ export type UsageUpdated = Message<"agentd.v1.UsageUpdated"> & {
 
   /**
    * The run's total so far, this call included (and the calls before a
-   * takeover).
+   * takeover), with the run's cost so far.
    *
    * @generated from field: agentd.v1.TokenUsage run = 4;
    */
@@ -598,7 +657,9 @@ export type RunCompleted = Message<"agentd.v1.RunCompleted"> & {
   lastAgent: string;
 
   /**
-   * The run's token usage over all its model calls.
+   * The run's token usage over all its model calls (the calls before a
+   * takeover included) and the run's cost (`usage.cost`: unset when unknown;
+   * `usage.unpriced_calls`: the calls not in it).
    *
    * @generated from field: agentd.v1.TokenUsage usage = 3;
    */
@@ -619,6 +680,17 @@ export type RunCompleted = Message<"agentd.v1.RunCompleted"> & {
    * @generated from field: google.protobuf.Duration duration = 5;
    */
   duration?: Duration | undefined;
+
+  /**
+   * True when the result comes from the result cache (see
+   * `RunStarted.cached`): `final_output`, `last_agent`, `usage` and `turns`
+   * are those of the run that produced it (what the answer cost once; this
+   * run made no model call, so sums of cost should skip cached runs), and
+   * `duration` is this run's own.
+   *
+   * @generated from field: bool cached = 6;
+   */
+  cached: boolean;
 };
 
 /**
@@ -650,7 +722,8 @@ export type RunFailed = Message<"agentd.v1.RunFailed"> & {
   message: string;
 
   /**
-   * The run's token usage until it failed.
+   * The run's token usage until it failed, and its cost (`usage.cost`, as
+   * on run_completed).
    *
    * @generated from field: agentd.v1.TokenUsage usage = 3;
    */
@@ -688,7 +761,9 @@ export type RunCancelled = Message<"agentd.v1.RunCancelled"> & {
   reason: string;
 
   /**
-   * The run's token usage until it was cancelled.
+   * The run's token usage until it was cancelled (as of its last checkpoint
+   * when no replica was executing it), and its cost (`usage.cost`, as on
+   * run_completed).
    *
    * @generated from field: agentd.v1.TokenUsage usage = 2;
    */

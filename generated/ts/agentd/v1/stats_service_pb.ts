@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentd/v1/stats_service.proto.
  */
 export const file_agentd_v1_stats_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudGQvdjEvc3RhdHNfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIpoCCg9HZXRTdGF0c1JlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAMgASgJEhoKDWFnZW50X3ZlcnNpb24YBCABKANIAIgBARIeChZncm91cF9ieV9hZ2VudF92ZXJzaW9uGAUgASgIEiUKBmJ1Y2tldBgGIAEoDjIVLmFnZW50ZC52MS5UaW1lQnVja2V0EhEKCXBhZ2Vfc2l6ZRgHIAEoBRISCgpwYWdlX3Rva2VuGAggASgJQhAKDl9hZ2VudF92ZXJzaW9uItcBChBHZXRTdGF0c1Jlc3BvbnNlEi4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZidWNrZXQYAyABKA4yFS5hZ2VudGQudjEuVGltZUJ1Y2tldBIlCgZncm91cHMYBCADKAsyFS5hZ2VudGQudjEuQWdlbnRTdGF0cxIXCg9uZXh0X3BhZ2VfdG9rZW4YBSABKAki0wEKCkFnZW50U3RhdHMSDQoFYWdlbnQYASABKAkSGgoNYWdlbnRfdmVyc2lvbhgCIAEoA0gAiAEBEiMKBnRvdGFscxgDIAEoCzITLmFnZW50ZC52MS5SdW5TdGF0cxInCgdidWNrZXRzGAQgAygLMhYuYWdlbnRkLnYxLlN0YXRzQnVja2V0EiMKBXRvb2xzGAUgAygLMhQuYWdlbnRkLnYxLlRvb2xTdGF0cxIVCg1vbWl0dGVkX3Rvb2xzGAYgASgFQhAKDl9hZ2VudF92ZXJzaW9uImEKC1N0YXRzQnVja2V0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiIKBXN0YXRzGAIgASgLMhMuYWdlbnRkLnYxLlJ1blN0YXRzIuwDCghSdW5TdGF0cxIMCgRydW5zGAEgASgDEhYKDmNvbXBsZXRlZF9ydW5zGAIgASgDEhMKC2ZhaWxlZF9ydW5zGAMgASgDEhYKDmNhbmNlbGxlZF9ydW5zGAQgASgDEhQKDHN1Y2Nlc3NfcmF0ZRgFIAEoARIpCgZlcnJvcnMYBiADKAsyGS5hZ2VudGQudjEuRXJyb3JDb2RlQ291bnQSMAoIZHVyYXRpb24YByABKAsyHi5hZ2VudGQudjEuRHVyYXRpb25QZXJjZW50aWxlcxI7ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGAggASgLMh4uYWdlbnRkLnYxLkR1cmF0aW9uUGVyY2VudGlsZXMSFAoMaW5wdXRfdG9rZW5zGAkgASgDEhUKDW91dHB1dF90b2tlbnMYCiABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgLIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAwgASgDEiAKBGNvc3QYDSABKAsyEi5nb29nbGUudHlwZS5Nb25leRIVCg11bnByaWNlZF9ydW5zGA4gASgDEhIKCnRvb2xfY2FsbHMYDyABKAMSEwoLdG9vbF9lcnJvcnMYECABKAMSFwoPdG9vbF9lcnJvcl9yYXRlGBEgASgBIkUKDkVycm9yQ29kZUNvdW50EiUKBGNvZGUYASABKA4yFy5hZ2VudGQudjEuUnVuRXJyb3JDb2RlEgwKBHJ1bnMYAiABKAMinAEKE0R1cmF0aW9uUGVyY2VudGlsZXMSDQoFY291bnQYASABKAMSJgoDcDUwGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5NRgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTkYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ifgoJVG9vbFN0YXRzEgwKBHRvb2wYASABKAkSDQoFY2FsbHMYAiABKAMSDgoGZXJyb3JzGAMgASgDEhIKCmVycm9yX3JhdGUYBCABKAESMAoIZHVyYXRpb24YBSABKAsyHi5hZ2VudGQudjEuRHVyYXRpb25QZXJjZW50aWxlcypsCgpUaW1lQnVja2V0EhsKF1RJTUVfQlVDS0VUX1VOU1BFQ0lGSUVEEAASFgoSVElNRV9CVUNLRVRfTUlOVVRFEAESFAoQVElNRV9CVUNLRVRfSE9VUhACEhMKD1RJTUVfQlVDS0VUX0RBWRADMlMKDFN0YXRzU2VydmljZRJDCghHZXRTdGF0cxIaLmFnZW50ZC52MS5HZXRTdGF0c1JlcXVlc3QaGy5hZ2VudGQudjEuR2V0U3RhdHNSZXNwb25zZUKQAQoNZGV2LmFnZW50ZC52MUIRU3RhdHNTZXJ2aWNlUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_agentd_v1_run_event, file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_type_money]);
+  fileDesc("Ch1hZ2VudGQvdjEvc3RhdHNfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIpoCCg9HZXRTdGF0c1JlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFnZW50GAMgASgJEhoKDWFnZW50X3ZlcnNpb24YBCABKANIAIgBARIeChZncm91cF9ieV9hZ2VudF92ZXJzaW9uGAUgASgIEiUKBmJ1Y2tldBgGIAEoDjIVLmFnZW50ZC52MS5UaW1lQnVja2V0EhEKCXBhZ2Vfc2l6ZRgHIAEoBRISCgpwYWdlX3Rva2VuGAggASgJQhAKDl9hZ2VudF92ZXJzaW9uItcBChBHZXRTdGF0c1Jlc3BvbnNlEi4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZidWNrZXQYAyABKA4yFS5hZ2VudGQudjEuVGltZUJ1Y2tldBIlCgZncm91cHMYBCADKAsyFS5hZ2VudGQudjEuQWdlbnRTdGF0cxIXCg9uZXh0X3BhZ2VfdG9rZW4YBSABKAki0wEKCkFnZW50U3RhdHMSDQoFYWdlbnQYASABKAkSGgoNYWdlbnRfdmVyc2lvbhgCIAEoA0gAiAEBEiMKBnRvdGFscxgDIAEoCzITLmFnZW50ZC52MS5SdW5TdGF0cxInCgdidWNrZXRzGAQgAygLMhYuYWdlbnRkLnYxLlN0YXRzQnVja2V0EiMKBXRvb2xzGAUgAygLMhQuYWdlbnRkLnYxLlRvb2xTdGF0cxIVCg1vbWl0dGVkX3Rvb2xzGAYgASgFQhAKDl9hZ2VudF92ZXJzaW9uImEKC1N0YXRzQnVja2V0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiIKBXN0YXRzGAIgASgLMhMuYWdlbnRkLnYxLlJ1blN0YXRzIuwDCghSdW5TdGF0cxIMCgRydW5zGAEgASgDEhYKDmNvbXBsZXRlZF9ydW5zGAIgASgDEhMKC2ZhaWxlZF9ydW5zGAMgASgDEhYKDmNhbmNlbGxlZF9ydW5zGAQgASgDEhQKDHN1Y2Nlc3NfcmF0ZRgFIAEoARIpCgZlcnJvcnMYBiADKAsyGS5hZ2VudGQudjEuRXJyb3JDb2RlQ291bnQSMAoIZHVyYXRpb24YByABKAsyHi5hZ2VudGQudjEuRHVyYXRpb25QZXJjZW50aWxlcxI7ChN0aW1lX3RvX2ZpcnN0X3Rva2VuGAggASgLMh4uYWdlbnRkLnYxLkR1cmF0aW9uUGVyY2VudGlsZXMSFAoMaW5wdXRfdG9rZW5zGAkgASgDEhUKDW91dHB1dF90b2tlbnMYCiABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgLIAEoAxIYChByZWFzb25pbmdfdG9rZW5zGAwgASgDEiAKBGNvc3QYDSABKAsyEi5nb29nbGUudHlwZS5Nb25leRIVCg11bnByaWNlZF9ydW5zGA4gASgDEhIKCnRvb2xfY2FsbHMYDyABKAMSEwoLdG9vbF9lcnJvcnMYECABKAMSFwoPdG9vbF9lcnJvcl9yYXRlGBEgASgBIkUKDkVycm9yQ29kZUNvdW50EiUKBGNvZGUYASABKA4yFy5hZ2VudGQudjEuUnVuRXJyb3JDb2RlEgwKBHJ1bnMYAiABKAMinAEKE0R1cmF0aW9uUGVyY2VudGlsZXMSDQoFY291bnQYASABKAMSJgoDcDUwGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKA3A5NRgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhImCgNwOTkYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ifgoJVG9vbFN0YXRzEgwKBHRvb2wYASABKAkSDQoFY2FsbHMYAiABKAMSDgoGZXJyb3JzGAMgASgDEhIKCmVycm9yX3JhdGUYBCABKAESMAoIZHVyYXRpb24YBSABKAsyHi5hZ2VudGQudjEuRHVyYXRpb25QZXJjZW50aWxlcyImChNHZXRMaXZlU3RhdHNSZXF1ZXN0Eg8KB21pbnV0ZXMYASABKAUiwAIKFEdldExpdmVTdGF0c1Jlc3BvbnNlEg8KB3JlcGxpY2EYASABKAkSLQoJcmVhZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgthY3RpdmVfcnVucxgDIAEoBRIXCg9tYXhfYWN0aXZlX3J1bnMYBCABKAUSEwoLbGVhc2VzX2hlbGQYBSABKAUSGAoLcXVldWVkX3J1bnMYBiABKANIAIgBARIXCg9tYXhfcXVldWVkX3J1bnMYByABKAMSEAoIZHJhaW5pbmcYCCABKAgSDwoHYXJjaGl2ZRgJIAEoCRIpCgZyZWNlbnQYCiABKAsyGS5hZ2VudGQudjEuUmVjZW50UnVuU3RhdHMSFAoMcmVjZW50X2Vycm9yGAsgASgJQg4KDF9xdWV1ZWRfcnVucyKsAwoOUmVjZW50UnVuU3RhdHMSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3J1bnNfcGVyX21pbnV0ZRgDIAMoAxIMCgRydW5zGAQgASgDEhYKDmNvbXBsZXRlZF9ydW5zGAUgASgDEhMKC2ZhaWxlZF9ydW5zGAYgASgDEhYKDmNhbmNlbGxlZF9ydW5zGAcgASgDEhQKDHN1Y2Nlc3NfcmF0ZRgIIAEoARItCgp0b3BfZXJyb3JzGAkgAygLMhkuYWdlbnRkLnYxLkVycm9yQ29kZUNvdW50EjIKDmRheV9zdGFydF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpydW5zX3RvZGF5GAsgASgDEiYKCmNvc3RfdG9kYXkYDCABKAsyEi5nb29nbGUudHlwZS5Nb25leRIbChN1bnByaWNlZF9ydW5zX3RvZGF5GA0gASgDKmwKClRpbWVCdWNrZXQSGwoXVElNRV9CVUNLRVRfVU5TUEVDSUZJRUQQABIWChJUSU1FX0JVQ0tFVF9NSU5VVEUQARIUChBUSU1FX0JVQ0tFVF9IT1VSEAISEwoPVElNRV9CVUNLRVRfREFZEAMypAEKDFN0YXRzU2VydmljZRJDCghHZXRTdGF0cxIaLmFnZW50ZC52MS5HZXRTdGF0c1JlcXVlc3QaGy5hZ2VudGQudjEuR2V0U3RhdHNSZXNwb25zZRJPCgxHZXRMaXZlU3RhdHMSHi5hZ2VudGQudjEuR2V0TGl2ZVN0YXRzUmVxdWVzdBofLmFnZW50ZC52MS5HZXRMaXZlU3RhdHNSZXNwb25zZUKQAQoNZGV2LmFnZW50ZC52MUIRU3RhdHNTZXJ2aWNlUHJvdG9QAVoyZ2l0aHViLmNvbS9hZ2VudGQvYWdlbnRkL2dlbi9nby9hZ2VudGQvdjE7YWdlbnRkdjGiAgNBWFiqAglBZ2VudGQuVjG6AgpBZ2VudGRfVjFfygIJQWdlbnRkXFYx6gIKQWdlbnRkOjpWMWIGcHJvdG8z", [file_agentd_v1_run_event, file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_type_money]);
 
 /**
  * Request for GetStats. Filters combine with AND.
@@ -523,6 +523,245 @@ export const ToolStatsSchema: GenMessage<ToolStats> = /*@__PURE__*/
   messageDesc(file_agentd_v1_stats_service, 7);
 
 /**
+ * Request for GetLiveStats.
+ *
+ * @generated from message agentd.v1.GetLiveStatsRequest
+ */
+export type GetLiveStatsRequest = Message<"agentd.v1.GetLiveStatsRequest"> & {
+  /**
+   * How many minutes of recent runs `recent` covers: the current minute
+   * (still filling) and the `minutes - 1` whole minutes before it, UTC.
+   * 1..60; 0 means 5.
+   *
+   * @generated from field: int32 minutes = 1;
+   */
+  minutes: number;
+};
+
+/**
+ * Describes the message agentd.v1.GetLiveStatsRequest.
+ * Use `create(GetLiveStatsRequestSchema)` to create a new message.
+ */
+export const GetLiveStatsRequestSchema: GenMessage<GetLiveStatsRequest> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_stats_service, 8);
+
+/**
+ * Response for GetLiveStats.
+ *
+ * @generated from message agentd.v1.GetLiveStatsResponse
+ */
+export type GetLiveStatsResponse = Message<"agentd.v1.GetLiveStatsResponse"> & {
+  /**
+   * The answering replica's id: the owner its run leases name
+   * (AGENTD_REPLICA_ID, else `hostname-pid`), as `RunInfo.replica` names it.
+   *
+   * @generated from field: string replica = 1;
+   */
+  replica: string;
+
+  /**
+   * When the figures were read (the answering replica's clock).
+   *
+   * @generated from field: google.protobuf.Timestamp read_time = 2;
+   */
+  readTime?: Timestamp | undefined;
+
+  /**
+   * Runs executing on this replica now, every tenant's; runs waiting for the
+   * caller (REQUIRES_ACTION) keep their slot and count.
+   *
+   * @generated from field: int32 active_runs = 3;
+   */
+  activeRuns: number;
+
+  /**
+   * The most runs this replica executes at once (AGENTD_MAX_ACTIVE_RUNS); more
+   * wait in the shared queue.
+   *
+   * @generated from field: int32 max_active_runs = 4;
+   */
+  maxActiveRuns: number;
+
+  /**
+   * Run leases this replica holds and renews (runs it executes that no other
+   * replica has taken over or been handed).
+   *
+   * @generated from field: int32 leases_held = 5;
+   */
+  leasesHeld: number;
+
+  /**
+   * Runs QUEUED in the run store, claimable or waiting behind their session's
+   * active run, every tenant's: the count AGENTD_MAX_QUEUED_RUNS bounds. Every
+   * replica sharing the run store sees the same queue, so these are not to be
+   * added up over replicas. Unset when the run store did not answer in time.
+   *
+   * @generated from field: optional int64 queued_runs = 6;
+   */
+  queuedRuns?: bigint | undefined;
+
+  /**
+   * The most runs the shared queue holds (AGENTD_MAX_QUEUED_RUNS); beyond it
+   * new runs get RESOURCE_EXHAUSTED.
+   *
+   * @generated from field: int64 max_queued_runs = 7;
+   */
+  maxQueuedRuns: bigint;
+
+  /**
+   * True while the replica drains (it got SIGTERM): it claims no new runs and
+   * its health is NOT_SERVING.
+   *
+   * @generated from field: bool draining = 8;
+   */
+  draining: boolean;
+
+  /**
+   * An opaque id of the trace archive `recent` comes from: replicas answering
+   * the same id read the same archive and answer the same `recent` figures
+   * (a replica with the memory trace store has an id of its own).
+   *
+   * @generated from field: string archive = 9;
+   */
+  archive: string;
+
+  /**
+   * The recent runs of the caller's tenant; unset when the trace archive
+   * could not be read (see `recent_error`).
+   *
+   * @generated from field: agentd.v1.RecentRunStats recent = 10;
+   */
+  recent?: RecentRunStats | undefined;
+
+  /**
+   * Why `recent` is unset (the archive's error); empty otherwise.
+   *
+   * @generated from field: string recent_error = 11;
+   */
+  recentError: string;
+};
+
+/**
+ * Describes the message agentd.v1.GetLiveStatsResponse.
+ * Use `create(GetLiveStatsResponseSchema)` to create a new message.
+ */
+export const GetLiveStatsResponseSchema: GenMessage<GetLiveStatsResponse> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_stats_service, 9);
+
+/**
+ * The caller's tenant's ended runs over the last minutes and today, from the
+ * trace archive (see StatsService for what counts and when).
+ *
+ * @generated from message agentd.v1.RecentRunStats
+ */
+export type RecentRunStats = Message<"agentd.v1.RecentRunStats"> & {
+  /**
+   * Start of the recent window (inclusive): the start of the minute
+   * `minutes - 1` minutes before the current one.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * End of the recent window (exclusive): `read_time`.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 2;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * Ended runs per minute of the window by start time, oldest first: one entry
+   * per minute (0 for a minute without runs); the last one is the current
+   * minute, still filling (its runs may not have ended yet).
+   *
+   * @generated from field: repeated int64 runs_per_minute = 3;
+   */
+  runsPerMinute: bigint[];
+
+  /**
+   * Ended runs that started in the window: completed, failed and cancelled.
+   *
+   * @generated from field: int64 runs = 4;
+   */
+  runs: bigint;
+
+  /**
+   * Of them, runs that completed with a final output.
+   *
+   * @generated from field: int64 completed_runs = 5;
+   */
+  completedRuns: bigint;
+
+  /**
+   * Of them, runs that failed (`run_failed`).
+   *
+   * @generated from field: int64 failed_runs = 6;
+   */
+  failedRuns: bigint;
+
+  /**
+   * Of them, runs that were cancelled.
+   *
+   * @generated from field: int64 cancelled_runs = 7;
+   */
+  cancelledRuns: bigint;
+
+  /**
+   * `completed_runs / runs`, from 0 to 1 (cancelled runs count as not
+   * successful); 0 when `runs` is 0.
+   *
+   * @generated from field: double success_rate = 8;
+   */
+  successRate: number;
+
+  /**
+   * The window's failed runs by error code, most runs first (then by code),
+   * at most 5 codes.
+   *
+   * @generated from field: repeated agentd.v1.ErrorCodeCount top_errors = 9;
+   */
+  topErrors: ErrorCodeCount[];
+
+  /**
+   * Start of today: midnight UTC of `read_time`'s day.
+   *
+   * @generated from field: google.protobuf.Timestamp day_start_time = 10;
+   */
+  dayStartTime?: Timestamp | undefined;
+
+  /**
+   * Ended runs that started today (from `day_start_time` to `read_time`).
+   *
+   * @generated from field: int64 runs_today = 11;
+   */
+  runsToday: bigint;
+
+  /**
+   * The cost of today's runs' model calls in US dollars, as
+   * `RunStats.cost` (a lower bound when `unpriced_runs_today` is above 0).
+   *
+   * @generated from field: google.type.Money cost_today = 12;
+   */
+  costToday?: Money | undefined;
+
+  /**
+   * Today's runs with at least one model call the price table had no price
+   * for.
+   *
+   * @generated from field: int64 unpriced_runs_today = 13;
+   */
+  unpricedRunsToday: bigint;
+};
+
+/**
+ * Describes the message agentd.v1.RecentRunStats.
+ * Use `create(RecentRunStatsSchema)` to create a new message.
+ */
+export const RecentRunStatsSchema: GenMessage<RecentRunStats> = /*@__PURE__*/
+  messageDesc(file_agentd_v1_stats_service, 10);
+
+/**
  * The width of the buckets of a stats time series. Buckets are aligned to
  * UTC: whole minutes, hours or days since the Unix epoch.
  *
@@ -611,6 +850,39 @@ export const StatsService: GenService<{
     methodKind: "unary";
     input: typeof GetStatsRequestSchema;
     output: typeof GetStatsResponseSchema;
+  },
+  /**
+   * The answering replica's live state and the last minutes of the caller's
+   * tenant's runs: what a live view such as `agentd top` asks every replica
+   * for, every couple of seconds.
+   *
+   * The live fields are the replica's own, over every tenant's runs (counts
+   * only, no run is named): the runs it executes, the run leases it holds,
+   * its capacity, and the depth of the queue all replicas share, as this
+   * replica reads the run store. The `recent` figures come from the trace
+   * archive, computed as GetStats computes them (ended runs of the caller's
+   * tenant, counted by their start time): runs per minute over the last
+   * `minutes` minutes, success rate and the most frequent error codes over
+   * the same minutes, and cost since midnight UTC. Replicas sharing an
+   * archive (the same `archive`) answer the same `recent` figures; a live
+   * view adds up one answer per distinct `archive`.
+   *
+   * Cheap: no store write; one run store read (the queue's depth, shared by
+   * concurrent calls) and two archive aggregates per call. A trace archive that
+   * cannot be read leaves `recent` unset (`recent_error` says why) instead of
+   * failing the call, so the live state is still answered.
+   *
+   * Scope `admin`: the live fields show every tenant's load on the replica,
+   * an operator's view. Errors: INVALID_ARGUMENT (minutes), plus
+   * UNAUTHENTICATED, PERMISSION_DENIED, AUTH_UNAVAILABLE and
+   * SERVER_OVERLOADED as every call.
+   *
+   * @generated from rpc agentd.v1.StatsService.GetLiveStats
+   */
+  getLiveStats: {
+    methodKind: "unary";
+    input: typeof GetLiveStatsRequestSchema;
+    output: typeof GetLiveStatsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_agentd_v1_stats_service, 0);

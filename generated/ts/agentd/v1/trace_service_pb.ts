@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Money } from "../../google/type/money_pb.js";
+import { file_google_type_money } from "../../google/type/money_pb.js";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file agentd/v1/trace_service.proto.
  */
 export const file_agentd_v1_trace_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIr8DCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJEhUKDWFnZW50X3ZlcnNpb24YDyABKAMaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqkCCgRTcGFuEg8KB3NwYW5faWQYASABKAkSFgoOcGFyZW50X3NwYW5faWQYAiABKAkSDAoEbmFtZRgDIAEoCRIhCgRraW5kGAQgASgOMhMuYWdlbnRkLnYxLlNwYW5LaW5kEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIlCgZzdGF0dXMYByABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIVCg1lcnJvcl9tZXNzYWdlGAggASgJEisKCmF0dHJpYnV0ZXMYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Iq8CChFMaXN0VHJhY2VzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg13b3JrZmxvd19uYW1lGAMgASgJEhAKCGdyb3VwX2lkGAQgASgJEg0KBWFnZW50GAUgASgJEiUKBnN0YXR1cxgGIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEjMKD3N0YXJ0X3RpbWVfZnJvbRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNc3RhcnRfdGltZV90bxgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoNYWdlbnRfdmVyc2lvbhgJIAEoA0gAiAEBQhAKDl9hZ2VudF92ZXJzaW9uIk8KEkxpc3RUcmFjZXNSZXNwb25zZRIgCgZ0cmFjZXMYASADKAsyEC5hZ2VudGQudjEuVHJhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KD0dldFRyYWNlUmVxdWVzdBIMCgRuYW1lGAEgASgJIlMKEEdldFRyYWNlUmVzcG9uc2USHwoFdHJhY2UYASABKAsyEC5hZ2VudGQudjEuVHJhY2USHgoFc3BhbnMYAiADKAsyDy5hZ2VudGQudjEuU3BhbipxCgpTcGFuU3RhdHVzEhsKF1NQQU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASEgoOU1BBTl9TVEFUVVNfT0sQARIVChFTUEFOX1NUQVRVU19FUlJPUhACEhsKF1NQQU5fU1RBVFVTX0lOX1BST0dSRVNTEAMqrwEKCFNwYW5LaW5kEhkKFVNQQU5fS0lORF9VTlNQRUNJRklFRBAAEhEKDVNQQU5fS0lORF9SVU4QARITCg9TUEFOX0tJTkRfQUdFTlQQAhIYChRTUEFOX0tJTkRfR0VORVJBVElPThADEhYKElNQQU5fS0lORF9GVU5DVElPThAEEhUKEVNQQU5fS0lORF9IQU5ET0ZGEAUSFwoTU1BBTl9LSU5EX0dVQVJEUkFJTBAGMp4BCgxUcmFjZVNlcnZpY2USSQoKTGlzdFRyYWNlcxIcLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVxdWVzdBodLmFnZW50ZC52MS5MaXN0VHJhY2VzUmVzcG9uc2USQwoIR2V0VHJhY2USGi5hZ2VudGQudjEuR2V0VHJhY2VSZXF1ZXN0GhsuYWdlbnRkLnYxLkdldFRyYWNlUmVzcG9uc2VCkAEKDWRldi5hZ2VudGQudjFCEVRyYWNlU2VydmljZVByb3RvUAFaMmdpdGh1Yi5jb20vYWdlbnRkL2FnZW50ZC9nZW4vZ28vYWdlbnRkL3YxO2FnZW50ZHYxogIDQVhYqgIJQWdlbnRkLlYxugIKQWdlbnRkX1YxX8oCCUFnZW50ZFxWMeoCCkFnZW50ZDo6VjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch1hZ2VudGQvdjEvdHJhY2Vfc2VydmljZS5wcm90bxIJYWdlbnRkLnYxIvkDCgVUcmFjZRIMCgRuYW1lGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEhUKDXdvcmtmbG93X25hbWUYAyABKAkSEAoIZ3JvdXBfaWQYBCABKAkSMAoIbWV0YWRhdGEYBSADKAsyHi5hZ2VudGQudjEuVHJhY2UuTWV0YWRhdGFFbnRyeRIOCgZydW5faWQYBiABKAkSDQoFYWdlbnQYByABKAkSLgoKc3RhcnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiUKBnN0YXR1cxgKIAEoDjIVLmFnZW50ZC52MS5TcGFuU3RhdHVzEhIKCnNwYW5fY291bnQYCyABKAUSFAoMaW5wdXRfdG9rZW5zGAwgASgDEhUKDW91dHB1dF90b2tlbnMYDSABKAMSDgoGYWdlbnRzGA4gAygJEhUKDWFnZW50X3ZlcnNpb24YDyABKAMSIAoEY29zdBgQIAEoCzISLmdvb2dsZS50eXBlLk1vbmV5EhYKDnVucHJpY2VkX2NhbGxzGBEgASgDGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKpAgoEU3BhbhIPCgdzcGFuX2lkGAEgASgJEhYKDnBhcmVudF9zcGFuX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIQoEa2luZBgEIAEoDjITLmFnZW50ZC52MS5TcGFuS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJQoGc3RhdHVzGAcgASgOMhUuYWdlbnRkLnYxLlNwYW5TdGF0dXMSFQoNZXJyb3JfbWVzc2FnZRgIIAEoCRIrCgphdHRyaWJ1dGVzGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKvAgoRTGlzdFRyYWNlc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSFQoNd29ya2Zsb3dfbmFtZRgDIAEoCRIQCghncm91cF9pZBgEIAEoCRINCgVhZ2VudBgFIAEoCRIlCgZzdGF0dXMYBiABKA4yFS5hZ2VudGQudjEuU3BhblN0YXR1cxIzCg9zdGFydF90aW1lX2Zyb20YByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDXN0YXJ0X3RpbWVfdG8YCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhoKDWFnZW50X3ZlcnNpb24YCSABKANIAIgBAUIQCg5fYWdlbnRfdmVyc2lvbiJPChJMaXN0VHJhY2VzUmVzcG9uc2USIAoGdHJhY2VzGAEgAygLMhAuYWdlbnRkLnYxLlRyYWNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIfCg9HZXRUcmFjZVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJTChBHZXRUcmFjZVJlc3BvbnNlEh8KBXRyYWNlGAEgASgLMhAuYWdlbnRkLnYxLlRyYWNlEh4KBXNwYW5zGAIgAygLMg8uYWdlbnRkLnYxLlNwYW4qcQoKU3BhblN0YXR1cxIbChdTUEFOX1NUQVRVU19VTlNQRUNJRklFRBAAEhIKDlNQQU5fU1RBVFVTX09LEAESFQoRU1BBTl9TVEFUVVNfRVJST1IQAhIbChdTUEFOX1NUQVRVU19JTl9QUk9HUkVTUxADKq8BCghTcGFuS2luZBIZChVTUEFOX0tJTkRfVU5TUEVDSUZJRUQQABIRCg1TUEFOX0tJTkRfUlVOEAESEwoPU1BBTl9LSU5EX0FHRU5UEAISGAoUU1BBTl9LSU5EX0dFTkVSQVRJT04QAxIWChJTUEFOX0tJTkRfRlVOQ1RJT04QBBIVChFTUEFOX0tJTkRfSEFORE9GRhAFEhcKE1NQQU5fS0lORF9HVUFSRFJBSUwQBjKeAQoMVHJhY2VTZXJ2aWNlEkkKCkxpc3RUcmFjZXMSHC5hZ2VudGQudjEuTGlzdFRyYWNlc1JlcXVlc3QaHS5hZ2VudGQudjEuTGlzdFRyYWNlc1Jlc3BvbnNlEkMKCEdldFRyYWNlEhouYWdlbnRkLnYxLkdldFRyYWNlUmVxdWVzdBobLmFnZW50ZC52MS5HZXRUcmFjZVJlc3BvbnNlQpABCg1kZXYuYWdlbnRkLnYxQhFUcmFjZVNlcnZpY2VQcm90b1ABWjJnaXRodWIuY29tL2FnZW50ZC9hZ2VudGQvZ2VuL2dvL2FnZW50ZC92MTthZ2VudGR2MaICA0FYWKoCCUFnZW50ZC5WMboCCkFnZW50ZF9WMV/KAglBZ2VudGRcVjHqAgpBZ2VudGQ6OlYxYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_type_money]);
 
 /**
  * A run's trace.
@@ -133,6 +135,28 @@ export type Trace = Message<"agentd.v1.Trace"> & {
    * @generated from field: int64 agent_version = 15;
    */
   agentVersion: bigint;
+
+  /**
+   * The run's cost in US dollars (`currency_code` "USD"): its model calls'
+   * cost as its events report it (`TokenUsage.cost`: the priced calls only,
+   * rounded to whole nano-dollars, half to even), the calls before a takeover
+   * included. While the run goes on, its cost so far (as of its last model
+   * turn). Unset when unknown: no call of the run was priced (see
+   * `unpriced_calls`), or the trace was archived before costs were
+   * recorded. Never a guessed 0.
+   *
+   * @generated from field: google.type.Money cost = 16;
+   */
+  cost?: Money | undefined;
+
+  /**
+   * The run's model calls that were not priced (`TokenUsage.unpriced_calls`):
+   * with `cost` set and this above 0, `cost` is a lower bound. 0 for traces
+   * archived before costs were recorded.
+   *
+   * @generated from field: int64 unpriced_calls = 17;
+   */
+  unpricedCalls: bigint;
 };
 
 /**
@@ -219,15 +243,28 @@ export type Span = Message<"agentd.v1.Span"> & {
    * Step details, by span kind (string values unless said; numbers are
    * JSON numbers). Later versions may add keys.
    * - RUN: `run_id` (bare run id), `agent` (the starting agent's id),
-   *   `agent_version` (a number: the trace's `agent_version`); once the run
-   *   completed, `turns` and `input_tokens`, `output_tokens` (the run's
-   *   totals).
+   *   `agent_version` (a number: the trace's `agent_version`); after each
+   *   model turn, the run's `cost_usd` and `unpriced_calls` so far; once the
+   *   run ended (completed, failed or cancelled), `turns`, `input_tokens`,
+   *   `output_tokens`, `cached_input_tokens`, `reasoning_tokens` (the run's
+   *   totals, the calls before a takeover included), `unpriced_calls`,
+   *   `cost_usd` (absent when no call was priced), `ttft_ms` (milliseconds
+   *   from the start of the run's execution to its first model output: a
+   *   text delta, or a whole answer that streamed none; absent when none
+   *   came, and on a run resumed after its first model turn) and, when it
+   *   failed, `error_code` (the RunErrorCode in lower case without its
+   *   prefix, e.g. "model_error"). `cost_usd` is a number of US dollars
+   *   rounded to whole nano-dollars (the trace's `cost`).
    * - AGENT: `agent` (the agent's id).
    * - GENERATION: `model`, `agent` (the agent's id), `purpose`
    *   ("compaction" for a history compaction call, "guardrail" for a
    *   classifier guardrail's call, absent for a turn); once
    *   the call succeeded, `finish_reason` (the model's, e.g. "stop",
-   *   "tool_calls"), `input_tokens`, `output_tokens`.
+   *   "tool_calls"), `input_tokens`, `output_tokens`, `cached_input_tokens`
+   *   and `reasoning_tokens` (numbers: see TokenUsage) and, when the price
+   *   table priced the call (not for a classifier guardrail's call, whose
+   *   cost is in the run's), `cost_usd` (a number: US dollars rounded to
+   *   whole nano-dollars; absent when unpriced, never a guessed 0).
    * - FUNCTION: `tool_name` (the tool as the model called it, also the
    *   span's name), `call_id`; with AGENTD_TRACE_CONTENT on, also
    *   `arguments` (the model's arguments, the JSON text verbatim) and, once

@@ -19,6 +19,8 @@ What the runtime agent does with the rest:
 - guardrail specs compile with ``runtime.guardrails.compile_guardrail``.
 - ``mcp_servers`` become ``agentd.server.mcp`` server objects (stdio ones only with
   ``allow_imports``: a definition from the API cannot start processes).
+- ``cache`` becomes ``Agent.cache`` (``ResultCaching``), once the built agent's tools (python
+  tools as the app defines them) pass its rules; else a ``DefinitionError`` on ``cache``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from agentd.server.agents.definition import (
 )
 from agentd.server.agents.template import Template, parse_template
 from agentd.server.models.base import ModelSettings
-from agentd.server.runtime.agent import Agent
+from agentd.server.runtime.agent import Agent, ResultCaching
 from agentd.server.runtime.context import RunContext
 from agentd.server.runtime.errors import AgentdError, TemplateKeyError
 from agentd.server.runtime.guardrails import Guardrail, compile_guardrail
@@ -142,7 +144,7 @@ def agent_from_definition(
     template = parse_template(defn.instructions)
     instructions: Any = TemplateInstructions(defn.name, template) if template.keys else template.render({})
     settings = defn.model_settings
-    return Agent(
+    agent = Agent(
         name=defn.name,
         instructions=instructions,
         description=defn.description,
@@ -169,3 +171,10 @@ def agent_from_definition(
         tool_guardrails=guardrails["tool"],
         input_guardrail_mode=defn.guardrails.input_mode,
     )
+    if defn.cache is not None:
+        # Checked on the built agent: a python tool's own needs_approval is the app's to say.
+        refusal = agent.cache_refusal(defn.cache.allow_tools)
+        if refusal is not None:
+            raise DefinitionError([("cache", f"the agent cannot cache its results: {refusal}")])
+        agent.cache = ResultCaching(defn.cache.ttl_s, defn.cache.allow_tools)
+    return agent

@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from agentd.server.agents.template import parse_template
 from agentd.server.models.base import hosted_tool_problem
-from agentd.server.runtime.agent import AGENT_NAME_RE, handoff_tool_name
+from agentd.server.runtime.agent import AGENT_NAME_RE, MAX_RESULT_CACHE_TTL_S, handoff_tool_name
 from agentd.server.runtime.errors import AgentdError
 from agentd.server.runtime.guardrails import GUARDRAIL_NAME_RE, Guardrail, regex_flags
 from agentd.server.runtime.items import json_problem
@@ -354,6 +354,25 @@ GuardrailSpec = Annotated[
 ]
 
 
+class ResultCacheDefinition(_Model):
+    """Opt in to the result cache (``runtime.agent.ResultCaching``): a run without a session that
+    repeats an earlier request exactly (tenant, agent version, input, input items, context,
+    max_turns) within ``ttl_s`` is answered with that run's result, marked cached, without a model
+    call and without running tools. Never for runs with a session; never when this agent or one it
+    hands off to has caller tools, tools needing approval or MCP servers requiring approval; other
+    tools only with ``allow_tools``. Only completed runs are stored."""
+
+    ttl_s: float = Field(
+        gt=0, le=MAX_RESULT_CACHE_TTL_S,
+        description="How long a result is served, in seconds (more than 0, at most 30 days).",
+    )
+    allow_tools: bool = Field(
+        False,
+        description="The agent's tools (and those of the agents it hands off to) are safe to skip: a cache hit "
+        "does not run them. Without it, an agent with tools, MCP servers or hosted tools is never cached.",
+    )
+
+
 class GuardrailsDefinition(_Model):
     """Checks on what goes into and out of the agent; a tripped guardrail ends the run."""
 
@@ -451,6 +470,11 @@ class AgentDefinition(_Model):
     tenants: list[Annotated[str, AfterValidator(_check_tenant)]] | None = Field(
         None, min_length=1, max_length=1000,
         description="The tenants that may see and run this agent; unset: every tenant.",
+    )
+    cache: ResultCacheDefinition | None = Field(
+        None,
+        description="Opt in to the result cache: identical requests without a session are answered from it for "
+        "ttl_s seconds (no model call, no tools run); unset: never cached.",
     )
 
     @property
@@ -647,6 +671,7 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
             found.append((("tenants", index), f"tenant {tenant!r} is listed twice (tenants[{tenants[tenant]}] too)"))
         elif isinstance(tenant, str):
             tenants[tenant] = index
+    found.extend(_cache_checks(data))
     guardrails = data.get("guardrails")
     if isinstance(guardrails, dict):
         names: dict[str, Loc] = {}
@@ -663,6 +688,37 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
                         names[name] = loc
                 if spec.get("type") == "classifier" and spec.get("agent") == data.get("name"):
                     found.append(((*loc, "agent"), "an agent cannot be its own classifier"))
+    return found
+
+
+def _cache_checks(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """``ResultCaching``'s rules for the definition's own tools (``Agent.cache_refusal`` checks the
+    built agent the same way; the agents it hands off to are checked per run)."""
+    cache = data.get("cache")
+    if not isinstance(cache, dict):
+        return []
+    found: list[tuple[Loc, str]] = []
+    for index, tool in enumerate(_list(data.get("tools"))):
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("type") == "caller":
+            found.append((("tools", index), "a caller tool makes runs wait for the caller, so they are never cached; "
+                                            "drop cache or the tool"))
+        elif tool.get("needs_approval") is True:
+            found.append((("tools", index, "needs_approval"), "a tool needing approval makes runs wait for the caller, "
+                                                              "so they are never cached; drop cache or the approval"))
+    for index, server in enumerate(_list(data.get("mcp_servers"))):
+        if isinstance(server, dict) and server.get("require_approval", "never") != "never":
+            found.append((("mcp_servers", index, "require_approval"),
+                          "approvals make runs wait for the caller, so they are never cached; drop cache or set "
+                          'require_approval to "never"'))
+    if cache.get("allow_tools") is not True:
+        kinds = [kind for kind, key in (("tools", "tools"), ("MCP servers", "mcp_servers"),
+                                        ("hosted tools", "hosted_tools")) if _list(data.get(key))]
+        if kinds:
+            found.append((("cache", "allow_tools"),
+                          f"the agent has {' and '.join(kinds)}, which may have side effects and a cache hit does not "
+                          "run; set allow_tools: true if they are safe to skip, or drop cache"))
     return found
 
 

@@ -45,6 +45,8 @@ METHOD_SCOPES: dict[str, Scope] = {
     _TRACES + "GetTrace": Scope.TRACES_READ,
     # Aggregates of the same traces: who may read traces may read their stats.
     _STATS + "GetStats": Scope.TRACES_READ,
+    # Every tenant's load (counts only) on the replica: an operator's view.
+    _STATS + "GetLiveStats": Scope.ADMIN,
 }
 
 MUTATING = frozenset(method for method, scope in METHOD_SCOPES.items() if scope.value.endswith(":write"))

@@ -175,9 +175,14 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
 
 def _chat_usage(reported: dict[str, Any]) -> Usage:
     details = reported.get("completion_tokens_details")
+    prompt_details = reported.get("prompt_tokens_details")
     return Usage(
         token_count(reported.get("prompt_tokens")), token_count(reported.get("completion_tokens")), requests=1,
         reasoning_tokens=token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
+        # Of the prompt tokens, those read from the provider's prompt cache (billed at its cached price).
+        cached_input_tokens=(
+            token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+        ),
     )
 
 

@@ -325,7 +325,12 @@ def _usage(usage: Any) -> Usage:
     if not isinstance(usage, dict):
         return Usage(requests=1)
     details = usage.get("output_tokens_details")
+    input_details = usage.get("input_tokens_details")
     return Usage(
         token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")), requests=1,
         reasoning_tokens=token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
+        # Of the input tokens, those read from the provider's prompt cache (billed at its cached price).
+        cached_input_tokens=(
+            token_count(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0
+        ),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from decimal import Decimal
 from typing import Any
 
 from agentd.server.auth.principal import Principal
@@ -22,15 +23,31 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 
 
-def _usage(u: Usage) -> list[int]:
-    # Reasoning tokens only when there are some: a fourth entry older readers ignore.
+def _usage(u: Usage) -> list[Any]:
+    """``[input, output, requests]``, ``+ [reasoning]`` when there are reasoning tokens, and
+    ``[input, output, requests, reasoning, cached_input, unpriced_calls, cost]`` (cost: the exact
+    US dollars as decimal text, or null) once there is a call or a cost: older readers read the
+    first four entries and ignore the rest."""
+    if u.requests or u.cached_input_tokens or u.unpriced_calls or u.cost_usd is not None:
+        cost = None if u.cost_usd is None else str(u.cost_usd)
+        return [u.input_tokens, u.output_tokens, u.requests, u.reasoning_tokens, u.cached_input_tokens,
+                u.unpriced_calls, cost]
     if u.reasoning_tokens:
         return [u.input_tokens, u.output_tokens, u.requests, u.reasoning_tokens]
     return [u.input_tokens, u.output_tokens, u.requests]
 
 
-def _usage_from(data: list[int]) -> Usage:
-    return Usage(int(data[0]), int(data[1]), int(data[2]), int(data[3]) if len(data) > 3 else 0)
+def _usage_from(data: list[Any]) -> Usage:
+    usage = Usage(int(data[0]), int(data[1]), int(data[2]), int(data[3]) if len(data) > 3 else 0)
+    if len(data) >= 7:
+        usage.cached_input_tokens = int(data[4])
+        usage.unpriced_calls = int(data[5])
+        usage.cost_usd = None if data[6] is None else Decimal(str(data[6]))
+    else:
+        # Written before costs were recorded (every call since is priced or counted unpriced): the
+        # cost of those calls is unknown, never guessed, so they count as unpriced.
+        usage.unpriced_calls = usage.requests
+    return usage
 
 
 def _items(items: tuple[Item, ...] | list[Item]) -> list[dict[str, Any]]:
@@ -130,20 +147,26 @@ def payload_to_dict(p: ev.Payload) -> dict[str, Any]:
     if t is ev.UsageUpdated:
         return {"t": "usage_updated", "agent": p.agent, "model": p.model, "turn": _usage(p.turn), "run": _usage(p.run)}
     if t is ev.RunStarted:
-        return {
+        started = {
             "t": "run_started", "agent": p.agent, "session_id": p.session_id,
             "history_items": p.history_items, "request_id": p.request_id,
             "history_omitted": p.history_omitted, "agent_version": p.agent_version,
         }
+        if p.cached:  # only when set: older readers ignore it, and the log stays as it was otherwise
+            started["cached"] = True
+        return started
     if t is ev.AgentUpdated:
         return {"t": "agent_updated", "agent": p.agent}
     if t is ev.Handoff:
         return {"t": "handoff", "from_agent": p.from_agent, "to_agent": p.to_agent, "call_id": p.call_id}
     if t is ev.RunCompleted:
-        return {
+        completed = {
             "t": "run_completed", "final_output": p.final_output, "last_agent": p.last_agent,
             "usage": _usage(p.usage), "turns": p.turns, "duration_s": p.duration_s,
         }
+        if p.cached:
+            completed["cached"] = True
+        return completed
     if t is ev.RunFailed:
         return {"t": "run_failed", "code": p.code.value, "message": p.message, "usage": _usage(p.usage), "turns": p.turns}
     if t is ev.RunCancelled:
@@ -186,13 +209,14 @@ def payload_from_dict(d: dict[str, Any]) -> ev.Payload:
     if t == "run_started":
         # Logs written before the history window have no "history_omitted": nothing was left out.
         return ev.RunStarted(d["agent"], d["session_id"], d["history_items"], d["request_id"],
-                             d.get("history_omitted", 0), d.get("agent_version", 0))
+                             d.get("history_omitted", 0), d.get("agent_version", 0), d.get("cached", False))
     if t == "agent_updated":
         return ev.AgentUpdated(d["agent"])
     if t == "handoff":
         return ev.Handoff(d["from_agent"], d["to_agent"], d["call_id"])
     if t == "run_completed":
-        return ev.RunCompleted(d["final_output"], d["last_agent"], _usage_from(d["usage"]), d["turns"], d["duration_s"])
+        return ev.RunCompleted(d["final_output"], d["last_agent"], _usage_from(d["usage"]), d["turns"], d["duration_s"],
+                               d.get("cached", False))
     if t == "run_failed":
         return ev.RunFailed(ev.RunErrorCode(d["code"]), d["message"], _usage_from(d["usage"]), d["turns"])
     if t == "run_cancelled":

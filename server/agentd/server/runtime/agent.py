@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Union
@@ -18,6 +19,57 @@ from agentd.server.runtime.tools import FunctionTool, strict_json_schema, strict
 AGENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 Instructions = Union[str, Callable[[RunContext, "Agent"], Union[str, Awaitable[str]]]]
+
+# The longest a result-cache entry may live.
+MAX_RESULT_CACHE_TTL_S = 30 * 86_400.0
+
+
+@dataclass(slots=True, frozen=True)
+class ResultCaching:
+    """An agent's opt-in to the result cache (``Agent.cache``; ``cache`` in a definition).
+
+    A run of the agent that completes successfully stores its end (final output, last agent,
+    usage, turns) for ``ttl_s`` seconds, in the store the server keeps its sessions in
+    (``agentd.server.cache``); a later run of an *identical request* within the TTL is answered
+    from it: it completes at once with ``run_started`` and ``run_completed`` marked ``cached``,
+    reads no history, makes no model call and runs no tool. Identical means the same tenant,
+    agent and version (and the same definitions of the agents it can hand off to), the same
+    input text, input items, context and ``max_turns``. A new version of the agent, or a changed
+    definition of any agent it can hand off to, makes new entries: the old ones are never
+    served again (they expire).
+
+    The rules, checked for every run (a run they exclude is neither looked up nor stored):
+
+    - never for a run with a session (its answer depends on the conversation, and it must be
+      appended to it);
+    - never when the agent, or any agent it can hand off to, has a tool that needs the caller:
+      a caller-executed tool, a tool needing approval, or an MCP server with
+      ``require_approval`` other than "never";
+    - never when any of those agents has tools at all (function tools, MCP servers, hosted
+      tools), which may have side effects, *unless* ``allow_tools`` is True: the agent's
+      owner says its tools (and those of the agents it hands off to) are safe to skip, because
+      **a hit does not run them** (a tool that records an order, sends a mail or reads fresh
+      data is not called again: the earlier answer is returned);
+    - only a run that completes is stored: never a failure, a cancellation or a guardrail
+      tripwire. A hit runs no guardrail: the input was checked, and the output passed, when the
+      entry was made.
+
+    Requests of different callers of one tenant share entries: an agent whose answer depends on
+    who calls (instructions or tools reading the principal) should carry the caller in the
+    run's ``context``, or not cache. ``ttl_s``: more than 0, at most 30 days.
+    """
+
+    ttl_s: float
+    allow_tools: bool = False
+
+    def __post_init__(self) -> None:
+        ttl = self.ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
+            raise ValueError(f"result caching needs a ttl_s of more than 0 seconds, got {ttl!r}")
+        if ttl > MAX_RESULT_CACHE_TTL_S:
+            raise ValueError(f"result caching ttl_s is at most {MAX_RESULT_CACHE_TTL_S:g} seconds (30 days), got {ttl:g}")
+        if not isinstance(self.allow_tools, bool):
+            raise ValueError(f"result caching allow_tools is a bool, got {self.allow_tools!r}")
 
 
 @dataclass(eq=False)
@@ -57,6 +109,12 @@ class Agent:
     ``mcp_servers`` (``agentd.server.mcp``: ``MCPServerStdio``, ``MCPServerStreamableHttp``):
     MCP servers whose tools are the agent's too, read from the servers' current tool lists at
     every turn (see ``agentd.server.mcp.tools``).
+
+    ``cache`` (opt-in, ``ResultCaching(ttl_s, allow_tools=False)``): identical requests without
+    a session are answered from the result cache for ``ttl_s`` seconds, without a model call
+    and without running tools; see ``ResultCaching`` for the rules (never with a session, never
+    with tools needing the caller, tools only with ``allow_tools``). An agent whose own tools
+    break the rules does not load (ValueError).
     """
 
     name: str
@@ -78,6 +136,7 @@ class Agent:
     model_api: str | None = None
     hosted_tools: list[dict[str, Any]] = field(default_factory=list)
     mcp_servers: list[Any] = field(default_factory=list)
+    cache: ResultCaching | None = None
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
@@ -95,6 +154,31 @@ class Agent:
                 f"agent {self.name!r}: compaction.trigger_items ({self.compaction.trigger_items}) must be below "
                 f"history_limit ({self.history_limit}), or the history never grows long enough to compact"
             )
+        if self.cache is not None:
+            if not isinstance(self.cache, ResultCaching):
+                raise ValueError(f"agent {self.name!r}: cache must be a ResultCaching(ttl_s, allow_tools), got {self.cache!r}")
+            refusal = self.cache_refusal(self.cache.allow_tools)
+            if refusal is not None:
+                raise ValueError(f"agent {self.name!r} cannot cache its results: {refusal}")
+
+    def cache_refusal(self, allow_tools: bool) -> str | None:
+        """Why this agent's tools keep a run from being cached (``ResultCaching``'s rules), or None."""
+        for tool in self.tools:
+            if getattr(tool, "caller_executed", False):
+                return f"its tool {tool.name!r} is executed by the caller (a run waits for the caller)"
+            if getattr(tool, "needs_approval", False):
+                return f"its tool {tool.name!r} needs approval (a run waits for the caller)"
+        for server in self.mcp_servers:
+            if getattr(server, "require_approval", "never") != "never":
+                return f"its MCP server {getattr(server, 'name', server)!r} requires approvals (a run waits for the caller)"
+        if allow_tools:
+            return None
+        kinds = [kind for kind, present in (("tools", self.tools), ("MCP servers", self.mcp_servers),
+                                            ("hosted tools", self.hosted_tools)) if present]
+        if kinds:
+            return (f"it has {' and '.join(kinds)}, which may have side effects and a cache hit does not run; "
+                    "set allow_tools=True if they are safe to skip")
+        return None
 
     @property
     def handoff_names(self) -> list[str]:

@@ -34,7 +34,7 @@ from agentd.server.runtime.usage import Usage
 class Checkpoint:
     agent: str  # the agent in charge for the next turn
     turns: int  # completed turns
-    usage: Usage
+    usage: Usage  # the run's usage so far, its cost included: a takeover resumes both
     history_items: int  # session items read as history before the run's input
     run_items: tuple[Item, ...]  # the run's input and every completed step, in order
     step_items: tuple[Item, ...]  # the items the checkpointed step appends to the session

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Union
 
 from agentd.server.runtime.items import MessageItem, SummaryItem, ToolCallItem, ToolResultItem
@@ -35,6 +36,8 @@ class RunStarted:
     history_omitted: int = 0
     # The starting agent's version (0: an app-module or file agent).
     agent_version: int = 0
+    # The run is answered from the result cache (runs/cached.py): no history read, no model call.
+    cached: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,10 +79,24 @@ class Handoff:
 
 @dataclass(slots=True, frozen=True)
 class UsageUpdated:
+    """After a model call: the call's usage (``requests`` 1) and the run's so far.
+
+    Each carries its cost (``Usage.cost_usd``: exact US dollars, ``Decimal | None``; None is
+    unknown, never 0) and ``unpriced_calls``: the call's cost is None when the price table
+    does not name its model, the run's is the sum over its priced calls."""
+
     agent: str
     model: str
     turn: Usage
     run: Usage
+
+    @property
+    def turn_cost_usd(self) -> Decimal | None:
+        return self.turn.cost_usd
+
+    @property
+    def run_cost_usd(self) -> Decimal | None:
+        return self.run.cost_usd
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,6 +106,14 @@ class RunCompleted:
     usage: Usage
     turns: int
     duration_s: float
+    # A result-cache hit (runs/cached.py): final output, last agent, usage and turns are those of
+    # the run that produced the entry; duration_s is this run's own.
+    cached: bool = False
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """The run's cost over its priced model calls (``usage.unpriced_calls`` others); None: unknown."""
+        return self.usage.cost_usd
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,12 +123,22 @@ class RunFailed:
     usage: Usage
     turns: int
 
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """The run's cost over its priced model calls (``usage.unpriced_calls`` others); None: unknown."""
+        return self.usage.cost_usd
+
 
 @dataclass(slots=True, frozen=True)
 class RunCancelled:
     reason: str
     usage: Usage
     turns: int
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """The run's cost over its priced model calls (``usage.unpriced_calls`` others); None: unknown."""
+        return self.usage.cost_usd
 
 
 @dataclass(slots=True, frozen=True)

@@ -36,6 +36,17 @@ next step boundary at the latest once ``sink.cancel_requested`` is set (a task c
 swallow a ``CancelledError``: Python 3.11's ``asyncio.wait_for`` drops one that lands as
 its inner call finishes). The flag is checked before each model turn, after it, and
 before any tool starts, so no tool starts after a cancel was recorded.
+
+Cost. Every model call (turns, history compaction, classifier guardrails) is priced as it
+returns, with the price table as it is then (``agentd.server.pricing``; ``_priced``): its
+``Usage`` carries its exact cost, or counts as unpriced when the table does not name its
+model (never a guessed 0). The run's usage sums them, is checkpointed with them (a takeover
+resumes the cost too), and goes out on ``usage_updated`` and the terminal event. Spans carry
+the cost rounded to nano-dollars: each turn's and compaction's GENERATION span ``cost_usd``
+(when priced; a classifier guardrail's span has ended when ``guardrails`` reports its usage,
+so its cost is in the run's figures only), and the RUN span the run's ``cost_usd`` and
+``unpriced_calls`` (kept current after each model turn), cached and reasoning tokens,
+``ttft_ms`` and, on failure, ``error_code`` (what StatsService aggregates).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
@@ -53,6 +65,7 @@ import pydantic
 from agentd.server.app import App
 from agentd.server.auth.principal import Principal
 from agentd.server.models.base import ModelHostedCall, ModelProvider, ModelRequest, ModelResponse
+from agentd.server.pricing import PriceFile, PriceTable, nano_dollars
 from agentd.server.runtime.agent import CompiledAgent
 from agentd.server.runtime.checkpoint import Checkpoint
 from agentd.server.runtime.context import RunContext, ToolContext
@@ -164,7 +177,9 @@ class EventSink(Protocol):
     """Where a run's events go. ``emit`` must not block; ``cancel_reason`` explains a cancellation.
 
     A sink may also have ``cancel_requested`` (a bool, sticky): once True the loop stops at its
-    next step boundary even if its task never saw the ``CancelledError``."""
+    next step boundary even if its task never saw the ``CancelledError``, and ``event_count``
+    (the sequence of its last event), which the loop puts in each checkpoint's ``sequence``
+    so that a sink finding it right need not copy the checkpoint to fill it in."""
 
     trace_id: str
     cancel_reason: str
@@ -204,6 +219,10 @@ class _RunFailure(Exception):
 
 
 class AgentRunner:
+    # The result cache's hooks (runs/cached.py: replay before a new run executes, store before
+    # RunCompleted), set by the server; None: nothing is cached.
+    result_cache: Any = None
+
     def __init__(
         self,
         app: App | AgentCatalog,
@@ -213,7 +232,10 @@ class AgentRunner:
         *,
         tool_timeout_s: float | None = 60.0,
         history_max_items: int = DEFAULT_HISTORY_MAX_ITEMS,
+        prices: PriceTable | PriceFile | None = None,
     ) -> None:
+        """``prices``: the price table model calls are priced with (a ``PriceFile`` is read again
+        when it changes, so a new price applies from the next call on); None: every call unpriced."""
         if history_max_items < 0:
             raise ValueError(f"history_max_items must be >= 0 (0: the whole session), got {history_max_items}")
         self._history_max_items = history_max_items
@@ -226,6 +248,7 @@ class AgentRunner:
         self._sessions = sessions
         self._tracer = tracer
         self._tool_timeout_s = tool_timeout_s
+        self._prices = prices
 
     async def run(self, run: RunInput, sink: EventSink, resume: Resume | None = None) -> None:
         started = time.perf_counter()
@@ -237,6 +260,8 @@ class AgentRunner:
         except AgentdError as exc:  # deleted meanwhile, or no longer builds: nothing ran yet
             sink.emit(RunFailed(RunErrorCode.INTERNAL, f"agent {run.agent!r} cannot run: {exc}", Usage(), 0))
             return
+        if resume is None and self.result_cache is not None and await self.result_cache.replay(run, starting, sink):
+            return  # answered from the result cache: no model call, no tools (runs/cached.py)
         max_turns = run.max_turns or starting.agent.max_turns
         usage = cp.usage.copy() if cp is not None else Usage()
         turns = cp.turns if cp is not None else 0
@@ -265,6 +290,11 @@ class AgentRunner:
             SpanKind.RUN, run.workflow_name, None, run_id=run.run_id, agent=agent.name, agent_version=run.agent_version
         )
         agent_span = None
+        # The time to the run's first model token: measured by an execution that starts the run (a
+        # run resumed from a checkpoint had its first token in an earlier execution).
+        first_token = _FirstToken(started if cp is None else None)
+        if cp is not None:  # the run's cost so far, as its checkpoint has it (the live trace shows it)
+            run_span.set(**_cost_attributes(usage))
         try:
             if resume is not None:
                 sink.emit(RunResumed(resume.attempt, resume.reason, turns))
@@ -288,7 +318,7 @@ class AgentRunner:
                 if cp.done:
                     sink.emit(RunCompleted(cp.final_output, agent.name, usage.copy(), turns,
                                            time.perf_counter() - started))
-                    run_span.end(turns=turns, **_usage_attributes(usage))
+                    run_span.end(turns=turns, **_run_attributes(usage, first_token))
                     trace.end()
                     return
             items: list[Item] = [*history, *run_items]
@@ -318,11 +348,13 @@ class AgentRunner:
                         input_guardrails = ()
                     turns += 1
                     if input_guardrails:  # "parallel": checked while the model answers; the answer waits
-                        response = await self._raced_turn(agent, ctx, items, run.input_text(), sink, trace, agent_span)
+                        response = await self._raced_turn(agent, ctx, items, run.input_text(), sink, trace, agent_span,
+                                                          first_token)
                         input_guardrails = ()
                     else:
-                        response = await self._model_turn(agent, ctx, items, sink, trace, agent_span)
+                        response = await self._model_turn(agent, ctx, items, sink, trace, agent_span, first_token)
                     usage.add(response.usage)
+                    run_span.set(**_cost_attributes(usage))  # the live trace's cost so far
                     sink.emit(UsageUpdated(agent.name, agent.model, response.usage, usage.copy()))
                     _stop_if_cancelled(sink)  # cancelled during the turn: its answer is not acted on
                     # Reasoning first, as the model produced it: kept with its step, sent back next turns.
@@ -340,13 +372,16 @@ class AgentRunner:
                         run_items.extend(step)
                         await sink.checkpoint(Checkpoint(
                             agent.name, turns, usage.copy(), history_len, tuple(run_items), tuple(unsaved + step),
-                            step_id, 0, trace.trace_id, run_span.span_id, final_output, True,
+                            step_id, _sequence(sink), trace.trace_id, run_span.span_id, final_output, True,
                         ))
                         await self._save(run.session_id, unsaved + step, step_id)
+                        completed = RunCompleted(final_output, agent.name, usage.copy(), turns,
+                                                 time.perf_counter() - started)
+                        if self.result_cache is not None:  # kept before anyone sees it complete (runs/cached.py)
+                            await self.result_cache.store(run, starting, completed, sink)
                         agent_span.end()
-                        sink.emit(RunCompleted(final_output, agent.name, usage.copy(), turns,
-                                               time.perf_counter() - started))
-                        run_span.end(turns=turns, **_usage_attributes(usage))
+                        sink.emit(completed)
+                        run_span.end(turns=turns, **_run_attributes(usage, first_token))
                         trace.end()
                         return
                     for c in response.tool_calls:
@@ -355,7 +390,7 @@ class AgentRunner:
                         sink.emit(ToolCalled(agent.name, tool_call))
                     # The model turn is a step: a replica resuming from here runs these very calls.
                     await sink.checkpoint(Checkpoint(
-                        agent.name, turns, usage.copy(), history_len, tuple(run_items), (), "", 0,
+                        agent.name, turns, usage.copy(), history_len, tuple(run_items), (), "", _sequence(sink),
                         trace.trace_id, run_span.span_id, pending=tuple(step), unsaved=tuple(unsaved),
                         awaiting=_awaited_actions(agent, step),
                     ))
@@ -369,7 +404,7 @@ class AgentRunner:
                     sink.emit(AgentUpdated(next_agent.name))
                 await sink.checkpoint(Checkpoint(
                     (next_agent or agent).name, turns, usage.copy(), history_len, tuple(run_items),
-                    tuple(unsaved + step), step_id, 0, trace.trace_id, run_span.span_id,
+                    tuple(unsaved + step), step_id, _sequence(sink), trace.trace_id, run_span.span_id,
                 ))
                 await self._save(run.session_id, unsaved + step, step_id)
                 unsaved = []
@@ -379,10 +414,12 @@ class AgentRunner:
                     agent_span = trace.span(SpanKind.AGENT, agent.name, run_span, agent=agent.name)
         except asyncio.CancelledError:
             reason = sink.cancel_reason or "cancelled"
-            self._end_spans(trace, run_span, agent_span, f"cancelled: {reason}")
+            self._end_spans(trace, run_span, agent_span, f"cancelled: {reason}",
+                            turns=turns, **_run_attributes(usage, first_token))
             sink.emit(RunCancelled(reason, usage.copy(), turns))
         except _RunFailure as failure:
-            self._end_spans(trace, run_span, agent_span, failure.message)
+            self._end_spans(trace, run_span, agent_span, failure.message, turns=turns,
+                            error_code=failure.code.value, **_run_attributes(usage, first_token))
             if failure.event is not None:
                 sink.emit(failure.event)
             sink.emit(RunFailed(failure.code, failure.message, usage.copy(), turns))
@@ -391,7 +428,8 @@ class AgentRunner:
             # The exception's text may hold anything the app had at hand (personal data,
             # secrets): the caller and the trace get its type, the server log the rest.
             message = f"internal error: {type(exc).__name__} (details in the server log, run {run.run_id})"
-            self._end_spans(trace, run_span, agent_span, message)
+            self._end_spans(trace, run_span, agent_span, message, turns=turns,
+                            error_code=RunErrorCode.INTERNAL.value, **_run_attributes(usage, first_token))
             sink.emit(RunFailed(RunErrorCode.INTERNAL, message, usage.copy(), turns))
 
     async def _read_history(self, session_id: str, limit: int | None) -> History:
@@ -466,6 +504,7 @@ class AgentRunner:
         if response is None or not response.text.strip():
             span.end(error="the model wrote no summary")
             return None
+        response = dataclasses.replace(response, usage=self._priced(model, response.usage))
         span.end(finish_reason=response.finish_reason, **_usage_attributes(response.usage))
         usage.add(response.usage)
         summary = SummaryItem(response.text, plan.summarised_items, plan.keep, agent.name)
@@ -544,7 +583,10 @@ class AgentRunner:
         sink: EventSink,
         trace: TraceHandle,
         parent: SpanHandle,
+        first_token: _FirstToken | None = None,
     ) -> ModelResponse:
+        """One model call of the agent's: its text streams out as events; the response's usage
+        comes back priced. ``first_token`` notes when the run's first model output arrived."""
         try:
             instructions = await agent.agent.resolve_instructions(ctx)
         except TemplateKeyError as exc:  # a declarative agent's template and the run's context disagree
@@ -561,8 +603,12 @@ class AgentRunner:
         )
         span = trace.span(SpanKind.GENERATION, agent.model, parent, model=agent.model, agent=agent.name)
         response: ModelResponse | None = None
+        first = first_token if first_token is not None and first_token.waiting else None
         try:
             async for chunk in self._models.get_model(agent.model).stream(request):
+                if first is not None:  # the run's first model output (a text delta, or a whole answer)
+                    first.arrived()
+                    first = None
                 if type(chunk) is str:
                     sink.emit(TextDelta(agent.name, chunk))
                 elif type(chunk) is ModelHostedCall:
@@ -581,8 +627,23 @@ class AgentRunner:
         if response is None:
             span.end(error="no response")
             raise _RunFailure(RunErrorCode.MODEL_ERROR, f"model {agent.model!r} ended its stream without a response")
+        response = dataclasses.replace(response, usage=self._priced(agent.model, response.usage))
         span.end(finish_reason=response.finish_reason, **_usage_attributes(response.usage))
         return response
+
+    def _priced(self, model: str, usage: Usage) -> Usage:
+        """One call's usage with its cost: exact when the price table names ``model``; else (no
+        table, a model it does not name, or a call that reported no token counts) unpriced."""
+        priced = usage.copy()
+        prices = self._prices
+        table = prices.table if isinstance(prices, PriceFile) else prices
+        cost = None
+        if table is not None and (usage.input_tokens or usage.output_tokens):
+            cost = table.cost(model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+                              usage.reasoning_tokens)
+        priced.cost_usd = cost
+        priced.unpriced_calls = 0 if cost is not None else max(usage.requests, 1)
+        return priced
 
     async def _tool_step(
         self,
@@ -601,22 +662,28 @@ class AgentRunner:
         calls = [item for item in step if isinstance(item, ToolCallItem)]
         handoff_call = next((c for c in calls if c.tool_name in agent.handoffs_by_tool), None)
         done = done or {}
-        tasks = [
-            asyncio.ensure_future(
-                self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent, done.get(call.call_id))
-            )
-            for call in calls
-        ]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            # One call stopped the step (a cancel seen before its tool started): none of the others
-            # may run on after the run ended.
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-            raise
-        step.extend(results)
+        if len(calls) == 1:  # (most turns) in this task: no task, no gather, no trips through the loop
+            call = calls[0]
+            step.append(await self._run_call(
+                agent, ctx, call, call is handoff_call, sink, trace, parent, done.get(call.call_id)
+            ))
+        else:
+            tasks = [
+                asyncio.ensure_future(
+                    self._run_call(agent, ctx, call, call is handoff_call, sink, trace, parent, done.get(call.call_id))
+                )
+                for call in calls
+            ]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                # One call stopped the step (a cancel seen before its tool started): none of the others
+                # may run on after the run ended.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+                raise
+            step.extend(results)
         if handoff_call is None:
             return None, False
         target = self._agents.handoff(ctx.tenant, agent.handoffs_by_tool[handoff_call.tool_name])
@@ -734,6 +801,7 @@ class AgentRunner:
         sink: EventSink,
         trace: TraceHandle,
         parent: SpanHandle,
+        first_token: _FirstToken | None = None,
     ) -> ModelResponse:
         """The run's first model turn with its input guardrails checked concurrently ("parallel").
 
@@ -743,7 +811,7 @@ class AgentRunner:
         """
         subject = GuardrailSubject("input", agent.name, text)
         checks = asyncio.ensure_future(self._first_trip(agent.input_guardrails, subject, ctx, sink, trace, parent))
-        turn = asyncio.ensure_future(self._model_turn(agent, ctx, items, sink, trace, parent))
+        turn = asyncio.ensure_future(self._model_turn(agent, ctx, items, sink, trace, parent, first_token))
         try:
             await asyncio.wait((checks, turn), return_when=asyncio.FIRST_COMPLETED)
             response: ModelResponse | None = None
@@ -858,6 +926,7 @@ class AgentRunner:
         span = trace.span(SpanKind.GUARDRAIL, guardrail.name, parent, **attributes)
 
         def on_usage(agent_name: str, model: str, call_usage: Usage) -> None:  # a classifier's model call
+            call_usage = self._priced(model, call_usage)
             ctx.usage.add(call_usage)
             sink.emit(UsageUpdated(agent_name, model, call_usage, ctx.usage.copy()))
 
@@ -899,10 +968,14 @@ class AgentRunner:
         return output
 
     @staticmethod
-    def _end_spans(trace: TraceHandle, run_span: SpanHandle, agent_span: SpanHandle | None, error: str) -> None:
+    def _end_spans(
+        trace: TraceHandle, run_span: SpanHandle, agent_span: SpanHandle | None, error: str, **run_attributes: Any
+    ) -> None:
+        """End a run that did not complete; the run span gets ``run_attributes`` (its usage, cost,
+        time to first token and, when it failed, ``error_code``: the ``RunErrorCode`` value)."""
         if agent_span is not None:
             agent_span.end(error=error)
-        run_span.end(error=error)
+        run_span.end(error=error, **run_attributes)
         trace.end(error=error)
 
 
@@ -952,6 +1025,11 @@ def _tripped(guardrail: Guardrail, subject: GuardrailSubject, result: GuardrailR
     return _RunFailure(RunErrorCode.GUARDRAIL_TRIPPED, trip_message(guardrail.name, subject, result.reason), event)
 
 
+def _sequence(sink: EventSink) -> int:
+    """The sequence of the sink's last event, when it tells (``event_count``); else 0, for it to fill in."""
+    return getattr(sink, "event_count", 0)
+
+
 def _stop_if_cancelled(sink: EventSink) -> None:
     """A step boundary: a cancelled run ends here, whether or not its task saw the CancelledError."""
     if getattr(sink, "cancel_requested", False):
@@ -971,5 +1049,56 @@ def _awaited_actions(agent: CompiledAgent, step: list[Item]) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _usage_attributes(usage: Usage) -> dict[str, int]:
-    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+def _usage_attributes(usage: Usage) -> dict[str, Any]:
+    """A model call's span attributes: its tokens and, when it was priced, ``cost_usd``."""
+    attributes: dict[str, Any] = {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+    }
+    if usage.cost_usd is not None:
+        attributes["cost_usd"] = _span_cost(usage.cost_usd)
+    return attributes
+
+
+def _span_cost(cost: Decimal) -> float:
+    """A cost as spans carry it: US dollars rounded to whole nano-dollars (half to even), as a
+    number (exactly that decimal read back, below a million dollars)."""
+    return nano_dollars(cost) / 1_000_000_000
+
+
+def _cost_attributes(usage: Usage) -> dict[str, Any]:
+    """The run's cost so far, as its run span carries it: ``cost_usd`` (absent: no call priced) and
+    ``unpriced_calls``."""
+    if usage.cost_usd is None:
+        return {"unpriced_calls": usage.unpriced_calls}
+    return {"cost_usd": _span_cost(usage.cost_usd), "unpriced_calls": usage.unpriced_calls}
+
+
+def _run_attributes(usage: Usage, first_token: "_FirstToken") -> dict[str, Any]:
+    """What the run span says about the run as it ends (StatsService reads it from the trace):
+    its tokens, its cost, its unpriced calls and, when a model token came, ``ttft_ms``."""
+    attributes = {**_usage_attributes(usage), "unpriced_calls": usage.unpriced_calls}
+    if first_token.ms is not None:
+        attributes["ttft_ms"] = first_token.ms
+    return attributes
+
+
+class _FirstToken:
+    """When a run's first model output arrived (its time to first token, TTFT), in ms from the
+    start of the execution; ``started`` None: not measured (a resumed run had it earlier)."""
+
+    __slots__ = ("started", "ms")
+
+    def __init__(self, started: float | None) -> None:
+        self.started = started
+        self.ms: float | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.started is not None and self.ms is None
+
+    def arrived(self) -> None:
+        if self.started is not None and self.ms is None:
+            self.ms = round((time.perf_counter() - self.started) * 1000, 3)

@@ -8,7 +8,9 @@ from typing import Any, Callable
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.type import money_pb2
 
+from agentd.server.pricing import CURRENCY, nano_dollars
 from agentd.server.runs.records import RunRecord, RunStatus
 from agentd.server.runtime import events as ev
 from agentd.server.runtime.items import (
@@ -270,13 +272,26 @@ def session_to_proto(record: SessionRecord) -> session_service_pb2.Session:
 
 
 def usage_to_proto(usage: Usage) -> run_event_pb2.TokenUsage:
-    return run_event_pb2.TokenUsage(
+    message = run_event_pb2.TokenUsage(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         total_tokens=usage.total_tokens,
         requests=usage.requests,
         reasoning_tokens=usage.reasoning_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        unpriced_calls=usage.unpriced_calls,
     )
+    if usage.cost_usd is not None:  # unset: unknown (no call priced), never 0
+        message.cost.CopyFrom(money_from_nanos(nano_dollars(usage.cost_usd)))
+    return message
+
+
+def money_from_nanos(nanos: int) -> money_pb2.Money:
+    """US dollars from whole nano-dollars (costs are never negative)."""
+    return money_pb2.Money(currency_code=CURRENCY, units=nanos // _NANOS_PER_USD, nanos=nanos % _NANOS_PER_USD)
+
+
+_NANOS_PER_USD = 1_000_000_000
 
 
 _ERROR_CODES = {
@@ -299,6 +314,8 @@ def _run_started(p: ev.RunStarted, out: run_event_pb2.RunEvent) -> None:
     m.request_id = local(p.request_id)
     m.history_omitted = p.history_omitted
     m.agent_version = p.agent_version
+    if p.cached:
+        m.cached = True
 
 
 def _agent_updated(p: ev.AgentUpdated, out: run_event_pb2.RunEvent) -> None:
@@ -350,6 +367,8 @@ def _run_completed(p: ev.RunCompleted, out: run_event_pb2.RunEvent) -> None:
     m.usage.CopyFrom(usage_to_proto(p.usage))
     m.turns = p.turns
     m.duration.CopyFrom(duration(p.duration_s))
+    if p.cached:
+        m.cached = True
 
 
 def _run_failed(p: ev.RunFailed, out: run_event_pb2.RunEvent) -> None:
@@ -453,7 +472,8 @@ def write_run_event(event: ev.RunEvent, out: run_event_pb2.RunEvent) -> None:
     """Fill ``out`` in place (typically a response's ``event`` field, saving a copy per event)."""
     out.run_id = event.run_id
     out.sequence = event.sequence
-    out.create_time.seconds, out.create_time.nanos = divmod(event.time_ns, 1_000_000_000)
+    create_time = out.create_time  # (each read of a message field is a lookup)
+    create_time.seconds, create_time.nanos = divmod(event.time_ns, 1_000_000_000)
     out.trace_id = event.trace_id
     _PAYLOAD_WRITERS[type(event.payload)](event.payload, out)
 

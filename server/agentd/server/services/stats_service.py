@@ -11,18 +11,29 @@ page answered (so a window defaulting to "the last 24 hours" does not move betwe
 and the last group it held; it is bound to the tenant and to the request's other fields as
 sent. A page also ends early when its groups' series together would pass
 ``MAX_PAGE_BUCKETS`` (a bound on the answer's size), always holding at least one group.
+
+GetLiveStats: the replica's own state (its ``RunManager``: active runs, leases, capacity,
+draining; the shared queue's depth through ``QueueDepth``) and two aggregates of the same
+store, over every group of the caller's tenant: the last minutes in minute buckets, and today
+(midnight UTC to now) in one day bucket. A trace archive that fails leaves ``recent`` unset with
+its error instead of failing the call: a live view must show a replica whose archive is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
+import socket
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from google.protobuf import duration_pb2
 from google.type import money_pb2
 
 from agentd.server.auth.principal import current_principal
+from agentd.server.runtime.errors import StoreUnavailableError
 from agentd.server.services import validation
 from agentd.server.services.convert import timestamp_ns
 from agentd.server.services.errors import unary_errors
@@ -41,6 +52,10 @@ from agentd.v1 import run_event_pb2
 from agentd.v1 import stats_service_pb2 as pb
 from agentd.v1 import stats_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from agentd.server.runs.manager import RunManager
+    from agentd.server.tracing.capacity import QueueDepth
+
 DEFAULT_WINDOW_NS = 24 * 3600 * 1_000_000_000
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -58,12 +73,31 @@ BUCKET_NS = {
 }
 _BUCKET_NAMES = {pb.TIME_BUCKET_MINUTE: "minute", pb.TIME_BUCKET_HOUR: "hour", pb.TIME_BUCKET_DAY: "day"}
 _NANOS = 1_000_000_000
+_DAY_NS = 24 * 60 * _MINUTE_NS
+# GetLiveStats: the recent window's minutes (default, most), the error codes it names, and the
+# groups read per archive page (a tenant with more agents costs more pages).
+LIVE_DEFAULT_MINUTES = 5
+LIVE_MAX_MINUTES = 60
+LIVE_TOP_ERRORS = 5
+_LIVE_PAGE = 100
 
 
 class StatsService(pb_grpc.StatsServiceServicer):
-    def __init__(self, store: TraceStore | InMemoryTraceStore, *, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        store: TraceStore | InMemoryTraceStore,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        runs: "RunManager | None" = None,
+        queue: "QueueDepth | None" = None,
+    ) -> None:
+        """``runs`` and ``queue``: this replica's runs and the shared queue, for GetLiveStats (without
+        them it answers zeros for the live state)."""
         self._store = store if isinstance(store, TraceStore) else TraceStore(store)
         self._clock = clock
+        self._runs = runs
+        self._queue = queue
+        self._archive_id = ""
 
     @unary_errors
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
@@ -146,6 +180,109 @@ class StatsService(pb_grpc.StatsServiceServicer):
                 "stats", f"{start}:{end}:{last.agent_version}:{last.agent}", scope=scope
             )
         return response
+
+    @unary_errors
+    async def GetLiveStats(
+        self, request: pb.GetLiveStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLiveStatsResponse:
+        if not 0 <= request.minutes <= LIVE_MAX_MINUTES:
+            raise InvalidArgument(
+                "minutes", f"must be between 0 and {LIVE_MAX_MINUTES} (0 means {LIVE_DEFAULT_MINUTES}), got {request.minutes}"
+            )
+        minutes = request.minutes or LIVE_DEFAULT_MINUTES
+        tenant = current_principal().tenant
+        now = self._clock()
+        response = pb.GetLiveStatsResponse(read_time=timestamp_ns(now), archive=self._archive())
+        runs = self._runs
+        if runs is not None:
+            response.replica = runs.replica_id
+            response.active_runs = runs.active_count
+            response.max_active_runs = runs.max_active_runs
+            response.leases_held = runs.leases_held
+            response.max_queued_runs = runs.max_queued_runs
+            response.draining = runs.draining
+        depth, recent = await asyncio.gather(
+            self._queue.read() if self._queue is not None else _none(), self._recent(tenant, now, minutes),
+            return_exceptions=True,
+        )
+        if isinstance(depth, int):
+            response.queued_runs = depth
+        if isinstance(recent, StoreUnavailableError):
+            response.recent_error = str(recent) or "the trace archive is unavailable"
+        elif isinstance(recent, BaseException):
+            raise recent
+        else:
+            response.recent.CopyFrom(recent)
+        return response
+
+    def _archive(self) -> str:
+        """An opaque id of where ``recent`` comes from: the same for replicas sharing the archive."""
+        if not self._archive_id:
+            archive = self._store.archive
+            if archive is None:
+                where = f"memory {self._runs.replica_id if self._runs is not None else id(self)}"
+            elif "sqlite" in type(archive).__module__:  # a file: shared only on one host
+                where = f"sqlite {socket.gethostname()} {archive.location}"
+            else:
+                where = archive.location
+            self._archive_id = hashlib.sha256(where.encode()).hexdigest()[:16]
+        return self._archive_id
+
+    async def _recent(self, tenant: str, now: int, minutes: int) -> pb.RecentRunStats:
+        first_minute = now // _MINUTE_NS - (minutes - 1)
+        start = first_minute * _MINUTE_NS
+        day_start = now - now % _DAY_NS
+        window, today = await asyncio.gather(
+            self._every_group(StatsQuery(tenant=tenant, start_ns=start, end_ns=now, bucket_ns=_MINUTE_NS,
+                                         limit=_LIVE_PAGE, max_tools=0)),
+            self._every_group(StatsQuery(tenant=tenant, start_ns=day_start, end_ns=now, bucket_ns=_DAY_NS,
+                                         limit=_LIVE_PAGE, max_tools=0)),
+        )
+        per_minute = [0] * minutes
+        completed = failed = cancelled = 0
+        errors: dict[int, int] = {}
+        for group in window:
+            totals = group.totals
+            completed += totals.completed
+            failed += totals.failed
+            cancelled += totals.cancelled
+            for code, count in totals.errors.items():
+                number = _error_code(code)
+                errors[number] = errors.get(number, 0) + count
+            for index, figures in group.buckets:
+                if 0 <= index - first_minute < minutes:
+                    per_minute[index - first_minute] += figures.runs
+        total = sum(group.totals.runs for group in window)
+        top = sorted(errors.items(), key=lambda item: (-item[1], item[0]))[:LIVE_TOP_ERRORS]
+        return pb.RecentRunStats(
+            start_time=timestamp_ns(start),
+            end_time=timestamp_ns(now),
+            runs_per_minute=per_minute,
+            runs=total,
+            completed_runs=completed,
+            failed_runs=failed,
+            cancelled_runs=cancelled,
+            success_rate=_rate(completed, total),
+            top_errors=[pb.ErrorCodeCount(code=code, runs=count) for code, count in top],  # type: ignore[arg-type]
+            day_start_time=timestamp_ns(day_start),
+            runs_today=sum(group.totals.runs for group in today),
+            cost_today=_money(sum(group.totals.cost_nanos for group in today)),
+            unpriced_runs_today=sum(group.totals.unpriced_runs for group in today),
+        )
+
+    async def _every_group(self, query: StatsQuery) -> list[GroupStats]:
+        """Every group of ``query``'s window, page after page."""
+        groups: list[GroupStats] = []
+        while True:
+            page, more = await self._store.stats(query)
+            groups += page
+            if not more or not page:
+                return groups
+            query = dataclasses.replace(query, after=(page[-1].agent, page[-1].agent_version))
+
+
+async def _none() -> None:
+    return None
 
 
 def _group(group: GroupStats, width: int, by_version: bool) -> pb.AgentStats:

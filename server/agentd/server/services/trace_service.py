@@ -10,7 +10,7 @@ import grpc
 
 from agentd.server.auth.principal import current_principal
 from agentd.server.services import validation
-from agentd.server.services.convert import struct_from_dict, timestamp_ns
+from agentd.server.services.convert import money_from_nanos, struct_from_dict, timestamp_ns
 from agentd.server.services.errors import NotFound, unary_errors
 from agentd.server.services.validation import InvalidArgument
 from agentd.server.tracing.base import SpanKind
@@ -136,6 +136,9 @@ def _trace_to_proto(trace: TraceRecord) -> pb.Trace:
         agent_version=trace.agent_version,
     )
     message.input_tokens, message.output_tokens = trace.token_totals()
+    cost_nanos, message.unpriced_calls = trace.cost()
+    if cost_nanos is not None:  # unset: unknown (no call priced), never 0
+        message.cost.CopyFrom(money_from_nanos(cost_nanos))
     if trace.end_ns:
         message.end_time.CopyFrom(timestamp_ns(trace.end_ns))
     return message

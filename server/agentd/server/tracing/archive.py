@@ -69,6 +69,10 @@ class ArchivedTrace(TraceRecord):
     input_tokens: int = 0
     output_tokens: int = 0
     stored_span_count: int = 0
+    # The run's cost (run_facts: US nano-dollars, None when unknown or archived before costs were
+    # recorded) and unpriced model calls, from the stats columns.
+    stored_cost_nanos: int | None = None
+    stored_unpriced_calls: int = 0
 
     @property
     def agents(self) -> list[str]:
@@ -80,6 +84,9 @@ class ArchivedTrace(TraceRecord):
     @property
     def span_count(self) -> int:
         return self.stored_span_count
+
+    def cost(self) -> tuple[int | None, int]:
+        return self.stored_cost_nanos, self.stored_unpriced_calls
 
 
 @dataclass(frozen=True, slots=True)

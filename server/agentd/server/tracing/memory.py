@@ -136,6 +136,16 @@ class TraceRecord:
             sum(int(a.get("output_tokens", 0)) for a in model_calls),
         )
 
+    def cost(self) -> tuple[int | None, int]:
+        """(the run's cost in whole US nano-dollars, None when unknown; its unpriced model calls),
+        from its run span's ``cost_usd`` and ``unpriced_calls``, which the run loop keeps current
+        after each model turn and sets as the run ends (the calls before a takeover included)."""
+        run_span = next((s for s in self.spans if s.kind is SpanKind.RUN), None)
+        if run_span is None:
+            return None, 0
+        attributes = run_span.attributes
+        return _cost_nanos(attributes.get(COST_USD)), _count(attributes.get(UNPRICED_CALLS))
+
 
 @dataclass(frozen=True, slots=True)
 class TraceQuery:

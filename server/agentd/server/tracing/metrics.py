@@ -11,15 +11,24 @@ metric                                 unit       attributes
                                                   agentd.run.status, agentd.tenant
 ``agentd.run.duration``                s          gen_ai.agent.name, agentd.agent.version,
                                                   agentd.run.status, agentd.tenant
+``agentd.run.time_to_first_token``     s          gen_ai.agent.name, agentd.agent.version,
+                                                  agentd.run.status, agentd.tenant (runs that
+                                                  got a model token: the run span's ttft_ms)
 ``gen_ai.client.operation.duration``   s          gen_ai.operation.name, gen_ai.request.model,
                                                   error.type (failed calls only)
 ``gen_ai.client.token.usage``          {token}    gen_ai.operation.name, gen_ai.request.model,
                                                   gen_ai.token.type (input | output)
+``agentd.model.cost`` (counter)        USD        gen_ai.agent.name, gen_ai.request.model,
+                                                  agentd.tenant
+``agentd.model.unpriced_calls``        {call}     gen_ai.agent.name, gen_ai.request.model,
+                                                  agentd.tenant
 ``agentd.tool.duration``               s          gen_ai.tool.name, error.type (failed calls only)
 ``agentd.tool.errors`` (counter)       {error}    gen_ai.tool.name, error.type
 ``agentd.guardrail.checks`` (counter)  {check}    agentd.guardrail.name, agentd.guardrail.stage,
                                                   agentd.guardrail.tripped, error.type (checks
                                                   that did not finish only)
+``agentd.cache.lookups`` (counter)     {lookup}   gen_ai.agent.name, agentd.cache.result
+                                                  (hit | miss); see ``CacheMetrics``
 =====================================  =========  ===============================================
 
 ``gen_ai.agent.name`` on run metrics is the agent the run started with (handoffs do not
@@ -30,6 +39,15 @@ split alias are measured apart. ``agentd.run.status`` is ``completed``, ``failed
 authentication); tenants are configured, so it stays bounded. A tool
 call cancelled with its run is timed but not counted in ``agentd.tool.errors``: the
 cancellation is the run's (``agentd.run.status=cancelled``), not the tool's failure.
+
+``agentd.model.cost`` (a float counter) adds each priced model call's cost in US dollars
+(rounded to whole nano-dollars, as the span's ``agentd.cost_usd``), from the operator's price
+table (``AGENTD_PRICES_FILE``); a successful call the table does not price adds 1 to
+``agentd.model.unpriced_calls`` (a counter) instead, never 0 to the cost. Both cover the
+agents' turns and history compaction; a classifier guardrail's model call is in neither (its cost is in
+its run's figures: events, run span, StatsService). ``gen_ai.agent.name`` is the agent the
+call was made for and ``agentd.tenant`` the tenant owning the run; model names come from the
+app and its agent definitions, so the series stay bounded.
 
 ``agentd.guardrail.checks`` counts guardrail checks (``runtime.guardrails``) by guardrail,
 stage (``input``, ``output``, ``tool_before``, ``tool_after``) and verdict
@@ -50,7 +68,7 @@ batches, ``RECORD_DELAY_S`` later (``RECORD_BATCH`` spans per callback), and eve
 collection (a periodic or final export, ``force_flush``, a reader's ``collect``) first
 records whatever is queued, so an export always holds every span that ended before it.
 Recording into the SDK's instruments costs ~7 µs per measurement (the SDK copies, cleans
-and hashes the attributes of each), nine per tool-calling run: done inline, that was the
+and hashes the attributes of each), twelve per tool-calling run: done inline, that was the
 largest part of what OTLP export added to a run's latency. A span ended with no running
 event loop (another thread, synchronous code) is recorded at once. The measurements and
 their times are those of the spans either way. Export happens on the metric reader's
@@ -80,6 +98,8 @@ TOKEN_USAGE_BUCKETS = (
 )
 # A run spans several model calls and tools: from sub-second to many minutes.
 RUN_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+# From the run's start to its first model token: history, guardrails and the model's first byte.
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
 # Tools range from in-process lookups (ms) to slow APIs up to their timeout.
 TOOL_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -154,6 +174,12 @@ class MetricsSpanProcessor(SpanProcessor):
             description="Duration of agent runs, handoffs and tools included.",
             explicit_bucket_boundaries_advisory=RUN_DURATION_BUCKETS,
         )
+        self._run_ttft = meter.create_histogram(
+            "agentd.run.time_to_first_token",
+            unit="s",
+            description="Time from the start of a run to the first token of its first model answer.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
         self._operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -165,6 +191,13 @@ class MetricsSpanProcessor(SpanProcessor):
             unit="{token}",
             description="Number of input and output tokens used.",
             explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+        )
+        self._model_cost = meter.create_counter(
+            "agentd.model.cost", unit="USD", description="Cost of the priced model calls, from the price table."
+        )
+        self._unpriced_calls = meter.create_counter(
+            "agentd.model.unpriced_calls", unit="{call}",
+            description="Model calls of models the price table does not price (their cost is unknown).",
         )
         self._tool_duration = meter.create_histogram(
             "agentd.tool.duration",
@@ -257,6 +290,9 @@ class MetricsSpanProcessor(SpanProcessor):
         }
         self._runs.add(1, labels)
         self._run_duration.record(_seconds(span), labels)
+        ttft_ms = attributes.get("agentd.ttft_ms")
+        if isinstance(ttft_ms, (int, float)) and not isinstance(ttft_ms, bool) and ttft_ms >= 0:
+            self._run_ttft.record(ttft_ms / 1000, labels)
 
     def _generation(self, span: ReadableSpan, attributes: Mapping[str, Any]) -> None:
         model = attributes.get("gen_ai.request.model", "")
@@ -272,6 +308,18 @@ class MetricsSpanProcessor(SpanProcessor):
         output_tokens = attributes.get("gen_ai.usage.output_tokens")
         if output_tokens is not None:
             self._token_usage.record(output_tokens, {**labels, "gen_ai.token.type": "output"})
+        if attributes.get("agentd.purpose") == "guardrail":
+            return  # a classifier's call: priced after its span ended, in its run's cost only
+        cost_labels = {
+            "gen_ai.agent.name": attributes.get("gen_ai.agent.name", ""),
+            "gen_ai.request.model": model,
+            "agentd.tenant": attributes.get("agentd.tenant", DEFAULT_TENANT),
+        }
+        cost = attributes.get("agentd.cost_usd")
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+            self._model_cost.add(float(cost), cost_labels)
+        else:
+            self._unpriced_calls.add(1, cost_labels)
 
     def _function(self, span: ReadableSpan) -> None:
         name = span.name
@@ -303,3 +351,23 @@ class MetricsSpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         self.record_queued()
+
+
+class CacheMetrics:
+    """``agentd.cache.lookups``: result cache lookups (``runs/cached.py``), by the agent the run
+    started with (``gen_ai.agent.name``) and ``agentd.cache.result``: ``hit`` (answered from the
+    cache) or ``miss`` (the run executed; a lookup that failed or timed out counts as a miss).
+    Only runs of agents that opt in are looked up. Not derived from spans (a hit records no
+    trace): recorded as the lookup answers, on the same meter provider as the span metrics.
+    """
+
+    def __init__(self, meter_provider: MeterProvider) -> None:
+        self._lookups = meter_provider.get_meter("agentd").create_counter(
+            "agentd.cache.lookups", unit="{lookup}", description="Result cache lookups, by agent and result."
+        )
+
+    def lookup(self, agent: str, hit: bool) -> None:
+        try:
+            self._lookups.add(1, {"gen_ai.agent.name": agent, "agentd.cache.result": "hit" if hit else "miss"})
+        except Exception:  # noqa: BLE001 (never raised into a run)
+            log.debug("could not record a result cache lookup", exc_info=True)

@@ -22,8 +22,13 @@ Attribute names follow the OpenTelemetry GenAI semantic conventions where they e
 (``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.usage.input_tokens``...);
 agentd's own are under ``agentd.``; the run span carries ``agentd.tenant``, the tenant
 owning the run (never who called: a subject may be personal data) and
-``agentd.agent.version``, the version of the agent the run started with. Tool arguments and
-results are content: they are recorded only with ``capture_content``.
+``agentd.agent.version``, the version of the agent the run started with; model-call spans
+carry ``agentd.tenant`` too. Cost and the other run figures keep agentd's keys: a priced
+model call's ``agentd.cost_usd`` (a double, US dollars rounded to whole nano-dollars; absent
+when unpriced), ``agentd.cached_input_tokens`` and ``agentd.reasoning_tokens``; the run
+span's ``agentd.cost_usd``, ``agentd.unpriced_calls``, ``agentd.ttft_ms`` and, on failure,
+``agentd.error_code``. Tool arguments and results are content: they are recorded only with
+``capture_content``.
 """
 
 from __future__ import annotations
@@ -263,6 +268,8 @@ class _OtelTrace:
         attributes = kind_attributes(kind, name, attributes)
         if export is not None:
             otel_attributes.update(_KIND_ATTRIBUTES[kind])
+            if kind is SpanKind.GENERATION:  # model calls' metrics (their cost) are per tenant too
+                otel_attributes["agentd.tenant"] = self.record.tenant
             _add_otel_attributes(otel_attributes, attributes, export.capture_content)
             record_id = format(span_id, "016x")
         else:

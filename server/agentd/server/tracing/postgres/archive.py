@@ -39,7 +39,8 @@ log = logging.getLogger("agentd.tracing")
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata::text AS metadata, t.agent, t.agents::text AS agents,"
-    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version"
+    " t.error, t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version,"
+    " t.cost_usd_nanos, t.unpriced_calls"
 )
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
 
@@ -86,6 +87,8 @@ def _trace(row: asyncpg.Record) -> ArchivedTrace:
         input_tokens=row["input_tokens"],
         output_tokens=row["output_tokens"],
         stored_span_count=row["span_count"],
+        stored_cost_nanos=row["cost_usd_nanos"],
+        stored_unpriced_calls=row["unpriced_calls"] or 0,
     )
 
 

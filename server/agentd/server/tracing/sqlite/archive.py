@@ -36,7 +36,8 @@ log = logging.getLogger("agentd.tracing")
 
 _TRACE_COLUMNS = (
     "t.trace_id, t.run_id, t.workflow_name, t.group_id, t.metadata, t.agent, t.agents, t.error,"
-    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version"
+    " t.start_ns, t.end_ns, t.input_tokens, t.output_tokens, t.span_count, t.tenant, t.agent_version,"
+    " t.cost_usd_nanos, t.unpriced_calls"
 )
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ T = TypeVar("T")
 
 def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
     (trace_id, run_id, workflow, group, metadata, agent, agents, error, start, end, tin, tout, count, tenant,
-     agent_version) = row
+     agent_version, cost_nanos, unpriced_calls) = row
     return ArchivedTrace(
         trace_id=trace_id,
         run_id=run_id,
@@ -61,6 +62,8 @@ def _trace(row: tuple[Any, ...]) -> ArchivedTrace:
         input_tokens=tin,
         output_tokens=tout,
         stored_span_count=count,
+        stored_cost_nanos=cost_nanos,
+        stored_unpriced_calls=unpriced_calls or 0,
     )
 
 
