@@ -28,7 +28,7 @@ from agentd.client._channel import RETRYABLE_METHODS, channel_options, channel_t
 from agentd.client._resume import EventLog
 from agentd.server import Script, call, calls, say
 from agentd.testing import ScriptedOpenAIServer
-from agentd.v1 import agent_service_pb2, run_event_pb2, session_service_pb2, trace_service_pb2
+from agentd.v1 import agent_service_pb2, run_event_pb2, session_service_pb2, stats_service_pb2, trace_service_pb2
 from tests.apps import tool_log
 from tests.backends_redis import delete_prefix, new_prefix
 from tests.conftest import Harness, start_harness
@@ -120,7 +120,7 @@ def test_service_config_retries_only_idempotent_methods_that_exist():
     assert policy["initialBackoff"] == "0.05s" and policy["maxBackoff"] == "1s"
     named = {(n["service"], n["method"]) for n in retrying["name"]}
     # Every name is a real method of the contract (a typo would silently disable its retries).
-    files = (agent_service_pb2, session_service_pb2, trace_service_pb2)
+    files = (agent_service_pb2, session_service_pb2, trace_service_pb2, stats_service_pb2)
     methods = {
         (service.full_name, method.name): method
         for module in files for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods
@@ -128,7 +128,8 @@ def test_service_config_retries_only_idempotent_methods_that_exist():
     assert named <= set(methods)
     assert {m for _, m in named} == {
         "ListAgents", "GetAgent", "ListAgentVersions", "ListAgentAliases", "SetAgentAlias", "CreateRun", "GetRun", "ListRuns", "CancelRun", "SubmitToolOutputs",
-        "ApproveToolCall", "GetSession", "ListSessions", "ListSessionItems", "ListTraces", "GetTrace",
+        "ApproveToolCall", "GetSession", "ListSessions", "ListSessionItems", "ListTraces", "GetTrace", "GetStats",
+        "GetLiveStats",
     }
     assert named == {(s, m) for s, ms in RETRYABLE_METHODS.items() for m in ms}
     # Every unary method has a deadline; streams have none; writes are never retried by gRPC.

@@ -18,7 +18,8 @@ per call, with no proxy in between:
     connection was refused or reset, the replica is draining), so repeating it
     on another replica is safe *if* doing it twice has the effect of doing it
     once. That holds for reads (ListAgents, GetAgent, GetRun, ListRuns,
-    GetSession, ListSessions, ListSessionItems, ListTraces, GetTrace), for
+    GetSession, ListSessions, ListSessionItems, ListTraces, GetTrace, GetStats,
+    GetLiveStats), for
     ``CancelRun`` (cancelling a cancelled or ended run returns it unchanged), for
     ``SubmitToolOutputs`` and ``ApproveToolCall`` (repeating the answer a call already
     has returns the run and changes nothing), for ``SetAgentAlias`` (setting the same
