@@ -206,11 +206,12 @@ class AgentService(AgentResources, pb_grpc.AgentServiceServicer):
 
         def progressed(durable: int) -> None:
             nonlocal behind, ender, head
-            head = max(head, durable)
+            if durable > head:  # (called for every event a run writes: kept cheap)
+                head = durable
             # Not while the first response is with gRPC (sent == after): its batch carries the
             # call's initial metadata, and an abort now would repeat it, which gRPC refuses
             # (TOO_MANY_OPERATIONS) after marking the call aborted: no status would ever be sent.
-            if not behind and in_send and sent > after and head - sent > slack:
+            if in_send and not behind and sent > after and head - sent > slack:
                 behind = (f"stream fell {head - sent} events behind run {run_id} (the limit is {limit});"
                           " re-attach with WatchRun(after_sequence=<the last sequence received>)")
                 log.info("run %s: %s", run_id, behind)
